@@ -1,0 +1,411 @@
+"""The connection state machine: decoded events in, transitions and lifecycles out.
+
+One `Lifecycle` per connection, keyed by the generation the kernel assigned
+at birth (socket addresses are reused within microseconds). Owners are taken
+only from transitions that run in the owner's process context; `current` in
+softirq transitions is whoever the packet interrupted (on loopback, the peer).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from ..probes.decode import Ev
+from ..probes.event_layout import EventKind, Flag
+from ..probes.filters import Filters
+from ..probes.tcp_states import TcpState as S
+
+ROLES = ("active", "passive", "listener", "unknown")
+END_REASONS = ("active_close", "passive_close", "reset_by_peer", "local_abort", "refused",
+               "timeout", "listener_closed", "unknown")
+# owner sources, strongest first
+OWNER_SOURCES = ("connect", "listen", "io", "close", "listener", "none")
+_RANK = {s: i for i, s in enumerate(OWNER_SOURCES)}
+
+ECONNRESET, EPIPE, ETIMEDOUT, ECONNREFUSED = 104, 32, 110, 111
+# enum sk_rst_reason values worth naming (include/net/rstreason.h)
+RST_REASONS = {1: "no_socket", 11: "abort_on_close", 12: "abort_on_linger", 13: "abort_on_memory",
+               14: "tcp_state", 15: "keepalive_timeout", 16: "abort_on_data"}
+
+_BIRTHS = {(S.CLOSE, S.SYN_SENT): "active", (S.CLOSE, S.LISTEN): "listener",
+           (S.LISTEN, S.SYN_RECV): "passive"}
+# transitions that always run in the acting process (kernel-facts §2)
+_CLOSER = {(S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK)}
+_TIME_WAIT_FROM = (S.FIN_WAIT2, S.CLOSING)
+
+DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
+DEFAULT_MAX_OPEN = 262_144
+
+
+class Lifecycle:
+    __slots__ = (
+        "conn_id", "skaddr", "role", "family", "laddr", "lport", "raddr", "rport", "netns", "uid",
+        "owner_pid", "owner_comm", "owner_source", "pids", "birth_seen", "start_ns", "end_ns",
+        "state", "state_enter_ns", "path", "state_ns", "closed", "end_reason", "end_detail",
+        "errno", "rst_received", "rst_sent", "time_wait", "tx_b", "rx_b", "eof_ns", "incomplete",
+        "last_ns", "listener_pid", "listener_comm",
+    )
+
+    def __init__(self, conn_id, skaddr: int, role: str, ts_ns: int, birth_seen: bool):
+        self.conn_id = conn_id
+        self.skaddr = skaddr
+        self.role = role
+        self.family = self.laddr = self.raddr = self.netns = self.uid = None
+        self.lport = self.rport = 0
+        self.owner_pid = self.owner_comm = None
+        self.owner_source = "none"
+        self.pids: set[int] = set()
+        self.birth_seen = birth_seen
+        self.start_ns = ts_ns
+        self.end_ns = None
+        self.state: int | None = None
+        self.state_enter_ns: int | None = None
+        self.path: list[int] = []
+        self.state_ns: dict[int, int] = {}
+        self.closed = False
+        self.end_reason = self.end_detail = None
+        self.errno = None
+        self.rst_received = False
+        self.rst_sent: tuple[int, int] | None = None  # (reason, state)
+        self.time_wait = False
+        self.tx_b = self.rx_b = None
+        self.eof_ns = None
+        self.incomplete: list[str] = []
+        self.last_ns = ts_ns
+        self.listener_pid = self.listener_comm = None
+
+    def set_owner(self, pid: int, comm: str, source: str) -> None:
+        if source != "listener":
+            self.pids.add(pid)
+        if _RANK[source] < _RANK[self.owner_source]:
+            self.owner_pid, self.owner_comm, self.owner_source = pid, comm, source
+
+    @property
+    def duration_ns(self) -> int | None:
+        if self.end_ns is None or not self.birth_seen:
+            return None
+        return self.end_ns - self.start_ns
+
+    @property
+    def last_state_before_close(self) -> int | None:
+        return self.path[-2] if len(self.path) >= 2 and self.path[-1] == S.CLOSE else None
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Transition:
+    """One state change as the tracker understood it."""
+    __slots__ = ("lc", "ts_ns", "oldstate", "newstate", "dur_ns", "cur_pid", "cur_comm", "note")
+
+    def __init__(self, lc: Lifecycle, ts_ns: int, oldstate: int, newstate: int, dur_ns,
+                 cur_pid: int, cur_comm: str, note: str):
+        self.lc, self.ts_ns, self.oldstate, self.newstate = lc, ts_ns, oldstate, newstate
+        self.dur_ns, self.cur_pid, self.cur_comm, self.note = dur_ns, cur_pid, cur_comm, note
+
+
+class Counters:
+    def __init__(self):
+        self.events = 0
+        self.connections = 0          # lifecycles created
+        self.closed = 0               # lifecycles finished and reported
+        self.filtered = 0             # lifecycles dropped by -p/-L/-D/-4/-6
+        self.evicted = 0              # open lifecycles dropped at the table cap
+        self.unmatched_errors = 0     # errno reports with no connection to attach to
+        self.resets_no_socket = 0     # RSTs this host sent for segments with no socket
+        self.sequence_gaps = 0        # transitions whose old state was not the one we had
+
+
+class Tracker:
+    """Feeds on `Ev` records in ring-buffer order; calls back with transitions and finished lifecycles."""
+
+    def __init__(self, filters: Filters | None = None, *,
+                 on_transition: Callable[[Transition], None] | None = None,
+                 on_close: Callable[[Lifecycle], None] | None = None,
+                 on_state_time: Callable[[int, int], None] | None = None,
+                 max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
+        self.filters = filters or Filters()
+        self.on_transition = on_transition
+        self.on_close = on_close
+        self.on_state_time = on_state_time
+        self.max_open = max_open
+        self.hold_ns = hold_ns
+        self.live: dict[object, Lifecycle] = {}
+        self.listeners: dict[tuple, Lifecycle] = {}
+        self.pending: deque[Lifecycle] = deque()      # closed, waiting for trailing events
+        self.pending_ports: dict[tuple, Lifecycle] = {}
+        self.counters = Counters()
+        self._dispatch = {
+            EventKind.STATE: self._state, EventKind.DESTROY: self._destroy,
+            EventKind.RECV_RESET: self._recv_reset, EventKind.SEND_RESET: self._send_reset,
+            EventKind.ERROR: self._error, EventKind.IO_OWNER: self._io, EventKind.EOF: self._eof,
+            EventKind.FILTERED: self._filtered,
+        }
+
+    # -- input -------------------------------------------------------------
+    def feed(self, ev: Ev) -> None:
+        self.counters.events += 1
+        handler = self._dispatch.get(ev.kind)
+        if handler:
+            handler(ev)
+
+    def feed_all(self, events) -> None:
+        for ev in events:
+            self.feed(ev)
+
+    def advance(self, now_ns: int) -> None:
+        """Finish closed connections whose trailing events are overdue."""
+        pending = self.pending
+        while pending and pending[0].end_ns + self.hold_ns <= now_ns:
+            self._finish(pending.popleft())
+
+    def finish(self) -> list[Lifecycle]:
+        """End of the stream: finish every closed connection; return those still open."""
+        while self.pending:
+            self._finish(self.pending.popleft())
+        return [lc for lc in self.live.values() if not lc.closed]
+
+    # -- helpers -----------------------------------------------------------
+    @staticmethod
+    def _key(ev: Ev):
+        # without a generation (connection map full) the best key left is the address
+        return ev.gen if ev.gen else ("skaddr", ev.skaddr)
+
+    def _new(self, ev: Ev, role: str, birth_seen: bool) -> Lifecycle:
+        if len(self.live) >= self.max_open:
+            self._evict()
+        lc = Lifecycle(self._key(ev), ev.skaddr, role, ev.ts_ns, birth_seen)
+        if not ev.gen:
+            lc.incomplete.append("no generation: kernel connection map full")
+        self.live[lc.conn_id] = lc
+        self.counters.connections += 1
+        return lc
+
+    def _evict(self) -> None:
+        for key, lc in self.live.items():
+            if not lc.closed:
+                del self.live[key]
+                self._forget_listener(lc)
+                self.counters.evicted += 1
+                return
+
+    def _get(self, ev: Ev) -> Lifecycle:
+        lc = self.live.get(self._key(ev))
+        if lc is None:
+            lc = self._new(ev, "unknown", birth_seen=False)
+        return lc
+
+    def _tuple_from(self, lc: Lifecycle, ev: Ev) -> None:
+        if ev.family is None:
+            return
+        lc.family = ev.family
+        if ev.sport:
+            lc.lport = ev.sport
+        if ev.dport:
+            lc.rport = ev.dport
+        if ev.saddr not in ("0.0.0.0", "::") or lc.laddr is None:
+            lc.laddr = ev.saddr
+        if ev.daddr not in ("0.0.0.0", "::") or lc.raddr is None:
+            lc.raddr = ev.daddr
+        if ev.netns is not None:
+            lc.netns = ev.netns
+        if ev.uid is not None:
+            lc.uid = ev.uid
+
+    def could_match(self, lc: Lifecycle) -> bool:
+        """The filters' verdict on what is known so far (unknown = still possible)."""
+        f = self.filters
+        if not f.active():
+            return True
+        if f.family and lc.family and lc.family != f.family:
+            return False
+        if f.lports and lc.lport and lc.lport not in f.lports:
+            return False
+        if f.rports and (lc.role == "listener" or (lc.rport and lc.rport not in f.rports)):
+            return False
+        if f.pids:
+            known = set(lc.pids)
+            if lc.listener_pid is not None:
+                known.add(lc.listener_pid)
+            if known and not known & set(f.pids):
+                return False
+        return True
+
+    def matches(self, lc: Lifecycle) -> bool:
+        pids = set(lc.pids)
+        if lc.listener_pid is not None:
+            pids.add(lc.listener_pid)
+        return self.filters.match(family=lc.family, lport=lc.lport or None, rport=lc.rport or None,
+                                  role=lc.role, owner_pids=tuple(pids))
+
+    def _forget_listener(self, lc: Lifecycle) -> None:
+        if lc.role == "listener":
+            key = (lc.netns, lc.lport)
+            if self.listeners.get(key) is lc:
+                del self.listeners[key]
+
+    # -- event handlers ----------------------------------------------------
+    def _state(self, ev: Ev) -> None:
+        old, new = ev.oldstate, ev.newstate
+        role = _BIRTHS.get((old, new))
+        if role:
+            lc = self._new(ev, role, birth_seen=True)
+        else:
+            lc = self._get(ev)
+            if ev.flags & Flag.BIRTH_UNSEEN or lc.role == "unknown":
+                lc.role = _guess_role(old, new, lc.role)
+        self._tuple_from(lc, ev)
+        dur = None
+        if lc.state is not None and lc.state != old:
+            lc.incomplete.append(f"missed events between {S(lc.state).name} and {S(old).name}")
+            self.counters.sequence_gaps += 1
+        elif lc.state_enter_ns is not None:
+            dur = ev.ts_ns - lc.state_enter_ns
+            lc.state_ns[old] = lc.state_ns.get(old, 0) + dur
+            if self.on_state_time:
+                self.on_state_time(old, dur)
+        if not lc.path:
+            lc.path.append(old)
+        lc.path.append(new)
+        lc.state, lc.state_enter_ns, lc.last_ns = new, ev.ts_ns, ev.ts_ns
+
+        if role == "active":
+            lc.set_owner(ev.pid, ev.comm, "connect")
+        elif role == "listener":
+            lc.set_owner(ev.pid, ev.comm, "listen")
+            self.listeners[(lc.netns, lc.lport)] = lc
+        elif role == "passive":
+            listener = self.listeners.get((lc.netns, lc.lport))
+            if listener and listener.owner_pid is not None:
+                lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
+                lc.set_owner(listener.owner_pid, listener.owner_comm, "listener")
+        elif (old, new) in _CLOSER:
+            lc.set_owner(ev.pid, ev.comm, "close")
+
+        note = ""
+        if new == S.CLOSE:
+            lc.end_ns = ev.ts_ns
+            lc.closed = True
+            if ev.tx_b is not None:
+                lc.tx_b, lc.rx_b = ev.tx_b, ev.rx_b
+            if old in _TIME_WAIT_FROM and not lc.rst_received:
+                lc.time_wait = True
+                note = "TIME_WAIT"
+            self._forget_listener(lc)
+            self.pending.append(lc)
+            self.pending_ports[(lc.lport, lc.rport)] = lc
+        if self.on_transition and self.could_match(lc):
+            self.on_transition(Transition(lc, ev.ts_ns, old, new, dur, ev.pid, ev.comm, note))
+
+    def _destroy(self, ev: Ev) -> None:
+        lc = self.live.get(self._key(ev))
+        if lc is None:
+            return
+        if not lc.closed:
+            lc.incomplete.append(f"destroyed in {S(lc.state).name if lc.state else 'unknown state'}"
+                                 " without a CLOSE")
+            lc.closed, lc.end_ns = True, ev.ts_ns
+        self._finish(lc)
+
+    def _recv_reset(self, ev: Ev) -> None:
+        lc = self._get(ev)
+        lc.rst_received = True
+        lc.last_ns = ev.ts_ns
+
+    def _send_reset(self, ev: Ev) -> None:
+        if not ev.skaddr:
+            self.counters.resets_no_socket += 1
+            return
+        lc = self.live.get(self._key(ev))
+        if lc is not None:
+            lc.rst_sent = (ev.value, ev.oldstate)
+
+    def _error(self, ev: Ev) -> None:
+        lc = self.live.get(ev.gen) if ev.gen else None
+        if lc is None:
+            lc = self.pending_ports.get((ev.sport, ev.dport))
+            if lc is None:
+                self.counters.unmatched_errors += 1
+                return
+        lc.errno = ev.value
+
+    def _io(self, ev: Ev) -> None:
+        lc = self._get(ev)
+        lc.set_owner(ev.pid, ev.comm, "io")
+        if ev.uid is not None:
+            lc.uid = ev.uid
+        if ev.netns is not None and lc.netns is None:
+            lc.netns = ev.netns
+
+    def _eof(self, ev: Ev) -> None:
+        lc = self._get(ev)
+        if lc.eof_ns is None:
+            lc.eof_ns = ev.ts_ns
+
+    def _filtered(self, ev: Ev) -> None:
+        lc = self.live.pop(self._key(ev), None)
+        if lc is not None:
+            self._forget_listener(lc)
+            self.counters.filtered += 1
+
+    # -- end of a connection -----------------------------------------------
+    def _finish(self, lc: Lifecycle) -> None:
+        if self.live.get(lc.conn_id) is not lc:
+            return  # already finished (destroy came first) or evicted
+        del self.live[lc.conn_id]
+        if self.pending_ports.get((lc.lport, lc.rport)) is lc:
+            del self.pending_ports[(lc.lport, lc.rport)]
+        if lc.role == "unknown" and lc.path:
+            lc.role = _guess_role(lc.path[0], lc.path[1] if len(lc.path) > 1 else lc.path[0], "unknown")
+        lc.end_reason, lc.end_detail = classify_end(lc)
+        if lc.end_reason != "active_close":
+            lc.time_wait = False
+        if not self.matches(lc):
+            self.counters.filtered += 1
+            return
+        self.counters.closed += 1
+        if self.on_close:
+            self.on_close(lc)
+
+
+def _guess_role(old: int, new: int, current: str) -> str:
+    if old == S.LISTEN and new == S.CLOSE or new == S.LISTEN:
+        return "listener"
+    if old == S.SYN_SENT or new == S.SYN_SENT:
+        return "active"
+    if old == S.SYN_RECV or new == S.SYN_RECV:
+        return "passive"
+    return current
+
+
+def classify_end(lc: Lifecycle) -> tuple[str, str | None]:
+    """(end_reason, detail) from the last transition and the events around it."""
+    before = lc.last_state_before_close
+    rst_reason = RST_REASONS.get(lc.rst_sent[0], str(lc.rst_sent[0])) if lc.rst_sent else None
+    if lc.role == "listener":
+        return "listener_closed", None
+    if before is None:
+        return "unknown", "close not seen" if not lc.closed else None
+    if lc.rst_received or lc.errno == ECONNREFUSED:
+        if before == S.SYN_SENT:
+            return "refused", "ECONNREFUSED"
+        return "reset_by_peer", f"RST received in {S(before).name}"
+    if lc.errno == ETIMEDOUT:
+        if before == S.SYN_SENT:
+            return "timeout", "connect timeout (SYN retries exhausted)"
+        if rst_reason == "keepalive_timeout":
+            return "timeout", "keepalive probes unanswered"
+        return "timeout", f"retransmissions unanswered in {S(before).name}"
+    if lc.errno in (ECONNRESET, EPIPE):
+        return "reset_by_peer", f"RST received in {S(before).name}"
+    if lc.rst_sent:
+        return "local_abort", f"RST sent ({rst_reason}) in {S(before).name}"
+    if before == S.LAST_ACK:
+        return "passive_close", None
+    if before in _TIME_WAIT_FROM:
+        return "active_close", "TIME_WAIT (not traced: the kernel swaps in a timewait socket)"
+    if before == S.SYN_SENT:
+        return "local_abort", "closed while connecting"
+    if before == S.SYN_RECV:
+        return "local_abort", "closed during handshake"
+    return "unknown", f"{S(before).name} -> CLOSE with no reset or error seen"

@@ -1,0 +1,1 @@
+/* Stub: intentionally empty; bcc's virtual headers provide what is needed. */

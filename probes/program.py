@@ -1,0 +1,161 @@
+"""Build, compile and attach the BPF program, with no kernel headers.
+
+bcc compiles ebpf/tcplife.bpf.c against the stub header tree in ebpf/stubs
+(BCC_KERNEL_SOURCE); struct fields are read through offsets from the kernel's
+BTF; optional tracepoints are feature-probed and compiled in only if present.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+
+from .. import ebpf
+from . import btf, tracefs
+from .bcc_import import import_bcc
+from .event_layout import STAT_NSLOTS, layout_cflags
+from .filters import Filters
+
+DEFAULT_MAX_CONNS = 65536
+DEFAULT_RB_PAGES = 4096  # 16 MiB: about 140k events of headroom
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+class ProgramError(Exception):
+    """A reason the tracer cannot start, phrased for the user."""
+
+
+def _capabilities() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_privileges() -> None:
+    caps = _capabilities()
+    if caps & (1 << CAP_SYS_ADMIN) or (caps & (1 << CAP_BPF) and caps & (1 << CAP_PERFMON)):
+        return
+    raise ProgramError("tracing needs root (or CAP_BPF and CAP_PERFMON): run it with sudo")
+
+
+def _version_code() -> int:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", os.uname().release)
+    a, b, c = (int(x or 0) for x in m.groups()) if m else (0, 0, 0)
+    return (a << 16) + (b << 8) + min(c, 255)
+
+
+@dataclass
+class Settings:
+    filters: Filters = field(default_factory=Filters)
+    max_conns: int = DEFAULT_MAX_CONNS
+    rb_pages: int = DEFAULT_RB_PAGES
+
+
+@dataclass
+class Source:
+    text: str
+    cflags: list[str]
+    notices: list[str]
+    tracepoints: list[str]
+
+
+def build_source(settings: Settings, tracefs_root: str) -> Source:
+    """The program text and flags for this kernel; raises ProgramError if it cannot trace."""
+    if settings.rb_pages < 1 or settings.rb_pages & (settings.rb_pages - 1):
+        raise ProgramError(f"ring buffer pages must be a power of two, not {settings.rb_pages}")
+    try:
+        present, notices = tracefs.probe(tracefs_root)
+    except tracefs.TracefsError as e:
+        raise ProgramError(str(e)) from None
+    offsets, btf_notes = btf.kernel_offsets()
+    notices += btf_notes
+    defines = [
+        f"#define TLT_MAX_CONNS {int(settings.max_conns)}",
+        f"#define TLT_RB_PAGES {int(settings.rb_pages)}",
+    ]
+    defines += [f"#define {k} {v}" for k, v in sorted(offsets.items())]
+    for (cat, name), flds in present.items():
+        defines.append(f"#define TLT_HAVE_{name.upper()}")
+        if name == "tcp_send_reset":
+            if "reason" in flds:
+                defines.append("#define TLT_HAVE_TCP_SEND_RESET_REASON")
+                if "enum sk_rst_reason" in flds["reason"]:
+                    # the tracepoint struct names a kernel enum our stubs do not declare
+                    defines.append("enum sk_rst_reason { TLT_SK_RST_REASON_UNUSED };")
+            if "saddr" not in flds or "28" not in flds["saddr"]:
+                defines.remove("#define TLT_HAVE_TCP_SEND_RESET")
+                notices.append("tracepoint tcp/tcp_send_reset has an unknown layout here: "
+                               "local aborts are not told apart from other closes")
+    defines += settings.filters.cdefines()
+    with open(ebpf.PROGRAM) as f:
+        body = f.read()
+    text = "\n".join(defines) + "\n" + body
+    cflags = [
+        f"-I{ebpf.EBPF_DIR}",
+        f"-DTLT_LINUX_VERSION_CODE={_version_code()}",
+        f"-DTLT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
+        "-Wno-unused-function",
+    ] + layout_cflags()
+    tps = [f"{c}:{n}" for (c, n) in present]
+    return Source(text, cflags, notices, tps)
+
+
+class LoadedProgram:
+    """The compiled and attached program: its ring buffer and its counters."""
+
+    def __init__(self, bpf, source: Source):
+        self.bpf = bpf
+        self.source = source
+
+    def stats(self) -> list[int]:
+        """Per-slot sums over CPUs of the kernel-side counters (TLT_STAT_*)."""
+        table = self.bpf["stats"]
+        return [sum(table[table.Key(i)]) for i in range(STAT_NSLOTS)]
+
+    def open_ring_buffer(self, callback) -> None:
+        self.bpf["events"].open_ring_buffer(callback)
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def consume(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+
+
+def load(settings: Settings) -> LoadedProgram:
+    """Compile and attach; every failure becomes a ProgramError with one clear line."""
+    check_privileges()
+    try:
+        root = tracefs.find_tracefs()
+    except tracefs.TracefsError as e:
+        raise ProgramError(str(e)) from None
+    source = build_source(settings, root)
+    bcc = import_bcc()
+    os.environ["BCC_KERNEL_SOURCE"] = ebpf.STUB_KERNEL_SOURCE
+    captured = io.StringIO()
+    try:
+        # clang and the verifier write to fd 2 directly; bcc raises a bare Exception
+        bpf = bcc.BPF(text=source.text, cflags=source.cflags)
+    except Exception as e:  # noqa: BLE001 - bcc raises Exception for everything
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Operation not permitted" in msg or isinstance(e, PermissionError):
+            raise ProgramError("the kernel refused the BPF program (EPERM): run as root, "
+                               "and check kernel.unprivileged_bpf_disabled / lockdown") from None
+        raise ProgramError(f"the BPF program failed to compile or load: {msg[:200]} "
+                           "(the compiler/verifier output is above; `tcplife-trace --ebpf` "
+                           "prints the program)") from None
+    finally:
+        del captured
+    return LoadedProgram(bpf, source)

@@ -1,0 +1,171 @@
+"""tcplife-trace command line: parse flags, call the library, print."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+from . import __version__
+from .live import LiveSession
+from .probes import program as prog
+from .probes import tracefs
+from .probes.bcc_import import BccMissing
+from .probes.filters import Filters
+from .views import TextView, dumps, lifecycle_record, summary_text, transition_record
+
+EXIT_OK, EXIT_DEGRADED, EXIT_ERROR = 0, 1, 2
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit 2."""
+
+
+def _int_list(value: str | None, what: str, lo: int, hi: int) -> tuple[int, ...]:
+    if not value:
+        return ()
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part.isdigit() or not lo <= int(part) <= hi:
+            raise click.BadParameter(f"{part!r} is not a {what} ({lo}-{hi}); give a comma list like 80,443")
+        out.append(int(part))
+    return tuple(out)
+
+
+def _filters(pid, lport, rport, ipv4, ipv6) -> Filters:
+    if ipv4 and ipv6:
+        raise click.UsageError("-4 and -6 exclude each other")
+    return Filters(pids=_int_list(pid, "pid", 1, 2**22), lports=_int_list(lport, "port", 1, 65535),
+                   rports=_int_list(rport, "port", 1, 65535), family=4 if ipv4 else 6 if ipv6 else None)
+
+
+class _Stop:
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.requested = True
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-T", "--time", "hms", is_flag=True, help="Prefix lines with HH:MM:SS wall time.")
+@click.option("-t", "--timestamp", "seconds", is_flag=True, help="Prefix lines with seconds since start.")
+@click.option("-w", "--wide", is_flag=True, help="Wide columns (IPv6 addresses, 16-char COMM).")
+@click.option("-p", "--pid", metavar="PID[,PID]", help="Only connections owned by these processes "
+              "(or accepted on their listeners).")
+@click.option("-L", "--localport", metavar="PORT[,PORT]", help="Only these local ports.")
+@click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
+@click.option("-4", "--ipv4", is_flag=True, help="IPv4 only (v4-mapped IPv6 counts as IPv4).")
+@click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
+@click.option("--lifecycles", is_flag=True, help="One line per finished connection instead of per state change.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines of the same records on stdout.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
+@click.option("--max-conns", type=click.IntRange(1024, 4_194_304), default=prog.DEFAULT_MAX_CONNS,
+              show_default=True, help="Size of the kernel connection map.")
+@click.option("--ring-pages", type=click.IntRange(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
+              show_default=True, help="Ring buffer size in pages (a power of two).")
+@click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
+@click.version_option(__version__, "-V", "--version")
+@click.pass_context
+def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
+        as_json, strict, max_conns, ring_pages, print_ebpf):
+    """Trace TCP connection lifecycles: every state change, with owners and time in each state.
+
+    Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages)
+    if print_ebpf:
+        src = prog.build_source(settings, tracefs.find_tracefs())
+        _out(src.text)
+        _out("/* cflags: " + " ".join(src.cflags) + " */")
+        return
+    ctx.exit(trace(settings, hms=hms, seconds=seconds, wide=wide, duration=duration,
+                   lifecycles=lifecycles, as_json=as_json, strict=strict))
+
+
+def trace(settings: prog.Settings, *, hms: bool, seconds: bool, wide: bool, duration: float | None,
+          lifecycles: bool, as_json: bool, strict: bool) -> int:
+    stop = _Stop()
+    view: TextView | None = None
+    holder: dict = {}
+
+    def on_transition(t):
+        _out(dumps(transition_record(t, holder["s"].clock)) if as_json else view.transition(t))
+
+    def on_close(lc):
+        _out(dumps(lifecycle_record(lc, holder["s"].clock)) if as_json else view.lifecycle(lc))
+
+    session = LiveSession(settings, on_transition=None if lifecycles else on_transition,
+                          on_close=on_close if lifecycles else None)
+    holder["s"] = session
+    view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
+    for notice in session.notices:
+        click.echo(f"tcplife-trace: notice: {notice}", err=True)
+    click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.program.source.tracepoints)} "
+               f"tracepoints, ready in {session.startup_s:.2f} s)"
+               + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
+    if not as_json:
+        _out(view.lifecycle_header() if lifecycles else view.transition_header())
+    deadline = time.monotonic() + duration if duration else None
+    try:
+        while not stop.requested:
+            timeout = 100
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                timeout = max(1, min(timeout, int(left * 1000)))
+            session.poll(timeout)
+            sys.stdout.flush()
+        report = session.stop()
+        if lifecycles:
+            for lc in session.still_open:
+                _out(dumps(lifecycle_record(lc, session.clock, still_open=True)) if as_json
+                     else view.lifecycle(lc, still_open=True))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly, still summarise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        report = session.stop()
+    click.echo(summary_text(report), err=True)
+    if as_json:
+        click.echo(json.dumps({"type": "summary", **report}), err=True)
+    if strict and session.degraded():
+        click.echo("tcplife-trace: --strict: events were lost or connections went untracked "
+                   "(see the summary above)", err=True)
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = cli.main(args=argv, prog_name="tcplife-trace", standalone_mode=False)
+        return rv if isinstance(rv, int) else EXIT_OK
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except click.ClickException as e:
+        click.echo(f"tcplife-trace: error: {e.format_message()} (see --help)", err=True)
+        return EXIT_ERROR
+    except (prog.ProgramError, BccMissing, tracefs.TracefsError, UserError) as e:
+        click.echo(f"tcplife-trace: error: {e}", err=True)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

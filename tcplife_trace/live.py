@@ -1,0 +1,95 @@
+"""A live tracing session: load the program, feed the tracker, report at the end.
+
+Usable from a notebook or a test as well as from the CLI:
+
+    with LiveSession(Settings()) as s:
+        while ...: s.poll()
+    report = s.report
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
+from .analysis.summary import StateTimes
+from .probes import program as prog
+from .probes.stream import EventStream
+from .views import Clock
+
+
+class LiveSession:
+    def __init__(self, settings: prog.Settings | None = None, *,
+                 on_transition: Callable[[Transition], None] | None = None,
+                 on_close: Callable[[Lifecycle], None] | None = None,
+                 max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
+        t0 = time.monotonic()
+        self.settings = settings or prog.Settings()
+        self.program = prog.load(self.settings)
+        self.startup_s = time.monotonic() - t0
+        self.notices = list(self.program.source.notices)
+        self.stream = EventStream(self.program)
+        self.state_times = StateTimes()
+        self.end_reasons: Counter[str] = Counter()
+        self._user_on_close = on_close
+        self.tracker = Tracker(self.settings.filters, on_transition=on_transition,
+                               on_close=self._closed, on_state_time=self.state_times.add,
+                               max_open=max_open, hold_ns=hold_ns)
+        self.clock = Clock(time.time_ns() - time.monotonic_ns(), time.monotonic_ns())
+        self.report: dict | None = None
+        self.still_open: list[Lifecycle] = []
+
+    def _closed(self, lc: Lifecycle) -> None:
+        self.end_reasons[lc.end_reason] += 1
+        if self._user_on_close:
+            self._user_on_close(lc)
+
+    def poll(self, timeout_ms: int = 100) -> int:
+        """Wait up to timeout_ms for events, process them; returns how many arrived."""
+        events = self.stream.poll(timeout_ms)
+        self.tracker.feed_all(events)
+        self.tracker.advance(time.monotonic_ns())
+        return len(events)
+
+    def stop(self) -> dict:
+        """Drain the buffer, finish every connection, detach; returns the report."""
+        if self.report is not None:
+            return self.report
+        self.tracker.feed_all(self.stream.drain())
+        self.still_open = self.tracker.finish()
+        kernel = self.stream.kernel_counts()
+        self.program.close()
+        c = self.tracker.counters
+        lost = sum(kernel["ringbuf_full"].values())
+        self.report = {
+            "duration_s": round(time.monotonic_ns() / 1e9 - self.clock.start / 1e9, 3),
+            "startup_s": round(self.startup_s, 3),
+            "connections_seen": c.connections - c.filtered,
+            "closed": c.closed,
+            "still_open": len(self.still_open),
+            "filtered_out": c.filtered,
+            "end_reasons": dict(self.end_reasons.most_common()),
+            "state_times": self.state_times.table(),
+            "events_received": c.events,
+            "events_emitted_by_kernel": sum(kernel["emitted"].values()),
+            "events_lost": lost,
+            "events_lost_by_kind": {k: v for k, v in kernel["ringbuf_full"].items() if v},
+            "conn_map_full": kernel["map_full"],
+            "evictions": c.evicted,
+            "sequence_gaps": c.sequence_gaps,
+            "unmatched_errors": c.unmatched_errors,
+            "resets_sent_no_socket": c.resets_no_socket,
+            "filters": self.settings.filters.describe(),
+        }
+        return self.report
+
+    def degraded(self) -> bool:
+        r = self.report or {}
+        return bool(r.get("events_lost") or r.get("conn_map_full") or r.get("evictions"))
+
+    def __enter__(self) -> "LiveSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,178 @@
+"""Text and JSON renderings of transitions, lifecycles and the exit summary."""
+from __future__ import annotations
+
+import datetime as dt
+import errno as errno_mod
+import json
+
+from .analysis.lifecycle import Lifecycle, Transition
+from .probes.tcp_states import state_name
+
+
+class Clock:
+    """Kernel CLOCK_MONOTONIC ns -> wall clock, with the offset taken once."""
+
+    def __init__(self, wall_offset_ns: int, start_mono_ns: int):
+        self.offset = wall_offset_ns
+        self.start = start_mono_ns
+
+    def wall(self, mono_ns: int) -> dt.datetime:
+        return dt.datetime.fromtimestamp((mono_ns + self.offset) / 1e9, tz=dt.timezone.utc).astimezone()
+
+    def iso(self, mono_ns: int | None) -> str | None:
+        return None if mono_ns is None else self.wall(mono_ns).isoformat(timespec="microseconds")
+
+    def hms(self, mono_ns: int) -> str:
+        return self.wall(mono_ns).strftime("%H:%M:%S")
+
+    def since_start(self, mono_ns: int) -> float:
+        return (mono_ns - self.start) / 1e9
+
+
+def _ms(ns: int | None, fmt: str = "%.3f") -> str:
+    return "-" if ns is None else fmt % (ns / 1e6)
+
+
+def errno_name(num: int | None) -> str | None:
+    return None if num is None else errno_mod.errorcode.get(num, str(num))
+
+
+class TextView:
+    """bcc tcpstates/tcplife-style columns; -w widens for IPv6 and long COMMs."""
+
+    def __init__(self, clock: Clock, *, wide: bool = False, hms: bool = False, seconds: bool = False):
+        self.clock = clock
+        self.hms = hms
+        self.seconds = seconds
+        self.addr_w = 39 if wide else 15
+        self.comm_w = 16 if wide else 12
+
+    def _prefix_header(self) -> str:
+        return ("%-8s " % "TIME" if self.hms else "") + ("%-11s " % "TIME(s)" if self.seconds else "")
+
+    def _prefix(self, ts_ns: int) -> str:
+        out = ""
+        if self.hms:
+            out += "%-8s " % self.clock.hms(ts_ns)
+        if self.seconds:
+            out += "%-11.6f " % self.clock.since_start(ts_ns)
+        return out
+
+    def _endpoints(self, lc: Lifecycle) -> str:
+        a = self.addr_w
+        return "%-*s %-5s %-*s %-5s" % (a, lc.laddr or "-", lc.lport or "-", a, lc.raddr or "-",
+                                        lc.rport or "-")
+
+    def _owner(self, lc: Lifecycle) -> str:
+        pid = "-" if lc.owner_pid is None else str(lc.owner_pid)
+        return "%-7s %-*.*s" % (pid, self.comm_w, self.comm_w, lc.owner_comm or "-")
+
+    def transition_header(self) -> str:
+        a, c = self.addr_w, self.comm_w
+        return self._prefix_header() + "%-7s %-*s %-*s %-5s %-*s %-5s %-11s -> %-11s %s" % (
+            "PID", c, "COMM", a, "LADDR", "LPORT", a, "RADDR", "RPORT", "OLDSTATE", "NEWSTATE", "MS")
+
+    def transition(self, t: Transition) -> str:
+        line = self._prefix(t.ts_ns) + "%s %s %-11s -> %-11s %s" % (
+            self._owner(t.lc), self._endpoints(t.lc), state_name(t.oldstate), state_name(t.newstate),
+            _ms(t.dur_ns))
+        return line + (f"  ({t.note})" if t.note else "")
+
+    def lifecycle_header(self) -> str:
+        return self._prefix_header() + "%s %s %-5s %-5s %-10s %-14s %s" % (
+            "%-7s %-*s" % ("PID", self.comm_w, "COMM"),
+            "%-*s %-5s %-*s %-5s" % (self.addr_w, "LADDR", "LPORT", self.addr_w, "RADDR", "RPORT"),
+            "TX_KB", "RX_KB", "MS", "END", "STATES (ms)")
+
+    def lifecycle(self, lc: Lifecycle, *, still_open: bool = False) -> str:
+        kb = (lambda b: "-" if b is None else str(b // 1024))
+        end = "open" if still_open else lc.end_reason + ("+TW" if lc.time_wait else "")
+        ts = lc.end_ns if lc.end_ns is not None else lc.last_ns
+        return self._prefix(ts) + "%s %s %-5s %-5s %-10s %-14s %s" % (
+            self._owner(lc), self._endpoints(lc), kb(lc.tx_b), kb(lc.rx_b), lifetime_ms(lc),
+            end, states_compact(lc))
+
+
+def lifetime_ms(lc: Lifecycle) -> str:
+    """Total ms; '>N' is a lower bound for a connection born before the trace."""
+    if lc.end_ns is None:
+        return "-"
+    total = "%.2f" % ((lc.end_ns - lc.start_ns) / 1e6)
+    return total if lc.birth_seen else ">" + total
+
+
+def states_compact(lc: Lifecycle) -> str:
+    parts = []
+    seen = set()
+    for s in lc.path:
+        if s in seen or s == 7 and s == lc.path[-1]:
+            continue
+        seen.add(s)
+        ns = lc.state_ns.get(s)
+        if ns is not None:
+            parts.append(f"{state_name(s)}:{_ms(ns)}")
+        else:  # still in it, or in it since before the trace
+            parts.append(f"{state_name(s)}:" + ("..." if s == lc.state and not lc.closed else "?"))
+    if lc.time_wait:
+        parts.append("TIME_WAIT")
+    return " ".join(parts)
+
+
+def transition_record(t: Transition, clock: Clock) -> dict:
+    lc = t.lc
+    return {
+        "type": "transition", "time": clock.iso(t.ts_ns), "ts_ns": t.ts_ns, "conn_id": lc.conn_id,
+        "pid": lc.owner_pid, "comm": lc.owner_comm, "owner_source": lc.owner_source,
+        "cur_pid": t.cur_pid, "cur_comm": t.cur_comm, "role": lc.role, "family": lc.family,
+        "laddr": lc.laddr, "lport": lc.lport or None, "raddr": lc.raddr, "rport": lc.rport or None,
+        "netns": lc.netns, "oldstate": state_name(t.oldstate), "newstate": state_name(t.newstate),
+        "ms": None if t.dur_ns is None else t.dur_ns / 1e6, "note": t.note or None,
+    }
+
+
+def lifecycle_record(lc: Lifecycle, clock: Clock, *, still_open: bool = False) -> dict:
+    total = lc.duration_ns
+    return {
+        "type": "lifecycle", "conn_id": lc.conn_id, "role": lc.role, "family": lc.family,
+        "laddr": lc.laddr, "lport": lc.lport or None, "raddr": lc.raddr, "rport": lc.rport or None,
+        "netns": lc.netns, "uid": lc.uid, "pid": lc.owner_pid, "comm": lc.owner_comm,
+        "owner_source": lc.owner_source, "listener_pid": lc.listener_pid,
+        "birth_seen": lc.birth_seen, "start": clock.iso(lc.start_ns), "end": clock.iso(lc.end_ns),
+        "ms": None if total is None else total / 1e6,
+        "state_ms": {state_name(s): ns / 1e6 for s, ns in lc.state_ns.items()},
+        "path": [state_name(s) for s in lc.path] + (["TIME_WAIT"] if lc.time_wait else []),
+        "end_reason": "open" if still_open else lc.end_reason, "end_detail": lc.end_detail,
+        "errno": errno_name(lc.errno), "time_wait": lc.time_wait, "tx_b": lc.tx_b, "rx_b": lc.rx_b,
+        "eof_seen": clock.iso(lc.eof_ns), "incomplete": lc.incomplete or None,
+    }
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
+def summary_text(report: dict) -> str:
+    """The exit summary (stderr). Losses are always printed, zeros included."""
+    r = report
+    lines = [
+        f"tcplife-trace: {r['duration_s']:.1f} s traced, {r['connections_seen']} connections seen, "
+        f"{r['closed']} closed, {r['still_open']} still open"
+        + (f" (filters: {r['filters']})" if r["filters"] != "none" else ""),
+    ]
+    if r["end_reasons"]:
+        lines.append("  ended: " + ", ".join(f"{k} {v}" for k, v in r["end_reasons"].items()))
+    if r["state_times"]:
+        lines.append("  %-12s %9s %10s %10s %10s %10s" % ("time in", "count", "p50 ms", "p90 ms",
+                                                          "p99 ms", "max ms"))
+        for row in r["state_times"]:
+            lines.append("  %-12s %9d %10.3f %10.3f %10.3f %10.3f" % (
+                row["state"], row["count"], row["p50_ms"], row["p90_ms"], row["p99_ms"], row["max_ms"]))
+    by_kind = ", ".join(f"{k} {v}" for k, v in r["events_lost_by_kind"].items())
+    lines.append(
+        f"  events: {r['events_received']} received of {r['events_emitted_by_kernel']} emitted; "
+        f"lost {r['events_lost']}" + (f" ({by_kind})" if by_kind else "")
+        + f"; connection map full {r['conn_map_full']}; evicted {r['evictions']}")
+    if r["sequence_gaps"] or r["unmatched_errors"]:
+        lines.append(f"  inconsistencies: {r['sequence_gaps']} transitions out of sequence, "
+                     f"{r['unmatched_errors']} errno reports without a connection")
+    return "\n".join(lines)

@@ -30,7 +30,8 @@ RST_REASONS = {1: "no_socket", 11: "abort_on_close", 12: "abort_on_linger", 13: 
 _BIRTHS = {(S.CLOSE, S.SYN_SENT): "active", (S.CLOSE, S.LISTEN): "listener",
            (S.LISTEN, S.SYN_RECV): "passive"}
 # transitions that always run in the acting process (kernel-facts §2)
-_CLOSER = {(S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK)}
+_CLOSER = {(S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK),
+           (S.LISTEN, S.CLOSE)}
 _TIME_WAIT_FROM = (S.FIN_WAIT2, S.CLOSING)
 
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
@@ -213,23 +214,14 @@ class Tracker:
             lc.uid = ev.uid
 
     def could_match(self, lc: Lifecycle) -> bool:
-        """The filters' verdict on what is known so far (unknown = still possible)."""
-        f = self.filters
-        if not f.active():
+        """Whether to show a transition now: the filters on what is known so far.
+
+        A connection whose port or owner is not known yet is not shown: under -p a
+        pre-forked worker's accepted socket appears from its first read or write.
+        """
+        if not self.filters.active():
             return True
-        if f.family and lc.family and lc.family != f.family:
-            return False
-        if f.lports and lc.lport and lc.lport not in f.lports:
-            return False
-        if f.rports and (lc.role == "listener" or (lc.rport and lc.rport not in f.rports)):
-            return False
-        if f.pids:
-            known = set(lc.pids)
-            if lc.listener_pid is not None:
-                known.add(lc.listener_pid)
-            if known and not known & set(f.pids):
-                return False
-        return True
+        return self.matches(lc)
 
     def matches(self, lc: Lifecycle) -> bool:
         pids = set(lc.pids)

@@ -235,13 +235,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	u16 family = args->family, sport = args->sport, dport = args->dport;
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	int listener = newstate == TCP_LISTEN || (oldstate == TCP_LISTEN && newstate == TCP_CLOSE);
-	/* current is the acting task only for connect() and listen() births */
 	int active_birth = oldstate == TCP_CLOSE && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN);
 	int birth = active_birth || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
+	/* current is the owner only in connect(), listen() and a listener's close() */
+	int pid_known = active_birth || (oldstate == TCP_LISTEN && newstate == TCP_CLOSE);
 	u8 daddr6[16] = {};
 	if (family == AF_INET6)
 		__builtin_memcpy(daddr6, args->daddr_v6, 16);
-	u8 v = verdict(family, daddr6, sport, dport, listener, active_birth, tgid);
+	u8 v = verdict(family, daddr6, sport, dport, listener, pid_known, tgid);
 
 	u8 unseen = 0;
 	struct conn *c;

@@ -117,11 +117,11 @@ class LoadedProgram:
 
     def stats(self) -> list[int]:
         """Per-slot sums over CPUs of the kernel-side counters (TLT_STAT_*)."""
-        table = self.bpf["stats"]
+        table = self.bpf[b"stats"]
         return [sum(table[table.Key(i)]) for i in range(STAT_NSLOTS)]
 
     def open_ring_buffer(self, callback) -> None:
-        self.bpf["events"].open_ring_buffer(callback)
+        self.bpf[b"events"].open_ring_buffer(callback)
 
     def poll(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
@@ -147,7 +147,7 @@ def load(settings: Settings) -> LoadedProgram:
     captured = io.StringIO()
     try:
         # clang and the verifier write to fd 2 directly; bcc raises a bare Exception
-        bpf = bcc.BPF(text=source.text, cflags=source.cflags)
+        bpf = bcc.BPF(text=source.text.encode(), cflags=source.cflags)
     except Exception as e:  # noqa: BLE001 - bcc raises Exception for everything
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Operation not permitted" in msg or isinstance(e, PermissionError):

@@ -1,0 +1,58 @@
+"""Synthetic event streams written as small tables, for the state machine tests.
+
+Each row: (ms, kind, gen, detail...) where detail depends on the kind:
+  "S"  state change:  (ms, "S", gen, old, new, pid[, sport, dport])
+  "D"  destroy:       (ms, "D", gen)
+  "RR" reset received (ms, "RR", gen)
+  "RS" reset sent:    (ms, "RS", gen, reason, state)
+  "E"  errno report:  (ms, "E", gen, errno[, sport, dport])   gen 0 = no socket pointer
+  "IO" first I/O:     (ms, "IO", gen, pid)
+  "EOF" EOF seen:     (ms, "EOF", gen, pid)
+  "F"  filtered:      (ms, "F", gen)
+"""
+from __future__ import annotations
+
+from tcplife_trace.probes.decode import Ev
+from tcplife_trace.probes.event_layout import EventKind, Flag
+from tcplife_trace.probes.tcp_states import TcpState as S
+
+KINDS = {"S": EventKind.STATE, "D": EventKind.DESTROY, "RR": EventKind.RECV_RESET,
+         "RS": EventKind.SEND_RESET, "E": EventKind.ERROR, "IO": EventKind.IO_OWNER,
+         "EOF": EventKind.EOF, "F": EventKind.FILTERED}
+COMMS = {}
+
+
+def ev(ms, kind, gen, *rest, skaddr=None, netns=4026531833, unseen=False, laddr="127.0.0.1",
+       raddr="127.0.0.1", family=4) -> Ev:
+    k = KINDS[kind]
+    pid = 0
+    old = new = value = 0
+    sport = dport = 0
+    fam = sa = da = None
+    if k == EventKind.STATE:
+        old, new, pid = S[rest[0]], S[rest[1]], rest[2]
+        sport, dport = (rest[3], rest[4]) if len(rest) > 3 else (0, 0)
+        fam, sa, da = family, laddr, raddr
+    elif k == EventKind.SEND_RESET:
+        value, old = rest[0], S[rest[1]]
+    elif k == EventKind.ERROR:
+        value = rest[0]
+        sport, dport = (rest[1], rest[2]) if len(rest) > 1 else (0, 0)
+        fam, sa, da = family, laddr, raddr
+    elif k in (EventKind.IO_OWNER, EventKind.EOF):
+        pid = rest[0]
+    flags = Flag.NETNS | (Flag.BIRTH_UNSEEN if unseen else 0)
+    if skaddr is None:
+        skaddr = 0xFFFF0000 + gen if gen else 0
+    return Ev(int(ms * 1e6), k, skaddr, gen, netns, pid, pid, COMMS.get(pid, f"p{pid}"), 0, value,
+              fam, sa, da, sport, dport, old, new, flags, None, None)
+
+
+def stream(rows) -> list[Ev]:
+    out = []
+    for row in rows:
+        kw = row[-1] if isinstance(row[-1], dict) else {}
+        if kw:
+            row = row[:-1]
+        out.append(ev(*row, **kw))
+    return out

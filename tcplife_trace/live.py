@@ -56,6 +56,7 @@ class LiveSession:
         """Drain the buffer, finish every connection, detach; returns the report."""
         if self.report is not None:
             return self.report
+        duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
         self.tracker.feed_all(self.stream.drain())
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
@@ -63,7 +64,7 @@ class LiveSession:
         c = self.tracker.counters
         lost = sum(kernel["ringbuf_full"].values())
         self.report = {
-            "duration_s": round(time.monotonic_ns() / 1e9 - self.clock.start / 1e9, 3),
+            "duration_s": round(duration_s, 3),
             "startup_s": round(self.startup_s, 3),
             "connections_seen": c.connections - c.filtered,
             "closed": c.closed,

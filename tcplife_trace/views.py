@@ -6,6 +6,7 @@ import errno as errno_mod
 import json
 
 from .analysis.lifecycle import Lifecycle, Transition
+from .probes.tcp_states import TcpState as S
 from .probes.tcp_states import state_name
 
 
@@ -104,8 +105,10 @@ def lifetime_ms(lc: Lifecycle) -> str:
 def states_compact(lc: Lifecycle) -> str:
     parts = []
     seen = set()
-    for s in lc.path:
-        if s in seen or s == 7 and s == lc.path[-1]:
+    # a born connection's first entry is the state it was born from (CLOSE, or the listener's LISTEN)
+    path = lc.path[1:] if lc.birth_seen else lc.path
+    for s in path:
+        if s in seen or s == S.CLOSE and lc.closed:
             continue
         seen.add(s)
         ns = lc.state_ns.get(s)

@@ -168,3 +168,21 @@ def test_filters_in_kernel_and_user_space(flt, expect_roles):
             assert len(t.closed) == len(expect_roles)
     finally:
         t.stop()
+
+
+def test_kernel_side_rejects_a_layout_that_differs_from_python():
+    """The BPF compile itself checks struct tlt_event against probes/event_layout.py."""
+    import os
+
+    from tcplife_trace import ebpf
+    from tcplife_trace.probes import program, tracefs
+    from tcplife_trace.probes.bcc_import import import_bcc
+    src = program.build_source(Settings(), tracefs.find_tracefs())
+    bad = [f if not f.startswith("-DTLT_EVOFF_sport=") else f"-DTLT_EVOFF_sport={int(f.split('=')[1]) + 2}"
+           for f in src.cflags]
+    assert bad != src.cflags
+    os.environ["BCC_KERNEL_SOURCE"] = ebpf.STUB_KERNEL_SOURCE
+    bcc = import_bcc()
+    with pytest.raises(Exception, match="compile"):
+        bcc.BPF(text=src.text.encode(), cflags=bad)
+    bcc.BPF(text=src.text.encode(), cflags=src.cflags).cleanup()  # and the true layout loads

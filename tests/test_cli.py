@@ -1,0 +1,171 @@
+"""The command line: bad input gives one clear line and exit 2; a real trace prints and summarises."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tcplife_trace.cli import main
+from tcplife_trace.probes import bcc_import, tracefs
+from tcplife_trace.probes.tracefs import TracefsError
+
+from tracing import Server, client
+
+EXE = shutil.which("tcplife-trace") or os.path.join(os.path.dirname(sys.executable), "tcplife-trace")
+
+
+def run_cli(args, **kw):
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-p", "abc"], "'abc' is not a pid"),
+    (["-L", "80,99999"], "'99999' is not a port"),
+    (["-4", "-6"], "-4 and -6 exclude each other"),
+    (["--duration", "-1"], "--duration"),
+    (["--bogus"], "No such option"),
+    (["--ring-pages", "3"], "power of two"),
+])
+def test_bad_flags_one_line_exit_2(args, needle):
+    r = run_cli(args + ["--duration", "1"] if "--duration" not in args else args)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("tcplife-trace: error:"), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_not_privileged_one_line_exit_2():
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("setpriv (util-linux) is needed to drop privileges for this test")
+    r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                        "--bounding-set=-all", EXE, "--duration", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("tcplife-trace: error: tracing needs root (or CAP_BPF and CAP_PERFMON): "
+                                "run it with sudo")
+
+
+def test_bcc_missing_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bcc", None)  # makes `import bcc` fail
+    monkeypatch.setattr(bcc_import, "DIST_DIRS", ("/nonexistent/bcc",))
+    with pytest.raises(bcc_import.BccMissing, match="apt install python3-bpfcc"):
+        bcc_import.import_bcc()
+
+
+def test_pypi_bcc_impostor_is_named(monkeypatch, tmp_path):
+    fake = tmp_path / "bcc"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("lattice = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = sys.modules.pop("bcc", None)
+    try:
+        with pytest.raises(bcc_import.BccMissing, match="not iovisor bcc"):
+            bcc_import.import_bcc()
+    finally:
+        sys.modules.pop("bcc", None)
+        if real is not None:
+            sys.modules["bcc"] = real
+
+
+def test_tracefs_missing_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(tracefs, "TRACEFS_DIRS", (str(tmp_path / "nope"),))
+    with pytest.raises(TracefsError, match="mount -t tracefs tracefs /sys/kernel/tracing"):
+        tracefs.find_tracefs()
+
+
+def test_missing_spine_tracepoint(tmp_path):
+    (tmp_path / "events").mkdir()
+    with pytest.raises(TracefsError, match="no tracepoint sock/inet_sock_set_state"):
+        tracefs.probe(str(tmp_path))
+
+
+def test_missing_optional_tracepoints_degrade_with_notices(tmp_path):
+    fmt = tmp_path / "events" / "sock" / "inet_sock_set_state"
+    fmt.mkdir(parents=True)
+    (fmt / "format").write_text("\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n")
+    present, notices = tracefs.probe(str(tmp_path))
+    assert list(present) == [("sock", "inet_sock_set_state")]
+    assert len(notices) == 6 and all("missing on this kernel" in n for n in notices)
+
+
+def test_help_is_not_an_error():
+    assert main(["--help"]) == 0
+
+
+@pytest.mark.privileged
+def test_trace_json_and_summary():
+    proc = subprocess.Popen([EXE, "--duration", "4", "--json", "-4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # compile and attach
+    srv = Server("4", "normal")
+    cpid, _ = client("4", srv.port)
+    srv.wait()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    recs = [json.loads(line) for line in out.splitlines()]
+    mine = [r for r in recs if srv.port in (r["lport"], r["rport"])]
+    steps = [(r["oldstate"], r["newstate"]) for r in mine if r["pid"] == cpid]
+    assert steps == [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
+                     ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "CLOSE")]
+    assert mine[-1]["type"] == "transition"
+    assert any(r["note"] == "TIME_WAIT" for r in mine)
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["type"] == "summary" and summary["events_lost"] == 0
+    assert summary["closed"] >= 3
+    assert "lost 0" in err
+
+
+@pytest.mark.privileged
+def test_lifecycles_text_and_still_open():
+    proc = subprocess.Popen([EXE, "--duration", "4", "--lifecycles", "-w"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    srv = Server("6", "normal")
+    cpid, _ = client("6", srv.port)
+    srv.wait()
+    held = Server("4", "hold")  # stays open past the end of the trace
+    out, err = proc.communicate(timeout=30)
+    held.proc.kill()
+    held.proc.wait()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:9] == ["PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "TX_KB", "RX_KB", "MS"]
+    client_line = [ln for ln in lines if ln.split()[0] == str(cpid)]
+    assert len(client_line) == 1
+    f = client_line[0].split()
+    assert f[2] == "::1" and f[5] == str(srv.port) and f[9] == "active_close+TW"
+    assert "SYN_SENT:" in client_line[0] and "TIME_WAIT" in client_line[0]
+    assert any(ln.split()[9] == "open" and str(held.port) in ln.split() for ln in lines[1:])
+    assert "still open" in err and "lost 0" in err
+
+
+@pytest.mark.privileged
+def test_lost_events_are_counted_and_strict_fails():
+    # a 1-page ring buffer cannot hold a burst of 300 connections: losses must be counted, not hidden
+    proc = subprocess.Popen([EXE, "--duration", "4", "--ring-pages", "1", "--strict", "--lifecycles"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    burst = subprocess.run([sys.executable, "-c", BURST], timeout=30)
+    assert burst.returncode == 0
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    summary = [ln for ln in err.splitlines() if "events:" in ln][0]
+    lost = int(summary.split("lost ")[1].split()[0])
+    assert lost > 0
+    assert "--strict: events were lost" in err
+
+
+BURST = """
+import socket
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(512)
+port = ls.getsockname()[1]
+for _ in range(300):
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    a, _ = ls.accept()
+    c.close(); a.close()
+ls.close()
+"""

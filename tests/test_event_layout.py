@@ -1,0 +1,89 @@
+"""struct tlt_event (ebpf/event.h) and probes/event_layout.py describe the same bytes."""
+import os
+import random
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tcplife_trace import ebpf
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes.event_layout import (EVENT_SIZE, FIELD_NAMES, N_KINDS, STAT_NSLOTS, Event,
+                                               EventKind, Flag, field_offsets)
+
+C_PROGRAM = r"""
+#include <stdio.h>
+#include <stddef.h>
+typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32;
+typedef int __s32; typedef unsigned long long __u64;
+#include "event.h"
+#define F(f) printf("%s %zu\n", #f, offsetof(struct tlt_event, f));
+int main(void) {
+    printf("SIZE %zu\n", sizeof(struct tlt_event));
+    %FIELDS%
+    printf("NKINDS %d\nNSLOTS %d\n", TLT_EV_NKINDS, TLT_STAT_NSLOTS);
+    return 0;
+}
+"""
+
+
+def c_layout(tmp_path):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.fail("no C compiler: the layout check needs gcc (apt install gcc)")
+    src = tmp_path / "layout.c"
+    src.write_text(C_PROGRAM.replace("%FIELDS%", " ".join(f"F({f})" for f in FIELD_NAMES)))
+    exe = tmp_path / "layout"
+    subprocess.run([cc, "-I", ebpf.EBPF_DIR, "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+def test_c_and_python_layouts_match(tmp_path):
+    c = c_layout(tmp_path)
+    assert c.pop("SIZE") == EVENT_SIZE
+    assert c.pop("NKINDS") == N_KINDS
+    assert c.pop("NSLOTS") == STAT_NSLOTS
+    assert c == field_offsets()
+
+
+def test_constants_match_header():
+    text = open(ebpf.EVENT_HEADER).read()
+    kinds = {m[0]: int(m[1]) for m in re.findall(r"#define TLT_EV_(\w+)\s+(\d+)", text) if m[0] != "NKINDS"}
+    assert kinds == {k.name: k.value for k in EventKind}
+    flags = {m[0]: int(m[1], 16) for m in re.findall(r"#define TLT_F_(\w+)\s+0x([0-9a-f]+)", text)}
+    assert flags == {f.name: f.value for f in Flag}
+
+
+def test_bpf_program_static_asserts_every_field():
+    text = open(ebpf.PROGRAM).read()
+    checked = set(re.findall(r"TLT_CHECK\((\w+)\)", text)) - {"f"}
+    assert checked == set(FIELD_NAMES)
+
+
+def test_decoder_agrees_with_ctypes():
+    rng = random.Random(1)
+    for _ in range(200):
+        raw = bytes(rng.randrange(256) for _ in range(EVENT_SIZE))
+        e = Event.from_buffer_copy(raw)
+        d = dec.decode(raw)
+        for name in ("ts_ns", "skaddr", "gen", "pid", "tid", "value", "sport", "dport", "kind",
+                     "oldstate", "newstate", "flags"):
+            assert getattr(d, name) == getattr(e, name), name
+        assert d.comm == e.comm.split(b"\0")[0].decode(errors="replace")
+        assert d.netns == (e.netns if e.flags & Flag.NETNS else None)
+        assert d.tx_b == (e.tx_b if e.flags & Flag.BYTES else None)
+
+
+def test_decoder_addresses_and_v4_mapped():
+    import socket
+    e = Event(family=socket.AF_INET6, sport=8080, dport=5555, kind=1)
+    mapped = b"\0" * 10 + b"\xff\xff" + bytes([127, 0, 0, 1])
+    e.saddr[:] = list(mapped)
+    e.daddr[:] = list(mapped)
+    d = dec.decode(bytes(e))
+    assert (d.family, d.saddr, d.daddr) == (4, "127.0.0.1", "127.0.0.1")
+    e.daddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
+    d = dec.decode(bytes(e))
+    assert (d.family, d.daddr) == (6, "2001:db8::1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+from ..probes import decode as dec
 from ..probes.decode import Ev
 from ..probes.event_layout import EventKind, Flag
 from ..probes.filters import Filters
@@ -27,13 +28,15 @@ ECONNRESET, EPIPE, ETIMEDOUT, ECONNREFUSED = 104, 32, 110, 111
 RST_REASONS = {1: "no_socket", 11: "abort_on_close", 12: "abort_on_linger", 13: "abort_on_memory",
                14: "tcp_state", 15: "keepalive_timeout", 16: "abort_on_data"}
 
-_BIRTHS = {(S.CLOSE, S.SYN_SENT): "active", (S.CLOSE, S.LISTEN): "listener",
-           (S.LISTEN, S.SYN_RECV): "passive"}
+_BIRTHS = {(int(S.CLOSE), int(S.SYN_SENT)): "active", (int(S.CLOSE), int(S.LISTEN)): "listener",
+           (int(S.LISTEN), int(S.SYN_RECV)): "passive"}
 # transitions that always run in the acting process (kernel-facts §2)
-_CLOSER = {(S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK),
-           (S.LISTEN, S.CLOSE)}
-_TIME_WAIT_FROM = (S.FIN_WAIT2, S.CLOSING)
+_CLOSER = {(int(a), int(b)) for a, b in ((S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1),
+                                         (S.CLOSE_WAIT, S.LAST_ACK), (S.LISTEN, S.CLOSE))}
+_TIME_WAIT_FROM = (int(S.FIN_WAIT2), int(S.CLOSING))
+_CLOSE = int(S.CLOSE)
 
+_F_BIRTH_UNSEEN = int(Flag.BIRTH_UNSEEN)
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
 DEFAULT_MAX_OPEN = 262_144
 
@@ -44,7 +47,7 @@ class Lifecycle:
         "owner_pid", "owner_comm", "owner_source", "pids", "birth_seen", "start_ns", "end_ns",
         "state", "state_enter_ns", "path", "state_ns", "closed", "end_reason", "end_detail",
         "errno", "rst_received", "rst_sent", "time_wait", "tx_b", "rx_b", "eof_ns", "incomplete",
-        "last_ns", "listener_pid", "listener_comm",
+        "last_ns", "listener_pid", "listener_comm", "view_cache",
     )
 
     def __init__(self, conn_id, skaddr: int, role: str, ts_ns: int, birth_seen: bool):
@@ -74,6 +77,7 @@ class Lifecycle:
         self.incomplete: list[str] = []
         self.last_ns = ts_ns
         self.listener_pid = self.listener_comm = None
+        self.view_cache = None  # a view's rendering of the parts that rarely change
 
     def set_owner(self, pid: int, comm: str, source: str) -> None:
         if source != "listener":
@@ -97,12 +101,16 @@ class Lifecycle:
 
 class Transition:
     """One state change as the tracker understood it."""
-    __slots__ = ("lc", "ts_ns", "oldstate", "newstate", "dur_ns", "cur_pid", "cur_comm", "note")
+    __slots__ = ("lc", "ts_ns", "oldstate", "newstate", "dur_ns", "cur_pid", "cur_comm_raw", "note")
 
     def __init__(self, lc: Lifecycle, ts_ns: int, oldstate: int, newstate: int, dur_ns,
-                 cur_pid: int, cur_comm: str, note: str):
+                 cur_pid: int, cur_comm_raw: bytes, note: str):
         self.lc, self.ts_ns, self.oldstate, self.newstate = lc, ts_ns, oldstate, newstate
-        self.dur_ns, self.cur_pid, self.cur_comm, self.note = dur_ns, cur_pid, cur_comm, note
+        self.dur_ns, self.cur_pid, self.cur_comm_raw, self.note = dur_ns, cur_pid, cur_comm_raw, note
+
+    @property
+    def cur_comm(self) -> str:
+        return dec.comm(self.cur_comm_raw)
 
 
 class Counters:
@@ -136,12 +144,13 @@ class Tracker:
         self.pending: deque[Lifecycle] = deque()      # closed, waiting for trailing events
         self.pending_ports: dict[tuple, Lifecycle] = {}
         self.counters = Counters()
-        self._dispatch = {
+        self._filtering = self.filters.active()
+        self._dispatch = {int(k): v for k, v in {
             EventKind.STATE: self._state, EventKind.DESTROY: self._destroy,
             EventKind.RECV_RESET: self._recv_reset, EventKind.SEND_RESET: self._send_reset,
             EventKind.ERROR: self._error, EventKind.IO_OWNER: self._io, EventKind.EOF: self._eof,
             EventKind.FILTERED: self._filtered,
-        }
+        }.items()}
 
     # -- input -------------------------------------------------------------
     def feed(self, ev: Ev) -> None:
@@ -197,21 +206,24 @@ class Tracker:
         return lc
 
     def _tuple_from(self, lc: Lifecycle, ev: Ev) -> None:
-        if ev.family is None:
+        if lc.family is not None and ev.sport == lc.lport and (ev.dport == lc.rport or not ev.dport):
+            return  # the usual case: nothing new
+        family = dec.endpoint_family(ev)
+        if family is None:
             return
-        lc.family = ev.family
+        if lc.family is None:
+            lc.netns = dec.netns(ev)
+            lc.uid = dec.uid(ev)
+        lc.family = family
         if ev.sport:
             lc.lport = ev.sport
         if ev.dport:
             lc.rport = ev.dport
-        if ev.saddr not in ("0.0.0.0", "::") or lc.laddr is None:
-            lc.laddr = ev.saddr
-        if ev.daddr not in ("0.0.0.0", "::") or lc.raddr is None:
-            lc.raddr = ev.daddr
-        if ev.netns is not None:
-            lc.netns = ev.netns
-        if ev.uid is not None:
-            lc.uid = ev.uid
+        laddr, raddr = dec.addr(ev.af, ev.saddr_raw), dec.addr(ev.af, ev.daddr_raw)
+        if laddr not in ("0.0.0.0", "::") or lc.laddr is None:
+            lc.laddr = laddr
+        if raddr not in ("0.0.0.0", "::") or lc.raddr is None:
+            lc.raddr = raddr
 
     def could_match(self, lc: Lifecycle) -> bool:
         """Whether to show a transition now: the filters on what is known so far.
@@ -244,7 +256,7 @@ class Tracker:
             lc = self._new(ev, role, birth_seen=True)
         else:
             lc = self._get(ev)
-            if ev.flags & Flag.BIRTH_UNSEEN or lc.role == "unknown":
+            if ev.flags & _F_BIRTH_UNSEEN or lc.role == "unknown":
                 lc.role = _guess_role(old, new, lc.role)
         self._tuple_from(lc, ev)
         dur = None
@@ -262,9 +274,9 @@ class Tracker:
         lc.state, lc.state_enter_ns, lc.last_ns = new, ev.ts_ns, ev.ts_ns
 
         if role == "active":
-            lc.set_owner(ev.pid, ev.comm, "connect")
+            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "connect")
         elif role == "listener":
-            lc.set_owner(ev.pid, ev.comm, "listen")
+            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "listen")
             self.listeners[(lc.netns, lc.lport)] = lc
         elif role == "passive":
             listener = self.listeners.get((lc.netns, lc.lport))
@@ -272,13 +284,13 @@ class Tracker:
                 lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
                 lc.set_owner(listener.owner_pid, listener.owner_comm, "listener")
         elif (old, new) in _CLOSER:
-            lc.set_owner(ev.pid, ev.comm, "close")
+            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "close")
 
         note = ""
-        if new == S.CLOSE:
+        if new == _CLOSE:
             lc.end_ns = ev.ts_ns
             lc.closed = True
-            if ev.tx_b is not None:
+            if ev.flags & dec.F_BYTES:
                 lc.tx_b, lc.rx_b = ev.tx_b, ev.rx_b
             if old in _TIME_WAIT_FROM and not lc.rst_received:
                 lc.time_wait = True
@@ -286,8 +298,8 @@ class Tracker:
             self._forget_listener(lc)
             self.pending.append(lc)
             self.pending_ports[(lc.lport, lc.rport)] = lc
-        if self.on_transition and self.could_match(lc):
-            self.on_transition(Transition(lc, ev.ts_ns, old, new, dur, ev.pid, ev.comm, note))
+        if self.on_transition and (not self._filtering or self.matches(lc)):
+            self.on_transition(Transition(lc, ev.ts_ns, old, new, dur, ev.pid, ev.comm_raw, note))
 
     def _destroy(self, ev: Ev) -> None:
         lc = self.live.get(self._key(ev))
@@ -323,11 +335,14 @@ class Tracker:
 
     def _io(self, ev: Ev) -> None:
         lc = self._get(ev)
-        lc.set_owner(ev.pid, ev.comm, "io")
-        if ev.uid is not None:
-            lc.uid = ev.uid
-        if ev.netns is not None and lc.netns is None:
-            lc.netns = ev.netns
+        if _RANK["io"] < _RANK[lc.owner_source]:
+            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "io")
+        else:
+            lc.pids.add(ev.pid)
+        if lc.uid is None:
+            lc.uid = dec.uid(ev)
+        if lc.netns is None:
+            lc.netns = dec.netns(ev)
 
     def _eof(self, ev: Ev) -> None:
         lc = self._get(ev)

@@ -9,7 +9,7 @@
 
 /* event kinds */
 #define TLT_EV_STATE      1 /* sock:inet_sock_set_state: oldstate -> newstate */
-#define TLT_EV_DESTROY    2 /* tcp:tcp_destroy_sock: end of the socket's life */
+#define TLT_EV_DESTROY    2 /* tcp:tcp_destroy_sock, for a socket whose CLOSE was not reported */
 #define TLT_EV_RECV_RESET 3 /* tcp:tcp_receive_reset */
 #define TLT_EV_SEND_RESET 4 /* tcp:tcp_send_reset: value = reason, oldstate = state */
 #define TLT_EV_ERROR      5 /* sock:inet_sk_error_report: value = errno */

@@ -43,6 +43,8 @@ struct conn {
 	u8 emitted;  /* something of this connection reached user space */
 	u8 eof;
 	u8 flags;    /* TLT_F_NETNS | TLT_F_UID */
+	u8 closed;   /* its CLOSE reached user space: the destroy that follows need not */
+	u8 _pad[7];
 };
 
 /* The CLOSE most recently seen on this CPU: inet_sk_error_report carries no
@@ -94,7 +96,8 @@ static __always_inline void read_sock_ids(u64 skaddr, struct conn *c)
 /* New generation for a socket being born (or first seen); NULL if the map is full. */
 static __always_inline struct conn *conn_start(u64 skaddr, u8 keep)
 {
-	struct conn c = {};
+	struct conn c;
+	__builtin_memset(&c, 0, sizeof(c));
 	c.gen = next_gen();
 	c.keep = keep;
 	read_sock_ids(skaddr, &c);
@@ -251,6 +254,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	else
 		c = conn_get(skaddr, &unseen);
 	int keep = conn_keep(skaddr, c, v);
+	if (c && active_birth)
+		c->io_pid = tgid; /* the owner's own reads and writes say nothing new */
 
 	if (newstate == TCP_CLOSE) {
 		int zero = 0;
@@ -290,6 +295,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		e->flags |= TLT_F_BYTES;
 #endif
 	ev_send(e);
+	if (c && newstate == TCP_CLOSE)
+		c->closed = 1;
 	return 0;
 }
 
@@ -300,7 +307,7 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 	struct conn *c = conns.lookup(&skaddr);
 	if (!c)
 		return 0; /* never traced (e.g. socket() then close()): nothing to end */
-	if (c->keep != KEEP_NO) {
+	if (c->keep != KEEP_NO && !c->closed) {
 		struct tlt_event *e = ev_new(TLT_EV_DESTROY);
 		if (e) {
 			ev_conn(e, skaddr, c);

@@ -1,4 +1,9 @@
-"""Raw ring-buffer bytes -> `Ev` records with Python values."""
+"""Raw ring-buffer bytes -> `Ev` records.
+
+Decoding is one struct unpack per event; addresses, command names and the
+optional fields stay raw until someone asks (`addr`, `comm`, `endpoint_family`,
+`netns`, ...), because most events of a connection repeat what its first said.
+"""
 from __future__ import annotations
 
 import socket
@@ -7,70 +12,104 @@ from typing import NamedTuple
 
 from .event_layout import EVENT_SIZE, Event, Flag
 
-# struct tlt_event, in order (checked against ctypes below)
 _FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16s2x")
 assert _FMT.size == EVENT_SIZE and Event.comm.offset == EVENT_SIZE - 18
 
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
 _ZERO16 = b"\0" * 16
+F_NETNS, F_UID, F_BYTES = int(Flag.NETNS), int(Flag.UID), int(Flag.BYTES)
 
 
 class Ev(NamedTuple):
+    """struct tlt_event, field for field (see ebpf/event.h)."""
     ts_ns: int          # CLOCK_MONOTONIC, ns
-    kind: int           # EventKind
     skaddr: int
     gen: int            # connection generation; 0 when the kernel had none
-    netns: int | None
+    tx_b: int           # valid if flags & BYTES
+    rx_b: int
+    netns_raw: int      # valid if flags & NETNS
     pid: int            # current task (tgid): the owner only in process-context transitions
     tid: int
-    comm: str
-    uid: int | None
+    uid_raw: int        # valid if flags & UID
     value: int
-    family: int | None  # 4 or 6 (v4-mapped IPv6 is 4); None when the event has no tuple
-    saddr: str | None   # local address
-    daddr: str | None   # remote address
     sport: int          # local port, 0 = not known yet
     dport: int          # remote port, 0 = none
+    af: int             # AF_INET, AF_INET6, or 0 when the event carries no tuple
+    kind: int           # EventKind
     oldstate: int
     newstate: int
     flags: int
-    tx_b: int | None
-    rx_b: int | None
+    saddr_raw: bytes    # local address (IPv4 in the first 4 bytes)
+    daddr_raw: bytes
+    comm_raw: bytes
 
 
 _addr_cache: dict[tuple[int, bytes], str] = {}
+_comm_cache: dict[bytes, str] = {}
 
 
-def _addr(family: int, raw: bytes) -> str:
-    key = (family, raw)
+def addr(af: int, raw: bytes) -> str:
+    """Printable address; v4-mapped IPv6 is shown as IPv4."""
+    key = (af, raw)
     s = _addr_cache.get(key)
     if s is None:
-        if family == socket.AF_INET:
-            s = socket.inet_ntop(socket.AF_INET, raw[:4])
+        if af == AF_INET:
+            s = socket.inet_ntop(AF_INET, raw[:4])
         elif raw[:12] == _V4MAPPED:
-            s = socket.inet_ntop(socket.AF_INET, raw[12:])
+            s = socket.inet_ntop(AF_INET, raw[12:])
         else:
-            s = socket.inet_ntop(socket.AF_INET6, raw)
+            s = socket.inet_ntop(AF_INET6, raw)
         if len(_addr_cache) > 65536:
             _addr_cache.clear()
         _addr_cache[key] = s
     return s
 
 
+def comm(raw: bytes) -> str:
+    s = _comm_cache.get(raw)
+    if s is None:
+        nul = raw.find(b"\0")
+        s = (raw if nul < 0 else raw[:nul]).decode(errors="replace")
+        if len(_comm_cache) > 65536:
+            _comm_cache.clear()
+        _comm_cache[raw] = s
+    return s
+
+
+def endpoint_family(ev: Ev) -> int | None:
+    """4 or 6 for an event that carries a tuple (v4-mapped IPv6 counts as 4), else None."""
+    if ev.af == AF_INET:
+        return 4
+    if ev.af != AF_INET6:
+        return None
+    d = ev.daddr_raw
+    if d[:12] == _V4MAPPED or (d == _ZERO16 and ev.saddr_raw[:12] == _V4MAPPED):
+        return 4
+    return 6
+
+
+def netns(ev: Ev) -> int | None:
+    return ev.netns_raw if ev.flags & F_NETNS else None
+
+
+def uid(ev: Ev) -> int | None:
+    return ev.uid_raw if ev.flags & F_UID else None
+
+
+def byte_counts(ev: Ev) -> tuple[int | None, int | None]:
+    return (ev.tx_b, ev.rx_b) if ev.flags & F_BYTES else (None, None)
+
+
+_make = Ev._make
+_unpack = _FMT.unpack_from
+_iter_unpack = _FMT.iter_unpack
+
+
 def decode(raw: bytes) -> Ev:
-    (ts, skaddr, gen, tx, rx, netns, pid, tid, uid, value, sport, dport, fam, kind,
-     old, new, flags, saddr, daddr, comm) = _FMT.unpack_from(raw)
-    if fam == socket.AF_INET or fam == socket.AF_INET6:
-        family = 6 if fam == socket.AF_INET6 and not (daddr[:12] == _V4MAPPED or (
-            daddr == _ZERO16 and saddr[:12] == _V4MAPPED)) else 4
-        sa, da = _addr(fam, saddr), _addr(fam, daddr)
-    else:
-        family = sa = da = None
-    return Ev(ts, kind, skaddr, gen, netns if flags & Flag.NETNS else None, pid, tid,
-              comm.split(b"\0", 1)[0].decode(errors="replace"), uid if flags & Flag.UID else None,
-              value, family, sa, da, sport, dport, old, new, flags,
-              tx if flags & Flag.BYTES else None, rx if flags & Flag.BYTES else None)
+    return _make(_unpack(raw))
 
 
 def decode_many(chunks: list[bytes]) -> list[Ev]:
-    return [decode(c) for c in chunks]
+    """A batch of events (each exactly EVENT_SIZE bytes) in one pass."""
+    return list(map(_make, _iter_unpack(b"".join(chunks))))

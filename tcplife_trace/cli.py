@@ -76,11 +76,13 @@ def _out(line: str) -> None:
               show_default=True, help="Size of the kernel connection map.")
 @click.option("--ring-pages", type=click.IntRange(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
               show_default=True, help="Ring buffer size in pages (a power of two).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write the exit summary as JSON to FILE.")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
-        as_json, strict, max_conns, ring_pages, print_ebpf):
+        as_json, strict, max_conns, ring_pages, report_path, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
@@ -94,11 +96,16 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
         _out("/* cflags: " + " ".join(src.cflags) + " */")
         return
     ctx.exit(trace(settings, hms=hms, seconds=seconds, wide=wide, duration=duration,
-                   lifecycles=lifecycles, as_json=as_json, strict=strict))
+                   lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path))
 
 
 def trace(settings: prog.Settings, *, hms: bool, seconds: bool, wide: bool, duration: float | None,
-          lifecycles: bool, as_json: bool, strict: bool) -> int:
+          lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None) -> int:
+    if report_path:
+        try:
+            open(report_path, "a").close()  # fail now, not after the incident was traced
+        except OSError as e:
+            raise UserError(f"cannot write report {report_path}: {e.strerror}") from None
     stop = _Stop()
     view: TextView | None = None
     holder: dict = {}
@@ -144,6 +151,13 @@ def trace(settings: prog.Settings, *, hms: bool, seconds: bool, wide: bool, dura
     click.echo(summary_text(report), err=True)
     if as_json:
         click.echo(json.dumps({"type": "summary", **report}), err=True)
+    if report_path:
+        try:
+            with open(report_path, "w") as f:
+                json.dump(report, f, indent=1)
+        except OSError as e:
+            click.echo(f"tcplife-trace: error: cannot write report {report_path}: {e.strerror}", err=True)
+            return EXIT_ERROR
     if strict and session.degraded():
         click.echo("tcplife-trace: --strict: events were lost or connections went untracked "
                    "(see the summary above)", err=True)

@@ -74,6 +74,7 @@ class LiveSession:
             "state_times": self.state_times.table(),
             "events_received": c.events,
             "events_emitted_by_kernel": sum(kernel["emitted"].values()),
+            "events_emitted_by_kind": {k: v for k, v in kernel["emitted"].items() if v},
             "events_lost": lost,
             "events_lost_by_kind": {k: v for k, v in kernel["ringbuf_full"].items() if v},
             "conn_map_full": kernel["map_full"],

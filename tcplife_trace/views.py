@@ -16,6 +16,7 @@ class Clock:
     def __init__(self, wall_offset_ns: int, start_mono_ns: int):
         self.offset = wall_offset_ns
         self.start = start_mono_ns
+        self._hms_sec, self._hms = None, ""
 
     def wall(self, mono_ns: int) -> dt.datetime:
         return dt.datetime.fromtimestamp((mono_ns + self.offset) / 1e9, tz=dt.timezone.utc).astimezone()
@@ -24,10 +25,16 @@ class Clock:
         return None if mono_ns is None else self.wall(mono_ns).isoformat(timespec="microseconds")
 
     def hms(self, mono_ns: int) -> str:
-        return self.wall(mono_ns).strftime("%H:%M:%S")
+        sec = (mono_ns + self.offset) // 1_000_000_000
+        if sec != self._hms_sec:
+            self._hms_sec, self._hms = sec, self.wall(mono_ns).strftime("%H:%M:%S")
+        return self._hms
 
     def since_start(self, mono_ns: int) -> float:
         return (mono_ns - self.start) / 1e9
+
+
+_STATE_NAMES = {s.value: s.name for s in S}
 
 
 def _ms(ns: int | None, fmt: str = "%.3f") -> str:
@@ -74,10 +81,17 @@ class TextView:
             "PID", c, "COMM", a, "LADDR", "LPORT", a, "RADDR", "RPORT", "OLDSTATE", "NEWSTATE", "MS")
 
     def transition(self, t: Transition) -> str:
-        line = self._prefix(t.ts_ns) + "%s %s %-11s -> %-11s %s" % (
-            self._owner(t.lc), self._endpoints(t.lc), state_name(t.oldstate), state_name(t.newstate),
-            _ms(t.dur_ns))
-        return line + (f"  ({t.note})" if t.note else "")
+        lc = t.lc
+        key = (lc.owner_pid, lc.lport, lc.rport, lc.laddr, lc.raddr)
+        cached = lc.view_cache
+        if cached is None or cached[0] != key:
+            cached = lc.view_cache = (key, self._owner(lc) + " " + self._endpoints(lc) + " ")
+        line = "%s%s%-11s -> %-11s %s" % (
+            self._prefix(t.ts_ns) if self.hms or self.seconds else "", cached[1],
+            _STATE_NAMES.get(t.oldstate) or state_name(t.oldstate),
+            _STATE_NAMES.get(t.newstate) or state_name(t.newstate),
+            "-" if t.dur_ns is None else "%.3f" % (t.dur_ns / 1e6))
+        return line + "  (" + t.note + ")" if t.note else line
 
     def lifecycle_header(self) -> str:
         return self._prefix_header() + "%s %s %-5s %-5s %-10s %-14s %s" % (

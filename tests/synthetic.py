@@ -12,6 +12,8 @@ Each row: (ms, kind, gen, detail...) where detail depends on the kind:
 """
 from __future__ import annotations
 
+import socket
+
 from tcplife_trace.probes.decode import Ev
 from tcplife_trace.probes.event_layout import EventKind, Flag
 from tcplife_trace.probes.tcp_states import TcpState as S
@@ -19,7 +21,13 @@ from tcplife_trace.probes.tcp_states import TcpState as S
 KINDS = {"S": EventKind.STATE, "D": EventKind.DESTROY, "RR": EventKind.RECV_RESET,
          "RS": EventKind.SEND_RESET, "E": EventKind.ERROR, "IO": EventKind.IO_OWNER,
          "EOF": EventKind.EOF, "F": EventKind.FILTERED}
-COMMS = {}
+AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def _raw_addr(family, text):
+    if family == 4:
+        return socket.inet_pton(socket.AF_INET, text) + b"\0" * 12
+    return socket.inet_pton(socket.AF_INET6, text)
 
 
 def ev(ms, kind, gen, *rest, skaddr=None, netns=4026531833, unseen=False, laddr="127.0.0.1",
@@ -28,24 +36,25 @@ def ev(ms, kind, gen, *rest, skaddr=None, netns=4026531833, unseen=False, laddr=
     pid = 0
     old = new = value = 0
     sport = dport = 0
-    fam = sa = da = None
+    af, sa, da = 0, b"\0" * 16, b"\0" * 16
     if k == EventKind.STATE:
         old, new, pid = S[rest[0]], S[rest[1]], rest[2]
         sport, dport = (rest[3], rest[4]) if len(rest) > 3 else (0, 0)
-        fam, sa, da = family, laddr, raddr
+        af, sa, da = AF[family], _raw_addr(family, laddr), _raw_addr(family, raddr)
     elif k == EventKind.SEND_RESET:
         value, old = rest[0], S[rest[1]]
     elif k == EventKind.ERROR:
         value = rest[0]
         sport, dport = (rest[1], rest[2]) if len(rest) > 1 else (0, 0)
-        fam, sa, da = family, laddr, raddr
+        af, sa, da = AF[family], _raw_addr(family, laddr), _raw_addr(family, raddr)
     elif k in (EventKind.IO_OWNER, EventKind.EOF):
         pid = rest[0]
-    flags = Flag.NETNS | (Flag.BIRTH_UNSEEN if unseen else 0)
+    flags = Flag.NETNS | Flag.UID | (Flag.BIRTH_UNSEEN if unseen else 0)
     if skaddr is None:
         skaddr = 0xFFFF0000 + gen if gen else 0
-    return Ev(int(ms * 1e6), k, skaddr, gen, netns, pid, pid, COMMS.get(pid, f"p{pid}"), 0, value,
-              fam, sa, da, sport, dport, old, new, flags, None, None)
+    comm = f"p{pid}".encode().ljust(16, b"\0")
+    return Ev(int(ms * 1e6), skaddr, gen, 0, 0, netns, pid, pid, 0, value, sport, dport, af, int(k),
+              int(old), int(new), int(flags), sa, da, comm)
 
 
 def stream(rows) -> list[Ev]:

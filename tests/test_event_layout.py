@@ -64,16 +64,19 @@ def test_bpf_program_static_asserts_every_field():
 
 def test_decoder_agrees_with_ctypes():
     rng = random.Random(1)
-    for _ in range(200):
-        raw = bytes(rng.randrange(256) for _ in range(EVENT_SIZE))
+    raws = [bytes(rng.randrange(256) for _ in range(EVENT_SIZE)) for _ in range(200)]
+    assert dec.decode_many(raws) == [dec.decode(r) for r in raws]
+    for raw in raws:
         e = Event.from_buffer_copy(raw)
         d = dec.decode(raw)
         for name in ("ts_ns", "skaddr", "gen", "pid", "tid", "value", "sport", "dport", "kind",
-                     "oldstate", "newstate", "flags"):
+                     "oldstate", "newstate", "flags", "tx_b", "rx_b"):
             assert getattr(d, name) == getattr(e, name), name
-        assert d.comm == e.comm.split(b"\0")[0].decode(errors="replace")
-        assert d.netns == (e.netns if e.flags & Flag.NETNS else None)
-        assert d.tx_b == (e.tx_b if e.flags & Flag.BYTES else None)
+        assert (d.af, d.netns_raw, d.uid_raw) == (e.family, e.netns, e.uid)
+        assert d.saddr_raw == bytes(e.saddr) and d.daddr_raw == bytes(e.daddr)
+        assert dec.comm(d.comm_raw) == e.comm.split(b"\0")[0].decode(errors="replace")
+        assert dec.netns(d) == (e.netns if e.flags & Flag.NETNS else None)
+        assert dec.byte_counts(d) == ((e.tx_b, e.rx_b) if e.flags & Flag.BYTES else (None, None))
 
 
 def test_decoder_addresses_and_v4_mapped():
@@ -83,7 +86,10 @@ def test_decoder_addresses_and_v4_mapped():
     e.saddr[:] = list(mapped)
     e.daddr[:] = list(mapped)
     d = dec.decode(bytes(e))
-    assert (d.family, d.saddr, d.daddr) == (4, "127.0.0.1", "127.0.0.1")
+    assert (dec.endpoint_family(d), dec.addr(d.af, d.saddr_raw), dec.addr(d.af, d.daddr_raw)) == (
+        4, "127.0.0.1", "127.0.0.1")
     e.daddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::1"))
     d = dec.decode(bytes(e))
-    assert (d.family, d.daddr) == (6, "2001:db8::1")
+    assert (dec.endpoint_family(d), dec.addr(d.af, d.daddr_raw)) == (6, "2001:db8::1")
+    e.family = 0
+    assert dec.endpoint_family(dec.decode(bytes(e))) is None

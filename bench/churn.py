@@ -1,0 +1,223 @@
+"""Churn benchmark: short loopback connections, untraced and under each tracer, side by side.
+
+    sudo ./run.sh bench [--conns N] [--workers W] [--rounds R]
+
+Every connection makes exactly 10 state changes (client: CLOSE>SYN_SENT>ESTABLISHED>
+FIN_WAIT1>FIN_WAIT2>CLOSE; server child: LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE).
+For each configuration the same bounded workload runs on a fresh port and we report:
+  rate kept       connections/s under the tracer / connections/s untraced (same run)
+  captured        lines the tracer printed for the workload's port / lines expected
+  startup s       exec to the tracer's ready line
+  peak RSS MB     the tracer process's VmHWM
+Loopback only; every step is bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRACER = os.path.join(os.path.dirname(sys.executable), "tcplife-trace")
+STEP_TIMEOUT = 120
+
+
+def _server(ls: socket.socket, stop_at: float) -> None:
+    ls.settimeout(1.0)
+    while time.monotonic() < stop_at:
+        try:
+            c, _ = ls.accept()
+        except socket.timeout:
+            continue
+        c.recv(1)  # EOF: the client closed first
+        c.close()
+
+
+def churn(conns: int, workers: int) -> tuple[int, float, int]:
+    """Run the workload on a fresh port; returns (port, connections/s, connections made)."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(4096)
+    port = ls.getsockname()[1]
+    stop_at = time.monotonic() + STEP_TIMEOUT
+    servers = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            _server(ls, stop_at)
+            os._exit(0)
+        servers.append(pid)
+    per = conns // workers
+    r, w = os.pipe()
+    clients = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)  # start together
+            made = 0
+            for _ in range(per):
+                if time.monotonic() > stop_at:
+                    break
+                s = socket.socket()
+                s.connect(("127.0.0.1", port))
+                s.close()
+                made += 1
+            os._exit(0 if made == per else 1)
+        clients.append(pid)
+    os.close(r)
+    t0 = time.monotonic()
+    os.write(w, b"x" * workers)
+    ok = all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in clients)
+    elapsed = time.monotonic() - t0
+    os.close(w)
+    time.sleep(0.2)  # let the servers close their last sockets
+    for p in servers:
+        os.kill(p, signal.SIGKILL)
+        os.waitpid(p, 0)
+    ls.close()
+    if not ok:
+        raise RuntimeError("churn clients did not finish in time")
+    return port, per * workers / elapsed, per * workers
+
+
+class Tool:
+    def __init__(self, name, argv, ready, per_conn, ready_stream="stdout", count="lines"):
+        self.name, self.argv, self.ready, self.per_conn = name, argv, re.compile(ready), per_conn
+        self.ready_stream, self.count = ready_stream, count
+
+    def available(self) -> bool:
+        return shutil.which(self.argv[0]) is not None or os.path.exists(self.argv[0])
+
+
+def tools() -> list[Tool]:
+    tr = TRACER
+    return [
+        Tool("bpftrace count (kernel floor)", ["bpftrace", "-e",
+             "tracepoint:sock:inet_sock_set_state { @n = count(); }"], r"Attaching", None,
+             count="bpftrace"),
+        Tool("tcplife-trace", [tr], r"tracing TCP state changes", 10, ready_stream="stderr"),
+        Tool("tcplife-trace --lifecycles", [tr, "--lifecycles"], r"tracing TCP state changes", 2,
+             ready_stream="stderr"),
+        Tool("bcc tcpstates-bpfcc", ["tcpstates-bpfcc"], r"SKADDR", 10),
+        Tool("bcc tcplife-bpfcc", ["tcplife-bpfcc"], r"PID", 2),
+        Tool("libbpf-tools tcpstates", ["/usr/sbin/tcpstates"], r"SKADDR", 10),
+        Tool("libbpf-tools tcplife", ["/usr/sbin/tcplife"], r"PID", 2),
+    ]
+
+
+def wait_ready(path: str, pattern, proc, timeout=30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with open(path, errors="replace") as f:
+            if pattern.search(f.read()):
+                return True
+        time.sleep(0.02)
+    return False
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_tool(tool: Tool, conns: int, workers: int, tmp: str) -> dict:
+    out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+    report = os.path.join(tmp, "report.json")
+    argv = tool.argv + (["--report", report] if tool.argv[0] == TRACER else [])
+    with open(out, "w") as fo, open(err, "w") as fe:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=fo, stderr=fe, start_new_session=True)
+        if not wait_ready(out if tool.ready_stream == "stdout" else err, tool.ready, proc):
+            proc.kill()
+            proc.wait()
+            return {"tool": tool.name, "error": open(err).read().strip()[-200:] or "did not start"}
+        startup = time.monotonic() - t0
+        time.sleep(0.3)
+        port, rate, made = churn(conns, workers)
+        time.sleep(0.5)  # let the tracer catch up before it is asked to stop
+        rss = peak_rss_mb(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = open(out, errors="replace").read()
+    res = {"tool": tool.name, "rate": rate, "startup_s": startup, "rss_mb": rss}
+    if tool.count == "bpftrace":
+        m = re.search(r"@n: (\d+)", text)
+        res["captured"] = int(m.group(1)) / (10 * made) if m else None  # counts every TCP change
+    else:
+        p = str(port)
+        lines = sum(1 for ln in text.splitlines() if p in ln.split())
+        res["captured"] = lines / (tool.per_conn * made)
+    if os.path.exists(report):
+        import json
+        with open(report) as f:
+            r = json.load(f)
+        res["lost"] = r["events_lost"] + r["conn_map_full"]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conns", type=int, default=30000, help="connections per configuration")
+    ap.add_argument("--workers", type=int, default=2, help="client (and server) processes")
+    ap.add_argument("--only", help="comma list of tool name substrings to run")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root (sudo ./run.sh bench)", file=sys.stderr)
+        return 2
+    selected = [t for t in tools() if t.available()
+                and (not args.only or any(s in t.name for s in args.only.split(",")))]
+    missing = [t.name for t in tools() if not t.available()]
+    results = []
+    base = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _, rate, _ = churn(args.conns, args.workers)
+        base.append(rate)
+        for tool in selected:
+            print(f"bench: {tool.name} ...", file=sys.stderr, flush=True)
+            results.append(run_tool(tool, args.conns, args.workers, tmp))
+        _, rate, _ = churn(args.conns, args.workers)
+        base.append(rate)
+    untraced = statistics.mean(base)
+    print(f"\nchurn: {args.conns} connections x 10 state changes, {args.workers} client + "
+          f"{args.workers} server processes, loopback, {os.cpu_count()} CPUs, kernel {os.uname().release}")
+    print(f"untraced: {untraced:,.0f} conn/s (before {base[0]:,.0f}, after {base[1]:,.0f})\n")
+    print("%-32s %10s %10s %10s %10s %10s" % ("tracer", "conn/s", "rate kept", "captured", "startup s",
+                                              "peak RSS MB"))
+    for r in results:
+        if "error" in r:
+            print("%-32s failed: %s" % (r["tool"], r["error"]))
+            continue
+        cap = "-" if r["captured"] is None else "%.3f" % r["captured"]
+        print("%-32s %10.0f %10.2f %10s %10.2f %10s" % (
+            r["tool"], r["rate"], r["rate"] / untraced, cap, r["startup_s"],
+            "-" if r["rss_mb"] is None else "%.0f" % r["rss_mb"])
+            + (f"   (lost in kernel: {r['lost']})" if "lost" in r else ""))
+    if missing:
+        print("\nnot installed, not measured: " + ", ".join(missing))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

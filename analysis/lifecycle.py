@@ -35,8 +35,10 @@ _CLOSER = {(int(a), int(b)) for a, b in ((S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RE
                                          (S.CLOSE_WAIT, S.LAST_ACK), (S.LISTEN, S.CLOSE))}
 _TIME_WAIT_FROM = (int(S.FIN_WAIT2), int(S.CLOSING))
 _CLOSE = int(S.CLOSE)
+_KIND_STATE = int(EventKind.STATE)
 
 _F_BIRTH_UNSEEN = int(Flag.BIRTH_UNSEEN)
+_F_EOF = int(Flag.EOF)
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
 DEFAULT_MAX_OPEN = 262_144
 
@@ -160,8 +162,17 @@ class Tracker:
             handler(ev)
 
     def feed_all(self, events) -> None:
+        state, dispatch = self._state, self._dispatch
+        n = 0
         for ev in events:
-            self.feed(ev)
+            n += 1
+            if ev[13] == _KIND_STATE:  # ev.kind: the hot path
+                state(ev)
+            else:
+                handler = dispatch.get(ev[13])
+                if handler:
+                    handler(ev)
+        self.counters.events += n
 
     def advance(self, now_ns: int) -> None:
         """Finish closed connections whose trailing events are overdue."""
@@ -250,28 +261,35 @@ class Tracker:
 
     # -- event handlers ----------------------------------------------------
     def _state(self, ev: Ev) -> None:
-        old, new = ev.oldstate, ev.newstate
+        (ts, skaddr, gen, _tx, _rx, _netns, pid, _tid, _uid, _value, sport, dport, _af, _kind,
+         old, new, flags, _sa, _da, comm_raw) = ev
         role = _BIRTHS.get((old, new))
         if role:
             lc = self._new(ev, role, birth_seen=True)
         else:
-            lc = self._get(ev)
-            if ev.flags & _F_BIRTH_UNSEEN or lc.role == "unknown":
+            lc = self.live.get(gen or ("skaddr", skaddr))
+            if lc is None:
+                lc = self._new(ev, "unknown", birth_seen=False)
+            if flags & _F_BIRTH_UNSEEN or lc.role == "unknown":
                 lc.role = _guess_role(old, new, lc.role)
-        self._tuple_from(lc, ev)
+        if lc.family is None or sport != lc.lport or (dport and dport != lc.rport):
+            self._tuple_from(lc, ev)
         dur = None
         if lc.state is not None and lc.state != old:
             lc.incomplete.append(f"missed events between {S(lc.state).name} and {S(old).name}")
             self.counters.sequence_gaps += 1
         elif lc.state_enter_ns is not None:
-            dur = ev.ts_ns - lc.state_enter_ns
-            lc.state_ns[old] = lc.state_ns.get(old, 0) + dur
+            dur = ts - lc.state_enter_ns
+            state_ns = lc.state_ns
+            state_ns[old] = state_ns.get(old, 0) + dur
             if self.on_state_time:
                 self.on_state_time(old, dur)
-        if not lc.path:
-            lc.path.append(old)
-        lc.path.append(new)
-        lc.state, lc.state_enter_ns, lc.last_ns = new, ev.ts_ns, ev.ts_ns
+        path = lc.path
+        if not path:
+            path.append(old)
+        path.append(new)
+        lc.state = new
+        lc.state_enter_ns = lc.last_ns = ts
 
         if role == "active":
             lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "connect")
@@ -288,7 +306,7 @@ class Tracker:
 
         note = ""
         if new == _CLOSE:
-            lc.end_ns = ev.ts_ns
+            lc.end_ns = ts
             lc.closed = True
             if ev.flags & dec.F_BYTES:
                 lc.tx_b, lc.rx_b = ev.tx_b, ev.rx_b
@@ -299,7 +317,7 @@ class Tracker:
             self.pending.append(lc)
             self.pending_ports[(lc.lport, lc.rport)] = lc
         if self.on_transition and (not self._filtering or self.matches(lc)):
-            self.on_transition(Transition(lc, ev.ts_ns, old, new, dur, ev.pid, ev.comm_raw, note))
+            self.on_transition(Transition(lc, ts, old, new, dur, pid, comm_raw, note))
 
     def _destroy(self, ev: Ev) -> None:
         lc = self.live.get(self._key(ev))
@@ -339,6 +357,8 @@ class Tracker:
             lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "io")
         else:
             lc.pids.add(ev.pid)
+        if ev.flags & _F_EOF and lc.eof_ns is None:
+            lc.eof_ns = ev.ts_ns
         if lc.uid is None:
             lc.uid = dec.uid(ev)
         if lc.netns is None:

@@ -2,44 +2,66 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 from ..probes.tcp_states import state_name
 
-RESERVOIR = 100_000  # samples kept per state; exact percentiles below this many
+EXACT = 1_000_000    # samples kept exactly per state (8 MB each at most)
+RESERVOIR = 100_000  # beyond that, a uniform reservoir of this many
 
 
 class StateTimes:
-    """Time spent in each state; percentiles exact up to RESERVOIR samples, sampled beyond."""
+    """Time spent in each state; percentiles exact up to EXACT samples, sampled beyond."""
 
-    def __init__(self, reservoir: int = RESERVOIR, seed: int = 0):
+    def __init__(self, exact: int = EXACT, reservoir: int = RESERVOIR, seed: int = 0):
+        self.exact_cap = exact
         self.reservoir = reservoir
-        self.count: dict[int, int] = {}
-        self.max_ns: dict[int, int] = {}
-        self.samples: dict[int, list[int]] = {}
+        self._exact: dict[int, array] = {}
+        self._res: dict[int, list[int]] = {}
+        self._count: dict[int, int] = {}
+        self._max: dict[int, int] = {}
         self._rng = random.Random(seed)
 
     def add(self, state: int, dur_ns: int) -> None:
-        n = self.count.get(state, 0) + 1
-        self.count[state] = n
-        if dur_ns > self.max_ns.get(state, -1):
-            self.max_ns[state] = dur_ns
-        s = self.samples.setdefault(state, [])
-        if len(s) < self.reservoir:
-            s.append(dur_ns)
-        else:
-            j = self._rng.randrange(n)
-            if j < self.reservoir:
-                s[j] = dur_ns
+        a = self._exact.get(state)
+        if a is None:
+            a = self._exact[state] = array("q")
+        if len(a) < self.exact_cap:
+            a.append(dur_ns)
+            return
+        self._add_sampled(state, dur_ns)
+
+    def _add_sampled(self, state: int, dur_ns: int) -> None:
+        res = self._res.get(state)
+        if res is None:  # switch to a reservoir seeded with a uniform sample of the exact ones
+            a = self._exact[state]
+            res = self._res[state] = self._rng.sample(list(a), self.reservoir)
+            self._count[state] = len(a)
+            self._max[state] = max(a)
+        n = self._count[state] = self._count[state] + 1
+        if dur_ns > self._max[state]:
+            self._max[state] = dur_ns
+        j = self._rng.randrange(n)
+        if j < self.reservoir:
+            res[j] = dur_ns
+
+    def _stats(self, state: int) -> tuple[int, int, list[int]]:
+        if state in self._res:
+            return self._count[state], self._max[state], sorted(self._res[state])
+        s = sorted(self._exact[state])
+        return len(s), s[-1], s
 
     def table(self) -> list[dict]:
-        """One row per state: count, p50/p90/p99/max in milliseconds."""
+        """One row per state: count, p50/p90/p99/max in milliseconds, most frequent first."""
         rows = []
-        for state in sorted(self.count, key=lambda s: -self.count[s]):
-            s = sorted(self.samples[state])
+        for state in self._exact:
+            count, mx, s = self._stats(state)
+            if not count:
+                continue
 
             def pct(p: float) -> float:
                 return s[min(len(s) - 1, int(p * len(s)))] / 1e6
-            rows.append({"state": state_name(state), "count": self.count[state],
-                         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
-                         "max_ms": self.max_ns[state] / 1e6})
+            rows.append({"state": state_name(state), "count": count, "p50_ms": pct(0.50),
+                         "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": mx / 1e6})
+        rows.sort(key=lambda r: -r["count"])
         return rows

@@ -14,7 +14,7 @@
 #define TLT_EV_SEND_RESET 4 /* tcp:tcp_send_reset: value = reason, oldstate = state */
 #define TLT_EV_ERROR      5 /* sock:inet_sk_error_report: value = errno */
 #define TLT_EV_IO_OWNER   6 /* sock:sock_{recv,send}_length by a new task: value = ret */
-#define TLT_EV_EOF        7 /* first recv() that returned 0: the application saw the peer's FIN */
+#define TLT_EV_EOF        7 /* first recv() that returned 0, by the known owner (F_EOF set) */
 #define TLT_EV_FILTERED   8 /* a kernel filter dropped the rest of this connection */
 #define TLT_EV_NKINDS     9
 
@@ -25,6 +25,7 @@
 #define TLT_F_UID          0x08 /* uid is valid */
 #define TLT_F_BYTES        0x10 /* tx_b/rx_b are valid */
 #define TLT_F_RECV         0x20 /* IO_OWNER/EOF came from a receive */
+#define TLT_F_EOF          0x40 /* IO_OWNER/EOF: that receive returned 0, the peer's FIN was read */
 
 /* per-CPU statistics slots */
 #define TLT_STAT_EMITTED   0                    /* + kind */

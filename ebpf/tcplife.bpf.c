@@ -163,6 +163,8 @@ static __always_inline u8 verdict(u16 family, const u8 *daddr6, u16 sport, u16 d
 static __always_inline struct tlt_event *ev_new(u8 kind)
 {
 	struct tlt_event *e = events.ringbuf_reserve(sizeof(struct tlt_event));
+	if (!e) /* a failed reservation is not always a full buffer: the ring's lock can time out */
+		e = events.ringbuf_reserve(sizeof(struct tlt_event));
 	if (!e) {
 		stat_inc(TLT_STAT_DROPPED + kind);
 		return 0;
@@ -429,22 +431,18 @@ static __always_inline int io_seen(u64 skaddr, u16 family, u16 protocol, int ret
 		c = conn_get(skaddr, &unseen);
 	if (!c || c->keep == KEEP_NO)
 		return 0;
-	if (c->io_pid != tgid) {
-		c->io_pid = tgid;
-		struct tlt_event *e = ev_new(TLT_EV_IO_OWNER);
-		if (e) {
-			ev_conn(e, skaddr, c);
-			e->flags |= unseen | (recv ? TLT_F_RECV : 0);
-			e->value = ret;
-			ev_send(e);
-		}
-	}
-	if (recv && ret == 0 && !c->eof) {
+	u8 eof = recv && ret == 0 && !c->eof;
+	if (eof)
 		c->eof = 1;
-		struct tlt_event *e = ev_new(TLT_EV_EOF);
+	if (c->io_pid != tgid || eof) {
+		/* one event says both "new owner" and "EOF seen" when they happen together */
+		u8 kind = c->io_pid != tgid ? TLT_EV_IO_OWNER : TLT_EV_EOF;
+		c->io_pid = tgid;
+		struct tlt_event *e = ev_new(kind);
 		if (e) {
 			ev_conn(e, skaddr, c);
-			e->flags |= TLT_F_RECV;
+			e->flags |= unseen | (recv ? TLT_F_RECV : 0) | (eof ? TLT_F_EOF : 0);
+			e->value = ret;
 			ev_send(e);
 		}
 	}

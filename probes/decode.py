@@ -110,6 +110,10 @@ def decode(raw: bytes) -> Ev:
     return _make(_unpack(raw))
 
 
+def decode_batch(blob: bytes) -> list[Ev]:
+    """Concatenated events (each exactly EVENT_SIZE bytes) in one pass."""
+    return list(map(_make, _iter_unpack(blob)))
+
+
 def decode_many(chunks: list[bytes]) -> list[Ev]:
-    """A batch of events (each exactly EVENT_SIZE bytes) in one pass."""
-    return list(map(_make, _iter_unpack(b"".join(chunks))))
+    return decode_batch(b"".join(chunks))

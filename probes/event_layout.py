@@ -33,6 +33,7 @@ class Flag(enum.IntFlag):
     UID = 0x08
     BYTES = 0x10
     RECV = 0x20
+    EOF = 0x40
 
 
 # per-CPU statistics slots (TLT_STAT_*)

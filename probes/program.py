@@ -120,14 +120,10 @@ class LoadedProgram:
         table = self.bpf[b"stats"]
         return [sum(table[table.Key(i)]) for i in range(STAT_NSLOTS)]
 
-    def open_ring_buffer(self, callback) -> None:
-        self.bpf[b"events"].open_ring_buffer(callback)
-
-    def poll(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-
-    def consume(self) -> None:
-        self.bpf.ring_buffer_consume()
+    def ring_buffer(self) -> tuple[int, int]:
+        """(map fd, data size in bytes) of the events ring buffer."""
+        table = self.bpf[b"events"]
+        return table.map_fd, table.max_entries
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

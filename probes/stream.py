@@ -1,41 +1,34 @@
 """The ring buffer as a stream of decoded events, plus the kernel's own counters."""
 from __future__ import annotations
 
-import ctypes
-
-from .decode import Ev, decode_many
+from .decode import Ev, decode_batch
 from .event_layout import EVENT_SIZE, N_KINDS, STAT_DROPPED, STAT_EMITTED, STAT_MAP_FULL, EventKind
 from .program import LoadedProgram
-
-_string_at = ctypes.string_at
+from .ringbuf import RingBufferReader
 
 
 class EventStream:
     def __init__(self, program: LoadedProgram):
         self.program = program
-        self._chunks: list[bytes] = []
-        append = self._chunks.append
-
-        def on_event(_ctx, data, _size):
-            append(_string_at(data, EVENT_SIZE))
-            return 0  # anything else sends bcc through a slow exception path
-        self._on_event = on_event  # keep a reference: bcc holds only the ctypes wrapper
-        program.open_ring_buffer(on_event)
-
-    def _take(self) -> list[Ev]:
-        chunks = self._chunks[:]
-        del self._chunks[:]
-        return decode_many(chunks)
+        fd, size = program.ring_buffer()
+        self.reader = RingBufferReader(fd, size, EVENT_SIZE)
 
     def poll(self, timeout_ms: int) -> list[Ev]:
-        """Events that arrive within timeout_ms (all that are ready, at once)."""
-        self.program.poll(timeout_ms)
-        return self._take()
+        """The next batch of events, waiting up to timeout_ms if none is ready."""
+        self.reader.wait(timeout_ms)
+        return decode_batch(self.reader.read())
 
     def drain(self) -> list[Ev]:
         """Everything still in the buffer, without waiting."""
-        self.program.consume()
-        return self._take()
+        out: list[Ev] = []
+        while True:
+            batch = self.reader.read()
+            if not batch:
+                return out
+            out += decode_batch(batch)
+
+    def close(self) -> None:
+        self.reader.close()
 
     def kernel_counts(self) -> dict:
         """Events emitted and lost in the kernel, per kind, and connection-map overflows."""

@@ -76,13 +76,16 @@ def _out(line: str) -> None:
               show_default=True, help="Size of the kernel connection map.")
 @click.option("--ring-pages", type=click.IntRange(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
               show_default=True, help="Ring buffer size in pages (a power of two).")
+@click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=-5, show_default=True,
+              help="Scheduling priority of the consumer: above the traced workload so that, when the "
+                   "CPUs are saturated, the tracer keeps up instead of losing events.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
-        as_json, strict, max_conns, ring_pages, report_path, print_ebpf):
+        as_json, strict, max_conns, ring_pages, niceness, report_path, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
@@ -95,11 +98,19 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
         _out(src.text)
         _out("/* cflags: " + " ".join(src.cflags) + " */")
         return
-    ctx.exit(trace(settings, hms=hms, seconds=seconds, wide=wide, duration=duration,
+    ctx.exit(trace(settings, niceness=niceness, hms=hms, seconds=seconds, wide=wide, duration=duration,
                    lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path))
 
 
-def trace(settings: prog.Settings, *, hms: bool, seconds: bool, wide: bool, duration: float | None,
+def _set_priority(niceness: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except OSError as e:
+        click.echo(f"tcplife-trace: notice: cannot set nice {niceness} ({e.strerror}): the tracer "
+                   "competes with the workload as an equal and may lose events under saturation", err=True)
+
+
+def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: bool, wide: bool, duration: float | None,
           lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None) -> int:
     if report_path:
         try:
@@ -109,16 +120,30 @@ def trace(settings: prog.Settings, *, hms: bool, seconds: bool, wide: bool, dura
     stop = _Stop()
     view: TextView | None = None
     holder: dict = {}
+    pending: list[str] = []  # lines of one batch, written at once
+    add = pending.append
 
     def on_transition(t):
-        _out(dumps(transition_record(t, holder["s"].clock)) if as_json else view.transition(t))
+        add(dumps(transition_record(t, holder["s"].clock)) if as_json else view.transition(t))
 
     def on_close(lc):
-        _out(dumps(lifecycle_record(lc, holder["s"].clock)) if as_json else view.lifecycle(lc))
+        add(dumps(lifecycle_record(lc, holder["s"].clock)) if as_json else view.lifecycle(lc))
+
+    def flush():
+        if pending:
+            sys.stdout.write("\n".join(pending) + "\n")
+            pending.clear()
+        sys.stdout.flush()
+
+    def on_loss(new, total):
+        click.echo(f"tcplife-trace: warning: {new} events lost in the kernel (ring buffer full; "
+                   f"{total} so far): the consumer fell behind; a larger --ring-pages or a filter "
+                   "(-p/-L/-D) helps", err=True)
 
     session = LiveSession(settings, on_transition=None if lifecycles else on_transition,
-                          on_close=on_close if lifecycles else None)
+                          on_close=on_close if lifecycles else None, on_loss=on_loss)
     holder["s"] = session
+    _set_priority(niceness)
     view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
     for notice in session.notices:
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
@@ -137,13 +162,13 @@ def trace(settings: prog.Settings, *, hms: bool, seconds: bool, wide: bool, dura
                     break
                 timeout = max(1, min(timeout, int(left * 1000)))
             session.poll(timeout)
-            sys.stdout.flush()
+            flush()
         report = session.stop()
         if lifecycles:
             for lc in session.still_open:
-                _out(dumps(lifecycle_record(lc, session.clock, still_open=True)) if as_json
-                     else view.lifecycle(lc, still_open=True))
-        sys.stdout.flush()
+                add(dumps(lifecycle_record(lc, session.clock, still_open=True)) if as_json
+                    else view.lifecycle(lc, still_open=True))
+        flush()
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, still summarise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,6 +8,8 @@ Usable from a notebook or a test as well as from the CLI:
 """
 from __future__ import annotations
 
+import gc
+import os
 import time
 from collections import Counter
 from typing import Callable
@@ -23,6 +25,7 @@ class LiveSession:
     def __init__(self, settings: prog.Settings | None = None, *,
                  on_transition: Callable[[Transition], None] | None = None,
                  on_close: Callable[[Lifecycle], None] | None = None,
+                 on_loss: Callable[[int, int], None] | None = None,
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
         t0 = time.monotonic()
         self.settings = settings or prog.Settings()
@@ -33,12 +36,19 @@ class LiveSession:
         self.state_times = StateTimes()
         self.end_reasons: Counter[str] = Counter()
         self._user_on_close = on_close
+        self.on_loss = on_loss
+        self._lost_seen = 0
+        self._next_loss_check = 0
         self.tracker = Tracker(self.settings.filters, on_transition=on_transition,
                                on_close=self._closed, on_state_time=self.state_times.add,
                                max_open=max_open, hold_ns=hold_ns)
         self.clock = Clock(time.time_ns() - time.monotonic_ns(), time.monotonic_ns())
         self.report: dict | None = None
         self.still_open: list[Lifecycle] = []
+        # Millions of short-lived objects and no reference cycles among them: full
+        # collections would only scan the startup heap (bcc, click, pandas) over and over.
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 1000)
 
     def _closed(self, lc: Lifecycle) -> None:
         self.end_reasons[lc.end_reason] += 1
@@ -49,8 +59,21 @@ class LiveSession:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         events = self.stream.poll(timeout_ms)
         self.tracker.feed_all(events)
-        self.tracker.advance(time.monotonic_ns())
+        now = time.monotonic_ns()
+        self.tracker.advance(now)
+        if now >= self._next_loss_check:
+            self._check_losses(now)
         return len(events)
+
+    def _check_losses(self, now: int) -> None:
+        """Once a second: has the kernel lost events since the last look? Say so now, not at exit."""
+        self._next_loss_check = now + 1_000_000_000
+        counts = self.stream.kernel_counts()
+        lost = sum(counts["ringbuf_full"].values())
+        if lost > self._lost_seen:
+            if self.on_loss:
+                self.on_loss(lost - self._lost_seen, lost)
+            self._lost_seen = lost
 
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""
@@ -60,6 +83,7 @@ class LiveSession:
         self.tracker.feed_all(self.stream.drain())
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
+        self.stream.close()
         self.program.close()
         c = self.tracker.counters
         lost = sum(kernel["ringbuf_full"].values())
@@ -83,6 +107,7 @@ class LiveSession:
             "unmatched_errors": c.unmatched_errors,
             "resets_sent_no_socket": c.resets_no_socket,
             "filters": self.settings.filters.describe(),
+            "consumer_cpu_s": round(sum(os.times()[:2]), 3),
         }
         return self.report
 

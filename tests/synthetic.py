@@ -6,7 +6,7 @@ Each row: (ms, kind, gen, detail...) where detail depends on the kind:
   "RR" reset received (ms, "RR", gen)
   "RS" reset sent:    (ms, "RS", gen, reason, state)
   "E"  errno report:  (ms, "E", gen, errno[, sport, dport])   gen 0 = no socket pointer
-  "IO" first I/O:     (ms, "IO", gen, pid)
+  "IO" first I/O:     (ms, "IO", gen, pid[, "eof"])   "eof": that read returned 0
   "EOF" EOF seen:     (ms, "EOF", gen, pid)
   "F"  filtered:      (ms, "F", gen)
 """
@@ -50,6 +50,8 @@ def ev(ms, kind, gen, *rest, skaddr=None, netns=4026531833, unseen=False, laddr=
     elif k in (EventKind.IO_OWNER, EventKind.EOF):
         pid = rest[0]
     flags = Flag.NETNS | Flag.UID | (Flag.BIRTH_UNSEEN if unseen else 0)
+    if k == EventKind.EOF or (k == EventKind.IO_OWNER and len(rest) > 1 and rest[1] == "eof"):
+        flags |= Flag.EOF
     if skaddr is None:
         skaddr = 0xFFFF0000 + gen if gen else 0
     comm = f"p{pid}".encode().ljust(16, b"\0")

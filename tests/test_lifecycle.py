@@ -274,3 +274,16 @@ def test_kernel_filtered_marker_drops_connection():
         (1, "F", 1),
     ])
     assert closed == [] and still_open == [] and t.counters.filtered == 1
+
+
+def test_first_read_that_is_eof_gives_owner_and_eof_in_one_event():
+    closed, _, _, _ = run([
+        (0.0, "S", 2, "LISTEN", "SYN_RECV", CLIENT, 8080, 5555),
+        (0.1, "S", 2, "SYN_RECV", "ESTABLISHED", CLIENT, 8080, 5555),
+        (1.0, "S", 2, "ESTABLISHED", "CLOSE_WAIT", CLIENT, 8080, 5555),
+        (1.5, "IO", 2, WORKER, "eof"),
+        (2.0, "S", 2, "CLOSE_WAIT", "LAST_ACK", WORKER, 8080, 5555),
+        (2.1, "S", 2, "LAST_ACK", "CLOSE", CLIENT, 8080, 5555),
+    ])
+    lc = only(closed)
+    assert (lc.owner_pid, lc.owner_source, lc.eof_ns) == (WORKER, "io", 1_500_000)

@@ -423,10 +423,10 @@ def classify_end(lc: Lifecycle) -> tuple[str, str | None]:
         if rst_reason == "keepalive_timeout":
             return "timeout", "keepalive probes unanswered"
         return "timeout", f"retransmissions unanswered in {S(before).name}"
+    if lc.rst_sent:  # before ECONNRESET: an abort (tcp_disconnect) reports ECONNRESET to itself
+        return "local_abort", f"RST sent ({rst_reason}) in {S(before).name}"
     if lc.errno in (ECONNRESET, EPIPE):
         return "reset_by_peer", f"RST received in {S(before).name}"
-    if lc.rst_sent:
-        return "local_abort", f"RST sent ({rst_reason}) in {S(before).name}"
     if before == S.LAST_ACK:
         return "passive_close", None
     if before in _TIME_WAIT_FROM:

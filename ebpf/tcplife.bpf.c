@@ -47,8 +47,10 @@ struct conn {
 	u8 _pad[7];
 };
 
-/* The CLOSE most recently seen on this CPU: inet_sk_error_report carries no
- * socket pointer but runs right after the CLOSE, on the same CPU. */
+/* The CLOSEs most recently seen on this CPU: inet_sk_error_report carries no socket
+ * pointer but runs right after its CLOSE, on the same CPU, sometimes with another
+ * socket's CLOSE in between (an abort over loopback closes the peer first). */
+#define LAST_CLOSES 4
 struct last_close {
 	u64 skaddr;
 	u64 gen;
@@ -56,12 +58,16 @@ struct last_close {
 	u16 dport;
 	u8 keep;
 };
+struct last_closes {
+	struct last_close c[LAST_CLOSES];
+	u32 next;
+};
 
 BPF_RINGBUF_OUTPUT(events, TLT_RB_PAGES);
 BPF_HASH(conns, u64, struct conn, TLT_MAX_CONNS);
 BPF_ARRAY(generation, u64, 1);
 BPF_PERCPU_ARRAY(stats, u64, TLT_STAT_NSLOTS);
-BPF_PERCPU_ARRAY(last_close_cpu, struct last_close, 1);
+BPF_PERCPU_ARRAY(last_close_cpu, struct last_closes, 1);
 
 static __always_inline void stat_inc(int slot)
 {
@@ -261,13 +267,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 	if (newstate == TCP_CLOSE) {
 		int zero = 0;
-		struct last_close *lc = last_close_cpu.lookup(&zero);
-		if (lc) {
+		struct last_closes *lcs = last_close_cpu.lookup(&zero);
+		if (lcs) {
+			struct last_close *lc = &lcs->c[lcs->next & (LAST_CLOSES - 1)];
 			lc->skaddr = skaddr;
 			lc->gen = c ? c->gen : 0;
 			lc->sport = sport;
 			lc->dport = dport;
 			lc->keep = keep;
+			lcs->next++;
 		}
 	}
 	if (!keep)
@@ -388,13 +396,21 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 		return 0;
 	u64 skaddr = 0, gen = 0;
 	int zero = 0;
-	struct last_close *lc = last_close_cpu.lookup(&zero);
-	if (lc && lc->skaddr && lc->sport == args->sport &&
-	    (lc->dport == args->dport || args->dport == 0 || lc->dport == 0)) {
-		if (!lc->keep)
-			return 0;
-		skaddr = lc->skaddr;
-		gen = lc->gen;
+	struct last_closes *lcs = last_close_cpu.lookup(&zero);
+	if (lcs) {
+		/* newest first: the CLOSE this report belongs to */
+#pragma unroll
+		for (int i = 1; i <= LAST_CLOSES; i++) {
+			struct last_close *lc = &lcs->c[(lcs->next - i) & (LAST_CLOSES - 1)];
+			if (lc->skaddr && lc->sport == args->sport &&
+			    (lc->dport == args->dport || args->dport == 0 || lc->dport == 0)) {
+				if (!lc->keep)
+					return 0;
+				skaddr = lc->skaddr;
+				gen = lc->gen;
+				break;
+			}
+		}
 	}
 	struct tlt_event *e = ev_new(TLT_EV_ERROR);
 	if (!e)

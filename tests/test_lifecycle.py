@@ -164,6 +164,18 @@ def test_local_abort_reset_sent_after_close_within_hold():
     assert "tcp_state" in lc.end_detail
 
 
+def test_abort_reporting_econnreset_to_itself_is_still_local():
+    closed, _, _, _ = run([
+        (0, "S", 1, "CLOSE", "SYN_SENT", CLIENT, 0, 80),
+        (1, "S", 1, "SYN_SENT", "ESTABLISHED", CLIENT, 40000, 80),
+        (5, "S", 1, "ESTABLISHED", "CLOSE", CLIENT, 40000, 80),
+        (5.001, "RS", 1, 14, "CLOSE"),
+        (5.002, "E", 1, 104, 40000, 0),
+    ])
+    lc = only(closed)
+    assert (lc.end_reason, lc.errno) == ("local_abort", 104)
+
+
 def test_close_is_held_for_trailing_events_then_released_by_advance():
     closed = []
     t = Tracker(on_close=closed.append, hold_ns=50_000_000)

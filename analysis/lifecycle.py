@@ -11,7 +11,7 @@ from collections import deque
 from typing import Callable
 
 from ..probes import decode as dec
-from ..probes.decode import Ev
+from ..probes.decode import Ev, as_ev
 from ..probes.event_layout import EventKind, Flag
 from ..probes.filters import Filters
 from ..probes.tcp_states import TcpState as S
@@ -171,7 +171,7 @@ class Tracker:
             else:
                 handler = dispatch.get(ev[13])
                 if handler:
-                    handler(ev)
+                    handler(as_ev(ev))
         self.counters.events += n
 
     def advance(self, now_ns: int) -> None:
@@ -193,6 +193,7 @@ class Tracker:
         return ev.gen if ev.gen else ("skaddr", ev.skaddr)
 
     def _new(self, ev: Ev, role: str, birth_seen: bool) -> Lifecycle:
+        ev = as_ev(ev)
         if len(self.live) >= self.max_open:
             self._evict()
         lc = Lifecycle(self._key(ev), ev.skaddr, role, ev.ts_ns, birth_seen)
@@ -217,8 +218,9 @@ class Tracker:
         return lc
 
     def _tuple_from(self, lc: Lifecycle, ev: Ev) -> None:
+        ev = as_ev(ev)
         if lc.family is not None and ev.sport == lc.lport and (ev.dport == lc.rport or not ev.dport):
-            return  # the usual case: nothing new
+            return  # nothing new
         family = dec.endpoint_family(ev)
         if family is None:
             return
@@ -292,9 +294,9 @@ class Tracker:
         lc.state_enter_ns = lc.last_ns = ts
 
         if role == "active":
-            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "connect")
+            lc.set_owner(pid, dec.comm(comm_raw), "connect")
         elif role == "listener":
-            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "listen")
+            lc.set_owner(pid, dec.comm(comm_raw), "listen")
             self.listeners[(lc.netns, lc.lport)] = lc
         elif role == "passive":
             listener = self.listeners.get((lc.netns, lc.lport))
@@ -302,14 +304,14 @@ class Tracker:
                 lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
                 lc.set_owner(listener.owner_pid, listener.owner_comm, "listener")
         elif (old, new) in _CLOSER:
-            lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "close")
+            lc.set_owner(pid, dec.comm(comm_raw), "close")
 
         note = ""
         if new == _CLOSE:
             lc.end_ns = ts
             lc.closed = True
-            if ev.flags & dec.F_BYTES:
-                lc.tx_b, lc.rx_b = ev.tx_b, ev.rx_b
+            if flags & dec.F_BYTES:
+                lc.tx_b, lc.rx_b = ev[3], ev[4]
             if old in _TIME_WAIT_FROM and not lc.rst_received:
                 lc.time_wait = True
                 note = "TIME_WAIT"
@@ -387,7 +389,7 @@ class Tracker:
         lc.end_reason, lc.end_detail = classify_end(lc)
         if lc.end_reason != "active_close":
             lc.time_wait = False
-        if not self.matches(lc):
+        if self._filtering and not self.matches(lc):
             self.counters.filtered += 1
             return
         self.counters.closed += 1

@@ -96,7 +96,8 @@ class Tool:
         self.ready_stream, self.count = ready_stream, count
 
     def available(self) -> bool:
-        return shutil.which(self.argv[0]) is not None or os.path.exists(self.argv[0])
+        exe = self.argv[2] if self.argv[0] == "stdbuf" else self.argv[0]
+        return shutil.which(exe) is not None or os.path.exists(exe)
 
 
 def tools() -> list[Tool]:
@@ -108,10 +109,10 @@ def tools() -> list[Tool]:
         Tool("tcplife-trace", [tr], r"tracing TCP state changes", 10, ready_stream="stderr"),
         Tool("tcplife-trace --lifecycles", [tr, "--lifecycles"], r"tracing TCP state changes", 2,
              ready_stream="stderr"),
-        Tool("bcc tcpstates-bpfcc", ["tcpstates-bpfcc"], r"SKADDR", 10),
-        Tool("bcc tcplife-bpfcc", ["tcplife-bpfcc"], r"PID", 2),
-        Tool("libbpf-tools tcpstates", ["/usr/sbin/tcpstates"], r"SKADDR", 10),
-        Tool("libbpf-tools tcplife", ["/usr/sbin/tcplife"], r"PID", 2),
+        Tool("bcc tcpstates-bpfcc", ["stdbuf", "-oL", "tcpstates-bpfcc"], r"SKADDR", 10),
+        Tool("bcc tcplife-bpfcc", ["stdbuf", "-oL", "tcplife-bpfcc"], r"PID", 2),
+        Tool("libbpf-tools tcpstates", ["stdbuf", "-oL", "/usr/sbin/tcpstates"], r"SKADDR", 10),
+        Tool("libbpf-tools tcplife", ["stdbuf", "-oL", "/usr/sbin/tcplife"], r"PID", 2),
     ]
 
 
@@ -141,10 +142,13 @@ def peak_rss_mb(pid: int) -> float | None:
 def run_tool(tool: Tool, conns: int, workers: int, tmp: str) -> dict:
     out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
     report = os.path.join(tmp, "report.json")
+    if os.path.exists(report):
+        os.remove(report)
     argv = tool.argv + (["--report", report] if tool.argv[0] == TRACER else [])
     with open(out, "w") as fo, open(err, "w") as fe:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=fo, stderr=fe, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=fo, stderr=fe, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if not wait_ready(out if tool.ready_stream == "stdout" else err, tool.ready, proc):
             proc.kill()
             proc.wait()

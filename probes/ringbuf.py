@@ -37,6 +37,8 @@ class RingBufferReader:
         self._words = self.record_size // 4
         self.max_batch = max_batch
         self.discarded = 0
+        self.data_size = data_size
+        self.peak_fill = 0  # most bytes ever waiting when we looked
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
 
@@ -52,7 +54,10 @@ class RingBufferReader:
         """Up to max_batch committed samples, concatenated (each sample_size bytes)."""
         cons = _Q.unpack_from(self._cons, 0)[0]
         prod = _Q.unpack_from(self._prod, 0)[0]
-        avail = min(prod - cons, self.max_batch * self.record_size)
+        waiting = prod - cons
+        if waiting > self.peak_fill:
+            self.peak_fill = waiting
+        avail = min(waiting, self.max_batch * self.record_size)
         if avail <= 0:
             return b""
         start = self._data + (cons & self._mask)

@@ -39,6 +39,27 @@ if [ -n "$missing" ]; then
     done
 fi
 
+# Peer tools for bench/ (bcc's tcpstates/tcplife) need a kernel header tree; when the running
+# kernel has none packaged, give them Debian's closest headers (their byte columns are then
+# wrong, which is one of the things the benchmark shows). tcplife-trace itself never uses them.
+if [ "${1:-}" = "--with-peers" ] && [ ! -e "/lib/modules/$(uname -r)/source" ]; then
+    if apt-get install -y -q --no-install-recommends "linux-headers-$(uname -r)" >/dev/null 2>&1; then
+        say "installed linux-headers-$(uname -r) for the peer tools"
+    elif apt-get install -y -q --no-install-recommends linux-headers-amd64 >&2; then
+        hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | grep -v -- '-rt-\|-cloud-' | sort -V | tail -n 1)
+        if [ -n "$hdr" ]; then
+            mkdir -p "/lib/modules/$(uname -r)"
+            ln -sfn "$hdr" "/lib/modules/$(uname -r)/build"
+            # Debian splits the tree: arch-specific part (build) and common part (source)
+            common=$(echo "$hdr" | sed 's/-amd64$/-common/')
+            [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$(uname -r)/source"
+            say "peer tools: no headers for $(uname -r); linked $hdr (mismatched: bcc byte counts will be wrong)"
+        fi
+    else
+        say "no kernel headers for the bcc peer tools: they will be reported as not runnable"
+    fi
+fi
+
 # Kernel headers are NOT needed: the BPF program compiles against ebpf/stubs and
 # reads struct fields through offsets from /sys/kernel/btf/vmlinux.
 if [ ! -d /sys/kernel/tracing/events ] && [ ! -d /sys/kernel/debug/tracing/events ]; then

@@ -83,8 +83,6 @@ class LiveSession:
         self.tracker.feed_all(self.stream.drain())
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
-        self.stream.close()
-        self.program.close()
         c = self.tracker.counters
         lost = sum(kernel["ringbuf_full"].values())
         self.report = {
@@ -102,6 +100,8 @@ class LiveSession:
             "events_lost": lost,
             "events_lost_by_kind": {k: v for k, v in kernel["ringbuf_full"].items() if v},
             "conn_map_full": kernel["map_full"],
+            "ring_peak_fill": round(self.stream.reader.peak_fill / self.stream.reader.data_size, 4),
+            "ring_discarded": self.stream.reader.discarded,
             "evictions": c.evicted,
             "sequence_gaps": c.sequence_gaps,
             "unmatched_errors": c.unmatched_errors,
@@ -109,6 +109,8 @@ class LiveSession:
             "filters": self.settings.filters.describe(),
             "consumer_cpu_s": round(sum(os.times()[:2]), 3),
         }
+        self.stream.close()
+        self.program.close()
         return self.report
 
     def degraded(self) -> bool:

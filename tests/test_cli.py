@@ -172,3 +172,18 @@ for _ in range(2000):
     c.close(); a.close()
 ls.close()
 """
+
+
+@pytest.mark.privileged
+def test_runs_with_no_kernel_headers_anywhere():
+    """Hide every kernel header tree (a private mount namespace) and trace anyway."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.fail("unshare (util-linux) is needed for this test")
+    script = ("for d in /lib/modules /usr/src; do [ -d $d ] && mount -t tmpfs none $d; done; "
+              "ls -A /lib/modules /usr/src; exec \"$0\" --duration 1")
+    r = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", script, EXE],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "tracing TCP state changes (7 tracepoints" in r.stderr
+    assert "lost 0" in r.stderr

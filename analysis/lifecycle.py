@@ -264,7 +264,7 @@ class Tracker:
     # -- event handlers ----------------------------------------------------
     def _state(self, ev: Ev) -> None:
         (ts, skaddr, gen, _tx, _rx, _netns, pid, _tid, _uid, _value, sport, dport, _af, _kind,
-         old, new, flags, _sa, _da, comm_raw) = ev
+         old, new, flags, _sa, _da, comm_raw, _seq) = ev
         role = _BIRTHS.get((old, new))
         if role:
             lc = self._new(ev, role, birth_seen=True)

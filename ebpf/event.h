@@ -29,9 +29,10 @@
 
 /* per-CPU statistics slots */
 #define TLT_STAT_EMITTED   0                    /* + kind */
-#define TLT_STAT_DROPPED   TLT_EV_NKINDS        /* + kind: ring buffer full */
+#define TLT_STAT_DROPPED   TLT_EV_NKINDS        /* + kind: lost (ring and overflow both refused) */
 #define TLT_STAT_MAP_FULL  (2 * TLT_EV_NKINDS)  /* connection map full */
-#define TLT_STAT_NSLOTS    (2 * TLT_EV_NKINDS + 1)
+#define TLT_STAT_SPILLED   (2 * TLT_EV_NKINDS + 1) /* + kind: sent through the overflow perf buffer */
+#define TLT_STAT_NSLOTS    (3 * TLT_EV_NKINDS + 1)
 
 struct tlt_event {
 	__u64 ts_ns;     /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -54,7 +55,7 @@ struct tlt_event {
 	__u8 saddr[16];  /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
 	char comm[16];
-	__u8 _pad[2];
+	__u16 seq;       /* per-connection event counter: orders events that took the overflow path */
 };
 
 #endif

@@ -28,6 +28,7 @@ TLT_CHECK(ts_ns); TLT_CHECK(skaddr); TLT_CHECK(gen); TLT_CHECK(tx_b); TLT_CHECK(
 TLT_CHECK(netns); TLT_CHECK(pid); TLT_CHECK(tid); TLT_CHECK(uid); TLT_CHECK(value);
 TLT_CHECK(sport); TLT_CHECK(dport); TLT_CHECK(family); TLT_CHECK(kind); TLT_CHECK(oldstate);
 TLT_CHECK(newstate); TLT_CHECK(flags); TLT_CHECK(saddr); TLT_CHECK(daddr); TLT_CHECK(comm);
+TLT_CHECK(seq);
 
 /* keep decision for a connection under the kernel filters */
 #define KEEP_UNDECIDED 0
@@ -44,7 +45,9 @@ struct conn {
 	u8 eof;
 	u8 flags;    /* TLT_F_NETNS | TLT_F_UID */
 	u8 closed;   /* its CLOSE reached user space: the destroy that follows need not */
-	u8 _pad[7];
+	u8 _pad;
+	u16 seq;     /* events emitted for this connection */
+	u8 _pad2[4];
 };
 
 /* The CLOSEs most recently seen on this CPU: inet_sk_error_report carries no socket
@@ -64,6 +67,8 @@ struct last_closes {
 };
 
 BPF_RINGBUF_OUTPUT(events, TLT_RB_PAGES);
+BPF_PERF_OUTPUT(overflow);
+BPF_PERCPU_ARRAY(scratch, struct tlt_event, 1);
 BPF_HASH(conns, u64, struct conn, TLT_MAX_CONNS);
 BPF_ARRAY(generation, u64, 1);
 BPF_PERCPU_ARRAY(stats, u64, TLT_STAT_NSLOTS);
@@ -166,15 +171,16 @@ static __always_inline u8 verdict(u16 family, const u8 *daddr6, u16 sport, u16 d
 	return undecided ? KEEP_UNDECIDED : KEEP_YES;
 }
 
+/* Events are built in a per-CPU scratch slot, then copied into the ring buffer. A
+ * reservation can fail with the ring far from full (seen on 6.18 with producers on
+ * every CPU): then the event goes to a per-CPU perf buffer instead, and user space
+ * merges it back in timestamp order. Only if both fail is the event lost (counted). */
 static __always_inline struct tlt_event *ev_new(u8 kind)
 {
-	struct tlt_event *e = events.ringbuf_reserve(sizeof(struct tlt_event));
-	if (!e) /* a failed reservation is not always a full buffer: the ring's lock can time out */
-		e = events.ringbuf_reserve(sizeof(struct tlt_event));
-	if (!e) {
-		stat_inc(TLT_STAT_DROPPED + kind);
+	int zero = 0;
+	struct tlt_event *e = scratch.lookup(&zero);
+	if (!e)
 		return 0;
-	}
 	__builtin_memset(e, 0, sizeof(*e));
 	u64 id = bpf_get_current_pid_tgid();
 	e->ts_ns = bpf_ktime_get_ns();
@@ -185,10 +191,18 @@ static __always_inline struct tlt_event *ev_new(u8 kind)
 	return e;
 }
 
-static __always_inline void ev_send(struct tlt_event *e)
+static __always_inline void ev_send(void *ctx, struct tlt_event *e)
 {
-	stat_inc(TLT_STAT_EMITTED + e->kind);
-	events.ringbuf_submit(e, 0);
+	u8 kind = e->kind;
+	if (events.ringbuf_output(e, sizeof(*e), 0) == 0 ||
+	    events.ringbuf_output(e, sizeof(*e), 0) == 0) {
+		stat_inc(TLT_STAT_EMITTED + kind);
+	} else if (overflow.perf_submit(ctx, e, sizeof(*e)) == 0) {
+		stat_inc(TLT_STAT_EMITTED + kind);
+		stat_inc(TLT_STAT_SPILLED + kind);
+	} else {
+		stat_inc(TLT_STAT_DROPPED + kind);
+	}
 }
 
 static __always_inline void ev_conn(struct tlt_event *e, u64 skaddr, struct conn *c)
@@ -199,6 +213,7 @@ static __always_inline void ev_conn(struct tlt_event *e, u64 skaddr, struct conn
 		e->netns = c->netns;
 		e->uid = c->uid;
 		e->flags |= c->flags;
+		e->seq = c->seq++;
 		c->emitted = 1;
 	} else {
 		e->flags |= TLT_F_NO_ENTRY;
@@ -215,24 +230,24 @@ static __always_inline struct conn *conn_get(u64 skaddr, u8 *unseen)
 	return conn_start(skaddr, KEEP_UNDECIDED);
 }
 
-static __always_inline void emit_filtered(u64 skaddr, struct conn *c)
+static __always_inline void emit_filtered(void *ctx, u64 skaddr, struct conn *c)
 {
 	struct tlt_event *e = ev_new(TLT_EV_FILTERED);
 	if (!e)
 		return;
 	ev_conn(e, skaddr, c);
-	ev_send(e);
+	ev_send(ctx, e);
 }
 
 /* Apply a fresh verdict to a connection; returns nonzero if its events should go out. */
-static __always_inline int conn_keep(u64 skaddr, struct conn *c, u8 v)
+static __always_inline int conn_keep(void *ctx, u64 skaddr, struct conn *c, u8 v)
 {
 	if (!c)
 		return v != KEEP_NO;
 	if (c->keep == KEEP_UNDECIDED && v != KEEP_UNDECIDED) {
 		c->keep = v;
 		if (v == KEEP_NO && c->emitted)
-			emit_filtered(skaddr, c);
+			emit_filtered(ctx, skaddr, c);
 	}
 	return c->keep != KEEP_NO;
 }
@@ -261,7 +276,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		c = conn_start(skaddr, KEEP_UNDECIDED);
 	else
 		c = conn_get(skaddr, &unseen);
-	int keep = conn_keep(skaddr, c, v);
+	int keep = conn_keep(args, skaddr, c, v);
 	if (c && active_birth)
 		c->io_pid = tgid; /* the owner's own reads and writes say nothing new */
 
@@ -304,7 +319,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	    bpf_probe_read_kernel(&e->rx_b, 8, (void *)skaddr + OFF_TP_BYTES_RECEIVED) == 0)
 		e->flags |= TLT_F_BYTES;
 #endif
-	ev_send(e);
+	ev_send(args, e);
 	if (c && newstate == TCP_CLOSE)
 		c->closed = 1;
 	return 0;
@@ -321,7 +336,7 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 		struct tlt_event *e = ev_new(TLT_EV_DESTROY);
 		if (e) {
 			ev_conn(e, skaddr, c);
-			ev_send(e);
+			ev_send(args, e);
 		}
 	}
 	conns.delete(&skaddr);
@@ -345,7 +360,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	e->sport = args->sport;
 	e->dport = args->dport;
 	e->family = args->family;
-	ev_send(e);
+	ev_send(args, e);
 	return 0;
 }
 #endif
@@ -384,7 +399,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 		__builtin_memcpy(e->saddr, &args->saddr[8], 16);
 		__builtin_memcpy(e->daddr, &args->daddr[8], 16);
 	}
-	ev_send(e);
+	ev_send(args, e);
 	return 0;
 }
 #endif
@@ -428,13 +443,13 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 		__builtin_memcpy(e->saddr, args->saddr_v6, 16);
 		__builtin_memcpy(e->daddr, args->daddr_v6, 16);
 	}
-	ev_send(e);
+	ev_send(args, e);
 	return 0;
 }
 #endif
 
 /* Owner attribution for accepted sockets: the first task that reads or writes. */
-static __always_inline int io_seen(u64 skaddr, u16 family, u16 protocol, int ret, u8 recv)
+static __always_inline int io_seen(void *ctx, u64 skaddr, u16 family, u16 protocol, int ret, u8 recv)
 {
 	if (protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6))
 		return 0;
@@ -459,7 +474,7 @@ static __always_inline int io_seen(u64 skaddr, u16 family, u16 protocol, int ret
 			ev_conn(e, skaddr, c);
 			e->flags |= unseen | (recv ? TLT_F_RECV : 0) | (eof ? TLT_F_EOF : 0);
 			e->value = ret;
-			ev_send(e);
+			ev_send(ctx, e);
 		}
 	}
 	return 0;
@@ -468,13 +483,13 @@ static __always_inline int io_seen(u64 skaddr, u16 family, u16 protocol, int ret
 #ifdef TLT_HAVE_SOCK_RECV_LENGTH
 TRACEPOINT_PROBE(sock, sock_recv_length)
 {
-	return io_seen((u64)args->sk, args->family, args->protocol, args->ret, 1);
+	return io_seen(args, (u64)args->sk, args->family, args->protocol, args->ret, 1);
 }
 #endif
 
 #ifdef TLT_HAVE_SOCK_SEND_LENGTH
 TRACEPOINT_PROBE(sock, sock_send_length)
 {
-	return io_seen((u64)args->sk, args->family, args->protocol, args->ret, 0);
+	return io_seen(args, (u64)args->sk, args->family, args->protocol, args->ret, 0);
 }
 #endif

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from .event_layout import EVENT_SIZE, Event, Flag
 
-_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16s2x")
+_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH")
 assert _FMT.size == EVENT_SIZE and Event.comm.offset == EVENT_SIZE - 18
 
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
@@ -43,6 +43,7 @@ class Ev(NamedTuple):
     saddr_raw: bytes    # local address (IPv4 in the first 4 bytes)
     daddr_raw: bytes
     comm_raw: bytes
+    seq: int            # per-connection event counter (wraps at 65536)
 
 
 _addr_cache: dict[tuple[int, bytes], str] = {}

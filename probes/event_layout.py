@@ -40,7 +40,8 @@ class Flag(enum.IntFlag):
 STAT_EMITTED = 0
 STAT_DROPPED = N_KINDS
 STAT_MAP_FULL = 2 * N_KINDS
-STAT_NSLOTS = 2 * N_KINDS + 1
+STAT_SPILLED = 2 * N_KINDS + 1
+STAT_NSLOTS = 3 * N_KINDS + 1
 
 
 class Event(ctypes.Structure):
@@ -65,7 +66,7 @@ class Event(ctypes.Structure):
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
-        ("_pad", ctypes.c_uint8 * 2),
+        ("seq", ctypes.c_uint16),
     ]
 
 

@@ -120,6 +120,12 @@ class LoadedProgram:
         table = self.bpf[b"stats"]
         return [sum(table[table.Key(i)]) for i in range(STAT_NSLOTS)]
 
+    def open_overflow(self, callback, lost_callback, pages: int) -> None:
+        self.bpf[b"overflow"].open_perf_buffer(callback, page_cnt=pages, lost_cb=lost_callback)
+
+    def poll_overflow(self) -> None:
+        self.bpf.perf_buffer_poll(timeout=0)
+
     def ring_buffer(self) -> tuple[int, int]:
         """(map fd, data size in bytes) of the events ring buffer."""
         table = self.bpf[b"events"]

@@ -1,39 +1,154 @@
-"""The ring buffer as a stream of decoded events, plus the kernel's own counters."""
+"""The kernel's events as one ordered stream, plus the kernel's own counters.
+
+Most events come through the ring buffer, in global order. The few the ring
+refused arrive through the per-CPU overflow perf buffer, late; so the newest
+HOLDBACK_NS of ring events are held back and any overflow events are merged
+into them by timestamp before anything reaches the state machine.
+"""
 from __future__ import annotations
 
-from .decode import Ev, decode_batch
-from .event_layout import EVENT_SIZE, N_KINDS, STAT_DROPPED, STAT_EMITTED, STAT_MAP_FULL, EventKind
+import bisect
+import ctypes
+import time
+
+from .decode import Ev, decode_batch, decode_many
+from .event_layout import (EVENT_SIZE, N_KINDS, STAT_DROPPED, STAT_EMITTED, STAT_MAP_FULL,
+                           STAT_SPILLED, EventKind)
 from .program import LoadedProgram
 from .ringbuf import RingBufferReader
 
+HOLDBACK_NS = 20_000_000  # event time a spilled event may lag the ring events around it
+OVERFLOW_PAGES = 64
+
+
+def _ts(ev) -> int:
+    return ev[0]
+
+
+class OrderedMerge:
+    """Ring events in ring order, with late overflow events put back where they belong.
+
+    A spilled event waits until the ring has been read past its time (so the events of
+    its connection before it have arrived), then goes just before the first held event
+    of the same connection with a higher sequence number. The newest holdback_ns of
+    ring events are held back so a spilled event can still find its place.
+    """
+
+    def __init__(self, holdback_ns: int = HOLDBACK_NS):
+        self.holdback_ns = holdback_ns
+        self.held: list = []
+        self.waiting: list = []
+        self.released_ts = 0
+        self.late = 0  # spilled events whose connection had already moved on
+
+    def add_ring(self, batch: list) -> None:
+        self.held += batch
+
+    def add_spilled(self, events: list) -> None:
+        self.waiting += events
+
+    def progress(self) -> int:
+        """Time up to which the ring has been read (its last event held, or released)."""
+        return self.held[-1][0] if self.held else self.released_ts
+
+    def release(self, progress: int, final: bool = False) -> list:
+        held = self.held
+        if self.waiting:
+            ready = [ev for ev in self.waiting if final or ev[0] <= progress]
+            if ready:
+                self.waiting = [ev for ev in self.waiting if not (final or ev[0] <= progress)]
+                for ev in ready:
+                    self._place(held, ev)
+        if final:
+            out, self.held = held, []
+        else:
+            cut = bisect.bisect_left(held, progress - self.holdback_ns, key=_ts)
+            if cut == 0:
+                return []
+            out, self.held = held[:cut], held[cut:]
+        if out:
+            self.released_ts = max(self.released_ts, max(map(_ts, out[-64:])))
+        return out
+
+    def _place(self, held: list, ev) -> None:
+        gen, seq = ev[2], ev[20]
+        if gen:
+            for i, other in enumerate(held):
+                # seq wraps at 2**16: "later" is a forward distance below half the range
+                if other[2] == gen and 0 < (other[20] - seq) % 65536 < 32768:
+                    held.insert(i, ev)
+                    return
+        if ev[0] < self.released_ts:
+            self.late += 1
+        held.append(ev)
+
 
 class EventStream:
-    def __init__(self, program: LoadedProgram):
+    def __init__(self, program: LoadedProgram, holdback_ns: int = HOLDBACK_NS):
         self.program = program
         fd, size = program.ring_buffer()
         self.reader = RingBufferReader(fd, size, EVENT_SIZE)
+        self.merge = OrderedMerge(holdback_ns)
+        self.overflow_lost = 0         # records the overflow perf buffer itself dropped
+        self._overflow_lost: list[int] = []
+        self._spilled: list[bytes] = []
+        spilled = self._spilled
 
-    def poll(self, timeout_ms: int) -> list[Ev]:
-        """The next batch of events, waiting up to timeout_ms if none is ready."""
+        def on_overflow(_cpu, data, _size):
+            spilled.append(ctypes.string_at(data, EVENT_SIZE))
+            return 0
+
+        def on_overflow_lost(count):
+            self._overflow_lost.append(count)
+        self._callbacks = (on_overflow, on_overflow_lost)  # keep the ctypes callbacks alive
+        program.open_overflow(on_overflow, on_overflow_lost, OVERFLOW_PAGES)
+
+    @property
+    def late_overflow(self) -> int:
+        return self.merge.late
+
+    def _release(self, final: bool) -> list:
+        self.program.poll_overflow()
+        if self._overflow_lost:
+            self.overflow_lost += sum(self._overflow_lost)
+            self._overflow_lost.clear()
+        if self._spilled:
+            self.merge.add_spilled(decode_many(self._spilled))
+            self._spilled.clear()
+        progress = self.merge.progress()
+        if final or not self.reader.pending():
+            progress = max(progress, time.monotonic_ns())
+        return self.merge.release(progress, final)
+
+    def poll(self, timeout_ms: int) -> list:
+        """The next events in order (as `Ev`-ordered tuples), waiting up to timeout_ms."""
         self.reader.wait(timeout_ms)
-        return decode_batch(self.reader.read())
+        batch = decode_batch(self.reader.read())
+        if batch:
+            self.merge.add_ring(batch)
+        return self._release(final=False)
 
-    def drain(self) -> list[Ev]:
-        """Everything still in the buffer, without waiting."""
-        out: list[Ev] = []
+    def drain(self) -> list:
+        """Everything still buffered, without waiting."""
         while True:
             batch = self.reader.read()
             if not batch:
-                return out
-            out += decode_batch(batch)
+                break
+            self.merge.add_ring(decode_batch(batch))
+        return self._release(final=True)
 
     def close(self) -> None:
         self.reader.close()
 
     def kernel_counts(self) -> dict:
-        """Events emitted and lost in the kernel, per kind, and connection-map overflows."""
+        """Events emitted, spilled to the overflow buffer and lost, per kind; map overflows."""
         raw = self.program.stats()
         names = {k.value: k.name.lower() for k in EventKind}
-        emitted = {names[k]: raw[STAT_EMITTED + k] for k in names if k < N_KINDS}
-        dropped = {names[k]: raw[STAT_DROPPED + k] for k in names if k < N_KINDS}
-        return {"emitted": emitted, "ringbuf_full": dropped, "map_full": raw[STAT_MAP_FULL]}
+
+        def per_kind(base: int) -> dict:
+            return {names[k]: raw[base + k] for k in names if k < N_KINDS}
+        return {"emitted": per_kind(STAT_EMITTED), "lost": per_kind(STAT_DROPPED),
+                "spilled": per_kind(STAT_SPILLED), "map_full": raw[STAT_MAP_FULL]}
+
+
+__all__ = ["EventStream", "Ev"]

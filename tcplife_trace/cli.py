@@ -136,9 +136,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         sys.stdout.flush()
 
     def on_loss(new, total):
-        click.echo(f"tcplife-trace: warning: {new} events lost in the kernel (ring buffer full; "
-                   f"{total} so far): the consumer fell behind; a larger --ring-pages or a filter "
-                   "(-p/-L/-D) helps", err=True)
+        click.echo(f"tcplife-trace: warning: {new} events lost in the kernel ({total} so far): "
+                   "the consumer fell behind; a larger --ring-pages or a filter (-p/-L/-D) helps",
+                   err=True)
 
     session = LiveSession(settings, on_transition=None if lifecycles else on_transition,
                           on_close=on_close if lifecycles else None, on_loss=on_loss)

@@ -69,7 +69,7 @@ class LiveSession:
         """Once a second: has the kernel lost events since the last look? Say so now, not at exit."""
         self._next_loss_check = now + 1_000_000_000
         counts = self.stream.kernel_counts()
-        lost = sum(counts["ringbuf_full"].values())
+        lost = sum(counts["lost"].values()) + self.stream.overflow_lost
         if lost > self._lost_seen:
             if self.on_loss:
                 self.on_loss(lost - self._lost_seen, lost)
@@ -84,7 +84,7 @@ class LiveSession:
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
         c = self.tracker.counters
-        lost = sum(kernel["ringbuf_full"].values())
+        lost = sum(kernel["lost"].values()) + self.stream.overflow_lost
         self.report = {
             "duration_s": round(duration_s, 3),
             "startup_s": round(self.startup_s, 3),
@@ -98,7 +98,10 @@ class LiveSession:
             "events_emitted_by_kernel": sum(kernel["emitted"].values()),
             "events_emitted_by_kind": {k: v for k, v in kernel["emitted"].items() if v},
             "events_lost": lost,
-            "events_lost_by_kind": {k: v for k, v in kernel["ringbuf_full"].items() if v},
+            "events_lost_by_kind": {k: v for k, v in kernel["lost"].items() if v},
+            "events_via_overflow": sum(kernel["spilled"].values()),
+            "overflow_out_of_order": self.stream.late_overflow,
+            "overflow_buffer_lost": self.stream.overflow_lost,
             "conn_map_full": kernel["map_full"],
             "ring_peak_fill": round(self.stream.reader.peak_fill / self.stream.reader.data_size, 4),
             "ring_discarded": self.stream.reader.discarded,

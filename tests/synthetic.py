@@ -56,7 +56,7 @@ def ev(ms, kind, gen, *rest, skaddr=None, netns=4026531833, unseen=False, laddr=
         skaddr = 0xFFFF0000 + gen if gen else 0
     comm = f"p{pid}".encode().ljust(16, b"\0")
     return Ev(int(ms * 1e6), skaddr, gen, 0, 0, netns, pid, pid, 0, value, sport, dport, af, int(k),
-              int(old), int(new), int(flags), sa, da, comm)
+              int(old), int(new), int(flags), sa, da, comm, 0)
 
 
 def stream(rows) -> list[Ev]:

@@ -9,7 +9,7 @@ import pytest
 
 from tcplife_trace import ebpf
 from tcplife_trace.probes import decode as dec
-from tcplife_trace.probes.event_layout import (EVENT_SIZE, FIELD_NAMES, N_KINDS, STAT_NSLOTS, Event,
+from tcplife_trace.probes.event_layout import (EVENT_SIZE, FIELD_NAMES, N_KINDS, STAT_NSLOTS, STAT_SPILLED, Event,
                                                EventKind, Flag, field_offsets)
 
 C_PROGRAM = r"""
@@ -22,7 +22,7 @@ typedef int __s32; typedef unsigned long long __u64;
 int main(void) {
     printf("SIZE %zu\n", sizeof(struct tlt_event));
     %FIELDS%
-    printf("NKINDS %d\nNSLOTS %d\n", TLT_EV_NKINDS, TLT_STAT_NSLOTS);
+    printf("NKINDS %d\nNSLOTS %d\nSPILLED %d\n", TLT_EV_NKINDS, TLT_STAT_NSLOTS, TLT_STAT_SPILLED);
     return 0;
 }
 """
@@ -45,6 +45,7 @@ def test_c_and_python_layouts_match(tmp_path):
     assert c.pop("SIZE") == EVENT_SIZE
     assert c.pop("NKINDS") == N_KINDS
     assert c.pop("NSLOTS") == STAT_NSLOTS
+    assert c.pop("SPILLED") == STAT_SPILLED
     assert c == field_offsets()
 
 
@@ -70,7 +71,7 @@ def test_decoder_agrees_with_ctypes():
         e = Event.from_buffer_copy(raw)
         d = dec.decode(raw)
         for name in ("ts_ns", "skaddr", "gen", "pid", "tid", "value", "sport", "dport", "kind",
-                     "oldstate", "newstate", "flags", "tx_b", "rx_b"):
+                     "oldstate", "newstate", "flags", "tx_b", "rx_b", "seq"):
             assert getattr(d, name) == getattr(e, name), name
         assert (d.af, d.netns_raw, d.uid_raw) == (e.family, e.netns, e.uid)
         assert d.saddr_raw == bytes(e.saddr) and d.daddr_raw == bytes(e.daddr)

@@ -137,7 +137,7 @@ def test_exit_report_counts_everything(traced):
     assert c.closed >= 3 and c.events > 10
     counts = traced.session.stream.kernel_counts()
     assert counts["emitted"]["state"] >= 12
-    assert sum(counts["ringbuf_full"].values()) == 0 and counts["map_full"] == 0
+    assert sum(counts["lost"].values()) == 0 and counts["map_full"] == 0
 
 
 @pytest.mark.parametrize("flt,expect_roles", [

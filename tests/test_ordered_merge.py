@@ -1,0 +1,46 @@
+"""Events that took the overflow path are put back in their connection's order."""
+from tcplife_trace.probes.stream import OrderedMerge
+
+from synthetic import ev
+
+
+def rec(ms, gen, seq, old="ESTABLISHED", new="FIN_WAIT1"):
+    return ev(ms, "S", gen, old, new, 1, 1000, 80)._replace(seq=seq)
+
+
+def ids(events):
+    return [(e[2], e[20]) for e in events]
+
+
+def test_spilled_event_waits_for_the_ring_and_goes_before_its_successor():
+    m = OrderedMerge(holdback_ns=0)
+    m.add_spilled([rec(5, 1, 1)])            # arrives before the ring has got that far
+    m.add_ring([rec(1, 1, 0), rec(2, 2, 0)])
+    assert ids(m.release(progress=3_000_000)) == [(1, 0), (2, 0)]   # the spill waits: ring at 3 ms
+    m.add_ring([rec(6, 1, 2), rec(7, 2, 1)])
+    assert ids(m.release(progress=8_000_000)) == [(1, 1), (1, 2), (2, 1)]
+    assert m.late == 0
+
+
+def test_holdback_keeps_recent_ring_events_for_a_late_spill():
+    m = OrderedMerge(holdback_ns=3_000_000)
+    m.add_ring([rec(1, 1, 0), rec(9, 1, 2)])
+    assert ids(m.release(progress=9_000_000)) == [(1, 0)]
+    m.add_spilled([rec(8, 1, 1)])
+    assert ids(m.release(progress=9_000_000, final=True)) == [(1, 1), (1, 2)]
+
+
+def test_seq_wraps_around():
+    m = OrderedMerge(holdback_ns=0)
+    m.add_ring([rec(1, 1, 65534), rec(3, 1, 0)])
+    m.add_spilled([rec(2, 1, 65535)])
+    assert ids(m.release(progress=3_000_000, final=True)) == [(1, 65534), (1, 65535), (1, 0)]
+
+
+def test_spill_after_its_connection_moved_on_is_counted():
+    m = OrderedMerge(holdback_ns=0)
+    m.add_ring([rec(1, 1, 0), rec(3, 1, 2)])
+    m.release(progress=3_000_000, final=True)
+    m.add_spilled([rec(2, 1, 1)])
+    assert ids(m.release(progress=4_000_000)) == [(1, 1)]
+    assert m.late == 1

@@ -90,6 +90,28 @@ def churn(conns: int, workers: int) -> tuple[int, float, int]:
     return port, per * workers / elapsed, per * workers
 
 
+_netns_counter = [0]
+
+
+def churn_in_netns(conns: int, workers: int) -> tuple[int, float, int]:
+    """churn() in a network namespace of its own, deleted after: every run starts with an
+    empty TIME_WAIT table (past tcp_max_tw_buckets the kernel skips TIME_WAIT and later
+    runs would get faster, which would skew every ratio)."""
+    _netns_counter[0] += 1
+    name = f"tltbench{os.getpid()}_{_netns_counter[0]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", name, "sh", "-c",
+             f'ip link set lo up && exec "{sys.executable}" "{os.path.abspath(__file__)}" '
+             f"--load {conns} --workers {workers}"],
+            check=True, capture_output=True, text=True, timeout=STEP_TIMEOUT + 30).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+    port, rate, made = out.split()
+    return int(port), float(rate), int(made)
+
+
 class Tool:
     def __init__(self, name, argv, ready, per_conn, ready_stream="stdout", count="lines"):
         self.name, self.argv, self.ready, self.per_conn = name, argv, re.compile(ready), per_conn
@@ -155,7 +177,7 @@ def run_tool(tool: Tool, conns: int, workers: int, tmp: str) -> dict:
             return {"tool": tool.name, "error": open(err).read().strip()[-200:] or "did not start"}
         startup = time.monotonic() - t0
         time.sleep(0.3)
-        port, rate, made = churn(conns, workers)
+        port, rate, made = churn_in_netns(conns, workers)
         time.sleep(0.5)  # let the tracer catch up before it is asked to stop
         rss = peak_rss_mb(proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -186,7 +208,11 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=30000, help="connections per configuration")
     ap.add_argument("--workers", type=int, default=2, help="client (and server) processes")
     ap.add_argument("--only", help="comma list of tool name substrings to run")
+    ap.add_argument("--load", type=int, help=argparse.SUPPRESS)  # internal: run one churn here
     args = ap.parse_args()
+    if args.load:
+        print(*churn(args.load, args.workers))
+        return 0
     if os.geteuid() != 0:
         print("bench: run as root (sudo ./run.sh bench)", file=sys.stderr)
         return 2
@@ -196,16 +222,17 @@ def main() -> int:
     results = []
     base = []
     with tempfile.TemporaryDirectory() as tmp:
-        _, rate, _ = churn(args.conns, args.workers)
+        _, rate, _ = churn_in_netns(args.conns, args.workers)
         base.append(rate)
         for tool in selected:
             print(f"bench: {tool.name} ...", file=sys.stderr, flush=True)
             results.append(run_tool(tool, args.conns, args.workers, tmp))
-        _, rate, _ = churn(args.conns, args.workers)
+        _, rate, _ = churn_in_netns(args.conns, args.workers)
         base.append(rate)
     untraced = statistics.mean(base)
     print(f"\nchurn: {args.conns} connections x 10 state changes, {args.workers} client + "
-          f"{args.workers} server processes, loopback, {os.cpu_count()} CPUs, kernel {os.uname().release}")
+          f"{args.workers} server processes, loopback of a fresh netns per run, {os.cpu_count()} CPUs, "
+          f"kernel {os.uname().release}")
     print(f"untraced: {untraced:,.0f} conn/s (before {base[0]:,.0f}, after {base[1]:,.0f})\n")
     print("%-32s %10s %10s %10s %10s %10s" % ("tracer", "conn/s", "rate kept", "captured", "startup s",
                                               "peak RSS MB"))

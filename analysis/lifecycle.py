@@ -238,17 +238,10 @@ class Tracker:
         if raddr not in ("0.0.0.0", "::") or lc.raddr is None:
             lc.raddr = raddr
 
-    def could_match(self, lc: Lifecycle) -> bool:
-        """Whether to show a transition now: the filters on what is known so far.
-
-        A connection whose port or owner is not known yet is not shown: under -p a
-        pre-forked worker's accepted socket appears from its first read or write.
-        """
-        if not self.filters.active():
-            return True
-        return self.matches(lc)
-
     def matches(self, lc: Lifecycle) -> bool:
+        """The filters' verdict on what is known so far. A connection whose port or owner is
+        not known yet does not match: under -p a pre-forked worker's accepted socket
+        appears from its first read or write."""
         pids = set(lc.pids)
         if lc.listener_pid is not None:
             pids.add(lc.listener_pid)

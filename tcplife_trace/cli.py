@@ -79,13 +79,16 @@ def _out(line: str) -> None:
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=-5, show_default=True,
               help="Scheduling priority of the consumer: above the traced workload so that, when the "
                    "CPUs are saturated, the tracer keeps up instead of losing events.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write every event to FILE (Arrow stream, mode 0600, flushed every second) "
+                   "for offline analysis with tcplife_trace.load(FILE).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
-        as_json, strict, max_conns, ring_pages, niceness, report_path, print_ebpf):
+        as_json, strict, max_conns, ring_pages, niceness, record_path, report_path, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
@@ -99,7 +102,8 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
         _out("/* cflags: " + " ".join(src.cflags) + " */")
         return
     ctx.exit(trace(settings, niceness=niceness, hms=hms, seconds=seconds, wide=wide, duration=duration,
-                   lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path))
+                   lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path,
+                   record_path=record_path))
 
 
 def _set_priority(niceness: int) -> None:
@@ -111,7 +115,8 @@ def _set_priority(niceness: int) -> None:
 
 
 def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: bool, wide: bool, duration: float | None,
-          lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None) -> int:
+          lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None,
+          record_path: str | None = None) -> int:
     if report_path:
         try:
             open(report_path, "a").close()  # fail now, not after the incident was traced
@@ -140,8 +145,24 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                    "the consumer fell behind; a larger --ring-pages or a filter (-p/-L/-D) helps",
                    err=True)
 
-    session = LiveSession(settings, on_transition=None if lifecycles else on_transition,
-                          on_close=on_close if lifecycles else None, on_loss=on_loss)
+    wall_offset = time.time_ns() - time.monotonic_ns()
+    recorder = None
+    if record_path:
+        from . import recording  # pyarrow only when recording
+        try:
+            recorder = recording.RecordingWriter(
+                record_path, recording.header(settings.filters.describe(), wall_offset))
+        except recording.RecordingError as e:
+            raise UserError(str(e)) from None
+    try:
+        session = LiveSession(settings, on_transition=None if lifecycles else on_transition,
+                              on_close=on_close if lifecycles else None, on_loss=on_loss,
+                              recorder=recorder, wall_offset_ns=wall_offset)
+    except BaseException:
+        if recorder is not None:  # nothing was recorded: leave no empty file behind
+            recorder.close()
+            os.unlink(record_path)
+        raise
     holder["s"] = session
     _set_priority(niceness)
     view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)

@@ -26,6 +26,7 @@ class LiveSession:
                  on_transition: Callable[[Transition], None] | None = None,
                  on_close: Callable[[Lifecycle], None] | None = None,
                  on_loss: Callable[[int, int], None] | None = None,
+                 recorder=None, wall_offset_ns: int | None = None,
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
         t0 = time.monotonic()
         self.settings = settings or prog.Settings()
@@ -42,7 +43,10 @@ class LiveSession:
         self.tracker = Tracker(self.settings.filters, on_transition=on_transition,
                                on_close=self._closed, on_state_time=self.state_times.add,
                                max_open=max_open, hold_ns=hold_ns)
-        self.clock = Clock(time.time_ns() - time.monotonic_ns(), time.monotonic_ns())
+        if wall_offset_ns is None:
+            wall_offset_ns = time.time_ns() - time.monotonic_ns()
+        self.clock = Clock(wall_offset_ns, time.monotonic_ns())
+        self.recorder = recorder  # a RecordingWriter: gets every event, in order
         self.report: dict | None = None
         self.still_open: list[Lifecycle] = []
         # Millions of short-lived objects and no reference cycles among them: full
@@ -58,6 +62,8 @@ class LiveSession:
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         events = self.stream.poll(timeout_ms)
+        if self.recorder is not None:
+            self.recorder.add(events)
         self.tracker.feed_all(events)
         now = time.monotonic_ns()
         self.tracker.advance(now)
@@ -80,7 +86,10 @@ class LiveSession:
         if self.report is not None:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
-        self.tracker.feed_all(self.stream.drain())
+        rest = self.stream.drain()
+        if self.recorder is not None:
+            self.recorder.add(rest)
+        self.tracker.feed_all(rest)
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
         c = self.tracker.counters
@@ -114,6 +123,8 @@ class LiveSession:
         }
         self.stream.close()
         self.program.close()
+        if self.recorder is not None:
+            self.recorder.close({k: v for k, v in self.report.items() if k != "state_times"})
         return self.report
 
     def degraded(self) -> bool:

@@ -187,3 +187,31 @@ def test_runs_with_no_kernel_headers_anywhere():
     assert r.returncode == 0, r.stderr
     assert "tracing TCP state changes (7 tracepoints" in r.stderr
     assert "lost 0" in r.stderr
+
+
+@pytest.mark.privileged
+def test_record_then_load_gives_the_same_transitions(tmp_path):
+    from tcplife_trace import load
+    path = tmp_path / "trace.arrow"
+    proc = subprocess.Popen([EXE, "--duration", "4", "--json", "--record", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    srv = Server("4", "normal")
+    cpid, _ = client("4", srv.port)
+    srv.wait()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    live = [json.loads(line) for line in out.splitlines()]
+    live = [r for r in live if srv.port in (r["lport"], r["rport"])]
+    rec = load(str(path))
+    assert rec.warnings == [] and rec.end["events_lost"] == 0
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    df = rec.transitions
+    df = df[(df.lport == srv.port) | (df.rport == srv.port)]
+    assert len(df) == len(live) == 12  # listener 2, client 5, accepted child 5
+    assert list(df.newstate.astype(str)) == [r["newstate"] for r in live]
+    for ms, r in zip(df.ms_in_old, live):
+        assert (r["ms"] is None and ms != ms) or abs(ms - r["ms"]) < 1e-6
+    client_rows = df[df.conn_id == df[df.cur_pid == cpid].conn_id.iloc[0]]
+    assert list(client_rows.oldstate.astype(str)) == ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1",
+                                                      "FIN_WAIT2"]

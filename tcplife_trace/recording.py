@@ -1,0 +1,201 @@
+"""Recordings: every event that reached user space, in an Arrow IPC stream.
+
+The stream format survives a crash: it is a sequence of record batches, each
+complete on its own, flushed (and fsynced) at least once a second, so a file cut
+by SIGKILL or power loss still loads up to its last flushed batch. A clean stop
+appends one empty batch whose metadata holds the exit summary. Files are created
+mode 0600 (they hold addresses and process names) and never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from . import __version__
+from .probes.decode import _FMT
+from .probes.event_layout import EVENT_DTYPE, EVENT_SIZE
+
+SCHEMA_VERSION = 1
+KEY = b"tcplife_trace"          # schema metadata: the recording's header (JSON)
+END_KEY = "tcplife_trace.end"   # metadata of the closing batch: the exit summary (JSON)
+FLUSH_SECONDS = 1.0
+FLUSH_EVENTS = 65536
+
+# Arrow columns, in `Ev` order; addresses and comm stay raw fixed-size binary.
+_ARROW_TYPES = {
+    "ts_ns": pa.uint64(), "skaddr": pa.uint64(), "gen": pa.uint64(), "tx_b": pa.uint64(),
+    "rx_b": pa.uint64(), "netns": pa.uint32(), "pid": pa.uint32(), "tid": pa.uint32(),
+    "uid": pa.uint32(), "value": pa.int32(), "sport": pa.uint16(), "dport": pa.uint16(),
+    "family": pa.uint16(), "kind": pa.uint8(), "oldstate": pa.uint8(), "newstate": pa.uint8(),
+    "flags": pa.uint8(), "saddr": pa.binary(16), "daddr": pa.binary(16), "comm": pa.binary(16),
+    "seq": pa.uint16(),
+}
+assert list(_ARROW_TYPES) == [n for n in EVENT_DTYPE.names]
+
+
+class RecordingError(Exception):
+    """A recording that cannot be read or written; the message names the file."""
+
+
+def _schema(header: dict) -> pa.Schema:
+    return pa.schema([pa.field(n, t) for n, t in _ARROW_TYPES.items()],
+                     metadata={KEY: json.dumps(header).encode()})
+
+
+def _batch(schema: pa.Schema, blob: bytes) -> pa.RecordBatch:
+    """Packed struct tlt_event records -> one Arrow batch, column by column from numpy."""
+    arr = np.frombuffer(blob, dtype=EVENT_DTYPE)
+    n = len(arr)
+    cols = []
+    for name, typ in _ARROW_TYPES.items():
+        if pa.types.is_fixed_size_binary(typ):
+            buf = np.ascontiguousarray(arr[name]).tobytes()
+            cols.append(pa.FixedSizeBinaryArray.from_buffers(typ, n, [None, pa.py_buffer(buf)]))
+        else:
+            cols.append(pa.array(np.ascontiguousarray(arr[name]), type=typ))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def header(filters: str, wall_offset_ns: int, extra: dict | None = None) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "tool": "tcplife-trace", "tool_version": __version__,
+        "host": socket.gethostname(), "kernel": os.uname().release,
+        "start_wall": time.time(), "mono_to_wall_ns": wall_offset_ns, "filters": filters,
+        "event_size": EVENT_SIZE, **(extra or {}),
+    }
+
+
+class RecordingWriter:
+    def __init__(self, path: str, head: dict):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise RecordingError(f"{path}: already exists; recordings are never overwritten, "
+                                 "choose another name") from None
+        except OSError as e:
+            raise RecordingError(f"{path}: cannot create ({e.strerror})") from None
+        self._file = os.fdopen(fd, "wb")
+        self._schema = _schema(head)
+        self._writer = ipc.new_stream(self._file, self._schema)
+        self._pending: list[bytes] = []
+        self._last_flush = time.monotonic()
+        self.events = 0
+        self.closed = False
+
+    def add(self, events: list) -> None:
+        """Events as `Ev`-ordered tuples; written at least once a second."""
+        if events:
+            pack = _FMT.pack
+            self._pending.append(b"".join([pack(*ev) for ev in events]))
+            self.events += len(events)
+        if self._pending and (time.monotonic() - self._last_flush >= FLUSH_SECONDS
+                              or sum(map(len, self._pending)) >= FLUSH_EVENTS * EVENT_SIZE):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._writer.write_batch(_batch(self._schema, b"".join(self._pending)))
+            self._pending.clear()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._last_flush = time.monotonic()
+
+    def close(self, summary: dict | None = None) -> None:
+        if self.closed:
+            return
+        self.flush()
+        end = {"stop_wall": time.time(), "events": self.events, **(summary or {})}
+        empty = _batch(self._schema, b"")
+        self._writer.write_batch(empty, custom_metadata={END_KEY: json.dumps(end)})
+        self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.closed = True
+
+
+def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
+    """(header, events table, exit summary or None, warnings). Raises RecordingError."""
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise RecordingError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        if size == 0:
+            raise RecordingError(f"{path}: empty file, not a tcplife-trace recording")
+        try:
+            reader = ipc.open_stream(f)
+        except (pa.ArrowException, OSError) as e:
+            raise RecordingError(f"{path}: not a tcplife-trace recording (not an Arrow stream: "
+                                 f"{str(e).splitlines()[0][:80]})") from None
+        meta = reader.schema.metadata or {}
+        if KEY not in meta:
+            raise RecordingError(f"{path}: an Arrow stream, but not a tcplife-trace recording")
+        try:
+            head = json.loads(meta[KEY])
+            version = int(head["schema_version"])
+        except (ValueError, KeyError, TypeError):
+            raise RecordingError(f"{path}: corrupt recording header") from None
+        if version > SCHEMA_VERSION:
+            raise RecordingError(f"{path}: written by a newer tcplife-trace (schema {version}, this "
+                                 f"one reads up to {SCHEMA_VERSION}): upgrade tcplife-trace")
+        if [(fl.name, fl.type) for fl in reader.schema] != list(_ARROW_TYPES.items()):
+            raise RecordingError(f"{path}: corrupt recording (unexpected columns)")
+        batches, end, warnings = [], None, []
+        while True:
+            try:
+                batch, custom = reader.read_next_batch_with_custom_metadata()
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError, struct.error):
+                warnings.append(f"{path}: recording ends early (cut off while being written?); "
+                                f"loaded the {sum(len(b) for b in batches)} events of its complete batches")
+                break
+            if custom and END_KEY.encode() in custom:
+                try:
+                    end = json.loads(custom[END_KEY.encode()])
+                except ValueError:
+                    warnings.append(f"{path}: unreadable exit summary")
+            if len(batch):
+                batches.append(batch)
+        if end is None and not warnings:
+            warnings.append(f"{path}: recording was not closed cleanly (no exit summary); "
+                            "loaded every complete batch")
+    return head, pa.Table.from_batches(batches, schema=reader.schema), end, warnings
+
+
+class Recording:
+    """A loaded recording: its header, exit summary and events, and frames built from them."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.header, self.events, self.end, self.warnings = read(path)
+
+    @property
+    def mono_to_wall_ns(self) -> int:
+        return int(self.header.get("mono_to_wall_ns", 0))
+
+    @property
+    def transitions(self):
+        """One row per state change (see README, "Recordings")."""
+        from .frames import transitions
+        if not hasattr(self, "_transitions"):
+            self._transitions = transitions(self.events, self.mono_to_wall_ns)
+        return self._transitions
+
+    def __repr__(self) -> str:
+        return (f"<Recording {self.path}: {self.events.num_rows} events, host {self.header.get('host')}, "
+                f"{'closed cleanly' if self.end else 'not closed cleanly'}>")
+
+
+def load(path: str) -> Recording:
+    return Recording(path)

@@ -18,7 +18,7 @@ assert _FMT.size == EVENT_SIZE and Event.comm.offset == EVENT_SIZE - 18
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
 _ZERO16 = b"\0" * 16
-F_NETNS, F_UID, F_BYTES = int(Flag.NETNS), int(Flag.UID), int(Flag.BYTES)
+F_NETNS, F_UID, F_BYTES, F_EOF = int(Flag.NETNS), int(Flag.UID), int(Flag.BYTES), int(Flag.EOF)
 
 
 class Ev(NamedTuple):

@@ -192,6 +192,36 @@ class Recording:
             self._transitions = transitions(self.events, self.mono_to_wall_ns)
         return self._transitions
 
+    def lifecycles(self):
+        """One row per connection (see README, "Recordings")."""
+        from .connections import lifecycles
+        if not hasattr(self, "_lifecycles"):
+            self._lifecycles = lifecycles(self.events, self.mono_to_wall_ns, self.transitions)
+        return self._lifecycles
+
+    def state_durations(self):
+        """Long form: connection x state -> seconds spent there."""
+        from .connections import state_durations
+        return state_durations(self.transitions)
+
+    def summary(self):
+        """Per state: count of connections that spent time there, p50/p90/p99/max seconds."""
+        from .connections import summary
+        return summary(self.state_durations())
+
+    def _group(self, keys: list[str]):
+        from .connections import grouped
+        return grouped(self.lifecycles(), keys)
+
+    def by_peer(self):
+        return self._group(["raddr", "rport"])
+
+    def by_local_port(self):
+        return self._group(["lport"])
+
+    def by_process(self):
+        return self._group(["pid", "comm"])
+
     def __repr__(self) -> str:
         return (f"<Recording {self.path}: {self.events.num_rows} events, host {self.header.get('host')}, "
                 f"{'closed cleanly' if self.end else 'not closed cleanly'}>")

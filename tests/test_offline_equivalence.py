@@ -1,0 +1,128 @@
+"""The column-wise lifecycles of a recording agree with the live state machine."""
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tcplife_trace import load, recording
+from tcplife_trace.analysis.lifecycle import Tracker
+from tcplife_trace.recording import RecordingWriter
+from tcplife_trace.views import errno_name
+
+from synthetic import stream
+from tracing import Server, client
+
+C, SRV, W, X = 100, 200, 201, 999
+ROWS = [
+    # listener and a child served by a worker (passive close)
+    (0.0, "S", 1, "CLOSE", "LISTEN", SRV, 8080, 0),
+    (5.0, "S", 2, "LISTEN", "SYN_RECV", C, 8080, 5555),
+    (5.1, "S", 2, "SYN_RECV", "ESTABLISHED", C, 8080, 5555),
+    (6.0, "IO", 2, W),
+    (9.0, "S", 2, "ESTABLISHED", "CLOSE_WAIT", C, 8080, 5555),
+    (9.2, "IO", 2, W, "eof"),
+    (10.0, "S", 2, "CLOSE_WAIT", "LAST_ACK", W, 8080, 5555),
+    (10.1, "S", 2, "LAST_ACK", "CLOSE", C, 8080, 5555),
+    # active close into TIME_WAIT
+    (0.0, "S", 3, "CLOSE", "SYN_SENT", C, 0, 80),
+    (1.0, "S", 3, "SYN_SENT", "ESTABLISHED", C, 40000, 80),
+    (11.0, "S", 3, "ESTABLISHED", "FIN_WAIT1", C, 40000, 80),
+    (11.5, "S", 3, "FIN_WAIT1", "FIN_WAIT2", X, 40000, 80),
+    (13.0, "S", 3, "FIN_WAIT2", "CLOSE", X, 40000, 80),
+    # refused
+    (20, "S", 4, "CLOSE", "SYN_SENT", C, 0, 81),
+    (20.5, "RR", 4),
+    (20.6, "S", 4, "SYN_SENT", "CLOSE", C, 40001, 81),
+    (20.7, "E", 4, 111, 40001, 81),
+    # keepalive timeout
+    (30, "S", 5, "CLOSE", "SYN_SENT", C, 0, 82),
+    (31, "S", 5, "SYN_SENT", "ESTABLISHED", C, 40002, 82),
+    (4000, "RS", 5, 15, "ESTABLISHED"),
+    (4000.01, "S", 5, "ESTABLISHED", "CLOSE", 0, 40002, 82),
+    (4000.02, "E", 5, 110, 40002, 82),
+    # local abort reporting ECONNRESET to itself
+    (50, "S", 6, "CLOSE", "SYN_SENT", C, 0, 83),
+    (51, "S", 6, "SYN_SENT", "ESTABLISHED", C, 40003, 83),
+    (55, "S", 6, "ESTABLISHED", "CLOSE", C, 40003, 83),
+    (55.001, "RS", 6, 14, "CLOSE"),
+    (55.002, "E", 6, 104, 40003, 0),
+    # born before the trace, closed by a worker, and one still open
+    (60, "S", 7, "ESTABLISHED", "FIN_WAIT1", W, 8080, 6000, {"unseen": True}),
+    (61, "S", 7, "FIN_WAIT1", "FIN_WAIT2", 0, 8080, 6000),
+    (62, "S", 7, "FIN_WAIT2", "CLOSE", 0, 8080, 6000),
+    (70, "S", 8, "CLOSE", "SYN_SENT", C, 0, 84),
+    (71, "S", 8, "SYN_SENT", "ESTABLISHED", C, 40004, 84),
+    (80, "S", 1, "LISTEN", "CLOSE", SRV, 8080, 0),
+]
+
+
+def live_view(events):
+    closed = []
+    t = Tracker(on_close=closed.append)
+    t.feed_all(events)
+    still = t.finish()
+    return {lc.conn_id: lc for lc in closed}, {lc.conn_id: lc for lc in still}
+
+
+def compare(frame, closed, still_open):
+    rows = frame.set_index("conn_id")
+    assert set(rows.index) == set(closed) | set(still_open)
+    for cid, lc in closed.items():
+        r = rows.loc[cid]
+        assert r.role == lc.role, cid
+        assert (None if pd.isna(r.pid) else r.pid) == lc.owner_pid, cid
+        assert r.owner_source == lc.owner_source, cid
+        assert r.end_reason == lc.end_reason, cid
+        assert (r.errno if isinstance(r.errno, str) else None) == errno_name(lc.errno), cid
+        assert bool(r.time_wait) == lc.time_wait, cid
+        lp = None if pd.isna(r.listener_pid) else r.listener_pid
+        assert lp == lc.listener_pid, cid
+        want = None if lc.duration_ns is None else lc.duration_ns / 1e9
+        assert (pd.isna(r.duration_s) and want is None) or abs(r.duration_s - want) < 1e-9, cid
+    for cid in still_open:
+        assert rows.loc[cid].end_reason == "open"
+
+
+def test_synthetic_scenarios_agree(tmp_path):
+    events = stream(ROWS)
+    closed, still = live_view(events)
+    p = tmp_path / "r.arrow"
+    w = RecordingWriter(str(p), recording.header("none", 0))
+    w.add(events)
+    w.close()
+    compare(load(str(p)).lifecycles(), closed, still)
+    assert set(closed[2].state_ns.values()) == {100_000, 3_900_000, 1_000_000, 100_000}
+
+
+@pytest.mark.privileged
+def test_real_trace_recorded_agrees_with_live(tmp_path):
+    from tcplife_trace.live import LiveSession
+    p = tmp_path / "live.arrow"
+    closed = []
+    w = RecordingWriter(str(p), recording.header("none", 0))
+    s = LiveSession(on_close=closed.append, recorder=w)
+    for mode, cmode in (("normal", "normal"), ("prefork", "normal"), ("linger0", "wait")):
+        srv = Server("4", mode)
+        client("4", srv.port, cmode)
+        srv.wait()
+    client("4", srv.port)  # refused: the port is closed now
+    subprocess.run([sys.executable, "-c", BURST], check=True, timeout=60)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        s.poll(50)
+    s.stop()
+    still = {lc.conn_id: lc for lc in s.still_open}
+    frame = load(str(p)).lifecycles()
+    assert len(closed) > 200
+    compare(frame, {lc.conn_id: lc for lc in closed}, still)
+
+
+BURST = """
+import socket
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(256)
+for _ in range(100):
+    c = socket.create_connection(ls.getsockname(), timeout=5); a, _ = ls.accept(); c.close(); a.close()
+ls.close()
+"""

@@ -211,6 +211,58 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     return EXIT_OK
 
 
+@cli.command("analyze")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True, help="table: a report; json: every frame; csv: the lifecycles.")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write each frame as Parquet into DIR.")
+@click.option("-p", "--pid", metavar="PID[,PID]", help="Only connections owned by these processes.")
+@click.option("-L", "--localport", metavar="PORT[,PORT]", help="Only these local ports.")
+@click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
+@click.option("-4", "--ipv4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
+@click.option("--since", metavar="TIME", help="Only from this ISO-8601 time on (e.g. 2026-11-22T19:00:00Z).")
+@click.option("--until", metavar="TIME", help="Only up to this ISO-8601 time.")
+def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until):
+    """Analyse recordings made with --record FILE (several files are analysed as one)."""
+    import pandas as pd
+
+    from . import analysis_report
+    from .recording import RecordingError, load
+
+    def when(value, name):
+        if not value:
+            return None
+        try:
+            ts = pd.Timestamp(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not an ISO-8601 time", param_hint=name) from None
+        return ts.tz_localize("UTC") if ts.tzinfo is None else ts
+
+    filters = _filters(pid, localport, remoteport, ipv4, ipv6)
+    start, stop = when(since, "--since"), when(until, "--until")
+    try:
+        rec = load(list(files))
+        for w in rec.warnings:
+            click.echo(f"tcplife-trace: warning: {w}", err=True)
+        frames = analysis_report.frames(rec, filters, start, stop)
+    except RecordingError as e:
+        raise UserError(str(e)) from None
+    if export_dir:
+        for path in analysis_report.export(frames, export_dir):
+            click.echo(f"tcplife-trace: wrote {path}", err=True)
+    if fmt == "table":
+        _out(analysis_report.text(rec, frames))
+    elif fmt == "csv":
+        sys.stdout.write(frames["lifecycles"].to_csv(index=False))
+    else:
+        doc = {name: json.loads(df.to_json(orient="records", date_format="iso"))
+               for name, df in frames.items() if name != "transitions"}
+        doc["recordings"] = [{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends)]
+        _out(json.dumps(doc))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="tcplife-trace", standalone_mode=False)

@@ -174,15 +174,40 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
 
 
 class Recording:
-    """A loaded recording: its header, exit summary and events, and frames built from them."""
+    """One or more loaded recordings: headers, exit summaries and events, and frames built
+    from them. Several files are analysed as one: their clocks are aligned on the first
+    file's wall clock and connection ids are made unique per file."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.header, self.events, self.end, self.warnings = read(path)
+    def __init__(self, paths):
+        self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not self.paths:
+            raise RecordingError("no recording given")
+        loaded = [read(str(p)) for p in self.paths]
+        self.headers = [h for h, _, _, _ in loaded]
+        self.ends = [e for _, _, e, _ in loaded]
+        self.warnings = [w for _, _, _, ws in loaded for w in ws]
+        base = int(self.headers[0].get("mono_to_wall_ns", 0))
+        tables = []
+        for i, (h, t, _, _) in enumerate(loaded):
+            shift = int(h.get("mono_to_wall_ns", 0)) - base
+            if shift or i:
+                import pyarrow.compute as pc
+                gen = t["gen"]
+                # connection ids: file index in the top 16 bits (0 stays "no generation")
+                tagged = pc.if_else(pc.equal(gen, 0), gen, pc.add(gen, pa.scalar(i << 48, pa.uint64())))
+                t = t.set_column(t.schema.get_field_index("gen"), "gen", tagged)
+                if shift:
+                    ts = pc.add(pc.cast(t["ts_ns"], pa.int64()), pa.scalar(shift, pa.int64()))
+                    t = t.set_column(0, "ts_ns", pc.cast(ts, pa.uint64()))
+            tables.append(t)
+        self.events = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        self.header = self.headers[0]
+        self.end = self.ends[0] if len(self.ends) == 1 else None
+        self.path = self.paths[0]
 
     @property
     def mono_to_wall_ns(self) -> int:
-        return int(self.header.get("mono_to_wall_ns", 0))
+        return int(self.headers[0].get("mono_to_wall_ns", 0))
 
     @property
     def transitions(self):
@@ -223,9 +248,10 @@ class Recording:
         return self._group(["pid", "comm"])
 
     def __repr__(self) -> str:
-        return (f"<Recording {self.path}: {self.events.num_rows} events, host {self.header.get('host')}, "
-                f"{'closed cleanly' if self.end else 'not closed cleanly'}>")
+        clean = sum(e is not None for e in self.ends)
+        return (f"<Recording {', '.join(map(str, self.paths))}: {self.events.num_rows} events, "
+                f"{clean}/{len(self.ends)} closed cleanly>")
 
 
-def load(path: str) -> Recording:
-    return Recording(path)
+def load(path_or_paths) -> Recording:
+    return Recording(path_or_paths)

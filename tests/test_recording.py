@@ -181,3 +181,18 @@ def test_mangled_recordings_never_crash_the_loader(tmp_path, valid_bytes, data):
         rec.transitions  # whatever loaded must also make a frame
     except RecordingError as e:
         assert str(p) in str(e)
+
+
+def test_several_files_load_as_one(tmp_path):
+    a, b = tmp_path / "a.arrow", tmp_path / "b.arrow"
+    for p, offset in ((a, 1_000_000_000), (b, 2_000_000_000)):
+        w = RecordingWriter(str(p), recording.header("none", offset))
+        w.add(stream(ROWS))
+        w.close()
+    rec = load([str(a), str(b)])
+    lc = rec.lifecycles()
+    assert len(lc) == 4 and lc.conn_id.is_unique
+    t = rec.transitions
+    first_a = t[t.conn_id == 1].time.iloc[0]
+    first_b = t[t.conn_id == (1 << 48) + 1].time.iloc[0]
+    assert (first_b - first_a) == pd.Timedelta(seconds=1)  # each file on its own wall clock

@@ -1,0 +1,82 @@
+"""What `tcplife-trace analyze` shows: frames of a recording, filtered, as tables or data."""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from .probes.filters import Filters
+from .recording import Recording
+
+TOP = 10
+
+
+def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
+             until: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(lifecycles, transitions) restricted to the filters and the time window."""
+    lc = rec.lifecycles()
+    tr = rec.transitions
+    keep = pd.Series(True, index=lc.index)
+    if filters.family:
+        keep &= lc.family == filters.family
+    if filters.lports:
+        keep &= lc.lport.isin(filters.lports).fillna(False)
+    if filters.rports:
+        keep &= lc.rport.isin(filters.rports).fillna(False) & (lc.role != "listener")
+    if filters.pids:
+        keep &= (lc.pid.isin(filters.pids).fillna(False) | lc.listener_pid.isin(filters.pids).fillna(False))
+    if since is not None:
+        keep &= lc.end.isna() | (lc.end >= since)
+        tr = tr[tr.time >= since]
+    if until is not None:
+        keep &= lc.start <= until
+        tr = tr[tr.time <= until]
+    lc = lc[keep.to_numpy()]
+    tr = tr[tr.conn_id.isin(lc.conn_id)]
+    return lc, tr
+
+
+def frames(rec: Recording, filters: Filters, since=None, until=None) -> dict[str, pd.DataFrame]:
+    from .connections import state_durations, summary
+    lc, tr = filtered(rec, filters, since, until)
+    durations = state_durations(tr)
+    return {"lifecycles": lc, "transitions": tr, "state_durations": durations,
+            "summary": summary(durations).reset_index()}
+
+
+def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for name, df in frames_.items():
+        path = os.path.join(directory, f"{name}.parquet")
+        df.to_parquet(path, index=False)
+        written.append(path)
+    return written
+
+
+def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
+    lc, tr = f["lifecycles"], f["transitions"]
+    out = []
+    for h, e in zip(rec.headers, rec.ends):
+        lost = "?" if e is None else e.get("events_lost", "?")
+        out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), filters {h.get('filters')}: "
+                   f"{e.get('events', '?') if e else '?'} events, lost in kernel {lost}"
+                   + ("" if e else "  [not closed cleanly]"))
+    ends = lc.end_reason.value_counts()
+    out.append(f"{len(lc)} connections, {len(tr)} transitions; ended: "
+               + ", ".join(f"{k} {v}" for k, v in ends.items() if v))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        if len(f["summary"]):
+            out.append("\ntime in state (seconds; count = connections that spent time there)")
+            out.append(f["summary"].to_string(index=False, float_format=lambda v: f"{v:.6f}"))
+        cols = ["conn_id", "role", "pid", "comm", "laddr", "lport", "raddr", "rport", "duration_s",
+                "end_reason"]
+        longest = lc[lc.duration_s.notna()].nlargest(TOP, "duration_s")
+        if len(longest):
+            out.append(f"\nlongest connections (top {TOP})")
+            out.append(longest[cols].to_string(index=False))
+        still = lc[lc.end_reason == "open"]
+        if len(still):
+            out.append(f"\nopen at the end of the recording ({len(still)})")
+            out.append(still[cols[:-2] + ["start"]].head(TOP).to_string(index=False))
+    return "\n".join(out)

@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,6 +14,29 @@ from tcplife_trace.probes.tracefs import TracefsError
 from tracing import Server, client
 
 EXE = shutil.which("tcplife-trace") or os.path.join(os.path.dirname(sys.executable), "tcplife-trace")
+
+
+def traced(args, workload, stdout=subprocess.PIPE):
+    """Start the CLI, wait until it says it is tracing, run workload(), let the trace end.
+
+    Returns (exit status, stdout, stderr, what workload returned)."""
+    proc = subprocess.Popen([EXE, *args], stdout=stdout, stderr=subprocess.PIPE, text=True)
+    early = []
+    while True:
+        line = proc.stderr.readline()
+        early.append(line)
+        if not line or "tracing TCP state changes" in line:
+            break
+    result = workload()
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, "".join(early) + err, result
+
+
+def one_connection(family="4"):
+    srv = Server(family, "normal")
+    cpid, _ = client(family, srv.port)
+    srv.wait()
+    return srv, cpid
 
 
 def run_cli(args, **kw):
@@ -98,14 +120,8 @@ def test_help_is_not_an_error():
 
 @pytest.mark.privileged
 def test_trace_json_and_summary():
-    proc = subprocess.Popen([EXE, "--duration", "4", "--json", "-4"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)  # compile and attach
-    srv = Server("4", "normal")
-    cpid, _ = client("4", srv.port)
-    srv.wait()
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    rc, out, err, (srv, cpid) = traced(["--duration", "3", "--json", "-4"], one_connection)
+    assert rc == 0, err
     recs = [json.loads(line) for line in out.splitlines()]
     mine = [r for r in recs if srv.port in (r["lport"], r["rport"])]
     steps = [(r["oldstate"], r["newstate"]) for r in mine if r["pid"] == cpid]
@@ -121,17 +137,13 @@ def test_trace_json_and_summary():
 
 @pytest.mark.privileged
 def test_lifecycles_text_and_still_open():
-    proc = subprocess.Popen([EXE, "--duration", "4", "--lifecycles", "-w"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
-    srv = Server("6", "normal")
-    cpid, _ = client("6", srv.port)
-    srv.wait()
-    held = Server("4", "hold")  # stays open past the end of the trace
-    out, err = proc.communicate(timeout=30)
+    def workload():
+        srv, cpid = one_connection("6")
+        return srv, cpid, Server("4", "hold")  # the held one stays open past the end of the trace
+    rc, out, err, (srv, cpid, held) = traced(["--duration", "3", "--lifecycles", "-w"], workload)
     held.proc.kill()
     held.proc.wait()
-    assert proc.returncode == 0, err
+    assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:9] == ["PID", "COMM", "LADDR", "LPORT", "RADDR", "RPORT", "TX_KB", "RX_KB", "MS"]
     client_line = [ln for ln in lines if ln.split()[0] == str(cpid)]
@@ -147,14 +159,13 @@ def test_lifecycles_text_and_still_open():
 def test_lost_events_are_counted_and_strict_fails():
     # a 1-page ring buffer read by a consumer at the lowest priority cannot keep up with a burst
     # of connections from two processes: losses must be counted and said, not hidden
-    proc = subprocess.Popen([EXE, "--duration", "5", "--ring-pages", "1", "--nice", "19", "--strict",
-                             "--lifecycles"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
-    bursts = [subprocess.Popen([sys.executable, "-c", BURST]) for _ in range(2)]
-    assert [b.wait(timeout=30) for b in bursts] == [0, 0]
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1, err
+    def workload():
+        bursts = [subprocess.Popen([sys.executable, "-c", BURST]) for _ in range(2)]
+        return [b.wait(timeout=30) for b in bursts]
+    rc, _, err, statuses = traced(["--duration", "4", "--ring-pages", "1", "--nice", "19", "--strict",
+                                   "--lifecycles"], workload, stdout=subprocess.DEVNULL)
+    assert statuses == [0, 0]
+    assert rc == 1, err
     summary = [ln for ln in err.splitlines() if "events:" in ln][0]
     lost = int(summary.split("lost ")[1].split()[0])
     assert lost > 0
@@ -193,14 +204,9 @@ def test_runs_with_no_kernel_headers_anywhere():
 def test_record_then_load_gives_the_same_transitions(tmp_path):
     from tcplife_trace import load
     path = tmp_path / "trace.arrow"
-    proc = subprocess.Popen([EXE, "--duration", "4", "--json", "--record", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
-    srv = Server("4", "normal")
-    cpid, _ = client("4", srv.port)
-    srv.wait()
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    rc, out, err, (srv, cpid) = traced(["--duration", "3", "--json", "--record", str(path)],
+                                       one_connection)
+    assert rc == 0, err
     live = [json.loads(line) for line in out.splitlines()]
     live = [r for r in live if srv.port in (r["lport"], r["rport"])]
     rec = load(str(path))

@@ -58,10 +58,23 @@ def _family(table: pa.Table, af: np.ndarray) -> pd.arrays.IntegerArray:
     return _masked(fam, (af == dec.AF_INET) | (af == dec.AF_INET6), "Int8")
 
 
+def previous_in_connection(conn: np.ndarray) -> np.ndarray:
+    """For each row, the index of the same connection's previous row (-1 for its first)."""
+    order = np.argsort(conn, kind="stable")
+    c = conn[order]
+    prev_sorted = np.r_[-1, order[:-1]] if len(order) else order
+    first = np.r_[True, c[1:] != c[:-1]] if len(c) else np.zeros(0, bool)
+    prev_sorted = np.where(first, -1, prev_sorted)
+    prev = np.empty_like(order)
+    prev[order] = prev_sorted
+    return prev
+
+
 def _masked(values: np.ndarray, valid: np.ndarray, dtype: str):
-    out = pd.array(np.asarray(values), dtype=dtype)
-    out[~valid] = pd.NA
-    return out
+    """A nullable pandas array: NA where not valid."""
+    return pd.array(np.asarray(values), dtype=dtype) if valid.all() else \
+        pd.arrays.IntegerArray(np.asarray(values).astype(pd.api.types.pandas_dtype(dtype).numpy_dtype),
+                               ~np.asarray(valid, dtype=bool))
 
 
 def transitions(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
@@ -87,12 +100,10 @@ def transitions(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
         "newstate": _states(new),
     })
     # time in the old state: since this connection's previous transition, if it led here
-    g = frame.groupby("conn_id", sort=False, observed=True)
-    prev_ts = g["ts_ns"].shift(1)
-    prev_new = pd.Series(new, index=frame.index).groupby(frame["conn_id"], sort=False).shift(1)
-    ok = prev_new.to_numpy(dtype="float64", na_value=np.nan) == old
-    frame["ms_in_old"] = np.where(ok, (ts - prev_ts.to_numpy(dtype="float64", na_value=np.nan)) / 1e6,
-                                  np.nan)
+    prev = previous_in_connection(gen)
+    has = prev >= 0
+    ok = has & (new[np.where(has, prev, 0)] == old) & (gen != 0)
+    frame["ms_in_old"] = np.where(ok, (ts - ts[np.where(has, prev, 0)]) / 1e6, np.nan)
     frame["cur_pid"] = pd.array(t["pid"].to_numpy(), dtype="UInt32")
     frame["cur_comm"] = _decoded(t["comm"], dec.comm)
     frame["family"] = _family(t, af)

@@ -148,7 +148,11 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
         if version > SCHEMA_VERSION:
             raise RecordingError(f"{path}: written by a newer tcplife-trace (schema {version}, this "
                                  f"one reads up to {SCHEMA_VERSION}): upgrade tcplife-trace")
-        if [(fl.name, fl.type) for fl in reader.schema] != list(_ARROW_TYPES.items()):
+        try:
+            columns = [(fl.name, fl.type) for fl in reader.schema]
+        except UnicodeDecodeError:
+            columns = None
+        if columns != list(_ARROW_TYPES.items()):
             raise RecordingError(f"{path}: corrupt recording (unexpected columns)")
         batches, end, warnings = [], None, []
         while True:

@@ -166,7 +166,8 @@ def valid_bytes(tmp_path_factory):
     return p.read_bytes()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("TCPLIFE_TRACE_FUZZ_EXAMPLES", 300)), derandomize=True,
+          deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mangled_recordings_never_crash_the_loader(tmp_path, valid_bytes, data):
     raw = bytearray(valid_bytes)

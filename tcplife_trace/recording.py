@@ -223,9 +223,9 @@ class Recording:
 
     def lifecycles(self):
         """One row per connection (see README, "Recordings")."""
-        from .connections import lifecycles
+        from .lifecycle_frame import lifecycles
         if not hasattr(self, "_lifecycles"):
-            self._lifecycles = lifecycles(self.events, self.mono_to_wall_ns, self.transitions)
+            self._lifecycles = lifecycles(self.events, self.mono_to_wall_ns)
         return self._lifecycles
 
     def state_durations(self):

@@ -32,10 +32,12 @@ def _decoded(col, decode) -> pd.Categorical:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     enc = pc.dictionary_encode(col)
-    names = np.array([decode(v) for v in enc.dictionary.to_pylist()], dtype=object)
-    uniq, remap = np.unique(names, return_inverse=True) if len(names) else (names, names)
+    names = [decode(v) for v in enc.dictionary.to_pylist()]
     idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return pd.Categorical.from_codes(remap[idx] if len(idx) else idx, categories=list(uniq))
+    if len(set(names)) != len(names):  # two raw values that print the same: merge them
+        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
+        names, idx = list(uniq), remap[idx]
+    return pd.Categorical.from_codes(idx, categories=pd.Index(names, dtype=object))
 
 
 def _addresses(table: pa.Table, column: str, af: np.ndarray) -> pd.Categorical:

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .analysis.lifecycle import RST_REASONS
-from .frames import STATE_CATEGORIES, _decoded, _masked
+from .frames import STATE_CATEGORIES, _addresses, _decoded, _family, _masked
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
@@ -168,11 +168,8 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
 
     comm = _decoded(table["comm"], dec.comm)
     owner_comm = comm.take(np.where(owner_row >= 0, owner_row, -1), allow_fill=True)
-    addr_l = _decoded_rows(table, "saddr", last_r)
-    addr_r = _decoded_rows(table, "daddr", last_r)
-    fam = np.where(col["family"][last_r] == dec.AF_INET, 4, 6)
-    mapped = _v4mapped(table, last_r)
-    fam = np.where(mapped, 4, fam)
+    last = table.take(pa.array(last_r, type=pa.int64()))  # each connection's last transition
+    last_af = col["family"][last_r]
     tx_ok = (col["flags"][last_r] & dec.F_BYTES) != 0
     uid_ok = (col["flags"][last_r] & dec.F_UID) != 0
     to_time = lambda v, ok: pd.to_datetime(np.where(ok, v + mono_to_wall_ns, 0), unit="ns", utc=True) \
@@ -180,9 +177,9 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     frame = pd.DataFrame({
         "conn_id": ids.astype(np.uint64),
         "role": pd.Categorical.from_codes(role, ROLE_CATEGORIES),
-        "family": pd.array(fam, dtype="Int8"),
-        "laddr": addr_l, "lport": _masked(lport, lport != 0, "UInt16"),
-        "raddr": addr_r, "rport": _masked(rport, rport != 0, "UInt16"),
+        "family": _family(last, last_af),
+        "laddr": _addresses(last, "saddr", last_af), "lport": _masked(lport, lport != 0, "UInt16"),
+        "raddr": _addresses(last, "daddr", last_af), "rport": _masked(rport, rport != 0, "UInt16"),
         "netns": _masked(netns, netns_ok, "UInt32"),
         "birth_seen": birth_seen,
         "start": to_time(start_ns, np.ones(n, bool)),
@@ -212,16 +209,3 @@ def _named(values: np.ndarray, name) -> pd.Categorical:
     codes = np.searchsorted(present, values)
     return pd.Categorical.from_codes(np.where(values >= 0, codes, -1),
                                      categories=[name(int(v)) for v in present])
-
-
-def _decoded_rows(table: pa.Table, column: str, rows: np.ndarray) -> pd.Categorical:
-    from .frames import _addresses
-    sub = table.take(pa.array(rows)) if len(rows) else table.slice(0, 0)
-    return _addresses(sub, column, sub["family"].to_numpy())
-
-
-def _v4mapped(table: pa.Table, rows: np.ndarray) -> np.ndarray:
-    from .frames import _fixed_bytes
-    d = _fixed_bytes(table["daddr"].take(pa.array(rows))) if len(rows) else np.zeros((0, 16), np.uint8)
-    return (table["family"].to_numpy()[rows] == dec.AF_INET6) & (d[:, :10] == 0).all(axis=1) & \
-        (d[:, 10] == 0xFF) & (d[:, 11] == 0xFF)

@@ -58,10 +58,12 @@ class StateTimes:
             count, mx, s = self._stats(state)
             if not count:
                 continue
-
-            def pct(p: float) -> float:
-                return s[min(len(s) - 1, int(p * len(s)))] / 1e6
-            rows.append({"state": state_name(state), "count": count, "p50_ms": pct(0.50),
-                         "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": mx / 1e6})
+            rows.append({"state": state_name(state), "count": count, "p50_ms": _pct(s, 0.50),
+                         "p90_ms": _pct(s, 0.90), "p99_ms": _pct(s, 0.99), "max_ms": mx / 1e6})
         rows.sort(key=lambda r: -r["count"])
         return rows
+
+
+def _pct(sorted_ns: list[int], p: float) -> float:
+    """Nearest-rank percentile of sorted nanoseconds, in milliseconds."""
+    return sorted_ns[min(len(sorted_ns) - 1, int(p * len(sorted_ns)))] / 1e6

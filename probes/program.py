@@ -82,7 +82,7 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
         f"#define TLT_RB_PAGES {int(settings.rb_pages)}",
     ]
     defines += [f"#define {k} {v}" for k, v in sorted(offsets.items())]
-    for (cat, name), flds in present.items():
+    for (_category, name), flds in present.items():
         defines.append(f"#define TLT_HAVE_{name.upper()}")
         if name == "tcp_send_reset":
             if "reason" in flds:

@@ -57,7 +57,7 @@ def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:
 def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
     lc, tr = f["lifecycles"], f["transitions"]
     out = []
-    for h, e in zip(rec.headers, rec.ends):
+    for h, e in zip(rec.headers, rec.ends, strict=True):
         lost = "?" if e is None else e.get("events_lost", "?")
         out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), filters {h.get('filters')}: "
                    f"{e.get('events', '?') if e else '?'} events, lost in kernel {lost}"

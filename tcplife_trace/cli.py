@@ -259,7 +259,7 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     else:
         doc = {name: json.loads(df.to_json(orient="records", date_format="iso"))
                for name, df in frames.items() if name != "transitions"}
-        doc["recordings"] = [{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends)]
+        doc["recordings"] = [{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends, strict=True)]
         _out(json.dumps(doc))
 
 

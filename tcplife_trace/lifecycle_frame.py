@@ -74,7 +74,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     n = len(ids)
     old, new = col["oldstate"][srt].astype(np.int64), col["newstate"][srt].astype(np.int64)
     ts = col["ts_ns"][srt].astype(np.int64)
-    first_r, last_r = srt[st], srt[en]
+    last_r = srt[en]
 
     # role: a birth fixes it; otherwise the last transition that tells
     fo, fn = old[st], new[st]

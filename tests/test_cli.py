@@ -216,7 +216,7 @@ def test_record_then_load_gives_the_same_transitions(tmp_path):
     df = df[(df.lport == srv.port) | (df.rport == srv.port)]
     assert len(df) == len(live) == 12  # listener 2, client 5, accepted child 5
     assert list(df.newstate.astype(str)) == [r["newstate"] for r in live]
-    for ms, r in zip(df.ms_in_old, live):
+    for ms, r in zip(df.ms_in_old, live, strict=True):
         assert (r["ms"] is None and ms != ms) or abs(ms - r["ms"]) < 1e-6
     client_rows = df[df.conn_id == df[df.cur_pid == cpid].conn_id.iloc[0]]
     assert list(client_rows.oldstate.astype(str)) == ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1",

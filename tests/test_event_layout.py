@@ -1,5 +1,4 @@
 """struct tlt_event (ebpf/event.h) and probes/event_layout.py describe the same bytes."""
-import os
 import random
 import re
 import shutil

@@ -9,6 +9,7 @@ import pytest
 from tcplife_trace import load, recording
 from tcplife_trace.analysis.lifecycle import Tracker
 from tcplife_trace.recording import RecordingWriter
+from tcplife_trace.probes.tcp_states import TcpState as S
 from tcplife_trace.views import errno_name
 
 from synthetic import stream
@@ -85,6 +86,14 @@ def compare(frame, closed, still_open):
         assert rows.loc[cid].end_reason == "open"
 
 
+def compare_durations(frame, closed):
+    """Offline seconds per (connection, state) == the live tracker's state_ns."""
+    got = {(int(r.conn_id), r.state): r.seconds for r in frame.itertuples()}
+    want = {(cid, S(st).name): ns / 1e9 for cid, lc in closed.items() for st, ns in lc.state_ns.items()}
+    assert set(want) <= set(got)
+    assert all(abs(got[k] - v) < 1e-9 for k, v in want.items())
+
+
 def test_synthetic_scenarios_agree(tmp_path):
     events = stream(ROWS)
     closed, still = live_view(events)
@@ -92,8 +101,9 @@ def test_synthetic_scenarios_agree(tmp_path):
     w = RecordingWriter(str(p), recording.header("none", 0))
     w.add(events)
     w.close()
-    compare(load(str(p)).lifecycles(), closed, still)
-    assert set(closed[2].state_ns.values()) == {100_000, 3_900_000, 1_000_000, 100_000}
+    rec = load(str(p))
+    compare(rec.lifecycles(), closed, still)
+    compare_durations(rec.state_durations(), closed)
 
 
 @pytest.mark.privileged
@@ -114,9 +124,10 @@ def test_real_trace_recorded_agrees_with_live(tmp_path):
         s.poll(50)
     s.stop()
     still = {lc.conn_id: lc for lc in s.still_open}
-    frame = load(str(p)).lifecycles()
+    rec = load(str(p))
     assert len(closed) > 200
-    compare(frame, {lc.conn_id: lc for lc in closed}, still)
+    compare(rec.lifecycles(), {lc.conn_id: lc for lc in closed}, still)
+    compare_durations(rec.state_durations(), {lc.conn_id: lc for lc in closed})
 
 
 BURST = """

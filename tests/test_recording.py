@@ -179,7 +179,7 @@ def test_mangled_recordings_never_crash_the_loader(tmp_path, valid_bytes, data):
     p.write_bytes(bytes(raw))
     try:
         rec = load(str(p))
-        rec.transitions  # whatever loaded must also make a frame
+        assert len(rec.transitions) <= rec.events.num_rows  # whatever loaded makes a frame
     except RecordingError as e:
         assert str(p) in str(e)
 

@@ -26,7 +26,7 @@ class LiveSession:
                  on_transition: Callable[[Transition], None] | None = None,
                  on_close: Callable[[Lifecycle], None] | None = None,
                  on_loss: Callable[[int, int], None] | None = None,
-                 recorder=None, wall_offset_ns: int | None = None,
+                 recorder=None, wall_offset_ns: int | None = None, keep_events: bool = False,
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
         t0 = time.monotonic()
         self.settings = settings or prog.Settings()
@@ -47,6 +47,7 @@ class LiveSession:
             wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self.clock = Clock(wall_offset_ns, time.monotonic_ns())
         self.recorder = recorder  # a RecordingWriter: gets every event, in order
+        self.kept: list | None = [] if keep_events else None  # for .recording()
         self.report: dict | None = None
         self.still_open: list[Lifecycle] = []
         # Millions of short-lived objects and no reference cycles among them: full
@@ -64,6 +65,8 @@ class LiveSession:
         events = self.stream.poll(timeout_ms)
         if self.recorder is not None:
             self.recorder.add(events)
+        if self.kept is not None:
+            self.kept += events
         self.tracker.feed_all(events)
         now = time.monotonic_ns()
         self.tracker.advance(now)
@@ -89,6 +92,8 @@ class LiveSession:
         rest = self.stream.drain()
         if self.recorder is not None:
             self.recorder.add(rest)
+        if self.kept is not None:
+            self.kept += rest
         self.tracker.feed_all(rest)
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
@@ -126,6 +131,15 @@ class LiveSession:
         if self.recorder is not None:
             self.recorder.close({k: v for k, v in self.report.items() if k != "state_times"})
         return self.report
+
+    def recording(self):
+        """The events of this session (made with keep_events=True) as a Recording, so that a
+        notebook gets the same frames from a live session as from a file."""
+        if self.kept is None:
+            raise ValueError("start the session with keep_events=True to analyse its events")
+        from .recording import Recording, header
+        return Recording.from_events(self.kept, header(self.settings.filters.describe(), self.clock.offset),
+                                     self.report)
 
     def degraded(self) -> bool:
         r = self.report or {}

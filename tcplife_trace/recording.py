@@ -187,6 +187,19 @@ class Recording:
         if not self.paths:
             raise RecordingError("no recording given")
         loaded = [read(str(p)) for p in self.paths]
+        self._combine(loaded)
+
+    @classmethod
+    def from_events(cls, events: list, head: dict, end: dict | None = None) -> "Recording":
+        """A recording of events held in memory (e.g. a live session's), analysed the same way."""
+        blob = b"".join([_FMT.pack(*ev) for ev in events])
+        table = pa.Table.from_batches([_batch(_schema(head), blob)])
+        rec = cls.__new__(cls)
+        rec.paths = []
+        rec._combine([(head, table, end, [])])
+        return rec
+
+    def _combine(self, loaded: list) -> None:
         self.headers = [h for h, _, _, _ in loaded]
         self.ends = [e for _, _, e, _ in loaded]
         self.warnings = [w for _, _, _, ws in loaded for w in ws]
@@ -207,7 +220,7 @@ class Recording:
         self.events = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         self.header = self.headers[0]
         self.end = self.ends[0] if len(self.ends) == 1 else None
-        self.path = self.paths[0]
+        self.path = self.paths[0] if self.paths else None
 
     @property
     def mono_to_wall_ns(self) -> int:
@@ -253,7 +266,7 @@ class Recording:
 
     def __repr__(self) -> str:
         clean = sum(e is not None for e in self.ends)
-        return (f"<Recording {', '.join(map(str, self.paths))}: {self.events.num_rows} events, "
+        return (f"<Recording {', '.join(map(str, self.paths)) or 'in memory'}: {self.events.num_rows} events, "
                 f"{clean}/{len(self.ends)} closed cleanly>")
 
 

@@ -137,3 +137,23 @@ for _ in range(100):
     c = socket.create_connection(ls.getsockname(), timeout=5); a, _ = ls.accept(); c.close(); a.close()
 ls.close()
 """
+
+
+@pytest.mark.privileged
+def test_live_session_gives_the_same_frames_in_memory():
+    from tcplife_trace.live import LiveSession
+    closed = []
+    s = LiveSession(on_close=closed.append, keep_events=True)
+    srv = Server("6", "normal")
+    client("6", srv.port)
+    srv.wait()
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        s.poll(50)
+    s.stop()
+    rec = s.recording()
+    mine = {lc.conn_id: lc for lc in closed if srv.port in (lc.lport, lc.rport)}
+    assert len(mine) == 3
+    frame = rec.lifecycles()
+    compare(frame[frame.conn_id.isin(list(mine))], mine, {})
+    assert rec.end["events_lost"] == 0 and "in memory" in repr(rec)

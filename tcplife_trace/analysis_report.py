@@ -58,6 +58,9 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
     lc, tr = f["lifecycles"], f["transitions"]
     out = []
     for h, e in zip(rec.headers, rec.ends, strict=True):
+        if h.get("imported_from"):
+            out.append(f"imported from {h['imported_from']}: {h.get('source')}")
+            continue
         lost = "?" if e is None else e.get("events_lost", "?")
         out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), filters {h.get('filters')}: "
                    f"{e.get('events', '?') if e else '?'} events, lost in kernel {lost}"

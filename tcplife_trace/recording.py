@@ -186,8 +186,7 @@ class Recording:
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not self.paths:
             raise RecordingError("no recording given")
-        loaded = [read(str(p)) for p in self.paths]
-        self._combine(loaded)
+        self._combine([_read_any(str(p)) for p in self.paths])
 
     @classmethod
     def from_events(cls, events: list, head: dict, end: dict | None = None) -> "Recording":
@@ -268,6 +267,17 @@ class Recording:
         clean = sum(e is not None for e in self.ends)
         return (f"<Recording {', '.join(map(str, self.paths)) or 'in memory'}: {self.events.num_rows} events, "
                 f"{clean}/{len(self.ends)} closed cleanly>")
+
+
+def _read_any(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
+    """A recording, or text captured with tcpstates -T -w (imported, with what it lacks said)."""
+    from . import tcpstates_import
+    if os.path.isfile(path) and tcpstates_import.looks_like_tcpstates(path):
+        events, offset, warnings = tcpstates_import.parse(path)
+        head = header("imported", offset, {"imported_from": "tcpstates text", "source": path})
+        blob = b"".join([_FMT.pack(*ev) for ev in events])
+        return head, pa.Table.from_batches([_batch(_schema(head), blob)]), None, warnings
+    return read(path)
 
 
 def load(path_or_paths) -> Recording:

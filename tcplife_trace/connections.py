@@ -1,16 +1,25 @@
 """Frames derived from the transitions and lifecycles: state durations, summary, groupings."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+
+from .frames import STATE_CATEGORIES
 
 
 def state_durations(trans: pd.DataFrame) -> pd.DataFrame:
     """Long form: one row per (connection, state) with the seconds spent there (known only)."""
-    known = trans[trans.ms_in_old.notna() & trans.conn_id.notna() & (trans.conn_id != 0)]
-    out = known.groupby(["conn_id", "oldstate"], observed=True, sort=False).ms_in_old.sum().reset_index()
-    out = out.rename(columns={"oldstate": "state", "ms_in_old": "seconds"})
-    out["seconds"] = out.seconds / 1e3
-    return out
+    ms = trans.ms_in_old.to_numpy()
+    conn = trans.conn_id.to_numpy(dtype=np.uint64, na_value=0)
+    known = ~np.isnan(ms) & (conn != 0)
+    state = trans.oldstate.cat.codes.to_numpy()[known].astype(np.int64)
+    codes, keys = pd.factorize(conn[known].astype(np.int64) * 16 + state)
+    seconds = np.bincount(codes, weights=ms[known], minlength=len(keys)) / 1e3
+    return pd.DataFrame({
+        "conn_id": pd.array((keys // 16).astype(np.uint64), dtype="UInt64"),
+        "state": pd.Categorical.from_codes((keys % 16).astype(np.int64), categories=STATE_CATEGORIES),
+        "seconds": seconds,
+    })
 
 
 def summary(durations: pd.DataFrame) -> pd.DataFrame:

@@ -42,19 +42,39 @@ def _decoded(col, decode) -> pd.Categorical:
 
 def _addresses(table: pa.Table, column: str, af: np.ndarray) -> pd.Categorical:
     """16-byte addresses -> strings (IPv4 in the first 4 bytes when af is AF_INET)."""
-    col = table[column].combine_chunks()
+    return addresses(_fixed_bytes(table[column]), af)
+
+
+def addresses(raw: np.ndarray, af: np.ndarray) -> pd.Categorical:
+    """(n, 16) address bytes -> a categorical of printable addresses, each distinct one
+    formatted once. IPv4-only data (the usual case) factorizes one 32-bit integer per row."""
+    n = len(af)
     is4 = af == dec.AF_INET
-    # tag each value with its family so one dictionary decodes both kinds
-    raw = _fixed_bytes(col)
-    tagged = np.concatenate([raw, is4[:, None].astype(np.uint8)], axis=1) if len(af) else \
-        np.zeros((0, 17), np.uint8)
-    tagged_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(17), len(af),
-                                                      [None, pa.py_buffer(tagged.tobytes())])
-    return _decoded(tagged_col, lambda v: dec.addr(dec.AF_INET if v[16] else dec.AF_INET6, v[:16]))
+    raw = np.ascontiguousarray(raw)
+    v4 = raw[:, :4].copy().view(np.uint32).ravel() if n else np.zeros(0, np.uint32)
+    if is4.all():
+        codes, _ = pd.factorize(v4)
+    else:
+        halves = raw.view(np.uint64).reshape(n, 2)
+        hi, _ = pd.factorize(np.where(is4, 0, halves[:, 0]))
+        lo, uniq_lo = pd.factorize(np.where(is4, v4, halves[:, 1]))
+        codes, _ = pd.factorize((hi.astype(np.int64) * max(len(uniq_lo), 1) + lo) * 2 + is4)
+    ncat = int(codes.max()) + 1 if n else 0
+    first = np.zeros(ncat, dtype=np.int64)
+    first[codes[::-1]] = np.arange(n - 1, -1, -1)  # the last write wins: each code's first row
+    names = [dec.addr(dec.AF_INET if is4[i] else dec.AF_INET6, raw[i].tobytes()) for i in first]
+    if len(set(names)) != len(names):  # two raw values that print the same: merge them
+        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
+        names, codes = list(uniq), remap[codes]
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
 
 
 def _family(table: pa.Table, af: np.ndarray) -> pd.arrays.IntegerArray:
-    daddr = _fixed_bytes(table["daddr"])
+    return _families(_fixed_bytes(table["daddr"]), af)
+
+
+def _families(daddr: np.ndarray, af: np.ndarray) -> pd.arrays.IntegerArray:
+    """4 or 6 per row; v4-mapped IPv6 (a dual-stack socket's IPv4 peer) counts as 4."""
     mapped = (daddr[:, :10] == 0).all(axis=1) & (daddr[:, 10] == 0xFF) & (daddr[:, 11] == 0xFF)
     fam = np.where(af == dec.AF_INET, 4, np.where(mapped, 4, 6))
     return _masked(fam, (af == dec.AF_INET) | (af == dec.AF_INET6), "Int8")
@@ -86,14 +106,17 @@ def transitions(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     when events in between are missing); cur_pid/cur_comm is the task the kernel was
     running, which in softirq transitions is not the connection's owner.
     """
-    kind = table["kind"].to_numpy()
-    t = table.filter(pa.array(kind == EventKind.STATE))
-    ts = t["ts_ns"].to_numpy().astype(np.int64)
-    gen = t["gen"].to_numpy()
-    old, new = t["oldstate"].to_numpy(), t["newstate"].to_numpy()
-    af = t["family"].to_numpy()
-    flags = t["flags"].to_numpy()
-    sport, dport = t["sport"].to_numpy(), t["dport"].to_numpy()
+    keep = table["kind"].to_numpy() == EventKind.STATE
+
+    def col(name):  # one column of the state rows, without filtering the whole table
+        return table[name].to_numpy()[keep]
+    ts = col("ts_ns").astype(np.int64)
+    gen = col("gen")
+    old, new = col("oldstate"), col("newstate")
+    af = col("family")
+    flags = col("flags")
+    sport, dport = col("sport"), col("dport")
+    daddr = _fixed_bytes(table["daddr"])[keep]
     frame = pd.DataFrame({
         "conn_id": pd.array(gen, dtype="UInt64"),
         "time": pd.to_datetime(ts + mono_to_wall_ns, unit="ns", utc=True),
@@ -106,12 +129,12 @@ def transitions(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     has = prev >= 0
     ok = has & (new[np.where(has, prev, 0)] == old) & (gen != 0)
     frame["ms_in_old"] = np.where(ok, (ts - ts[np.where(has, prev, 0)]) / 1e6, np.nan)
-    frame["cur_pid"] = pd.array(t["pid"].to_numpy(), dtype="UInt32")
-    frame["cur_comm"] = _decoded(t["comm"], dec.comm)
-    frame["family"] = _family(t, af)
-    frame["laddr"] = _addresses(t, "saddr", af)
+    frame["cur_pid"] = pd.array(col("pid"), dtype="UInt32")
+    frame["cur_comm"] = _decoded(table["comm"].filter(pa.array(keep)), dec.comm)
+    frame["family"] = _families(daddr, af)
+    frame["laddr"] = addresses(_fixed_bytes(table["saddr"])[keep], af)
     frame["lport"] = _masked(sport, sport != 0, "UInt16")
-    frame["raddr"] = _addresses(t, "daddr", af)
+    frame["raddr"] = addresses(daddr, af)
     frame["rport"] = _masked(dport, dport != 0, "UInt16")
-    frame["netns"] = _masked(t["netns"].to_numpy(), (flags & dec.F_NETNS) != 0, "UInt32")
+    frame["netns"] = _masked(col("netns"), (flags & dec.F_NETNS) != 0, "UInt32")
     return frame

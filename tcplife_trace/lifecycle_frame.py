@@ -17,13 +17,13 @@ from .frames import STATE_CATEGORIES, _addresses, _decoded, _family, _masked
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
+from .probes.tcp_states import state_name
 
 END_CATEGORIES = ["active_close", "passive_close", "reset_by_peer", "local_abort", "refused",
                   "timeout", "listener_closed", "unknown", "open"]
 ROLE_CATEGORIES = ["active", "passive", "listener", "unknown"]
 SOURCES = ["connect", "listen", "io", "close", "listener", "none"]
 ERRNO_NAMES = {32: "EPIPE", 104: "ECONNRESET", 110: "ETIMEDOUT", 111: "ECONNREFUSED"}
-_PATH_WORDS = np.array([""] + [s + " " for s in STATE_CATEGORIES], dtype=object)
 
 
 class _Segments:
@@ -162,9 +162,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     gap[st] = False
     incomplete = np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)
 
-    words = _PATH_WORDS[np.clip(new, 0, len(STATE_CATEGORIES))]
-    words[st] = _PATH_WORDS[np.clip(old[st], 0, len(STATE_CATEGORIES))] + words[st]
-    paths = np.add.reduceat(words, st) if n else words
+    paths = _paths(old, new, st, en)
 
     comm = _decoded(table["comm"], dec.comm)
     owner_comm = comm.take(np.where(owner_row >= 0, owner_row, -1), allow_fill=True)
@@ -198,9 +196,34 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
         "rx_b": _masked(col["rx_b"][last_r], tx_ok, "UInt64"),
         "eof_seen": to_time(eof_ns, eof_ns >= 0),
         "incomplete": incomplete,
-        "path": pd.array([p.rstrip() for p in paths], dtype="string") if n else pd.array([], dtype="string"),
+        "path": paths,
     })
     return frame
+
+
+def _paths(old: np.ndarray, new: np.ndarray, st: np.ndarray, en: np.ndarray) -> pd.Categorical:
+    """'CLOSE SYN_SENT ESTABLISHED ...' per connection, as a categorical: connections are
+    hashed by their state sequence (two independent polynomial hashes), and each distinct
+    sequence is spelled out once."""
+    n, m = len(st), len(new)
+    if not n:
+        return pd.Categorical([])
+    pos = np.arange(m) - np.repeat(st, en - st + 1)
+    h = []
+    for base in (np.uint64(1_000_003), np.uint64(2_147_483_647)):
+        powers = np.ones(int(pos.max()) + 2, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for i in range(1, len(powers)):
+                powers[i] = powers[i - 1] * base
+            term = (new.astype(np.uint64) + np.uint64(1)) * powers[pos + 1]
+            h.append(np.add.reduceat(term, st) + old[st].astype(np.uint64))
+    c1, _ = pd.factorize(h[0])
+    c2, u2 = pd.factorize(h[1])
+    codes, uniq = pd.factorize(c1.astype(np.int64) * max(len(u2), 1) + c2)
+    first = np.zeros(len(uniq), dtype=np.int64)
+    first[codes[::-1]] = np.arange(n - 1, -1, -1)
+    names = [" ".join(state_name(int(s)) for s in [old[st[c]], *new[st[c]:en[c] + 1]]) for c in first]
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
 
 
 def _named(values: np.ndarray, name) -> pd.Categorical:

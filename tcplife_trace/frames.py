@@ -13,6 +13,23 @@ from .probes.tcp_states import TcpState
 STATE_CATEGORIES = [s.name for s in TcpState]  # kernel order, 1..12
 
 
+class Columns:
+    """Contiguous numpy copies of a recording's columns, made once and shared by the frames
+    (a recording is many small batches: joining them is most of the memory traffic)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        v = self._cache.get(name)
+        if v is None:
+            col = self.table[name]
+            v = _fixed_bytes(col) if pa.types.is_fixed_size_binary(col.type) else col.to_numpy()
+            self._cache[name] = v
+        return v
+
+
 def _states(col: np.ndarray) -> pd.Categorical:
     codes = col.astype(np.int16) - 1
     codes[(codes < 0) | (codes >= len(STATE_CATEGORIES))] = -1  # unknown numbers -> NaN
@@ -99,24 +116,25 @@ def _masked(values: np.ndarray, valid: np.ndarray, dtype: str):
                                ~np.asarray(valid, dtype=bool))
 
 
-def transitions(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
+def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
     """One row per state change, in recorded order.
 
     ms_in_old is the time spent in `oldstate` (NaN when its start was not recorded, or
     when events in between are missing); cur_pid/cur_comm is the task the kernel was
     running, which in softirq transitions is not the connection's owner.
     """
-    keep = table["kind"].to_numpy() == EventKind.STATE
+    cols = cols or Columns(table)
+    keep = cols["kind"] == EventKind.STATE
 
     def col(name):  # one column of the state rows, without filtering the whole table
-        return table[name].to_numpy()[keep]
+        return cols[name][keep]
     ts = col("ts_ns").astype(np.int64)
     gen = col("gen")
     old, new = col("oldstate"), col("newstate")
     af = col("family")
     flags = col("flags")
     sport, dport = col("sport"), col("dport")
-    daddr = _fixed_bytes(table["daddr"])[keep]
+    daddr = col("daddr")
     frame = pd.DataFrame({
         "conn_id": pd.array(gen, dtype="UInt64"),
         "time": pd.to_datetime(ts + mono_to_wall_ns, unit="ns", utc=True),
@@ -132,7 +150,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     frame["cur_pid"] = pd.array(col("pid"), dtype="UInt32")
     frame["cur_comm"] = _decoded(table["comm"].filter(pa.array(keep)), dec.comm)
     frame["family"] = _families(daddr, af)
-    frame["laddr"] = addresses(_fixed_bytes(table["saddr"])[keep], af)
+    frame["laddr"] = addresses(col("saddr"), af)
     frame["lport"] = _masked(sport, sport != 0, "UInt16")
     frame["raddr"] = addresses(daddr, af)
     frame["rport"] = _masked(dport, dport != 0, "UInt16")

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .analysis.lifecycle import RST_REASONS
-from .frames import STATE_CATEGORIES, _addresses, _decoded, _family, _masked
+from .frames import STATE_CATEGORIES, Columns, _decoded, _families, _masked, addresses
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
@@ -61,10 +61,8 @@ def _per_conn(ids: np.ndarray, conn: np.ndarray, values: np.ndarray, last: bool 
     return pos[ok], values[first[ok]]
 
 
-def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
-    col = {name: table[name].to_numpy() for name in
-           ("kind", "gen", "ts_ns", "oldstate", "newstate", "pid", "sport", "dport", "family", "flags",
-            "netns", "uid", "value", "tx_b", "rx_b")}
+def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
+    col = cols or Columns(table)
     kind, gen = col["kind"], col["gen"]
     is_state = (kind == EventKind.STATE) & (gen != 0)
     rows = np.flatnonzero(is_state)                      # table rows of state events
@@ -164,10 +162,10 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
 
     paths = _paths(old, new, st, en)
 
-    comm = _decoded(table["comm"], dec.comm)
-    owner_comm = comm.take(np.where(owner_row >= 0, owner_row, -1), allow_fill=True)
-    last = table.take(pa.array(last_r, type=pa.int64()))  # each connection's last transition
-    last_af = col["family"][last_r]
+    has_owner = owner_row >= 0
+    comm = _decoded(table["comm"].take(pa.array(owner_row[has_owner], type=pa.int64())), dec.comm)
+    owner_comm = comm.take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
+    last_af = col["family"][last_r]  # addresses and family from each connection's last transition
     tx_ok = (col["flags"][last_r] & dec.F_BYTES) != 0
     uid_ok = (col["flags"][last_r] & dec.F_UID) != 0
     to_time = lambda v, ok: pd.to_datetime(np.where(ok, v + mono_to_wall_ns, 0), unit="ns", utc=True) \
@@ -175,9 +173,9 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int) -> pd.DataFrame:
     frame = pd.DataFrame({
         "conn_id": ids.astype(np.uint64),
         "role": pd.Categorical.from_codes(role, ROLE_CATEGORIES),
-        "family": _family(last, last_af),
-        "laddr": _addresses(last, "saddr", last_af), "lport": _masked(lport, lport != 0, "UInt16"),
-        "raddr": _addresses(last, "daddr", last_af), "rport": _masked(rport, rport != 0, "UInt16"),
+        "family": _families(col["daddr"][last_r], last_af),
+        "laddr": addresses(col["saddr"][last_r], last_af), "lport": _masked(lport, lport != 0, "UInt16"),
+        "raddr": addresses(col["daddr"][last_r], last_af), "rport": _masked(rport, rport != 0, "UInt16"),
         "netns": _masked(netns, netns_ok, "UInt32"),
         "birth_seen": birth_seen,
         "start": to_time(start_ns, np.ones(n, bool)),

@@ -225,19 +225,25 @@ class Recording:
     def mono_to_wall_ns(self) -> int:
         return int(self.headers[0].get("mono_to_wall_ns", 0))
 
+    def columns(self):
+        from .frames import Columns
+        if not hasattr(self, "_columns"):
+            self._columns = Columns(self.events)
+        return self._columns
+
     @property
     def transitions(self):
         """One row per state change (see README, "Recordings")."""
         from .frames import transitions
         if not hasattr(self, "_transitions"):
-            self._transitions = transitions(self.events, self.mono_to_wall_ns)
+            self._transitions = transitions(self.events, self.mono_to_wall_ns, self.columns())
         return self._transitions
 
     def lifecycles(self):
         """One row per connection (see README, "Recordings")."""
         from .lifecycle_frame import lifecycles
         if not hasattr(self, "_lifecycles"):
-            self._lifecycles = lifecycles(self.events, self.mono_to_wall_ns)
+            self._lifecycles = lifecycles(self.events, self.mono_to_wall_ns, self.columns())
         return self._lifecycles
 
     def state_durations(self):

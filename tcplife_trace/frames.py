@@ -57,11 +57,6 @@ def _decoded(col, decode) -> pd.Categorical:
     return pd.Categorical.from_codes(idx, categories=pd.Index(names, dtype=object))
 
 
-def _addresses(table: pa.Table, column: str, af: np.ndarray) -> pd.Categorical:
-    """16-byte addresses -> strings (IPv4 in the first 4 bytes when af is AF_INET)."""
-    return addresses(_fixed_bytes(table[column]), af)
-
-
 def addresses(raw: np.ndarray, af: np.ndarray) -> pd.Categorical:
     """(n, 16) address bytes -> a categorical of printable addresses, each distinct one
     formatted once. IPv4-only data (the usual case) factorizes one 32-bit integer per row."""
@@ -84,10 +79,6 @@ def addresses(raw: np.ndarray, af: np.ndarray) -> pd.Categorical:
         uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
         names, codes = list(uniq), remap[codes]
     return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
-
-
-def _family(table: pa.Table, af: np.ndarray) -> pd.arrays.IntegerArray:
-    return _families(_fixed_bytes(table["daddr"]), af)
 
 
 def _families(daddr: np.ndarray, af: np.ndarray) -> pd.arrays.IntegerArray:

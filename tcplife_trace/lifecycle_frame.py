@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .analysis.lifecycle import RST_REASONS
-from .frames import STATE_CATEGORIES, Columns, _decoded, _families, _masked, addresses
+from .frames import Columns, _decoded, _families, _masked, addresses
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S

@@ -7,7 +7,6 @@ BTF; optional tracepoints are feature-probed and compiled in only if present.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -146,7 +145,6 @@ def load(settings: Settings) -> LoadedProgram:
     source = build_source(settings, root)
     bcc = import_bcc()
     os.environ["BCC_KERNEL_SOURCE"] = ebpf.STUB_KERNEL_SOURCE
-    captured = io.StringIO()
     try:
         # clang and the verifier write to fd 2 directly; bcc raises a bare Exception
         bpf = bcc.BPF(text=source.text.encode(), cflags=source.cflags)
@@ -158,6 +156,4 @@ def load(settings: Settings) -> LoadedProgram:
         raise ProgramError(f"the BPF program failed to compile or load: {msg[:200]} "
                            "(the compiler/verifier output is above; `tcplife-trace --ebpf` "
                            "prints the program)") from None
-    finally:
-        del captured
     return LoadedProgram(bpf, source)

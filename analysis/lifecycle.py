@@ -97,8 +97,6 @@ class Lifecycle:
     def last_state_before_close(self) -> int | None:
         return self.path[-2] if len(self.path) >= 2 and self.path[-1] == S.CLOSE else None
 
-    def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Transition:
@@ -156,10 +154,7 @@ class Tracker:
 
     # -- input -------------------------------------------------------------
     def feed(self, ev: Ev) -> None:
-        self.counters.events += 1
-        handler = self._dispatch.get(ev.kind)
-        if handler:
-            handler(ev)
+        self.feed_all((ev,))
 
     def feed_all(self, events) -> None:
         state, dispatch = self._state, self._dispatch

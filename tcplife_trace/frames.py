@@ -44,17 +44,29 @@ def _fixed_bytes(col) -> np.ndarray:
     return data[arr.offset * width:(arr.offset + len(arr)) * width].reshape(-1, width)
 
 
+def first_rows(codes: np.ndarray, ncat: int) -> np.ndarray:
+    """The first row holding each code 0..ncat-1."""
+    first = np.zeros(ncat, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # the last write wins
+    return first
+
+
+def spelled(codes: np.ndarray, names: list[str]) -> pd.Categorical:
+    """Row codes and one name per code -> a categorical; codes whose names coincide
+    (two raw values that print the same) are merged."""
+    if len(set(names)) != len(names):
+        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
+        names, codes = list(uniq), remap[codes]
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
+
+
 def _decoded(col, decode) -> pd.Categorical:
     """Distinct values decoded once, then spread back by code."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     enc = pc.dictionary_encode(col)
     names = [decode(v) for v in enc.dictionary.to_pylist()]
-    idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    if len(set(names)) != len(names):  # two raw values that print the same: merge them
-        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
-        names, idx = list(uniq), remap[idx]
-    return pd.Categorical.from_codes(idx, categories=pd.Index(names, dtype=object))
+    return spelled(enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), names)
 
 
 def addresses(raw: np.ndarray, af: np.ndarray) -> pd.Categorical:
@@ -71,14 +83,9 @@ def addresses(raw: np.ndarray, af: np.ndarray) -> pd.Categorical:
         hi, _ = pd.factorize(np.where(is4, 0, halves[:, 0]))
         lo, uniq_lo = pd.factorize(np.where(is4, v4, halves[:, 1]))
         codes, _ = pd.factorize((hi.astype(np.int64) * max(len(uniq_lo), 1) + lo) * 2 + is4)
-    ncat = int(codes.max()) + 1 if n else 0
-    first = np.zeros(ncat, dtype=np.int64)
-    first[codes[::-1]] = np.arange(n - 1, -1, -1)  # the last write wins: each code's first row
-    names = [dec.addr(dec.AF_INET if is4[i] else dec.AF_INET6, raw[i].tobytes()) for i in first]
-    if len(set(names)) != len(names):  # two raw values that print the same: merge them
-        uniq, remap = np.unique(np.array(names, dtype=object), return_inverse=True)
-        names, codes = list(uniq), remap[codes]
-    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
+    first = first_rows(codes, int(codes.max()) + 1 if n else 0)
+    return spelled(codes, [dec.addr(dec.AF_INET if is4[i] else dec.AF_INET6, raw[i].tobytes())
+                           for i in first])
 
 
 def _families(daddr: np.ndarray, af: np.ndarray) -> pd.arrays.IntegerArray:

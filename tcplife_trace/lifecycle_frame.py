@@ -8,22 +8,27 @@ trace both ways and checks they agree connection by connection.
 """
 from __future__ import annotations
 
+import errno as errno_mod
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .analysis.lifecycle import RST_REASONS
-from .frames import Columns, _decoded, _families, _masked, addresses
+from .analysis.lifecycle import (ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, OWNER_SOURCES,
+                                 ROLES, RST_REASONS)
+from .frames import Columns, _decoded, _families, _masked, addresses, first_rows, spelled
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
 from .probes.tcp_states import state_name
 
-END_CATEGORIES = ["active_close", "passive_close", "reset_by_peer", "local_abort", "refused",
-                  "timeout", "listener_closed", "unknown", "open"]
-ROLE_CATEGORIES = ["active", "passive", "listener", "unknown"]
-SOURCES = ["connect", "listen", "io", "close", "listener", "none"]
-ERRNO_NAMES = {32: "EPIPE", 104: "ECONNRESET", 110: "ETIMEDOUT", 111: "ECONNREFUSED"}
+# the live state machine's vocabularies; codes below are positions in these lists
+END_CATEGORIES = [*END_REASONS, "open"]
+ROLE_CATEGORIES = list(ROLES)
+SOURCES = list(OWNER_SOURCES)
+_END = {name: i for i, name in enumerate(END_CATEGORIES)}
+_ROLE = {name: i for i, name in enumerate(ROLE_CATEGORIES)}
+_SRC = {name: i for i, name in enumerate(SOURCES)}
 
 
 class _Segments:
@@ -37,17 +42,13 @@ class _Segments:
         self.ids = c[self.starts]
         self.sorted_conn = c
 
-    def first_where(self, mask_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(connection positions, sorted row positions) of each connection's first masked row."""
+    def where(self, mask_sorted: np.ndarray, last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(connection positions, sorted row positions) of each connection's first (or last)
+        masked row."""
         idx = np.flatnonzero(mask_sorted)
         c = self.sorted_conn[idx]
-        keep = np.r_[True, c[1:] != c[:-1]] if len(c) else np.zeros(0, bool)
-        return np.searchsorted(self.ids, c[keep]), idx[keep]
-
-    def last_where(self, mask_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.flatnonzero(mask_sorted)
-        c = self.sorted_conn[idx]
-        keep = np.r_[c[1:] != c[:-1], True] if len(c) else np.zeros(0, bool)
+        change = c[1:] != c[:-1]
+        keep = (np.r_[change, True] if last else np.r_[True, change]) if len(c) else np.zeros(0, bool)
         return np.searchsorted(self.ids, c[keep]), idx[keep]
 
 
@@ -77,12 +78,13 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     # role: a birth fixes it; otherwise the last transition that tells
     fo, fn = old[st], new[st]
     birth = np.select([(fo == S.CLOSE) & (fn == S.SYN_SENT), (fo == S.CLOSE) & (fn == S.LISTEN),
-                       (fo == S.LISTEN) & (fn == S.SYN_RECV)], [0, 2, 1], default=-1)
+                       (fo == S.LISTEN) & (fn == S.SYN_RECV)],
+                      [_ROLE["active"], _ROLE["listener"], _ROLE["passive"]], default=-1)
     hint = np.select([((old == S.LISTEN) & (new == S.CLOSE)) | (new == S.LISTEN),
                       (old == S.SYN_SENT) | (new == S.SYN_SENT), (old == S.SYN_RECV) | (new == S.SYN_RECV)],
-                     [2, 0, 1], default=-1)
-    role = np.full(n, 3)
-    pos, i = seg.last_where(hint >= 0)
+                     [_ROLE["listener"], _ROLE["active"], _ROLE["passive"]], default=-1)
+    role = np.full(n, _ROLE["unknown"])
+    pos, i = seg.where(hint >= 0, last=True)
     role[pos] = hint[i]
     role = np.where(birth >= 0, birth, role)
 
@@ -91,7 +93,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     start_ns, end_ns = ts[st], ts[en]
 
     # owners, strongest source first
-    src = np.full(n, len(SOURCES) - 1)
+    src = np.full(n, _SRC["none"])
     owner_row = np.full(n, -1)
 
     def offer(pos: np.ndarray, table_rows: np.ndarray, source: int) -> None:
@@ -99,16 +101,16 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         src[pos[take]] = source
         owner_row[pos[take]] = table_rows[take]
 
-    for (a, b), source in (((S.CLOSE, S.SYN_SENT), 0), ((S.CLOSE, S.LISTEN), 1)):
-        pos, i = seg.first_where((old == a) & (new == b))
+    for (a, b), source in (((S.CLOSE, S.SYN_SENT), _SRC["connect"]), ((S.CLOSE, S.LISTEN), _SRC["listen"])):
+        pos, i = seg.where((old == a) & (new == b))
         offer(pos, srt[i], source)
     io_rows = np.flatnonzero((kind == EventKind.IO_OWNER) & (gen != 0))
     pos, r = _per_conn(ids, gen[io_rows], io_rows)
-    offer(pos, r, 2)
+    offer(pos, r, _SRC["io"])
     closer = (((old == S.ESTABLISHED) | (old == S.SYN_RECV)) & (new == S.FIN_WAIT1)) | \
         ((old == S.CLOSE_WAIT) & (new == S.LAST_ACK)) | ((old == S.LISTEN) & (new == S.CLOSE))
-    pos, i = seg.first_where(closer)
-    offer(pos, srt[i], 3)
+    pos, i = seg.where(closer)
+    offer(pos, srt[i], _SRC["close"])
 
     lport = np.maximum.reduceat(col["sport"][srt].astype(np.int64), st) if n else np.zeros(0, np.int64)
     rport = np.maximum.reduceat(col["dport"][srt].astype(np.int64), st) if n else np.zeros(0, np.int64)
@@ -117,8 +119,8 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     # accepted sockets: the owner of the listener open on that netns and port at birth
     listener_pid = np.full(n, -1)
-    lis = np.flatnonzero((role == 2) & (src == 1))
-    kids = np.flatnonzero((role == 1) & birth_seen)
+    lis = np.flatnonzero((role == _ROLE["listener"]) & (src == _SRC["listen"]))
+    kids = np.flatnonzero((role == _ROLE["passive"]) & birth_seen)
     if len(lis) and len(kids):
         key = lambda idx: netns[idx] * 65536 + lport[idx]  # noqa: E731
         right = pd.DataFrame({"t": start_ns[lis], "k": key(lis), "lis": lis}).sort_values("t")
@@ -129,7 +131,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         alive = ~closed[li] | (end_ns[li] >= m.t.to_numpy())
         kid, li = kid[alive], li[alive]
         listener_pid[kid] = col["pid"][owner_row[li]]
-        offer(kid, owner_row[li], 4)
+        offer(kid, owner_row[li], _SRC["listener"])
     pid = np.where(owner_row >= 0, col["pid"][np.maximum(owner_row, 0)], 0)
 
     # how it ended, from the events around the CLOSE
@@ -143,11 +145,21 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     errno = np.full(n, -1)
     pos, v = _per_conn(ids, gen[er_rows], col["value"][er_rows], last=True)
     errno[pos] = v
-    reason = np.select(
-        [role == 2, ~closed, (rr | (errno == 111)) & (before == S.SYN_SENT), rr | (errno == 111),
-         errno == 110, rst_sent >= 0, (errno == 104) | (errno == 32), before == S.LAST_ACK,
-         (before == S.FIN_WAIT2) | (before == S.CLOSING), (before == S.SYN_SENT) | (before == S.SYN_RECV)],
-        [6, 8, 4, 2, 5, 3, 2, 1, 0, 3], default=7)
+    # the order of analysis.lifecycle.classify_end
+    rules = [
+        (role == _ROLE["listener"], "listener_closed"),
+        (~closed, "open"),
+        ((rr | (errno == ECONNREFUSED)) & (before == S.SYN_SENT), "refused"),
+        (rr | (errno == ECONNREFUSED), "reset_by_peer"),
+        (errno == ETIMEDOUT, "timeout"),
+        (rst_sent >= 0, "local_abort"),
+        ((errno == ECONNRESET) | (errno == EPIPE), "reset_by_peer"),
+        (before == S.LAST_ACK, "passive_close"),
+        ((before == S.FIN_WAIT2) | (before == S.CLOSING), "active_close"),
+        ((before == S.SYN_SENT) | (before == S.SYN_RECV), "local_abort"),
+    ]
+    reason = np.select([cond for cond, _ in rules], [_END[name] for _, name in rules],
+                       default=_END["unknown"])
 
     eof_rows = np.flatnonzero(((kind == EventKind.EOF) | (kind == EventKind.IO_OWNER)) & (gen != 0)
                               & ((col["flags"] & dec.F_EOF) != 0))
@@ -188,8 +200,8 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "uid": _masked(col["uid"][last_r], uid_ok, "UInt32"),
         "end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
         "rst_sent_reason": _named(rst_sent, lambda v: RST_REASONS.get(v, str(v))),
-        "errno": _named(errno, lambda v: ERRNO_NAMES.get(v, str(v))),
-        "time_wait": reason == 0,
+        "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
+        "time_wait": reason == _END["active_close"],
         "tx_b": _masked(col["tx_b"][last_r], tx_ok, "UInt64"),
         "rx_b": _masked(col["rx_b"][last_r], tx_ok, "UInt64"),
         "eof_seen": to_time(eof_ns, eof_ns >= 0),
@@ -218,10 +230,8 @@ def _paths(old: np.ndarray, new: np.ndarray, st: np.ndarray, en: np.ndarray) -> 
     c1, _ = pd.factorize(h[0])
     c2, u2 = pd.factorize(h[1])
     codes, uniq = pd.factorize(c1.astype(np.int64) * max(len(u2), 1) + c2)
-    first = np.zeros(len(uniq), dtype=np.int64)
-    first[codes[::-1]] = np.arange(n - 1, -1, -1)
-    names = [" ".join(state_name(int(s)) for s in [old[st[c]], *new[st[c]:en[c] + 1]]) for c in first]
-    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
+    return spelled(codes, [" ".join(state_name(int(s)) for s in [old[st[c]], *new[st[c]:en[c] + 1]])
+                           for c in first_rows(codes, len(uniq))])
 
 
 def _named(values: np.ndarray, name) -> pd.Categorical:

@@ -63,22 +63,28 @@ class LiveSession:
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         events = self.stream.poll(timeout_ms)
-        if self.recorder is not None:
-            self.recorder.add(events)
-        if self.kept is not None:
-            self.kept += events
-        self.tracker.feed_all(events)
+        self._consume(events)
         now = time.monotonic_ns()
         self.tracker.advance(now)
         if now >= self._next_loss_check:
             self._check_losses(now)
         return len(events)
 
+    def _consume(self, events: list) -> None:
+        if self.recorder is not None:
+            self.recorder.add(events)
+        if self.kept is not None:
+            self.kept += events
+        self.tracker.feed_all(events)
+
+    def _lost(self, kernel: dict) -> int:
+        """Events that never reached user space: refused by both the ring and the overflow buffer."""
+        return sum(kernel["lost"].values()) + self.stream.overflow_lost
+
     def _check_losses(self, now: int) -> None:
         """Once a second: has the kernel lost events since the last look? Say so now, not at exit."""
         self._next_loss_check = now + 1_000_000_000
-        counts = self.stream.kernel_counts()
-        lost = sum(counts["lost"].values()) + self.stream.overflow_lost
+        lost = self._lost(self.stream.kernel_counts())
         if lost > self._lost_seen:
             if self.on_loss:
                 self.on_loss(lost - self._lost_seen, lost)
@@ -89,16 +95,11 @@ class LiveSession:
         if self.report is not None:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
-        rest = self.stream.drain()
-        if self.recorder is not None:
-            self.recorder.add(rest)
-        if self.kept is not None:
-            self.kept += rest
-        self.tracker.feed_all(rest)
+        self._consume(self.stream.drain())
         self.still_open = self.tracker.finish()
         kernel = self.stream.kernel_counts()
         c = self.tracker.counters
-        lost = sum(kernel["lost"].values()) + self.stream.overflow_lost
+        lost = self._lost(kernel)
         self.report = {
             "duration_s": round(duration_s, 3),
             "startup_s": round(self.startup_s, 3),

@@ -63,6 +63,16 @@ def _batch(schema: pa.Schema, blob: bytes) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
+def _packed(events: list) -> bytes:
+    """`Ev`-ordered tuples back into struct tlt_event records."""
+    pack = _FMT.pack
+    return b"".join([pack(*ev) for ev in events])
+
+
+def _table(events: list, head: dict) -> pa.Table:
+    return pa.Table.from_batches([_batch(_schema(head), _packed(events))])
+
+
 def header(filters: str, wall_offset_ns: int, extra: dict | None = None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION, "tool": "tcplife-trace", "tool_version": __version__,
@@ -93,8 +103,7 @@ class RecordingWriter:
     def add(self, events: list) -> None:
         """Events as `Ev`-ordered tuples; written at least once a second."""
         if events:
-            pack = _FMT.pack
-            self._pending.append(b"".join([pack(*ev) for ev in events]))
+            self._pending.append(_packed(events))
             self.events += len(events)
         if self._pending and (time.monotonic() - self._last_flush >= FLUSH_SECONDS
                               or sum(map(len, self._pending)) >= FLUSH_EVENTS * EVENT_SIZE):
@@ -191,11 +200,9 @@ class Recording:
     @classmethod
     def from_events(cls, events: list, head: dict, end: dict | None = None) -> "Recording":
         """A recording of events held in memory (e.g. a live session's), analysed the same way."""
-        blob = b"".join([_FMT.pack(*ev) for ev in events])
-        table = pa.Table.from_batches([_batch(_schema(head), blob)])
         rec = cls.__new__(cls)
         rec.paths = []
-        rec._combine([(head, table, end, [])])
+        rec._combine([(head, _table(events, head), end, [])])
         return rec
 
     def _combine(self, loaded: list) -> None:
@@ -206,7 +213,7 @@ class Recording:
         tables = []
         for i, (h, t, _, _) in enumerate(loaded):
             shift = int(h.get("mono_to_wall_ns", 0)) - base
-            if shift or i:
+            if i:  # (the first file is the reference: no shift, ids as recorded)
                 import pyarrow.compute as pc
                 gen = t["gen"]
                 # connection ids: file index in the top 16 bits (0 stays "no generation")
@@ -281,8 +288,7 @@ def _read_any(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
     if os.path.isfile(path) and tcpstates_import.looks_like_tcpstates(path):
         events, offset, warnings = tcpstates_import.parse(path)
         head = header("imported", offset, {"imported_from": "tcpstates text", "source": path})
-        blob = b"".join([_FMT.pack(*ev) for ev in events])
-        return head, pa.Table.from_batches([_batch(_schema(head), blob)]), None, warnings
+        return head, _table(events, head), None, warnings
     return read(path)
 
 

@@ -34,9 +34,6 @@ class Clock:
         return (mono_ns - self.start) / 1e9
 
 
-_STATE_NAMES = {s.value: s.name for s in S}
-
-
 def _ms(ns: int | None, fmt: str = "%.3f") -> str:
     return "-" if ns is None else fmt % (ns / 1e6)
 
@@ -88,8 +85,7 @@ class TextView:
             cached = lc.view_cache = (key, self._owner(lc) + " " + self._endpoints(lc) + " ")
         line = "%s%s%-11s -> %-11s %s" % (
             self._prefix(t.ts_ns) if self.hms or self.seconds else "", cached[1],
-            _STATE_NAMES.get(t.oldstate) or state_name(t.oldstate),
-            _STATE_NAMES.get(t.newstate) or state_name(t.newstate),
+            state_name(t.oldstate), state_name(t.newstate),
             "-" if t.dur_ns is None else "%.3f" % (t.dur_ns / 1e6))
         return line + "  (" + t.note + ")" if t.note else line
 

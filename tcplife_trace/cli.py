@@ -84,11 +84,17 @@ def _out(line: str) -> None:
                    "for offline analysis with tcplife_trace.load(FILE).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
+@click.option("--poll-interval", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="S",
+              help="Look at every socket (sock_diag, all namespaces) every S seconds and print leak "
+                   "findings as they appear; 0 turns the detectors off.")
+@click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
+              help="Change a detector threshold, e.g. close_wait_age_s=30 (repeatable).")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
-        as_json, strict, max_conns, ring_pages, niceness, record_path, report_path, print_ebpf):
+        as_json, strict, max_conns, ring_pages, niceness, record_path, report_path, poll_interval,
+        threshold_pairs, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
@@ -103,7 +109,8 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
         return
     ctx.exit(trace(settings, niceness=niceness, hms=hms, seconds=seconds, wide=wide, duration=duration,
                    lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path,
-                   record_path=record_path))
+                   record_path=record_path, poll_interval=poll_interval,
+                   thresholds=_thresholds(threshold_pairs)))
 
 
 def _set_priority(niceness: int) -> None:
@@ -116,7 +123,7 @@ def _set_priority(niceness: int) -> None:
 
 def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: bool, wide: bool, duration: float | None,
           lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None,
-          record_path: str | None = None) -> int:
+          record_path: str | None = None, poll_interval: float = 0.0, thresholds=None) -> int:
     if report_path:
         try:
             open(report_path, "a").close()  # fail now, not after the incident was traced
@@ -166,6 +173,14 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     holder["s"] = session
     _set_priority(niceness)
     view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
+    watch = None
+    if poll_interval > 0:
+        from . import findings_view
+        from .diagnosis import Watch
+        watch = Watch(thresholds, tracker=session.tracker)
+        session.close_watchers.append(watch.closed)
+        watch.take_seed()
+        next_poll = time.monotonic() + poll_interval
     for notice in session.notices:
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
     click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.program.source.tracepoints)} "
@@ -184,7 +199,17 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 timeout = max(1, min(timeout, int(left * 1000)))
             session.poll(timeout)
             flush()
+            if watch is not None and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + poll_interval
+                for f in watch.poll():
+                    click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+        findings = None
+        if watch is not None:
+            session.poll(0)
+            findings = watch.final()
         report = session.stop()
+        if findings is not None:
+            report["findings"] = [f.as_dict() for f in findings]
         if lifecycles:
             for lc in session.still_open:
                 add(dumps(lifecycle_record(lc, session.clock, still_open=True)) if as_json
@@ -261,6 +286,57 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
                for name, df in frames.items() if name != "transitions"}
         doc["recordings"] = [{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends, strict=True)]
         _out(json.dumps(doc))
+
+
+def _thresholds(pairs: tuple[str, ...]):
+    from .analysis.leaks import Thresholds
+    t = Thresholds()
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in Thresholds.names():
+            raise click.BadParameter(f"unknown threshold {name!r}; known: {', '.join(Thresholds.names())}",
+                                     param_hint="--threshold")
+        kind = type(getattr(t, name))
+        try:
+            setattr(t, name, kind(value))
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: {name} takes a {kind.__name__}",
+                                     param_hint="--threshold") from None
+    return t
+
+
+_THRESHOLD_HELP = ("Change a detector threshold, e.g. close_wait_age_s=30 (repeatable; names in the "
+                   "README).")
+
+
+@cli.command("doctor")
+@click.option("--duration", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="S",
+              help="How long to trace after the first snapshot.")
+@click.option("--interval", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="S",
+              help="Snapshot every S seconds while tracing (0: only at start and end).")
+@click.option("--fail-on", type=click.Choice(["info", "warning", "critical"]), default="warning",
+              show_default=True, help="Exit 1 when a finding is at least this severe.")
+@click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE", help=_THRESHOLD_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json):
+    """Snapshot every TCP socket (all namespaces), trace for a while, report leaks and piles.
+
+    Exit status: 0 healthy, 1 findings at or above --fail-on, 2 could not run.
+    """
+    from . import doctor, findings_view
+    thresholds = _thresholds(threshold_pairs)
+    stop = _Stop()
+
+    def announce(f):
+        click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+
+    click.echo(f"tcplife-trace doctor: snapshot, then tracing for {duration:g} s", err=True)
+    report = doctor.run(duration_s=duration, interval_s=interval, thresholds=thresholds,
+                        on_finding=None if as_json else announce, should_stop=lambda: stop.requested)
+    _out(findings_view.report_json(report) if as_json else findings_view.report_text(report))
+    ctx.exit(doctor.exit_status(report["findings"], fail_on))
 
 
 def main(argv: list[str] | None = None) -> int:

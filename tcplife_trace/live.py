@@ -37,6 +37,7 @@ class LiveSession:
         self.state_times = StateTimes()
         self.end_reasons: Counter[str] = Counter()
         self._user_on_close = on_close
+        self.close_watchers: list[Callable[[Lifecycle], None]] = []  # e.g. diagnosis.Watch.closed
         self.on_loss = on_loss
         self._lost_seen = 0
         self._next_loss_check = 0
@@ -59,6 +60,8 @@ class LiveSession:
         self.end_reasons[lc.end_reason] += 1
         if self._user_on_close:
             self._user_on_close(lc)
+        for watcher in self.close_watchers:
+            watcher(lc)
 
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""

@@ -188,4 +188,8 @@ def summary_text(report: dict) -> str:
     if r["sequence_gaps"] or r["unmatched_errors"]:
         lines.append(f"  inconsistencies: {r['sequence_gaps']} transitions out of sequence, "
                      f"{r['unmatched_errors']} errno reports without a connection")
+    if "findings" in r:
+        lines.append(f"  findings: {len(r['findings'])}" + ("" if r["findings"] else " (healthy)"))
+        for f in r["findings"]:
+            lines.append(f"    {f['severity'].upper()} {f['kind']}: {f['summary']}")
     return "\n".join(lines)

@@ -1,0 +1,500 @@
+"""Leak and pile detectors: the playbook of docs/tcp-troubleshooting.md, as code.
+
+Input is plain data, whatever it came from (a live trace joined to sock_diag
+snapshots, or a recording): `Evidence` holds
+  - `sockets`: one row per socket present now (SOCKET_COLUMNS),
+  - `ended`: one row per connection that ended during the observation (ENDED_COLUMNS),
+  - per-namespace counter deltas and settings, and how long we watched.
+Each detector returns `Finding`s with the sockets, owner, ages and rates that
+back it, and advice. Thresholds are in `Thresholds`; every one is a flag.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+
+SEVERITIES = ("info", "warning", "critical")
+SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+SOCKET_COLUMNS = ("netns", "state", "laddr", "lport", "raddr", "rport", "inode", "timer",
+                  "rqueue", "wqueue", "idle_recv_s", "idle_sent_s", "owner_pid", "owner_comm",
+                  "owner_fd", "age_s", "age_lower_bound", "eof_age_s")
+ENDED_COLUMNS = ("netns", "role", "laddr", "lport", "raddr", "rport", "owner_pid", "owner_comm",
+                 "end_reason", "time_wait")
+TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in Linux
+
+
+@dataclass
+class Thresholds:
+    close_wait_age_s: float = 5.0      # CLOSE_WAIT longer than this is the application's bug
+    fin_wait1_age_s: float = 10.0      # our FIN unacknowledged this long: the peer is gone
+    fin_wait2_age_s: float = 30.0      # half-closed this long: the peer never closes
+    last_ack_age_s: float = 10.0
+    closing_age_s: float = 10.0
+    pile_warning: int = 10             # sockets in one group for a pile to be a warning
+    pile_critical: int = 100
+    syn_sent_failures: int = 3         # failed or stuck connects to one destination
+    syn_sent_age_s: float = 1.0        # a SYN_SENT socket older than this is stuck
+    fanout_destinations: int = 50      # distinct failing destinations from one process
+    syn_recv_per_listener: int = 16    # half-open request sockets on one listener
+    time_wait_use: float = 0.5         # TIME_WAIT share of the ephemeral range (now or steady)
+    time_wait_rate: float = 500.0      # active closes per second to one destination
+    idle_established_s: float = 600.0  # no data either way, keepalive off
+    peer_connections: int = 200        # ESTABLISHED + CLOSE_WAIT held by one peer
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class Finding:
+    kind: str
+    severity: str
+    count: int
+    summary: str
+    advice: str
+    netns: int | None = None
+    owner_pid: int | None = None
+    owner_comm: str | None = None
+    local: str | None = None
+    peer: str | None = None
+    rate_per_s: float | None = None
+    oldest_age_s: float | None = None
+    age_lower_bound: bool = False
+    samples: list[str] = field(default_factory=list)
+    evidence: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.kind, self.netns, self.owner_pid, self.local, self.peer)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Evidence:
+    sockets: pd.DataFrame
+    ended: pd.DataFrame
+    duration_s: float
+    counter_deltas: dict[int, dict[str, int]] = field(default_factory=dict)
+    sysctls: dict[int, dict[str, object]] = field(default_factory=dict)
+    new_listeners: pd.DataFrame | None = None    # LISTEN sockets born during the observation
+    complete_snapshot: bool = True               # sockets include ESTABLISHED and TIME_WAIT
+
+
+def empty_sockets() -> pd.DataFrame:
+    return pd.DataFrame({c: [] for c in SOCKET_COLUMNS})
+
+
+def empty_ended() -> pd.DataFrame:
+    return pd.DataFrame({c: [] for c in ENDED_COLUMNS})
+
+
+def endpoint(addr, port) -> str:
+    if addr is None or (isinstance(addr, float) and np.isnan(addr)):
+        return "?"
+    a = str(addr)
+    return f"[{a}]:{port}" if ":" in a else f"{a}:{port}"
+
+
+def _int(v):
+    return None if v is None or pd.isna(v) else int(v)
+
+
+def _float(v):
+    return None if v is None or pd.isna(v) else round(float(v), 3)
+
+
+def _pile_severity(n: int, t: Thresholds) -> str:
+    return "critical" if n >= t.pile_critical else "warning" if n >= t.pile_warning else "info"
+
+
+def _samples(rows: pd.DataFrame, limit: int = 5) -> list[str]:
+    out = []
+    for r in rows.sort_values("age_s", ascending=False, na_position="last").head(limit).itertuples():
+        age = "" if pd.isna(r.age_s) else f" {'>=' if r.age_lower_bound else ''}{r.age_s:.1f}s"
+        owner = "" if pd.isna(r.owner_pid) else f" pid={int(r.owner_pid)}"
+        fd = "" if pd.isna(r.owner_fd) else f" fd={int(r.owner_fd)}"
+        out.append(f"{endpoint(r.laddr, r.lport)} -> {endpoint(r.raddr, r.rport)} {r.state}{age}{owner}{fd}")
+    return out
+
+
+def _owner_key(df: pd.DataFrame) -> pd.DataFrame:
+    """Group keys that keep unknown owners together instead of dropping them."""
+    df = df.copy()
+    df["_pid"] = df["owner_pid"].fillna(-1).astype("int64")
+    df["_comm"] = df["owner_comm"].fillna("?").astype(str)
+    return df
+
+
+def _listener_ports(sockets: pd.DataFrame) -> set[tuple]:
+    lis = sockets[sockets["state"] == "LISTEN"]
+    return set(zip(lis["netns"], lis["lport"]))
+
+
+# -- detectors -----------------------------------------------------------------------------
+
+def close_wait_leaks(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """The peer closed and our process never did: grouped by owner and the service it talks to."""
+    cw = ev.sockets[(ev.sockets["state"] == "CLOSE_WAIT") & (ev.sockets["age_s"] >= t.close_wait_age_s)]
+    if cw.empty:
+        return []
+    cw = _owner_key(cw)
+    servers = _listener_ports(ev.sockets)
+    # a socket accepted on one of our listeners is identified by our port; an outgoing one by its peer
+    accepted = [(n, p) in servers for n, p in zip(cw["netns"], cw["lport"])]
+    cw["_local"] = [endpoint(a, p) if acc else None for a, p, acc in zip(cw["laddr"], cw["lport"], accepted)]
+    cw["_peer"] = [None if acc else endpoint(a, p) for a, p, acc in zip(cw["raddr"], cw["rport"], accepted)]
+    out = []
+    for (ns, pid, comm, local, peer), g in cw.groupby(["netns", "_pid", "_comm", "_local", "_peer"],
+                                                      dropna=False, sort=False):
+        n = len(g)
+        oldest = g["age_s"].max()
+        lower = bool(g.loc[g["age_s"].idxmax(), "age_lower_bound"])
+        seen_eof = int(g["eof_age_s"].notna().sum())
+        who = f"pid {pid} ({comm})" if pid >= 0 else "an unknown process"
+        what = f"connections accepted on {local}" if isinstance(local, str) else f"connections to {peer}"
+        summary = (f"CLOSE_WAIT leak: {who} has not closed {n} {what} that the peer closed; "
+                   f"oldest {'>=' if lower else ''}{oldest:.1f}s")
+        if seen_eof:
+            summary += f"; it read the EOF on {seen_eof} of them and still did not close"
+        out.append(Finding(
+            "close_wait_leak", "critical" if n >= t.pile_critical else "warning", n, summary,
+            "The application must close() the socket once read() returns 0 (EOF); look for a code "
+            "path that drops the connection object without closing it (pools, error paths). Each "
+            "leaked socket holds a file descriptor until the process exits.",
+            netns=_int(ns), owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
+            local=local if isinstance(local, str) else None, peer=peer if isinstance(peer, str) else None,
+            oldest_age_s=_float(oldest), age_lower_bound=lower, samples=_samples(g),
+            evidence={"eof_read": seen_eof, "fds": sorted(int(x) for x in g["owner_fd"].dropna())[:20]}))
+    return out
+
+
+_PILES = {
+    "FIN_WAIT1": ("fin_wait1_pile", "fin_wait1_age_s",
+                  "we sent FIN and {peer} never acknowledged it: the peer is gone or unreachable",
+                  "Usually follows a shutdown of a server with many clients, or peers that vanished; "
+                  "the kernel gives up after tcp_orphan_retries. Check reachability of the peers."),
+    "FIN_WAIT2": ("fin_wait2_stuck", "fin_wait2_age_s",
+                  "half-closed: {peer} acknowledged our FIN but never closes its side",
+                  "The peer application keeps its end open. Orphaned sockets are bounded by "
+                  "net.ipv4.tcp_fin_timeout; a socket our process still holds (shutdown(SHUT_WR)) is "
+                  "not: close it after a timeout."),
+    "LAST_ACK": ("last_ack_pile", "last_ack_age_s",
+                 "we closed after the peer, and {peer} never acknowledged our FIN",
+                 "Typical when a load-test client or peer host is killed abruptly; the sockets "
+                 "time out on their own (retransmission limit). Check whether the peers are alive."),
+    "CLOSING": ("closing_pile", "closing_age_s",
+                "both sides closed at once and {peer} does not acknowledge",
+                "Simultaneous closes are rare; many of them point at a peer or middlebox dropping ACKs."),
+}
+
+
+def close_piles(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """FIN_WAIT1, FIN_WAIT2, LAST_ACK and CLOSING sockets older than their threshold, per peer."""
+    out = []
+    for state, (kind, attr, text, advice) in _PILES.items():
+        rows = ev.sockets[(ev.sockets["state"] == state) & (ev.sockets["age_s"] >= getattr(t, attr))]
+        if rows.empty:
+            continue
+        rows = _owner_key(rows)
+        for (ns, raddr, pid, comm), g in rows.groupby(["netns", "raddr", "_pid", "_comm"], sort=False):
+            n = len(g)
+            ports = sorted(set(int(p) for p in g["rport"]))
+            peer = raddr if len(ports) > 3 else ", ".join(endpoint(raddr, p) for p in ports)
+            oldest = g["age_s"].max()
+            lower = bool(g.loc[g["age_s"].idxmax(), "age_lower_bound"])
+            summary = (f"{state}: {n} socket{'s' if n > 1 else ''} where " + text.format(peer=peer)
+                       + f"; oldest {'>=' if lower else ''}{oldest:.1f}s")
+            orphans = int((g["inode"] == 0).sum())
+            out.append(Finding(
+                kind, _pile_severity(n, t), n, summary, advice, netns=_int(ns),
+                owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
+                peer=peer, oldest_age_s=_float(oldest), age_lower_bound=lower, samples=_samples(g),
+                evidence={"orphaned": orphans}))
+    return out
+
+
+def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """Connects that fail or hang, per destination; many distinct destinations per process apart."""
+    ended = ev.ended[(ev.ended["role"] == "active") & ev.ended["end_reason"].isin(["refused", "timeout"])]
+    stuck = ev.sockets[(ev.sockets["state"] == "SYN_SENT") & (ev.sockets["age_s"] >= t.syn_sent_age_s)]
+    rows = pd.concat([
+        pd.DataFrame({"netns": ended["netns"], "raddr": ended["raddr"], "rport": ended["rport"],
+                      "owner_pid": ended["owner_pid"], "owner_comm": ended["owner_comm"],
+                      "outcome": ended["end_reason"].astype(str), "age_s": np.nan}),
+        pd.DataFrame({"netns": stuck["netns"], "raddr": stuck["raddr"], "rport": stuck["rport"],
+                      "owner_pid": stuck["owner_pid"], "owner_comm": stuck["owner_comm"],
+                      "outcome": "pending", "age_s": stuck["age_s"]}),
+    ], ignore_index=True)
+    if rows.empty:
+        return []
+    rows = _owner_key(rows)
+    rows["_dest"] = [endpoint(a, p) for a, p in zip(rows["raddr"], rows["rport"])]
+    out = []
+    fanned = set()
+    for (ns, pid, comm), g in rows.groupby(["netns", "_pid", "_comm"], sort=False):
+        dests = g["_dest"].nunique()
+        if dests >= t.fanout_destinations:
+            fanned.add((ns, pid, comm))
+            n = len(g)
+            who = f"pid {pid} ({comm})" if pid >= 0 else "unknown processes"
+            ports = g["rport"].nunique()
+            out.append(Finding(
+                "syn_sent_fanout", "critical", n,
+                f"connect fan-out: {who} tried {dests} distinct destinations ({ports} ports) "
+                f"and {n} attempts failed or hang; scanner- or worm-like behaviour",
+                "Check what this process is and why it connects to so many hosts; if it is not a "
+                "known crawler or service discovery, treat the host as compromised.",
+                netns=_int(ns), owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
+                rate_per_s=round(n / ev.duration_s, 3) if ev.duration_s > 0 else None,
+                samples=list(g["_dest"].drop_duplicates().head(5)),
+                evidence={"distinct_destinations": int(dests), "distinct_ports": int(ports)}))
+    for (ns, dest), g in rows.groupby(["netns", "_dest"], sort=False):
+        if len(g) < t.syn_sent_failures:
+            continue
+        counts = g["outcome"].value_counts()
+        refused, timeout, pending = (int(counts.get(k, 0)) for k in ("refused", "timeout", "pending"))
+        owners = g.groupby(["_pid", "_comm"]).size().sort_values(ascending=False)
+        pid, comm = owners.index[0]
+        if (ns, pid, comm) in fanned and len(owners) == 1:
+            continue  # part of a fan-out finding already
+        failures = refused + timeout
+        rate = failures / ev.duration_s if ev.duration_s > 0 else None
+        parts = [f"{x} {name}" for x, name in ((refused, "refused"), (timeout, "timed out"),
+                                               (pending, "still in SYN_SENT")) if x]
+        cause = ("nothing listens there (RST)" if refused and not (timeout or pending)
+                 else "no answer: destination down, filtered or unroutable")
+        n = len(g)
+        sev = "critical" if n >= t.pile_critical or (rate or 0) >= 10 else "warning"
+        out.append(Finding(
+            "syn_sent_storm", sev, n,
+            f"SYN_SENT storm to {dest}: {', '.join(parts)}; {cause}",
+            "Check the destination service and the route/firewall to it; make clients back off "
+            "(exponential retry with jitter) instead of hammering a dead endpoint.",
+            netns=_int(ns), owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
+            peer=dest, rate_per_s=None if rate is None else round(rate, 3),
+            oldest_age_s=_float(g["age_s"].max()),
+            evidence={"refused": refused, "timed_out": timeout, "pending": pending,
+                      "processes": [f"{p}/{c}" for p, c in owners.index[:5]]}))
+    return out
+
+
+_FLOOD_MIBS = ("SyncookiesSent", "TCPReqQFullDoCookies", "TCPReqQFullDrop", "ListenOverflows",
+               "ListenDrops")
+
+
+def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """Half-open handshakes on a listener, and the kernel's own overflow counters."""
+    s = ev.sockets
+    lis = s[s["state"] == "LISTEN"]
+    reqs = s[(s["state"] == "SYN_RECV") & (s["inode"] == 0)]
+    out = []
+    flagged_ns = set()
+    by_listener = reqs.groupby(["netns", "lport"]) if not reqs.empty else []
+    for (ns, port), g in by_listener:
+        deltas = ev.counter_deltas.get(int(ns), {})
+        dropped = {k: deltas.get(k, 0) for k in _FLOOD_MIBS if deltas.get(k, 0)}
+        if len(g) < t.syn_recv_per_listener and not dropped:
+            continue
+        flagged_ns.add(int(ns))
+        owner = lis[(lis["netns"] == ns) & (lis["lport"] == port)]
+        pid = _int(owner["owner_pid"].iloc[0]) if len(owner) else None
+        comm = owner["owner_comm"].iloc[0] if len(owner) and pid is not None else None
+        local = endpoint(owner["laddr"].iloc[0], port) if len(owner) else endpoint(g["laddr"].iloc[0], port)
+        sources = g["raddr"].nunique()
+        backlog = _int(owner["wqueue"].iloc[0]) if len(owner) else None
+        sev = "critical" if dropped else "warning"
+        summary = (f"SYN flood on {local}: {len(g)} half-open handshakes from {sources} source"
+                   f"{'s' if sources != 1 else ''}")
+        if dropped:
+            summary += "; kernel " + ", ".join(f"{k} +{v}" for k, v in dropped.items())
+        out.append(Finding(
+            "syn_flood", sev, len(g), summary,
+            "Keep net.ipv4.tcp_syncookies=1, lower net.ipv4.tcp_synack_retries to shorten the 30 s - "
+            "2 min life of each half-open entry, raise the listen backlog (and net.core.somaxconn, "
+            "net.ipv4.tcp_max_syn_backlog); filter the sources upstream if they are spoofed.",
+            netns=_int(ns), owner_pid=pid, owner_comm=comm, local=local,
+            samples=[f"{endpoint(r.raddr, r.rport)} retrans={int(r.retrans)}" if "retrans" in g else
+                     endpoint(r.raddr, r.rport) for r in g.head(5).itertuples()],
+            evidence={"half_open": len(g), "distinct_sources": int(sources), "backlog": backlog,
+                      "counters": dropped,
+                      "sysctls": {k: v for k, v in ev.sysctls.get(int(ns), {}).items()
+                                  if k in ("tcp_syncookies", "tcp_synack_retries", "tcp_max_syn_backlog",
+                                           "somaxconn")}}))
+    # counters without visible request sockets (cookies leave no socket): one finding per netns
+    for ns, deltas in ev.counter_deltas.items():
+        dropped = {k: deltas.get(k, 0) for k in _FLOOD_MIBS if deltas.get(k, 0)}
+        if not dropped or ns in flagged_ns:
+            continue
+        full = lis[(lis["netns"] == ns) & (lis["rqueue"] > 0) & (lis["rqueue"] >= lis["wqueue"])]
+        if full.empty and not any(k.startswith(("Syncookies", "TCPReqQ")) for k in dropped):
+            local = None
+            summary = "listen queue overflows: " + ", ".join(f"{k} +{v}" for k, v in dropped.items())
+        else:
+            local = ", ".join(endpoint(a, p) for a, p in zip(full["laddr"], full["lport"])) or None
+            summary = ("listen queue overflow" + (f" on {local}" if local else "") + ": "
+                       + ", ".join(f"{k} +{v}" for k, v in dropped.items()))
+        out.append(Finding(
+            "listen_overflow", "critical" if sum(dropped.values()) >= t.pile_critical else "warning",
+            int(sum(dropped.values())), summary,
+            "Connections were dropped or answered with SYN cookies because an accept or SYN queue was "
+            "full: the application does not accept() fast enough, or the backlog is too small "
+            "(listen() backlog, net.core.somaxconn), or this is a SYN flood.",
+            netns=int(ns), local=local, evidence={"counters": dropped}))
+    return out
+
+
+def time_wait_churn(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """Active closes per destination, and how much of the ephemeral port range TIME_WAIT holds."""
+    closes = ev.ended[ev.ended["time_wait"].astype(bool)]
+    tw = ev.sockets[ev.sockets["state"] == "TIME_WAIT"]
+    keys = ["netns", "raddr", "rport"]
+    rate = closes.groupby(keys).size() if not closes.empty else pd.Series(dtype="int64")
+    held = tw.groupby(keys).size() if not tw.empty else pd.Series(dtype="int64")
+    out = []
+    for key in rate.index.union(held.index):
+        ns, raddr, rport = key
+        n_closed = int(rate.get(key, 0))
+        n_held = int(held.get(key, 0))
+        per_s = n_closed / ev.duration_s if ev.duration_s > 0 else 0.0
+        ctl = ev.sysctls.get(int(ns), {})
+        lo, hi = ctl.get("ip_local_port_range", (32768, 60999))
+        span = hi - lo + 1
+        sub = tw[(tw["netns"] == ns) & (tw["raddr"] == raddr) & (tw["rport"] == rport)]
+        ephemeral = int(((sub["lport"] >= lo) & (sub["lport"] <= hi)).sum()) if len(sub) else 0
+        c_sub = closes[(closes["netns"] == ns) & (closes["raddr"] == raddr) & (closes["rport"] == rport)]
+        client_side = ephemeral > 0 or bool((c_sub["role"] == "active").any())
+        steady = per_s * TIME_WAIT_S
+        use_now = (ephemeral if ev.complete_snapshot else min(n_closed, steady)) / span
+        use_steady = steady / span
+        if not client_side:
+            use_now = use_steady = 0.0
+        if max(use_now, use_steady) < t.time_wait_use and per_s < t.time_wait_rate:
+            continue
+        if max(use_now, use_steady) >= 0.9:
+            sev = "critical"
+        elif max(use_now, use_steady) >= t.time_wait_use:
+            sev = "warning"
+        else:
+            sev = "info"
+        dest = endpoint(raddr, rport)
+        left = None
+        if client_side and per_s > 0 and steady > span:
+            left = max(0.0, (span - use_now * span) / per_s)
+        summary = f"TIME_WAIT churn to {dest}: {per_s:.1f} closes/s"
+        if client_side:
+            summary += (f"; TIME_WAIT holds {use_now:.0%} of the {span} ephemeral ports "
+                        f"({lo}-{hi}), {use_steady:.0%} at this rate")
+            if left is not None:
+                summary += f"; ports run out in ~{left:.0f}s (connect() fails with EADDRNOTAVAIL)"
+        reuse = ctl.get("tcp_tw_reuse")
+        advice = ("Reuse connections (HTTP keep-alive, connection pools) instead of one connection per "
+                  "request; for outgoing connections net.ipv4.tcp_tw_reuse=1 lets connect() take a "
+                  f"TIME_WAIT port (now {reuse}); widen net.ipv4.ip_local_port_range; "
+                  "net.ipv4.tcp_max_tw_buckets caps TIME_WAIT sockets. (tcp_tw_recycle no longer exists "
+                  "since Linux 4.12.)")
+        owners = c_sub.groupby([c_sub["owner_pid"].fillna(-1), c_sub["owner_comm"].fillna("?")]).size()
+        pid = comm = None
+        if len(owners):
+            (p, c) = owners.sort_values(ascending=False).index[0]
+            if p >= 0:
+                pid, comm = int(p), c
+        out.append(Finding(
+            "time_wait_churn", sev, max(n_closed, n_held), summary, advice, netns=_int(ns),
+            owner_pid=pid, owner_comm=comm, peer=dest, rate_per_s=round(per_s, 3),
+            evidence={"closed_into_time_wait": n_closed, "time_wait_now": n_held,
+                      "ephemeral_ports_in_time_wait": ephemeral, "port_range": [lo, hi],
+                      "port_use_now": round(use_now, 4), "port_use_steady": round(use_steady, 4),
+                      "seconds_to_exhaustion": None if left is None else round(left, 1),
+                      "tcp_tw_reuse": reuse, "tcp_max_tw_buckets": ctl.get("tcp_max_tw_buckets")}))
+    return out
+
+
+def idle_established(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """ESTABLISHED with no data either way for long and no keepalive: peers that may be gone;
+    and one peer holding very many connections (a reconnect loop)."""
+    s = ev.sockets
+    est = s[s["state"] == "ESTABLISHED"]
+    out = []
+    idle = est[(est["idle_recv_s"] >= t.idle_established_s) & (est["idle_sent_s"] >= t.idle_established_s)
+               & (est["timer"] != "keepalive")]
+    for (ns, raddr), g in _owner_key(idle).groupby(["netns", "raddr"], sort=False) if len(idle) else []:
+        n = len(g)
+        out.append(Finding(
+            "idle_established", _pile_severity(n, t), n,
+            f"{n} ESTABLISHED connection{'s' if n > 1 else ''} to {raddr} idle for "
+            f">= {g[['idle_recv_s', 'idle_sent_s']].min(axis=1).max():.0f}s with keepalive off: "
+            "the peer may have vanished without a FIN",
+            "Enable SO_KEEPALIVE (and tune tcp_keepalive_time/intvl/probes) or an application-level "
+            "heartbeat so dead peers are detected and the sockets freed.",
+            netns=_int(ns), owner_pid=_int(g["_pid"].iloc[0]) if g["_pid"].iloc[0] >= 0 else None,
+            owner_comm=g["_comm"].iloc[0] if g["_pid"].iloc[0] >= 0 else None, peer=str(raddr),
+            samples=_samples(g)))
+    held = s[s["state"].isin(["ESTABLISHED", "CLOSE_WAIT"])]
+    if len(held):
+        lis = _listener_ports(s)
+        inbound = held[[(n, p) in lis for n, p in zip(held["netns"], held["lport"])]]
+        for (ns, raddr), g in inbound.groupby(["netns", "raddr"], sort=False):
+            if len(g) < t.peer_connections:
+                continue
+            cw = int((g["state"] == "CLOSE_WAIT").sum())
+            out.append(Finding(
+                "peer_connection_pile", "warning", len(g),
+                f"{raddr} holds {len(g)} connections to our listeners ({cw} in CLOSE_WAIT): "
+                "a client in a reconnect loop, or a connection-pool leak on its side",
+                "Find the client and why it opens new connections without closing old ones; cap "
+                "connections per source (the service's own limit, or a firewall connlimit).",
+                netns=_int(ns), peer=str(raddr), samples=_samples(g),
+                evidence={"established": len(g) - cw, "close_wait": cw}))
+    return out
+
+
+def new_listeners(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """A port that started listening while we watched: worth knowing who opened it."""
+    nl = ev.new_listeners
+    if nl is None or nl.empty:
+        return []
+    out = []
+    for r in nl.itertuples():
+        pid = _int(r.owner_pid)
+        who = f"pid {pid} ({r.owner_comm})" if pid is not None else "an unknown process"
+        local = endpoint(r.laddr, r.lport)
+        out.append(Finding(
+            "new_listener", "info", 1, f"new listener on {local} opened by {who} during the trace",
+            "Expected after a deploy or restart; otherwise find out what it is (a backdoor listens too).",
+            netns=_int(r.netns), owner_pid=pid, owner_comm=r.owner_comm if pid is not None else None,
+            local=local))
+    return out
+
+
+DETECTORS = (close_wait_leaks, close_piles, syn_sent_storms, syn_floods, time_wait_churn,
+             idle_established, new_listeners)
+
+
+def find(ev: Evidence, thresholds: Thresholds | None = None) -> list[Finding]:
+    """Every detector's findings, most severe and largest first."""
+    t = thresholds or Thresholds()
+    out: list[Finding] = []
+    for detector in DETECTORS:
+        out += detector(ev, t)
+    out.sort(key=lambda f: (-SEVERITY_RANK[f.severity], -f.count, f.kind))
+    return out
+
+
+FRAME_COLUMNS = [f.name for f in fields(Finding)]
+
+
+def frame(findings: list[Finding]) -> pd.DataFrame:
+    """Findings as a DataFrame (the `.leaks()` schema)."""
+    df = pd.DataFrame([f.as_dict() for f in findings], columns=FRAME_COLUMNS)
+    df["severity"] = pd.Categorical(df["severity"], categories=SEVERITIES, ordered=True)
+    for c in ("count", "netns", "owner_pid"):
+        df[c] = df[c].astype("Int64")
+    for c in ("rate_per_s", "oldest_age_s"):
+        df[c] = df[c].astype("float64")
+    df["age_lower_bound"] = df["age_lower_bound"].astype(bool)
+    return df

@@ -1,0 +1,163 @@
+"""The trace and sock_diag snapshots joined into evidence for the leak detectors.
+
+A `Watch` seeds from a full snapshot at start (sockets opened before the trace,
+TIME_WAIT, half-open request sockets), polls a cheaper snapshot every few seconds
+(no ESTABLISHED, no TIME_WAIT: the trace follows those), and keeps the recent
+connection endings the trace reports. Sockets are matched to traced connections
+by namespace + 4-tuple; a traced connection gives the exact time in its state,
+an untraced one the time since first seen, marked as a lower bound.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+
+import pandas as pd
+
+from .analysis import leaks
+from .analysis.lifecycle import Lifecycle
+from .probes import sock_diag, socket_snapshot
+from .probes.socket_snapshot import Snapshot
+from .probes.tcp_states import state_name
+
+ENDED_WINDOW_NS = 60_000_000_000  # rates are over the last minute at most
+_MINISOCK_STATES = ("TIME_WAIT", "SYN_RECV")
+
+
+def _sock_key(s) -> tuple:
+    return (s.netns, s.state, s.laddr, s.lport, s.raddr, s.rport)
+
+
+class Watch:
+    def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None):
+        self.thresholds = thresholds or leaks.Thresholds()
+        self.tracker = tracker                  # analysis.lifecycle.Tracker of a live session, if any
+        self.seed: Snapshot | None = None
+        self.latest: Snapshot | None = None
+        self.first_seen: dict[tuple, int] = {}  # socket key -> first snapshot time (ns)
+        self.ended: deque[tuple] = deque()
+        self.minisock_owner: dict[tuple, tuple] = {}  # 4-tuple -> (closed at, pid, comm)
+        self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
+        self.started_ns = time.monotonic_ns()
+
+    # -- inputs --------------------------------------------------------------------------
+    def closed(self, lc: Lifecycle) -> None:
+        """LiveSession close watcher: keep what the detectors use, for the last minute."""
+        if lc.time_wait or lc.end_reason in ("refused", "timeout"):
+            self.ended.append((lc.end_ns or 0, lc.netns, lc.role, lc.laddr, lc.lport, lc.raddr,
+                               lc.rport, lc.owner_pid, lc.owner_comm, lc.end_reason, lc.time_wait))
+        if lc.time_wait:  # its minisocket (TIME_WAIT, or an orphan's FIN_WAIT2) shows in sock_diag
+            self.minisock_owner[(lc.netns, lc.laddr, lc.lport, lc.raddr, lc.rport)] = (
+                lc.end_ns or 0, lc.owner_pid, lc.owner_comm)
+
+    def take_seed(self) -> Snapshot:
+        self.seed = self._take(sock_diag.ALL_STATES)
+        self.started_ns = self.seed.taken_ns
+        return self.seed
+
+    def _take(self, states: int) -> Snapshot:
+        snap = socket_snapshot.take(states)
+        for s in snap.sockets:
+            self.first_seen.setdefault(_sock_key(s), snap.taken_ns)
+        live = {_sock_key(s) for s in snap.sockets}
+        if snap.complete:  # forget sockets that are gone, so a reused tuple starts afresh
+            self.first_seen = {k: v for k, v in self.first_seen.items() if k in live}
+        self.latest = snap
+        return snap
+
+    # -- evidence ------------------------------------------------------------------------
+    def _traced(self) -> dict[tuple, Lifecycle]:
+        if self.tracker is None:
+            return {}
+        return {(lc.netns, lc.state, lc.laddr, lc.lport, lc.raddr, lc.rport): lc
+                for lc in self.tracker.live.values() if not lc.closed and lc.state is not None}
+
+    def sockets_frame(self, snap: Snapshot) -> pd.DataFrame:
+        traced = self._traced()
+        rows = []
+        now = snap.taken_ns
+        for s in snap.sockets:
+            st = state_name(s.state)
+            lc = traced.get((s.netns, s.state, s.laddr, s.lport, s.raddr, s.rport))
+            holders = snap.holders.get(s.inode, []) if s.inode else []
+            pid = comm = fd = None
+            eof_age = None
+            if lc is not None:
+                age, lower = (now - lc.state_enter_ns) / 1e9, False  # the trace saw it enter
+                if lc.eof_ns is not None:
+                    eof_age = (now - lc.eof_ns) / 1e9
+                pid, comm = lc.owner_pid, lc.owner_comm
+            elif s.timer == "timewait":  # a minisocket: its age follows from the timer
+                if st == "TIME_WAIT":
+                    age = leaks.TIME_WAIT_S - s.expires_ms / 1000
+                else:  # an orphan's FIN_WAIT2 lives tcp_fin_timeout
+                    age = snap.sysctls.get(s.netns, {}).get("tcp_fin_timeout", 60) - s.expires_ms / 1000
+                lower = False
+                owner = self.minisock_owner.get((s.netns, s.laddr, s.lport, s.raddr, s.rport))
+                if owner is not None:
+                    pid, comm = owner[1], owner[2]
+            else:
+                age, lower = (now - self.first_seen.get(_sock_key(s), now)) / 1e9, True
+            if holders:  # authoritative: who has it open now
+                h = next((h for h in holders if h.pid == pid), holders[0])
+                pid, comm, fd = h.pid, h.comm, h.fd
+            rows.append((s.netns, st, s.laddr, s.lport, s.raddr, s.rport, s.inode, s.timer, s.rqueue,
+                         s.wqueue, None if s.idle_recv_ms is None else s.idle_recv_ms / 1000,
+                         None if s.idle_sent_ms is None else s.idle_sent_ms / 1000, pid, comm, fd,
+                         max(age, 0.0), lower, eof_age))
+        df = pd.DataFrame(rows, columns=list(leaks.SOCKET_COLUMNS))
+        for c in ("idle_recv_s", "idle_sent_s", "age_s", "eof_age_s"):
+            df[c] = df[c].astype("float64")
+        for c in ("owner_pid", "owner_fd"):
+            df[c] = df[c].astype("Int64")
+        return df
+
+    def ended_frame(self, now_ns: int) -> pd.DataFrame:
+        while self.ended and self.ended[0][0] < now_ns - ENDED_WINDOW_NS:
+            self.ended.popleft()
+        if len(self.minisock_owner) > 4 * len(self.ended) + 1024:  # minisockets last a minute
+            cut = now_ns - ENDED_WINDOW_NS
+            self.minisock_owner = {k: v for k, v in self.minisock_owner.items() if v[0] >= cut}
+        df = pd.DataFrame([e[1:] for e in self.ended], columns=list(leaks.ENDED_COLUMNS))
+        df["time_wait"] = df["time_wait"].astype(bool)
+        return df
+
+    def evidence(self, snap: Snapshot) -> leaks.Evidence:
+        sockets = self.sockets_frame(snap)
+        deltas = {}
+        if self.seed is not None:
+            for ns, now in snap.mibs.items():
+                before = self.seed.mibs.get(ns, {})
+                deltas[ns] = {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0) > 0}
+        new_lis = None
+        if self.seed is not None:
+            seeded = {_sock_key(s) for s in self.seed.sockets if s.state == sock_diag.S.LISTEN}
+            lis = sockets[sockets["state"] == "LISTEN"]
+            keys = [(n, int(sock_diag.S.LISTEN), a, p, r, rp) for n, a, p, r, rp in
+                    zip(lis["netns"], lis["laddr"], lis["lport"], lis["raddr"], lis["rport"])]
+            new_lis = lis[[k not in seeded for k in keys]]
+        span = min(snap.taken_ns - self.started_ns, ENDED_WINDOW_NS) / 1e9
+        return leaks.Evidence(sockets, self.ended_frame(snap.taken_ns), max(span, 1e-3), deltas,
+                              snap.sysctls, new_lis, snap.complete)
+
+    # -- outputs -------------------------------------------------------------------------
+    def poll(self) -> list[leaks.Finding]:
+        """A periodic look; returns findings not announced before (or now more severe)."""
+        findings = leaks.find(self.evidence(self._take(sock_diag.POLL_STATES)), self.thresholds)
+        fresh = []
+        for f in findings:
+            prev = self.reported.get(f.key())
+            if prev is None or leaks.SEVERITY_RANK[f.severity] > leaks.SEVERITY_RANK[prev]:
+                self.reported[f.key()] = f.severity
+                fresh.append(f)
+        return fresh
+
+    def final(self) -> list[leaks.Finding]:
+        """A full snapshot and every finding it supports."""
+        return leaks.find(self.evidence(self._take(sock_diag.ALL_STATES)), self.thresholds)
+
+
+def state_counts(snap: Snapshot) -> dict[str, int]:
+    """Sockets per state, like `netstat -nat | awk '{++S[$NF]}'`, over every namespace."""
+    c = Counter(state_name(s.state) for s in snap.sockets)
+    return dict(c.most_common())

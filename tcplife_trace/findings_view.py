@@ -1,0 +1,54 @@
+"""Findings as text lines and JSON records."""
+from __future__ import annotations
+
+import json
+
+from .analysis.leaks import Finding
+
+
+def one_line(f: Finding) -> str:
+    return f"{f.severity.upper()} {f.kind}: {f.summary}"
+
+
+def block(f: Finding, names: dict[int, str] | None = None) -> str:
+    names = names or {}
+    head = f"{f.severity.upper():8} {f.kind}  x{f.count}"
+    where = []
+    if f.netns is not None:
+        where.append(f"netns {names.get(f.netns, f.netns)}")
+    if f.owner_pid is not None:
+        where.append(f"pid {f.owner_pid} ({f.owner_comm})")
+    if f.rate_per_s:
+        where.append(f"{f.rate_per_s:g}/s")
+    lines = [head + ("  " + ", ".join(where) if where else ""), f"  {f.summary}"]
+    if f.samples:
+        lines.append("  sockets: " + "; ".join(f.samples))
+    ev = {k: v for k, v in f.evidence.items() if v not in (None, [], {}, 0)}
+    if ev:
+        lines.append("  evidence: " + json.dumps(ev, separators=(", ", "=")).strip("{}").replace('"', ""))
+    lines.append(f"  advice: {f.advice}")
+    return "\n".join(lines)
+
+
+def report_text(report: dict) -> str:
+    tr = report["trace"]
+    counts = report["sockets_at_start"]
+    total = sum(counts.values())
+    lines = [f"sockets at start: {total} in {report['namespaces']} network namespace(s): "
+             + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"),
+             f"traced {tr['duration_s']:.1f} s: {tr['connections_seen']} connections, "
+             f"{tr['closed']} closed, {tr['events_received']} events, {tr['events_lost']} lost"]
+    findings = report["findings"]
+    if not findings:
+        lines.append("no findings: healthy")
+    else:
+        lines.append(f"{len(findings)} finding(s), most severe first:")
+        lines += [block(f, report.get("netns_names")) for f in findings]
+    return "\n".join(lines)
+
+
+def report_json(report: dict) -> str:
+    doc = dict(report)
+    doc["findings"] = [f.as_dict() for f in report["findings"]]
+    doc.pop("netns_names", None)
+    return json.dumps(doc)

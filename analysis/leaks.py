@@ -82,6 +82,8 @@ class Evidence:
     counter_deltas: dict[int, dict[str, int]] = field(default_factory=dict)
     sysctls: dict[int, dict[str, object]] = field(default_factory=dict)
     new_listeners: pd.DataFrame | None = None    # LISTEN sockets born during the observation
+    # (netns, listener port) -> (SYN-ACK retransmits, distinct request sockets), from the trace
+    synack: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     complete_snapshot: bool = True               # sockets include ESTABLISHED and TIME_WAIT
 
 
@@ -294,35 +296,44 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
     reqs = s[(s["state"] == "SYN_RECV") & (s["inode"] == 0)]
     out = []
     flagged_ns = set()
-    by_listener = reqs.groupby(["netns", "lport"]) if not reqs.empty else []
-    for (ns, port), g in by_listener:
-        deltas = ev.counter_deltas.get(int(ns), {})
+    groups = {(int(ns), int(port)): g for (ns, port), g in reqs.groupby(["netns", "lport"])} if len(reqs) else {}
+    for key in sorted(set(groups) | set(ev.synack)):
+        ns, port = key
+        g = groups.get(key, reqs.iloc[:0])
+        retrans, distinct_req = ev.synack.get(key, (0, 0))
+        deltas = ev.counter_deltas.get(ns, {})
         dropped = {k: deltas.get(k, 0) for k in _FLOOD_MIBS if deltas.get(k, 0)}
-        if len(g) < t.syn_recv_per_listener and not dropped:
+        half_open = max(len(g), distinct_req)
+        if half_open < t.syn_recv_per_listener and not (dropped and len(g)):
             continue
-        flagged_ns.add(int(ns))
+        flagged_ns.add(ns)
         owner = lis[(lis["netns"] == ns) & (lis["lport"] == port)]
         pid = _int(owner["owner_pid"].iloc[0]) if len(owner) else None
         comm = owner["owner_comm"].iloc[0] if len(owner) and pid is not None else None
-        local = endpoint(owner["laddr"].iloc[0], port) if len(owner) else endpoint(g["laddr"].iloc[0], port)
-        sources = g["raddr"].nunique()
+        laddr = owner["laddr"].iloc[0] if len(owner) else (g["laddr"].iloc[0] if len(g) else "*")
+        local = endpoint(laddr, port)
+        sources = int(g["raddr"].nunique())
         backlog = _int(owner["wqueue"].iloc[0]) if len(owner) else None
         sev = "critical" if dropped else "warning"
-        summary = (f"SYN flood on {local}: {len(g)} half-open handshakes from {sources} source"
-                   f"{'s' if sources != 1 else ''}")
+        summary = f"SYN flood on {local}: {half_open} half-open handshakes"
+        if len(g):
+            summary += f" ({len(g)} pending now, from {sources} source{'s' if sources != 1 else ''})"
+        if retrans:
+            summary += f", {retrans} SYN-ACK retransmits"
         if dropped:
             summary += "; kernel " + ", ".join(f"{k} +{v}" for k, v in dropped.items())
         out.append(Finding(
-            "syn_flood", sev, len(g), summary,
+            "syn_flood", sev, half_open, summary,
             "Keep net.ipv4.tcp_syncookies=1, lower net.ipv4.tcp_synack_retries to shorten the 30 s - "
             "2 min life of each half-open entry, raise the listen backlog (and net.core.somaxconn, "
             "net.ipv4.tcp_max_syn_backlog); filter the sources upstream if they are spoofed.",
-            netns=_int(ns), owner_pid=pid, owner_comm=comm, local=local,
-            samples=[f"{endpoint(r.raddr, r.rport)} retrans={int(r.retrans)}" if "retrans" in g else
-                     endpoint(r.raddr, r.rport) for r in g.head(5).itertuples()],
-            evidence={"half_open": len(g), "distinct_sources": int(sources), "backlog": backlog,
-                      "counters": dropped,
-                      "sysctls": {k: v for k, v in ev.sysctls.get(int(ns), {}).items()
+            netns=ns, owner_pid=pid, owner_comm=comm, local=local,
+            rate_per_s=round(retrans / ev.duration_s, 3) if retrans and ev.duration_s > 0 else None,
+            samples=[f"{endpoint(r.raddr, r.rport)} synack_retrans={int(r.retrans)}" if hasattr(r, "retrans")
+                     else endpoint(r.raddr, r.rport) for r in g.head(5).itertuples()],
+            evidence={"half_open": half_open, "pending_now": len(g), "distinct_sources": sources,
+                      "synack_retransmits": retrans, "backlog": backlog, "counters": dropped,
+                      "sysctls": {k: v for k, v in ev.sysctls.get(ns, {}).items()
                                   if k in ("tcp_syncookies", "tcp_synack_retries", "tcp_max_syn_backlog",
                                            "somaxconn")}}))
     # counters without visible request sockets (cookies leave no socket): one finding per netns
@@ -348,67 +359,88 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
     return out
 
 
-def time_wait_churn(ev: Evidence, t: Thresholds) -> list[Finding]:
-    """Active closes per destination, and how much of the ephemeral port range TIME_WAIT holds."""
+def _time_wait_rows(ev: Evidence) -> pd.DataFrame:
+    """Active closes (ended) and TIME_WAIT sockets (now) on one footing: the client side is
+    keyed by the destination it connects to, the server side by its own port."""
+    lis = _listener_ports(ev.sockets)
     closes = ev.ended[ev.ended["time_wait"].astype(bool)]
     tw = ev.sockets[ev.sockets["state"] == "TIME_WAIT"]
-    keys = ["netns", "raddr", "rport"]
-    rate = closes.groupby(keys).size() if not closes.empty else pd.Series(dtype="int64")
-    held = tw.groupby(keys).size() if not tw.empty else pd.Series(dtype="int64")
+    parts = []
+    if len(closes):
+        client = (closes["role"] == "active").to_numpy()
+        parts.append(pd.DataFrame({
+            "netns": closes["netns"].to_numpy(), "client": client,
+            "addr": np.where(client, closes["raddr"].astype(object), closes["laddr"].astype(object)),
+            "port": np.where(client, closes["rport"].astype("float64"), closes["lport"].astype("float64")),
+            "closed": 1, "held": 0, "ephemeral_lport": closes["lport"].astype("float64").to_numpy(),
+            "owner_pid": closes["owner_pid"].astype("float64").to_numpy(),
+            "owner_comm": closes["owner_comm"].astype(object).to_numpy()}))
+    if len(tw):
+        client = np.array([(n, p) not in lis for n, p in zip(tw["netns"], tw["lport"])], dtype=bool)
+        parts.append(pd.DataFrame({
+            "netns": tw["netns"].to_numpy(), "client": client,
+            "addr": np.where(client, tw["raddr"].astype(object), tw["laddr"].astype(object)),
+            "port": np.where(client, tw["rport"].astype("float64"), tw["lport"].astype("float64")),
+            "closed": 0, "held": 1, "ephemeral_lport": tw["lport"].astype("float64").to_numpy(),
+            "owner_pid": tw["owner_pid"].astype("float64").to_numpy(),
+            "owner_comm": tw["owner_comm"].astype(object).to_numpy()}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def time_wait_churn(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """Active closes per destination (client side) or per own port (server side), and how much
+    of the ephemeral port range TIME_WAIT holds on the client side."""
+    rows = _time_wait_rows(ev)
+    if rows.empty:
+        return []
     out = []
-    for key in rate.index.union(held.index):
-        ns, raddr, rport = key
-        n_closed = int(rate.get(key, 0))
-        n_held = int(held.get(key, 0))
+    for (ns, client, addr, port), g in rows.groupby(["netns", "client", "addr", "port"], sort=False):
+        n_closed, n_held = int(g["closed"].sum()), int(g["held"].sum())
         per_s = n_closed / ev.duration_s if ev.duration_s > 0 else 0.0
         ctl = ev.sysctls.get(int(ns), {})
         lo, hi = ctl.get("ip_local_port_range", (32768, 60999))
         span = hi - lo + 1
-        sub = tw[(tw["netns"] == ns) & (tw["raddr"] == raddr) & (tw["rport"] == rport)]
-        ephemeral = int(((sub["lport"] >= lo) & (sub["lport"] <= hi)).sum()) if len(sub) else 0
-        c_sub = closes[(closes["netns"] == ns) & (closes["raddr"] == raddr) & (closes["rport"] == rport)]
-        client_side = ephemeral > 0 or bool((c_sub["role"] == "active").any())
-        steady = per_s * TIME_WAIT_S
-        use_now = (ephemeral if ev.complete_snapshot else min(n_closed, steady)) / span
-        use_steady = steady / span
-        if not client_side:
-            use_now = use_steady = 0.0
-        if max(use_now, use_steady) < t.time_wait_use and per_s < t.time_wait_rate:
-            continue
-        if max(use_now, use_steady) >= 0.9:
-            sev = "critical"
-        elif max(use_now, use_steady) >= t.time_wait_use:
-            sev = "warning"
-        else:
-            sev = "info"
-        dest = endpoint(raddr, rport)
+        use_now = use_steady = 0.0
         left = None
-        if client_side and per_s > 0 and steady > span:
-            left = max(0.0, (span - use_now * span) / per_s)
-        summary = f"TIME_WAIT churn to {dest}: {per_s:.1f} closes/s"
-        if client_side:
-            summary += (f"; TIME_WAIT holds {use_now:.0%} of the {span} ephemeral ports "
-                        f"({lo}-{hi}), {use_steady:.0%} at this rate")
+        if client:
+            held = g[g["held"] == 1]
+            in_range = int(((held["ephemeral_lport"] >= lo) & (held["ephemeral_lport"] <= hi)).sum())
+            steady = per_s * TIME_WAIT_S
+            use_now = (in_range if ev.complete_snapshot else min(n_closed, steady)) / span
+            use_steady = steady / span
+            if per_s > 0 and steady > span:
+                left = max(0.0, span * (1 - use_now) / per_s)
+        use = max(use_now, use_steady)
+        if use < t.time_wait_use and per_s < t.time_wait_rate:
+            continue
+        sev = "critical" if use >= 0.9 else "warning" if use >= t.time_wait_use else "info"
+        where = endpoint(addr, int(port))
+        if client:
+            summary = (f"TIME_WAIT churn to {where}: {per_s:.1f} closes/s; TIME_WAIT holds {use_now:.0%} of "
+                       f"the {span} ephemeral ports ({lo}-{hi}), {use_steady:.0%} at this rate")
             if left is not None:
-                summary += f"; ports run out in ~{left:.0f}s (connect() fails with EADDRNOTAVAIL)"
+                summary += f"; ports run out in ~{left:.0f}s (connect() then fails with EADDRNOTAVAIL)"
+        else:
+            summary = (f"TIME_WAIT churn on {where}: {per_s:.1f} closes/s by this server closing first "
+                       "(memory and CPU, not ports: clients use their own)")
         reuse = ctl.get("tcp_tw_reuse")
         advice = ("Reuse connections (HTTP keep-alive, connection pools) instead of one connection per "
                   "request; for outgoing connections net.ipv4.tcp_tw_reuse=1 lets connect() take a "
-                  f"TIME_WAIT port (now {reuse}); widen net.ipv4.ip_local_port_range; "
-                  "net.ipv4.tcp_max_tw_buckets caps TIME_WAIT sockets. (tcp_tw_recycle no longer exists "
-                  "since Linux 4.12.)")
-        owners = c_sub.groupby([c_sub["owner_pid"].fillna(-1), c_sub["owner_comm"].fillna("?")]).size()
+                  f"TIME_WAIT port (now {'unknown' if reuse is None else reuse}); widen "
+                  "net.ipv4.ip_local_port_range; net.ipv4.tcp_max_tw_buckets caps TIME_WAIT sockets. "
+                  "(tcp_tw_recycle no longer exists since Linux 4.12.)")
+        owners = g.dropna(subset=["owner_pid"]).groupby(["owner_pid", "owner_comm"]).size()
         pid = comm = None
         if len(owners):
-            (p, c) = owners.sort_values(ascending=False).index[0]
-            if p >= 0:
-                pid, comm = int(p), c
+            pid, comm = owners.sort_values(ascending=False).index[0]
+            pid = int(pid)
         out.append(Finding(
             "time_wait_churn", sev, max(n_closed, n_held), summary, advice, netns=_int(ns),
-            owner_pid=pid, owner_comm=comm, peer=dest, rate_per_s=round(per_s, 3),
-            evidence={"closed_into_time_wait": n_closed, "time_wait_now": n_held,
-                      "ephemeral_ports_in_time_wait": ephemeral, "port_range": [lo, hi],
-                      "port_use_now": round(use_now, 4), "port_use_steady": round(use_steady, 4),
+            owner_pid=pid, owner_comm=comm, local=None if client else where, peer=where if client else None,
+            rate_per_s=round(per_s, 3),
+            evidence={"closed_into_time_wait": n_closed, "time_wait_now": n_held, "client_side": bool(client),
+                      "port_range": [lo, hi], "port_use_now": round(use_now, 4),
+                      "port_use_steady": round(use_steady, 4),
                       "seconds_to_exhaustion": None if left is None else round(left, 1),
                       "tcp_tw_reuse": reuse, "tcp_max_tw_buckets": ctl.get("tcp_max_tw_buckets")}))
     return out

@@ -123,6 +123,7 @@ class Counters:
         self.unmatched_errors = 0     # errno reports with no connection to attach to
         self.resets_no_socket = 0     # RSTs this host sent for segments with no socket
         self.sequence_gaps = 0        # transitions whose old state was not the one we had
+        self.synack_retransmits = 0   # SYN-ACKs re-sent for half-open handshakes
 
 
 class Tracker:
@@ -144,12 +145,14 @@ class Tracker:
         self.pending: deque[Lifecycle] = deque()      # closed, waiting for trailing events
         self.pending_ports: dict[tuple, Lifecycle] = {}
         self.counters = Counters()
+        # (netns, listener port) -> [SYN-ACK retransmits, {request sockets}] (the set is capped)
+        self.synack: dict[tuple, list] = {}
         self._filtering = self.filters.active()
         self._dispatch = {int(k): v for k, v in {
             EventKind.STATE: self._state, EventKind.DESTROY: self._destroy,
             EventKind.RECV_RESET: self._recv_reset, EventKind.SEND_RESET: self._send_reset,
             EventKind.ERROR: self._error, EventKind.IO_OWNER: self._io, EventKind.EOF: self._eof,
-            EventKind.FILTERED: self._filtered,
+            EventKind.FILTERED: self._filtered, EventKind.SYNACK: self._synack,
         }.items()}
 
     # -- input -------------------------------------------------------------
@@ -364,6 +367,15 @@ class Tracker:
         if lc is not None:
             self._forget_listener(lc)
             self.counters.filtered += 1
+
+    def _synack(self, ev: Ev) -> None:
+        self.counters.synack_retransmits += 1
+        entry = self.synack.get((dec.netns(ev), ev.sport))
+        if entry is None:
+            entry = self.synack[(dec.netns(ev), ev.sport)] = [0, set()]
+        entry[0] += 1
+        if len(entry[1]) < 100_000:
+            entry[1].add(ev.tx_b)
 
     # -- end of a connection -----------------------------------------------
     def _finish(self, lc: Lifecycle) -> None:

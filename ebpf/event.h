@@ -16,7 +16,8 @@
 #define TLT_EV_IO_OWNER   6 /* sock:sock_{recv,send}_length by a new task: value = ret */
 #define TLT_EV_EOF        7 /* first recv() that returned 0, by the known owner (F_EOF set) */
 #define TLT_EV_FILTERED   8 /* a kernel filter dropped the rest of this connection */
-#define TLT_EV_NKINDS     9
+#define TLT_EV_SYNACK     9 /* tcp:tcp_retransmit_synack: skaddr = listener, tx_b = request sock */
+#define TLT_EV_NKINDS     10
 
 /* flags */
 #define TLT_F_BIRTH_UNSEEN 0x01 /* first event of a socket born before the trace */

@@ -493,3 +493,48 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 	return io_seen(args, (u64)args->sk, args->family, args->protocol, args->ret, 0);
 }
 #endif
+
+#ifdef TLT_HAVE_TCP_RETRANSMIT_SYNACK
+/* The only tracepoint that sees request sockets (half-open handshakes): skaddr is the
+ * listener, req the request socket. A SYN flood shows up here per listener. */
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
+{
+	u64 skaddr = (u64)args->skaddr;
+	struct conn *c = conns.lookup(&skaddr);
+	if (c && c->keep == KEEP_NO)
+		return 0;
+#ifdef TLT_FILTER_LPORT
+	if (!TLT_LPORT_OK(args->sport))
+		return 0;
+#endif
+	struct tlt_event *e = ev_new(TLT_EV_SYNACK);
+	if (!e)
+		return 0;
+	e->skaddr = skaddr;
+	if (c) {
+		e->gen = c->gen;
+		e->netns = c->netns;
+		e->flags |= c->flags & TLT_F_NETNS;
+	} else {
+#if defined(OFF_SKC_NET) && defined(OFF_NET_NS_INUM)
+		void *net = 0;
+		if (bpf_probe_read_kernel(&net, sizeof(net), (void *)skaddr + OFF_SKC_NET) == 0 && net &&
+		    bpf_probe_read_kernel(&e->netns, sizeof(e->netns), net + OFF_NET_NS_INUM) == 0)
+			e->flags |= TLT_F_NETNS;
+#endif
+	}
+	e->tx_b = (u64)args->req;
+	e->sport = args->sport;
+	e->dport = args->dport;
+	e->family = args->family;
+	if (args->family == AF_INET) {
+		__builtin_memcpy(e->saddr, args->saddr, 4);
+		__builtin_memcpy(e->daddr, args->daddr, 4);
+	} else {
+		__builtin_memcpy(e->saddr, args->saddr_v6, 16);
+		__builtin_memcpy(e->daddr, args->daddr_v6, 16);
+	}
+	ev_send(args, e);
+	return 0;
+}
+#endif

@@ -21,9 +21,10 @@ class EventKind(enum.IntEnum):
     IO_OWNER = 6
     EOF = 7
     FILTERED = 8
+    SYNACK = 9
 
 
-N_KINDS = 9  # TLT_EV_NKINDS
+N_KINDS = 10  # TLT_EV_NKINDS
 
 
 class Flag(enum.IntFlag):

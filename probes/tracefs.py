@@ -16,6 +16,7 @@ OPTIONAL = {
     ("sock", "inet_sk_error_report"): "no errno for refused/timed-out/reset connections",
     ("sock", "sock_recv_length"): "accepted sockets are attributed to the closer or listener, not the reader",
     ("sock", "sock_send_length"): "accepted sockets are attributed to the closer or listener, not the writer",
+    ("tcp", "tcp_retransmit_synack"): "SYN-ACK retransmits (half-open handshakes) are not counted per listener",
 }
 
 

@@ -1,6 +1,7 @@
 """What `tcplife-trace analyze` shows: frames of a recording, filtered, as tables or data."""
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
@@ -36,12 +37,18 @@ def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
     return lc, tr
 
 
-def frames(rec: Recording, filters: Filters, since=None, until=None) -> dict[str, pd.DataFrame]:
+def frames(rec: Recording, filters: Filters, since=None, until=None,
+           thresholds=None) -> dict[str, pd.DataFrame]:
     from .connections import state_durations, summary
+    from .recorded_leaks import findings, stopped_at
     lc, tr = filtered(rec, filters, since, until)
     durations = state_durations(tr)
+    stopped = stopped_at(rec.ends)
+    if until is not None and stopped is not None:
+        stopped = min(stopped, until)
     return {"lifecycles": lc, "transitions": tr, "state_durations": durations,
-            "summary": summary(durations).reset_index()}
+            "summary": summary(durations).reset_index(),
+            "leaks": findings(lc, tr, thresholds, stopped=stopped)}
 
 
 def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:
@@ -49,6 +56,8 @@ def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:
     written = []
     for name, df in frames_.items():
         path = os.path.join(directory, f"{name}.parquet")
+        if name == "leaks":  # free-form evidence: as JSON text, so every finding fits one schema
+            df = df.assign(evidence=df["evidence"].map(json.dumps))
         df.to_parquet(path, index=False)
         written.append(path)
     return written
@@ -82,4 +91,8 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
         if len(still):
             out.append(f"\nopen at the end of the recording ({len(still)})")
             out.append(still[cols[:-2] + ["start"]].head(TOP).to_string(index=False))
+    lk = f["leaks"]
+    out.append(f"\nfindings ({len(lk)})" + ("" if len(lk) else ": none"))
+    for r in lk.itertuples():
+        out.append(f"  {r.severity.upper()} {r.kind}: {r.summary}")
     return "\n".join(out)

@@ -177,7 +177,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     if poll_interval > 0:
         from . import findings_view
         from .diagnosis import Watch
-        watch = Watch(thresholds, tracker=session.tracker)
+        watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters)
         session.close_watchers.append(watch.closed)
         watch.take_seed()
         next_poll = time.monotonic() + poll_interval
@@ -249,7 +249,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
 @click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
 @click.option("--since", metavar="TIME", help="Only from this ISO-8601 time on (e.g. 2026-11-22T19:00:00Z).")
 @click.option("--until", metavar="TIME", help="Only up to this ISO-8601 time.")
-def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until):
+@click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
+              help="Change a detector threshold, e.g. close_wait_age_s=30 (repeatable).")
+def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until, threshold_pairs):
     """Analyse recordings made with --record FILE (several files are analysed as one)."""
     import pandas as pd
 
@@ -267,11 +269,12 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
 
     filters = _filters(pid, localport, remoteport, ipv4, ipv6)
     start, stop = when(since, "--since"), when(until, "--until")
+    thresholds = _thresholds(threshold_pairs)
     try:
         rec = load(list(files))
         for w in rec.warnings:
             click.echo(f"tcplife-trace: warning: {w}", err=True)
-        frames = analysis_report.frames(rec, filters, start, stop)
+        frames = analysis_report.frames(rec, filters, start, stop, thresholds)
     except RecordingError as e:
         raise UserError(str(e)) from None
     if export_dir:

@@ -29,13 +29,15 @@ def _sock_key(s) -> tuple:
 
 
 class Watch:
-    def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None):
+    def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None, filters=None):
         self.thresholds = thresholds or leaks.Thresholds()
+        self.filters = filters                  # probes.filters.Filters: findings obey -p/-L/-D/-4/-6
         self.tracker = tracker                  # analysis.lifecycle.Tracker of a live session, if any
         self.seed: Snapshot | None = None
         self.latest: Snapshot | None = None
         self.first_seen: dict[tuple, int] = {}  # socket key -> first snapshot time (ns)
         self.ended: deque[tuple] = deque()
+        self.synack_seed: dict[tuple, tuple[int, int]] = {}
         self.minisock_owner: dict[tuple, tuple] = {}  # 4-tuple -> (closed at, pid, comm)
         self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
         self.started_ns = time.monotonic_ns()
@@ -50,7 +52,13 @@ class Watch:
             self.minisock_owner[(lc.netns, lc.laddr, lc.lport, lc.raddr, lc.rport)] = (
                 lc.end_ns or 0, lc.owner_pid, lc.owner_comm)
 
+    def _synack_now(self) -> dict[tuple, tuple[int, int]]:
+        if self.tracker is None:
+            return {}
+        return {k: (v[0], len(v[1])) for k, v in self.tracker.synack.items()}
+
     def take_seed(self) -> Snapshot:
+        self.synack_seed = self._synack_now()
         self.seed = self._take(sock_diag.ALL_STATES)
         self.started_ns = self.seed.taken_ns
         return self.seed
@@ -122,8 +130,24 @@ class Watch:
         df["time_wait"] = df["time_wait"].astype(bool)
         return df
 
+    def _filtered(self, df: pd.DataFrame) -> pd.DataFrame:
+        f = self.filters
+        if f is None or not f.active() or df.empty:
+            return df
+        keep = pd.Series(True, index=df.index)
+        if f.lports:
+            keep &= df["lport"].isin(f.lports)
+        if f.rports:
+            keep &= df["rport"].isin(f.rports)
+        if f.family:
+            v6 = df["laddr"].astype(str).str.contains(":")
+            keep &= v6 if f.family == 6 else ~v6
+        if f.pids:
+            keep &= df["owner_pid"].isin(f.pids).fillna(False).astype(bool)
+        return df[keep.to_numpy(dtype=bool)]
+
     def evidence(self, snap: Snapshot) -> leaks.Evidence:
-        sockets = self.sockets_frame(snap)
+        sockets = self._filtered(self.sockets_frame(snap))
         deltas = {}
         if self.seed is not None:
             for ns, now in snap.mibs.items():
@@ -136,9 +160,16 @@ class Watch:
             keys = [(n, int(sock_diag.S.LISTEN), a, p, r, rp) for n, a, p, r, rp in
                     zip(lis["netns"], lis["laddr"], lis["lport"], lis["raddr"], lis["rport"])]
             new_lis = lis[[k not in seeded for k in keys]]
+        synack = {}
+        for key, (n, reqs) in self._synack_now().items():
+            n0, r0 = self.synack_seed.get(key, (0, 0))
+            if n > n0 and key[0] is not None:
+                synack[key] = (n - n0, reqs if not r0 else max(reqs - r0, 1))
+        if self.filters is not None and self.filters.lports:
+            synack = {k: v for k, v in synack.items() if k[1] in self.filters.lports}
         span = min(snap.taken_ns - self.started_ns, ENDED_WINDOW_NS) / 1e9
-        return leaks.Evidence(sockets, self.ended_frame(snap.taken_ns), max(span, 1e-3), deltas,
-                              snap.sysctls, new_lis, snap.complete)
+        return leaks.Evidence(sockets, self._filtered(self.ended_frame(snap.taken_ns)), max(span, 1e-3), deltas,
+                              snap.sysctls, new_lis, synack=synack, complete_snapshot=snap.complete)
 
     # -- outputs -------------------------------------------------------------------------
     def poll(self) -> list[leaks.Finding]:

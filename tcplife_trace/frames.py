@@ -114,6 +114,16 @@ def _masked(values: np.ndarray, valid: np.ndarray, dtype: str):
                                ~np.asarray(valid, dtype=bool))
 
 
+def dropped_by_filter(cols: Columns) -> np.ndarray:
+    """Rows of connections that a kernel filter (-p/-L/-D/-4/-6) dropped part way: the live
+    tracer forgets them, and so do the frames."""
+    kind, gen = cols["kind"], cols["gen"]
+    filtered = gen[(kind == EventKind.FILTERED) & (gen != 0)]
+    if not len(filtered):
+        return np.zeros(len(gen), dtype=bool)
+    return np.isin(gen, filtered)
+
+
 def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
     """One row per state change, in recorded order.
 
@@ -122,7 +132,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     running, which in softirq transitions is not the connection's owner.
     """
     cols = cols or Columns(table)
-    keep = cols["kind"] == EventKind.STATE
+    keep = (cols["kind"] == EventKind.STATE) & ~dropped_by_filter(cols)
 
     def col(name):  # one column of the state rows, without filtering the whole table
         return cols[name][keep]

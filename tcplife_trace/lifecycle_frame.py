@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from .analysis.lifecycle import (ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, OWNER_SOURCES,
                                  ROLES, RST_REASONS)
-from .frames import Columns, _decoded, _families, _masked, addresses, first_rows, spelled
+from .frames import Columns, _decoded, dropped_by_filter, _families, _masked, addresses, first_rows, spelled
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
@@ -65,7 +65,7 @@ def _per_conn(ids: np.ndarray, conn: np.ndarray, values: np.ndarray, last: bool 
 def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
     col = cols or Columns(table)
     kind, gen = col["kind"], col["gen"]
-    is_state = (kind == EventKind.STATE) & (gen != 0)
+    is_state = (kind == EventKind.STATE) & (gen != 0) & ~dropped_by_filter(col)
     rows = np.flatnonzero(is_state)                      # table rows of state events
     seg = _Segments(gen[rows])
     srt = rows[seg.order]                                # table rows, sorted by connection

@@ -127,6 +127,7 @@ class LiveSession:
             "sequence_gaps": c.sequence_gaps,
             "unmatched_errors": c.unmatched_errors,
             "resets_sent_no_socket": c.resets_no_socket,
+            "synack_retransmits": c.synack_retransmits,
             "filters": self.settings.filters.describe(),
             "consumer_cpu_s": round(sum(os.times()[:2]), 3),
         }

@@ -263,6 +263,13 @@ class Recording:
         from .connections import summary
         return summary(self.state_durations())
 
+    def leaks(self, thresholds=None, port_range=None):
+        """Leak and pile findings from what the recording shows (see README, "Findings");
+        one row per finding, most severe first."""
+        from .recorded_leaks import DEFAULT_PORT_RANGE, findings, stopped_at
+        return findings(self.lifecycles(), self.transitions, thresholds, port_range or DEFAULT_PORT_RANGE,
+                        stopped_at(self.ends))
+
     def _group(self, keys: list[str]):
         from .connections import grouped
         return grouped(self.lifecycles(), keys)

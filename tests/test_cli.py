@@ -50,6 +50,8 @@ def run_cli(args, **kw):
     (["--duration", "-1"], "--duration"),
     (["--bogus"], "No such option"),
     (["--ring-pages", "3"], "power of two"),
+    (["--threshold", "close_wait=3"], "unknown threshold 'close_wait'"),
+    (["--threshold", "close_wait_age_s=soon"], "close_wait_age_s takes a float"),
 ])
 def test_bad_flags_one_line_exit_2(args, needle):
     r = run_cli(args + ["--duration", "1"] if "--duration" not in args else args)

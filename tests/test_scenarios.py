@@ -155,7 +155,9 @@ def test_syn_flood_on_a_listener_with_a_tiny_backlog(pair):
     f = only(findings, "syn_flood")
     assert f.local == "0.0.0.0:7007" and f.owner_pid == srv.pid and f.netns == pair.inode(pair.b)
     assert f.severity == "critical" and f.evidence["counters"].get("SyncookiesSent", 0) > 0
-    assert f.evidence["half_open"] >= 2 and f.evidence["distinct_sources"] >= 2
+    assert f.evidence["pending_now"] >= 2 and f.evidence["distinct_sources"] >= 2
+    # the tracer saw the listener re-send SYN-ACKs for the half-open requests (1 s, then backoff)
+    assert f.evidence["synack_retransmits"] >= f.evidence["pending_now"]
 
 
 def test_healthy_workload_has_no_findings(pair):
@@ -168,3 +170,23 @@ def test_healthy_workload_has_no_findings(pair):
     findings, report = diagnose(pair, workload, **{k: v for k, v in Thresholds().__dict__.items()})
     assert findings == []
     assert report["trace"]["connections_seen"] >= 33
+
+
+def test_doctor_cli_json_and_exit_status(pair):
+    import json
+    import subprocess
+    import sys
+    srv = pair.start(pair.b, "serve", "7009", "--no-close")
+    pair.start(pair.a, "connect", B_ADDR, "7009", "1", "--then", "close")
+    cmd = [sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", "1.5", "--json",
+           "--threshold", "close_wait_age_s=0.5", "--threshold", "fin_wait2_age_s=0.5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr  # a warning, and --fail-on defaults to warning
+    doc = json.loads(r.stdout)
+    mine = [f for f in doc["findings"] if f["netns"] == pair.inode(pair.b)]
+    assert [(f["kind"], f["owner_pid"], f["local"]) for f in mine] == [
+        ("close_wait_leak", srv.pid, f"{B_ADDR}:7009")]
+    assert doc["sockets_at_start"]["CLOSE_WAIT"] >= 1 and doc["trace"]["events_lost"] == 0
+    r = subprocess.run(cmd + ["--fail-on", "critical"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == (1 if any(f["severity"] == "critical" for f in json.loads(r.stdout)["findings"])
+                            else 0)

@@ -1,0 +1,80 @@
+"""Leak findings from a recording: the detectors fed with what the trace alone knows.
+
+"Now" is when the recording stopped (or its last event, if it was cut). Sockets present then are the connections still
+open at the end (in their last state, aged from the transition into it) plus the
+TIME_WAIT sockets of active closes in the last minute. No sock_diag, so no request
+sockets (SYN floods), no kernel counters, no sockets opened before the recording
+and the ephemeral port range is Linux's default unless given.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .analysis import leaks
+
+DEFAULT_PORT_RANGE = (32768, 60999)
+
+
+def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
+             port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
+             stopped: pd.Timestamp | None = None) -> leaks.Evidence:
+    """stopped: when the recording ended (a clean close stores it), else its last event."""
+    if transitions.empty:
+        return leaks.Evidence(leaks.empty_sockets(), leaks.empty_ended(), 1e-3)
+    t0, now = transitions["time"].min(), transitions["time"].max()
+    if stopped is not None and stopped > now:
+        now = stopped
+    entered = transitions.groupby("conn_id", sort=False)["time"].max()
+    lc = lifecycles.reset_index(drop=True)
+    open_ = lc[lc["end"].isna()].reset_index(drop=True)
+    since = entered.reindex(open_["conn_id"]).reset_index(drop=True)
+    sockets = pd.DataFrame({
+        "netns": open_["netns"], "state": open_["path"].astype(str).str.rsplit(" ", n=1).str[-1],
+        "laddr": open_["laddr"].astype(object), "lport": open_["lport"].astype("Int64"),
+        "raddr": open_["raddr"].astype(object), "rport": open_["rport"].astype("Int64"),
+        "inode": 1, "timer": "?", "rqueue": 0, "wqueue": 0, "idle_recv_s": np.nan, "idle_sent_s": np.nan,
+        "owner_pid": open_["pid"].astype("Int64"), "owner_comm": open_["comm"].astype(object),
+        "owner_fd": pd.array([pd.NA] * len(open_), "Int64"),
+        "age_s": (now - since).dt.total_seconds(), "age_lower_bound": ~open_["birth_seen"].astype(bool),
+        "eof_age_s": (now - open_["eof_seen"]).dt.total_seconds(),
+    })
+    tw = lc[lc["time_wait"] & (lc["end"] > now - pd.Timedelta(seconds=leaks.TIME_WAIT_S))].reset_index(drop=True)
+    tw_rows = pd.DataFrame({
+        "netns": tw["netns"], "state": "TIME_WAIT",
+        "laddr": tw["laddr"].astype(object), "lport": tw["lport"].astype("Int64"),
+        "raddr": tw["raddr"].astype(object), "rport": tw["rport"].astype("Int64"),
+        "inode": 0, "timer": "timewait", "rqueue": 0, "wqueue": 0, "idle_recv_s": np.nan,
+        "idle_sent_s": np.nan, "owner_pid": tw["pid"].astype("Int64"), "owner_comm": tw["comm"].astype(object),
+        "owner_fd": pd.array([pd.NA] * len(tw), "Int64"),
+        "age_s": (now - tw["end"]).dt.total_seconds(), "age_lower_bound": False, "eof_age_s": np.nan,
+    })
+    if len(tw_rows):
+        sockets = pd.concat([sockets, tw_rows], ignore_index=True)
+    done = lc[lc["end"].notna()]
+    ended = pd.DataFrame({
+        "netns": done["netns"], "role": done["role"].astype(str),
+        "laddr": done["laddr"].astype(object), "lport": done["lport"].astype("Int64"),
+        "raddr": done["raddr"].astype(object), "rport": done["rport"].astype("Int64"),
+        "owner_pid": done["pid"].astype("Int64"), "owner_comm": done["comm"].astype(object),
+        "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool),
+    })
+    listeners = open_[(open_["role"] == "listener") & open_["birth_seen"]]
+    new_lis = pd.DataFrame({"netns": listeners["netns"], "laddr": listeners["laddr"].astype(object),
+                            "lport": listeners["lport"].astype("Int64"), "owner_pid": listeners["pid"].astype("Int64"),
+                            "owner_comm": listeners["comm"].astype(object)})
+    duration = max((now - t0).total_seconds(), 1e-3)
+    sysctls = {int(ns): {"ip_local_port_range": port_range} for ns in pd.unique(lc["netns"].dropna())}
+    return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True)
+
+
+def stopped_at(ends: list) -> pd.Timestamp | None:
+    """When the recordings stopped, from their clean-close summaries."""
+    stops = [e["stop_wall"] for e in ends if e and e.get("stop_wall")]
+    return pd.Timestamp(max(stops), unit="s", tz="UTC") if stops else None
+
+
+def findings(lifecycles: pd.DataFrame, transitions: pd.DataFrame, thresholds=None,
+             port_range: tuple[int, int] = DEFAULT_PORT_RANGE, stopped=None) -> pd.DataFrame:
+    """The `.leaks()` frame."""
+    return leaks.frame(leaks.find(evidence(lifecycles, transitions, port_range, stopped), thresholds))

@@ -1,0 +1,197 @@
+"""The detectors on small synthetic tables: thresholds, grouping, severities, advice.
+(The same detectors on real kernels and namespaces: tests/test_scenarios.py.)"""
+import pandas as pd
+import pytest
+
+from synthetic import ev
+from tcplife_trace.analysis import leaks
+from tcplife_trace.analysis.leaks import Evidence, Thresholds, find
+from tcplife_trace.recording import Recording, header
+
+NS = 4026531999
+
+
+def sockets(*rows):
+    """rows: (state, laddr, lport, raddr, rport, age_s[, pid[, extra dict]])"""
+    out = []
+    for r in rows:
+        state, la, lp, ra, rp, age = r[:6]
+        pid = r[6] if len(r) > 6 else None
+        extra = r[7] if len(r) > 7 else {}
+        row = dict(netns=NS, state=state, laddr=la, lport=lp, raddr=ra, rport=rp, inode=1, timer="off",
+                   rqueue=0, wqueue=0, idle_recv_s=None, idle_sent_s=None, owner_pid=pid,
+                   owner_comm=None if pid is None else f"p{pid}", owner_fd=None, age_s=age,
+                   age_lower_bound=False, eof_age_s=None)
+        row.update(extra)
+        out.append(row)
+    df = pd.DataFrame(out, columns=list(leaks.SOCKET_COLUMNS))
+    for c in ("idle_recv_s", "idle_sent_s", "age_s", "eof_age_s"):
+        df[c] = df[c].astype("float64")
+    for c in ("owner_pid", "owner_fd"):
+        df[c] = df[c].astype("Int64")
+    return df
+
+
+def ended(*rows):
+    """rows: (role, raddr, rport, end_reason, pid[, time_wait[, lport]])"""
+    out = [dict(netns=NS, role=r[0], laddr="10.0.0.1", lport=r[6] if len(r) > 6 else 40000 + i,
+                raddr=r[1], rport=r[2], owner_pid=r[4], owner_comm=f"p{r[4]}", end_reason=r[3],
+                time_wait=r[5] if len(r) > 5 else False) for i, r in enumerate(rows)]
+    return pd.DataFrame(out, columns=list(leaks.ENDED_COLUMNS))
+
+
+def evidence(socks=None, ends=None, duration=10.0, **kw):
+    return Evidence(socks if socks is not None else leaks.empty_sockets(),
+                    ends if ends is not None else leaks.empty_ended(), duration, **kw)
+
+
+LISTENER = ("LISTEN", "0.0.0.0", 8080, "0.0.0.0", 0, 100.0, 10)
+
+
+def test_close_wait_grouped_by_owner_and_service_with_age_threshold():
+    s = sockets(LISTENER,
+                ("CLOSE_WAIT", "10.0.0.1", 8080, "10.0.0.9", 50001, 12.0, 10, {"eof_age_s": 11.0}),
+                ("CLOSE_WAIT", "10.0.0.1", 8080, "10.0.0.8", 50002, 7.0, 10),
+                ("CLOSE_WAIT", "10.0.0.1", 41000, "10.0.0.5", 5432, 30.0, 11),   # outgoing, to a DB
+                ("CLOSE_WAIT", "10.0.0.1", 8080, "10.0.0.7", 50003, 1.0, 10))    # too young
+    got = [f for f in find(evidence(s)) if f.kind == "close_wait_leak"]
+    assert [(f.owner_pid, f.local, f.peer, f.count) for f in got] == [
+        (10, "10.0.0.1:8080", None, 2), (11, None, "10.0.0.5:5432", 1)]
+    assert got[0].oldest_age_s == 12.0 and got[0].evidence["eof_read"] == 1
+    assert "read the EOF on 1" in got[0].summary and got[0].severity == "warning"
+
+
+def test_close_wait_pile_is_critical():
+    rows = [("CLOSE_WAIT", "10.0.0.1", 41000 + i, "10.0.0.5", 5432, 60.0, 11) for i in range(100)]
+    (f,) = [f for f in find(evidence(sockets(*rows))) if f.kind == "close_wait_leak"]
+    assert f.severity == "critical" and f.count == 100 and len(f.samples) == 5
+
+
+def test_close_piles_per_state_and_peer():
+    s = sockets(*[("FIN_WAIT1", "10.0.0.1", 8080, "10.0.0.9", 50000 + i, 20.0, None, {"inode": 0})
+                  for i in range(12)],
+                ("LAST_ACK", "10.0.0.1", 8080, "10.0.0.3", 1234, 11.0),
+                ("LAST_ACK", "10.0.0.1", 8080, "10.0.0.3", 1235, 2.0),           # too young
+                ("FIN_WAIT2", "10.0.0.1", 41000, "10.0.0.4", 80, 40.0, 12))
+    got = {f.kind: f for f in find(evidence(s))}
+    assert got["fin_wait1_pile"].count == 12 and got["fin_wait1_pile"].severity == "warning"
+    assert got["fin_wait1_pile"].evidence["orphaned"] == 12 and got["fin_wait1_pile"].peer == "10.0.0.9"
+    assert got["last_ack_pile"].count == 1 and got["last_ack_pile"].peer == "10.0.0.3:1234"
+    assert got["fin_wait2_stuck"].owner_pid == 12 and got["fin_wait2_stuck"].peer == "10.0.0.4:80"
+
+
+def test_syn_sent_storm_needs_enough_failures_and_says_why():
+    e = ended(*[("active", "10.0.0.5", 443, "refused", 20)] * 3, ("active", "10.0.0.6", 443, "refused", 20),
+              ("active", "10.0.0.5", 443, "active_close", 20))
+    s = sockets(("SYN_SENT", "10.0.0.1", 41000, "10.0.0.7", 80, 3.0, 21),
+                ("SYN_SENT", "10.0.0.1", 41001, "10.0.0.7", 80, 3.0, 21),
+                ("SYN_SENT", "10.0.0.1", 41002, "10.0.0.7", 80, 0.1, 21),       # just started
+                ("SYN_SENT", "10.0.0.1", 41003, "10.0.0.7", 80, 2.0, 21))
+    got = {f.peer: f for f in find(evidence(s, e)) if f.kind == "syn_sent_storm"}
+    assert set(got) == {"10.0.0.5:443", "10.0.0.7:80"}
+    assert got["10.0.0.5:443"].evidence["refused"] == 3 and got["10.0.0.5:443"].rate_per_s == 0.3
+    assert "nothing listens" in got["10.0.0.5:443"].summary
+    assert got["10.0.0.7:80"].evidence["pending"] == 3 and "no answer" in got["10.0.0.7:80"].summary
+    assert got["10.0.0.7:80"].owner_pid == 21
+
+
+def test_fan_out_to_many_destinations_is_one_critical_finding():
+    e = ended(*[("active", f"10.1.{i // 250}.{i % 250}", 22, "timeout", 30) for i in range(60)])
+    got = find(evidence(None, e))
+    kinds = [f.kind for f in got]
+    assert kinds == ["syn_sent_fanout"]
+    assert got[0].severity == "critical" and got[0].evidence["distinct_destinations"] == 60
+    assert got[0].owner_pid == 30
+
+
+def test_syn_flood_per_listener_and_counters():
+    lis = ("LISTEN", "0.0.0.0", 80, "0.0.0.0", 0, 100.0, 40, {"wqueue": 4})
+    reqs = [("SYN_RECV", "10.0.0.1", 80, f"10.9.0.{i}", 3000 + i, 1.0, None, {"inode": 0}) for i in range(20)]
+    (f,) = find(evidence(sockets(lis, *reqs)))
+    assert (f.kind, f.severity, f.local, f.owner_pid) == ("syn_flood", "warning", "0.0.0.0:80", 40)
+    assert f.evidence["distinct_sources"] == 20 and f.evidence["backlog"] == 4
+    (f,) = find(evidence(sockets(lis, *reqs[:3]), counter_deltas={NS: {"SyncookiesSent": 75}}))
+    assert f.kind == "syn_flood" and f.severity == "critical" and "SyncookiesSent +75" in f.summary
+    (f,) = find(evidence(sockets(lis), counter_deltas={NS: {"ListenOverflows": 3, "ListenDrops": 3}}))
+    assert f.kind == "listen_overflow" and f.count == 6
+
+
+def test_time_wait_churn_port_range_use_and_exhaustion():
+    ctl = {NS: {"ip_local_port_range": (40000, 40099), "tcp_tw_reuse": 2}}
+    tw = [("TIME_WAIT", "10.0.0.1", 40000 + i, "10.0.0.2", 80, 5.0, None, {"inode": 0}) for i in range(60)]
+    e = ended(*[("active", "10.0.0.2", 80, "active_close", 50, True)] * 60)
+    (f,) = find(evidence(sockets(*tw), e, duration=60.0, sysctls=ctl))
+    assert f.kind == "time_wait_churn" and f.owner_pid == 50
+    assert f.evidence["port_use_now"] == pytest.approx(0.6) and f.evidence["port_use_steady"] == pytest.approx(0.6)
+    assert f.severity == "warning" and f.evidence["seconds_to_exhaustion"] is None
+    assert "tcp_tw_reuse" in f.advice and "now 2" in f.advice
+    (f,) = find(evidence(sockets(*tw), e, duration=10.0, sysctls=ctl))  # 6/s: 360 needed, 100 ports
+    assert f.severity == "critical" and f.evidence["seconds_to_exhaustion"] == pytest.approx(40 / 6, abs=0.1)
+
+
+def test_time_wait_on_the_server_side_is_no_port_pressure():
+    ctl = {NS: {"ip_local_port_range": (40000, 40099)}}
+    lis = ("LISTEN", "0.0.0.0", 80, "0.0.0.0", 0, 100.0, 10)
+    tw = [lis] + [("TIME_WAIT", "10.0.0.1", 80, "10.0.0.2", 50000 + i, 5.0, None, {"inode": 0})
+                  for i in range(90)]
+    e = ended(*[("passive", "10.0.0.2", 50000 + i, "active_close", 50, True, 80) for i in range(90)])
+    assert find(evidence(sockets(*tw), e, duration=60.0, sysctls=ctl)) == []
+    # ... until the rate itself is extreme
+    (f,) = find(evidence(sockets(*tw), e, duration=0.1, sysctls=ctl))
+    assert f.kind == "time_wait_churn" and f.local == "10.0.0.1:80" and f.rate_per_s == 900
+    assert f.severity == "info" and not f.evidence["client_side"] and f.evidence["time_wait_now"] == 90
+
+
+def test_idle_established_and_peer_piles():
+    idle = {"idle_recv_s": 900.0, "idle_sent_s": 1000.0}
+    s = sockets(LISTENER,
+                ("ESTABLISHED", "10.0.0.1", 41000, "10.0.0.3", 6379, 0.0, 12, idle),
+                ("ESTABLISHED", "10.0.0.1", 41001, "10.0.0.3", 6379, 0.0, 12, {**idle, "timer": "keepalive"}),
+                *[("ESTABLISHED", "10.0.0.1", 8080, "10.0.0.4", 30000 + i, 0.0, 10) for i in range(200)])
+    got = {f.kind: f for f in find(evidence(s))}
+    assert got["idle_established"].count == 1 and got["idle_established"].peer == "10.0.0.3"
+    assert got["peer_connection_pile"].count == 200 and got["peer_connection_pile"].peer == "10.0.0.4"
+
+
+def test_healthy_tables_have_no_findings_and_frame_schema():
+    s = sockets(LISTENER, *[("ESTABLISHED", "10.0.0.1", 8080, "10.0.0.4", 30000 + i, 0.0, 10) for i in range(5)],
+                ("CLOSE_WAIT", "10.0.0.1", 8080, "10.0.0.4", 31000, 0.01, 10),
+                ("TIME_WAIT", "10.0.0.1", 41000, "10.0.0.4", 80, 3.0, None, {"inode": 0}))
+    e = ended(("active", "10.0.0.4", 80, "active_close", 50, True), ("active", "10.0.0.4", 80, "refused", 50))
+    assert find(evidence(s, e)) == []
+    df = leaks.frame([])
+    assert list(df.columns) == leaks.FRAME_COLUMNS and str(df.severity.dtype) == "category"
+
+
+def test_thresholds_change_the_verdict():
+    s = sockets(("CLOSE_WAIT", "10.0.0.1", 41000, "10.0.0.5", 5432, 3.0, 11))
+    assert find(evidence(s)) == []
+    assert [f.kind for f in find(evidence(s), Thresholds(close_wait_age_s=2))] == ["close_wait_leak"]
+
+
+def _recording(rows):
+    evs = [ev(*r[:-1], **r[-1]) if isinstance(r[-1], dict) else ev(*r) for r in rows]
+    return Recording.from_events(evs, header("none", 0))
+
+
+def test_leaks_from_a_recording():
+    rec = _recording([
+        (0, "S", 1, "CLOSE", "LISTEN", 10, 8080, 0),
+        (10, "S", 2, "LISTEN", "SYN_RECV", 99, 8080, 50000),
+        (11, "S", 2, "SYN_RECV", "ESTABLISHED", 99, 8080, 50000),
+        (12, "IO", 2, 10),
+        (20, "S", 2, "ESTABLISHED", "CLOSE_WAIT", 99, 8080, 50000),
+        (21, "IO", 2, 10, "eof"),
+        *[(100 + i, "S", 10 + i, "CLOSE", "SYN_SENT", 20, 0, 443, {"raddr": "10.0.0.5"}) for i in range(4)],
+        *[(101 + i, "RR", 10 + i) for i in range(4)],
+        *[(102 + i, "S", 10 + i, "SYN_SENT", "CLOSE", 0, 41000 + i, 443, {"raddr": "10.0.0.5"}) for i in range(4)],
+        (9000, "S", 3, "CLOSE", "SYN_SENT", 30, 0, 80),
+    ])
+    lk = rec.leaks(Thresholds(close_wait_age_s=5))
+    got = {r.kind: r for r in lk.itertuples()}
+    assert set(got) == {"close_wait_leak", "syn_sent_storm", "new_listener"}
+    cw = got["close_wait_leak"]
+    assert cw.owner_pid == 10 and cw.local == "127.0.0.1:8080" and cw.oldest_age_s == pytest.approx(8.98)
+    assert cw.evidence["eof_read"] == 1 and not cw.age_lower_bound
+    assert got["syn_sent_storm"].evidence["refused"] == 4 and got["syn_sent_storm"].peer == "10.0.0.5:443"
+    assert str(lk.severity.dtype) == "category" and lk.iloc[0].severity == "warning"

@@ -178,17 +178,17 @@ def close_wait_leaks(ev: Evidence, t: Thresholds) -> list[Finding]:
 _PILES = {
     "FIN_WAIT1": ("fin_wait1_pile", "fin_wait1_age_s",
                   "we sent FIN and {peer} never acknowledged it: the peer is gone or unreachable",
-                  "Usually follows a shutdown of a server with many clients, or peers that vanished; "
-                  "the kernel gives up after tcp_orphan_retries. Check reachability of the peers."),
+                  ("Usually follows a shutdown of a server with many clients, or peers that vanished; "
+                   "the kernel gives up after tcp_orphan_retries. Check reachability of the peers.")),
     "FIN_WAIT2": ("fin_wait2_stuck", "fin_wait2_age_s",
                   "half-closed: {peer} acknowledged our FIN but never closes its side",
-                  "The peer application keeps its end open. Orphaned sockets are bounded by "
-                  "net.ipv4.tcp_fin_timeout; a socket our process still holds (shutdown(SHUT_WR)) is "
-                  "not: close it after a timeout."),
+                  ("The peer application keeps its end open. Orphaned sockets are bounded by "
+                   "net.ipv4.tcp_fin_timeout; a socket our process still holds (shutdown(SHUT_WR)) is "
+                   "not: close it after a timeout.")),
     "LAST_ACK": ("last_ack_pile", "last_ack_age_s",
                  "we closed after the peer, and {peer} never acknowledged our FIN",
-                 "Typical when a load-test client or peer host is killed abruptly; the sockets "
-                 "time out on their own (retransmission limit). Check whether the peers are alive."),
+                 ("Typical when a load-test client or peer host is killed abruptly; the sockets "
+                  "time out on their own (retransmission limit). Check whether the peers are alive.")),
     "CLOSING": ("closing_pile", "closing_age_s",
                 "both sides closed at once and {peer} does not acknowledge",
                 "Simultaneous closes are rare; many of them point at a peer or middlebox dropping ACKs."),
@@ -205,7 +205,7 @@ def close_piles(ev: Evidence, t: Thresholds) -> list[Finding]:
         rows = _owner_key(rows)
         for (ns, raddr, pid, comm), g in rows.groupby(["netns", "raddr", "_pid", "_comm"], sort=False):
             n = len(g)
-            ports = sorted(set(int(p) for p in g["rport"]))
+            ports = sorted({int(p) for p in g["rport"]})
             peer = raddr if len(ports) > 3 else ", ".join(endpoint(raddr, p) for p in ports)
             oldest = g["age_s"].max()
             lower = bool(g.loc[g["age_s"].idxmax(), "age_lower_bound"])

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .analysis import leaks
 from .diagnosis import Watch, state_counts

@@ -34,8 +34,8 @@ def report_text(report: dict) -> str:
     tr = report["trace"]
     counts = report["sockets_at_start"]
     total = sum(counts.values())
-    lines = [f"sockets at start: {total} in {report['namespaces']} network namespace(s): "
-             + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"),
+    lines = [(f"sockets at start: {total} in {report['namespaces']} network namespace(s): "
+              + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none")),
              f"traced {tr['duration_s']:.1f} s: {tr['connections_seen']} connections, "
              f"{tr['closed']} closed, {tr['events_received']} events, {tr['events_lost']} lost"]
     findings = report["findings"]

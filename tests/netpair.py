@@ -25,7 +25,7 @@ class NetPair:
         self.a, self.b = f"tlt{tag}a", f"tlt{tag}b"
         self.procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "NetPair":
+    def __enter__(self) -> NetPair:
         self.down()
         for name in (self.a, self.b):
             netns.create(name)
@@ -48,7 +48,11 @@ class NetPair:
             ip.neigh("replace", dst=addr, lladdr=BOGUS_MAC, ifindex=idx, state="permanent")
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"], check=True)
+        """Set a per-namespace sysctl inside ns only."""
+        from tcplife_trace.probes import netns as netns_mod
+        target = netns_mod.Netns(self.inode(ns), f"/run/netns/{ns}", ns)
+        with netns_mod.entered(target), open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+            f.write(value)
 
     def start(self, ns: str, *args: str, ready: bool = True) -> subprocess.Popen:
         """Run a scenario role in ns; waits for its 'ready' line."""

@@ -2,10 +2,10 @@
 (The same detectors on real kernels and namespaces: tests/test_scenarios.py.)"""
 import pandas as pd
 import pytest
-
 from synthetic import ev
 from tcplife_trace.analysis import leaks
 from tcplife_trace.analysis.leaks import Evidence, Thresholds, find
+
 from tcplife_trace.recording import Recording, header
 
 NS = 4026531999

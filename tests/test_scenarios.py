@@ -5,10 +5,10 @@ Each test asserts the finding, its owner PID and endpoints, and that nothing els
 test's namespaces is reported. Thresholds are lowered so that each scenario takes seconds.
 """
 import pytest
-
 from netpair import A_ADDR, B_ADDR, GHOST, NetPair
-from tcplife_trace import doctor
 from tcplife_trace.analysis.leaks import Thresholds
+
+from tcplife_trace import doctor
 
 pytestmark = pytest.mark.privileged
 

@@ -209,6 +209,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             findings = watch.final()
         report = session.stop()
         if findings is not None:
+            from .diagnosis import state_counts
+            report["sockets_at_start"] = state_counts(watch.seed)
             report["findings"] = [f.as_dict() for f in findings]
         if lifecycles:
             for lc in session.still_open:

@@ -188,6 +188,9 @@ def summary_text(report: dict) -> str:
     if r["sequence_gaps"] or r["unmatched_errors"]:
         lines.append(f"  inconsistencies: {r['sequence_gaps']} transitions out of sequence, "
                      f"{r['unmatched_errors']} errno reports without a connection")
+    if r.get("sockets_at_start"):
+        lines.append("  sockets at start (all namespaces): "
+                     + ", ".join(f"{k} {v}" for k, v in r["sockets_at_start"].items()))
     if "findings" in r:
         lines.append(f"  findings: {len(r['findings'])}" + ("" if r["findings"] else " (healthy)"))
         for f in r["findings"]:

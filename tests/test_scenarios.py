@@ -190,3 +190,21 @@ def test_doctor_cli_json_and_exit_status(pair):
     r = subprocess.run(cmd + ["--fail-on", "critical"], capture_output=True, text=True, timeout=60)
     assert r.returncode == (1 if any(f["severity"] == "critical" for f in json.loads(r.stdout)["findings"])
                             else 0)
+
+
+def test_live_mode_prints_findings_as_they_appear(pair):
+    import json
+    import subprocess
+    import sys
+    srv = pair.start(pair.b, "serve", "7010", "--no-close")
+    pair.start(pair.a, "connect", B_ADDR, "7010", "2", "--then", "close")
+    r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "2.5", "--poll-interval", "1",
+                        "--threshold", "close_wait_age_s=0.5", "-L", "7010", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    live = [ln for ln in r.stderr.splitlines() if ln.startswith("tcplife-trace: WARNING close_wait_leak")]
+    assert len(live) == 1 and f"pid {srv.pid}" in live[0]  # announced once, while tracing
+    summary = json.loads(r.stderr.splitlines()[-1])
+    assert [(f["kind"], f["owner_pid"], f["count"]) for f in summary["findings"]] == [
+        ("close_wait_leak", srv.pid, 2)]  # -L 7010: the client's FIN_WAIT2 side is filtered out
+    assert summary["sockets_at_start"]["CLOSE_WAIT"] >= 2

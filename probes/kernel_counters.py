@@ -46,3 +46,13 @@ def sysctls_here() -> dict[str, object]:
             continue
         out[key] = tuple(int(x) for x in text) if len(text) > 1 else int(text[0])
     return out
+
+
+def sockstat_here() -> dict[str, int]:
+    """The `TCP:` line of /proc/net/sockstat: inuse, orphan, tw, alloc, mem (cheap counts)."""
+    with open("/proc/thread-self/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                parts = line.split()[1:]
+                return {k: int(v) for k, v in zip(parts[::2], parts[1::2])}
+    return {}

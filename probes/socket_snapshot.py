@@ -16,6 +16,7 @@ class Snapshot:
     sysctls: dict[int, dict[str, object]]
     netns_names: dict[int, str]
     complete: bool                                  # all states (else the periodic subset)
+    sockstat: dict[int, dict[str, int]] = field(default_factory=dict)  # netns -> /proc/net/sockstat TCP
     errors: list[str] = field(default_factory=list)
     took_s: float = 0.0
 
@@ -24,13 +25,14 @@ def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool 
     t0 = time.monotonic()
     taken = time.monotonic_ns()
     sockets: list[sock_diag.Sock] = []
-    mibs, sysctls, names, errors = {}, {}, {}, []
+    mibs, sysctls, names, errors, sockstat = {}, {}, {}, [], {}
     for ns in netns.list_all():
         try:
             with netns.entered(ns):
                 sockets += sock_diag.dump_here(ns.inode, states, info)
                 mibs[ns.inode] = kernel_counters.mibs_here()
                 sysctls[ns.inode] = kernel_counters.sysctls_here()
+                sockstat[ns.inode] = kernel_counters.sockstat_here()
             names[ns.inode] = ns.name
         except OSError as e:  # the namespace went away while we looked: not an error
             if ns.name == "host":
@@ -39,5 +41,5 @@ def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool 
     if owners:
         wanted = {s.inode for s in sockets if s.inode}
         holders = proc_owners.holders(wanted) if wanted else {}
-    return Snapshot(taken, sockets, holders, mibs, sysctls, names,
-                    states == sock_diag.ALL_STATES, errors, time.monotonic() - t0)
+    return Snapshot(taken, sockets, holders, mibs, sysctls, names, complete=states == sock_diag.ALL_STATES,
+                    sockstat=sockstat, errors=errors, took_s=time.monotonic() - t0)

@@ -89,12 +89,20 @@ def _out(line: str) -> None:
                    "findings as they appear; 0 turns the detectors off.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
               help="Change a detector threshold, e.g. close_wait_age_s=30 (repeatable).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Serve Prometheus metrics on PORT while tracing (see also `serve`).")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address the metrics endpoint binds to (loopback unless you say otherwise).")
+@click.option("--metrics-labels", default="", metavar="port,comm",
+              help="Opt-in labels on the connection counters: the service port, the owner's command.")
+@click.option("--metrics-label-cap", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Distinct values kept per opt-in label; the rest are counted as \"other\".")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
         as_json, strict, max_conns, ring_pages, niceness, record_path, report_path, poll_interval,
-        threshold_pairs, print_ebpf):
+        threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
@@ -110,7 +118,59 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
     ctx.exit(trace(settings, niceness=niceness, hms=hms, seconds=seconds, wide=wide, duration=duration,
                    lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path,
                    record_path=record_path, poll_interval=poll_interval,
-                   thresholds=_thresholds(threshold_pairs)))
+                   thresholds=_thresholds(threshold_pairs),
+                   **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
+
+
+def _metrics_args(port, addr, labels, cap) -> dict:
+    if port is None:
+        if labels:
+            raise click.UsageError("--metrics-labels needs --metrics-port")
+        return {}
+    from .metrics import Metrics
+    try:
+        m = Metrics(tuple(x.strip() for x in labels.split(",") if x.strip()), cap)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--metrics-labels") from None
+    return {"metrics": m, "metrics_port": port, "metrics_addr": addr}
+
+
+DEFAULT_METRICS_PORT = 9470
+
+
+@cli.command("serve")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=DEFAULT_METRICS_PORT, show_default=True,
+              metavar="PORT", help="Port of the Prometheus endpoint (/metrics).")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address to bind; loopback by default (0.0.0.0 exposes it to the network).")
+@click.option("--metrics-labels", default="", metavar="port,comm", help="Opt-in labels (capped).")
+@click.option("--metrics-label-cap", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Distinct values kept per opt-in label.")
+@click.option("--poll-interval", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="S",
+              help="sock_diag look every S seconds: socket counts per state and leak findings (0: off).")
+@click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
+              help="Change a detector threshold (repeatable).")
+@click.option("-p", "--pid", metavar="PID[,PID]", help="Only connections of these processes.")
+@click.option("-L", "--localport", metavar="PORT[,PORT]", help="Only these local ports.")
+@click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
+@click.option("-4", "--ipv4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Stop after S seconds (default: until SIGTERM).")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also record every event to FILE.")
+@click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=-5, show_default=True,
+              help="Scheduling priority of the consumer.")
+@click.pass_context
+def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, poll_interval,
+              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, duration, record_path, niceness):
+    """Long-running agent: trace without printing events, serve Prometheus metrics, print
+    leak findings to stderr (the journal) as they appear. Stops on SIGTERM."""
+    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6))
+    ctx.exit(trace(settings, niceness=niceness, hms=False, seconds=False, wide=False, duration=duration,
+                   lifecycles=False, as_json=False, strict=False, record_path=record_path,
+                   poll_interval=poll_interval, thresholds=_thresholds(threshold_pairs), quiet=True,
+                   **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
 
 
 def _set_priority(niceness: int) -> None:
@@ -123,7 +183,9 @@ def _set_priority(niceness: int) -> None:
 
 def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: bool, wide: bool, duration: float | None,
           lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None,
-          record_path: str | None = None, poll_interval: float = 0.0, thresholds=None) -> int:
+          record_path: str | None = None, poll_interval: float = 0.0, thresholds=None,
+          quiet: bool = False, metrics=None, metrics_port: int | None = None,
+          metrics_addr: str = "127.0.0.1") -> int:
     if report_path:
         try:
             open(report_path, "a").close()  # fail now, not after the incident was traced
@@ -161,9 +223,19 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 record_path, recording.header(settings.filters.describe(), wall_offset))
         except recording.RecordingError as e:
             raise UserError(str(e)) from None
+    shown = None if lifecycles or quiet else on_transition
+    transition_handler = shown
+    if metrics is not None:
+        counted = metrics.on_transition
+        if shown is None:
+            transition_handler = counted
+        else:
+            def transition_handler(t):
+                shown(t)
+                counted(t)
     try:
-        session = LiveSession(settings, on_transition=None if lifecycles else on_transition,
-                              on_close=on_close if lifecycles else None, on_loss=on_loss,
+        session = LiveSession(settings, on_transition=transition_handler,
+                              on_close=on_close if lifecycles and not quiet else None, on_loss=on_loss,
                               recorder=recorder, wall_offset_ns=wall_offset)
     except BaseException:
         if recorder is not None:  # nothing was recorded: leave no empty file behind
@@ -171,13 +243,25 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             os.unlink(record_path)
         raise
     holder["s"] = session
+    if metrics is not None:
+        from . import metrics as metrics_mod
+        session.close_watchers.append(metrics.on_close)
+        try:
+            metrics_mod.serve(metrics, metrics_port, metrics_addr)
+        except OSError as e:
+            session.stop()
+            raise UserError(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {e.strerror}; "
+                            "choose another --metrics-port or --metrics-addr") from None
     _set_priority(niceness)
     view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
+    from .diagnosis import state_counts
     watch = None
     if poll_interval > 0:
         from . import findings_view
         from .diagnosis import Watch
-        watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters)
+        from .probes import sock_diag
+        poll_states = sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED) if metrics else sock_diag.POLL_STATES
+        watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states)
         session.close_watchers.append(watch.closed)
         watch.take_seed()
         next_poll = time.monotonic() + poll_interval
@@ -185,8 +269,10 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
     click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.program.source.tracepoints)} "
                f"tracepoints, ready in {session.startup_s:.2f} s)"
+               + (f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if metrics is not None else "")
                + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
-    if not as_json:
+    next_metrics = 0.0
+    if not as_json and not quiet:
         _out(view.lifecycle_header() if lifecycles else view.transition_header())
     deadline = time.monotonic() + duration if duration else None
     try:
@@ -203,13 +289,17 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 next_poll = time.monotonic() + poll_interval
                 for f in watch.poll():
                     click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+            if metrics is not None and time.monotonic() >= next_metrics:
+                next_metrics = time.monotonic() + 1.0
+                metrics.update(session.counts_now(),
+                               state_counts(watch.latest) if watch is not None else None,
+                               watch.current if watch is not None else None)
         findings = None
         if watch is not None:
             session.poll(0)
             findings = watch.final()
         report = session.stop()
         if findings is not None:
-            from .diagnosis import state_counts
             report["sockets_at_start"] = state_counts(watch.seed)
             report["findings"] = [f.as_dict() for f in findings]
         if lifecycles:

@@ -29,9 +29,12 @@ def _sock_key(s) -> tuple:
 
 
 class Watch:
-    def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None, filters=None):
+    def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None, filters=None,
+                 poll_states: int = sock_diag.POLL_STATES):
         self.thresholds = thresholds or leaks.Thresholds()
         self.filters = filters                  # probes.filters.Filters: findings obey -p/-L/-D/-4/-6
+        self.poll_states = poll_states
+        self.current: list[leaks.Finding] = []  # the findings of the last look
         self.tracker = tracker                  # analysis.lifecycle.Tracker of a live session, if any
         self.seed: Snapshot | None = None
         self.latest: Snapshot | None = None
@@ -174,7 +177,8 @@ class Watch:
     # -- outputs -------------------------------------------------------------------------
     def poll(self) -> list[leaks.Finding]:
         """A periodic look; returns findings not announced before (or now more severe)."""
-        findings = leaks.find(self.evidence(self._take(sock_diag.POLL_STATES)), self.thresholds)
+        findings = leaks.find(self.evidence(self._take(self.poll_states)), self.thresholds)
+        self.current = findings
         fresh = []
         for f in findings:
             prev = self.reported.get(f.key())
@@ -189,6 +193,13 @@ class Watch:
 
 
 def state_counts(snap: Snapshot) -> dict[str, int]:
-    """Sockets per state, like `netstat -nat | awk '{++S[$NF]}'`, over every namespace."""
+    """Sockets per state, like `netstat -nat | awk '{++S[$NF]}'`, over every namespace. A periodic
+    snapshot that skipped TIME_WAIT takes its count from /proc/net/sockstat (minisockets in
+    TIME_WAIT and orphaned FIN_WAIT2 together, as the kernel counts them)."""
     c = Counter(state_name(s.state) for s in snap.sockets)
+    if not snap.complete and snap.sockstat:
+        minisocks = sum(v.get("tw", 0) for v in snap.sockstat.values())
+        orphans = sum(1 for s in snap.sockets if s.timer == "timewait")  # FIN_WAIT2 minisockets
+        if minisocks - orphans > 0:
+            c["TIME_WAIT"] = minisocks - orphans
     return dict(c.most_common())

@@ -40,6 +40,7 @@ class LiveSession:
         self.close_watchers: list[Callable[[Lifecycle], None]] = []  # e.g. diagnosis.Watch.closed
         self.on_loss = on_loss
         self._lost_seen = 0
+        self._last_kernel: dict | None = None
         self._next_loss_check = 0
         self.tracker = Tracker(self.settings.filters, on_transition=on_transition,
                                on_close=self._closed, on_state_time=self.state_times.add,
@@ -87,11 +88,22 @@ class LiveSession:
     def _check_losses(self, now: int) -> None:
         """Once a second: has the kernel lost events since the last look? Say so now, not at exit."""
         self._next_loss_check = now + 1_000_000_000
-        lost = self._lost(self.stream.kernel_counts())
+        self._last_kernel = self.stream.kernel_counts()
+        lost = self._lost(self._last_kernel)
         if lost > self._lost_seen:
             if self.on_loss:
                 self.on_loss(lost - self._lost_seen, lost)
             self._lost_seen = lost
+
+    def counts_now(self) -> dict:
+        """Running totals for a metrics exporter (kernel counters as of the last second)."""
+        kernel = self._last_kernel or self.stream.kernel_counts()
+        lost = {k: v for k, v in kernel["lost"].items() if v}
+        if self.stream.overflow_lost:
+            lost["overflow_buffer"] = self.stream.overflow_lost
+        c = self.tracker.counters
+        return {"events_received": c.events, "events_lost_by_kind": lost, "evictions": c.evicted,
+                "conn_map_full": kernel["map_full"]}
 
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""

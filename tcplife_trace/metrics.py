@@ -1,0 +1,174 @@
+"""Prometheus metrics of a live session.
+
+The hot path only bumps plain dict counters; a custom collector turns them into
+metric families when Prometheus scrapes (so tracing pays no client-library cost per
+event). Labels are bounded: states, roles, end reasons and finding kinds are closed
+sets; per-port and per-command labels are opt-in and capped, the rest is "other".
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from . import __version__
+from .analysis.lifecycle import Lifecycle, Transition
+from .probes.tcp_states import state_name
+
+# time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
+BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600)
+_BUCKETS_NS = [int(b * 1e9) for b in BUCKETS_S]
+OPT_IN_LABELS = ("port", "comm")
+OTHER = "other"
+_BIRTH = {(7, 2), (7, 10), (10, 3)}  # CLOSE->SYN_SENT, CLOSE->LISTEN, LISTEN->SYN_RECV
+
+
+class CappedLabel:
+    """Values of one opt-in label: the first `cap` distinct ones are kept, later ones are "other"."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.seen: set[str] = set()
+        self.overflowed = 0
+
+    def __call__(self, value) -> str:
+        v = "" if value is None else str(value)
+        if v in self.seen:
+            return v
+        if len(self.seen) < self.cap:
+            self.seen.add(v)
+            return v
+        self.overflowed += 1
+        return OTHER
+
+
+class Metrics:
+    def __init__(self, labels: tuple[str, ...] = (), label_cap: int = 50):
+        unknown = set(labels) - set(OPT_IN_LABELS)
+        if unknown:
+            raise ValueError(f"unknown metric label {sorted(unknown)[0]!r}; choose from {', '.join(OPT_IN_LABELS)}")
+        self.labels = tuple(label for label in OPT_IN_LABELS if label in labels)
+        self.capped = {label: CappedLabel(label_cap) for label in self.labels}
+        self.transitions: Counter[tuple[int, int]] = Counter()
+        self.opened: Counter[tuple] = Counter()
+        self.closed: Counter[tuple] = Counter()
+        self.hist: dict[int, list] = {}   # state -> [bucket counts..., +Inf count, sum ns]
+        self.session_report: dict = {}    # refreshed by the main loop (kernel counters)
+        self.sockets: dict[str, int] = {}  # state -> sockets now, from the last sock_diag snapshot
+        self.findings: Counter[tuple[str, str]] = Counter()
+
+    # -- hot path (the tracer's callbacks) -----------------------------------------------
+    def _extra(self, lc: Lifecycle) -> tuple:
+        out = []
+        for label in self.labels:
+            if label == "port":
+                port = lc.rport if lc.role == "active" else lc.lport
+                out.append(self.capped["port"](port or None))
+            else:
+                out.append(self.capped["comm"](lc.owner_comm))
+        return tuple(out)
+
+    def on_transition(self, t: Transition) -> None:
+        self.transitions[(t.oldstate, t.newstate)] += 1
+        if t.dur_ns is not None:
+            h = self.hist.get(t.oldstate)
+            if h is None:
+                h = self.hist[t.oldstate] = [0] * (len(_BUCKETS_NS) + 2)
+            h[bisect.bisect_left(_BUCKETS_NS, t.dur_ns)] += 1
+            h[-1] += t.dur_ns
+        if (t.oldstate, t.newstate) in _BIRTH:
+            self.opened[(t.lc.role, *self._extra(t.lc)) if self.labels else (t.lc.role,)] += 1
+
+    def on_close(self, lc: Lifecycle) -> None:
+        self.closed[(lc.role, lc.end_reason, *self._extra(lc)) if self.labels else (lc.role, lc.end_reason)] += 1
+
+    # -- slow path (main loop, about once a second) --------------------------------------
+    def update(self, report: dict, snapshot_counts: dict[str, int] | None = None, findings=None) -> None:
+        self.session_report = report
+        if snapshot_counts is not None:
+            self.sockets = dict(snapshot_counts)
+        if findings is not None:
+            self.findings = Counter((f.kind, f.severity) for f in findings)
+
+    # -- scrape --------------------------------------------------------------------------
+    def collect(self):
+        yield _gauge("tcplife_build_info", "Version of tcplife-trace and the kernel traced.",
+                     {("version", "kernel"): {(__version__, os.uname().release): 1}})
+        c = CounterMetricFamily("tcplife_transitions", "TCP state transitions seen.",
+                                labels=["old_state", "new_state"])
+        for (old, new), n in sorted(self.transitions.items()):
+            c.add_metric([state_name(old), state_name(new)], n)
+        yield c
+        extra = list(self.labels)
+        c = CounterMetricFamily("tcplife_connections_opened", "Connections born during the trace, by role.",
+                                labels=["role", *extra])
+        for key, n in sorted(self.opened.items()):
+            c.add_metric([str(k) for k in key], n)
+        yield c
+        c = CounterMetricFamily("tcplife_connections_closed", "Connections that ended, by role and how.",
+                                labels=["role", "end_reason", *extra])
+        for key, n in sorted(self.closed.items()):
+            c.add_metric([str(k) for k in key], n)
+        yield c
+        h = HistogramMetricFamily("tcplife_state_duration_seconds", "Time connections spent in each state.",
+                                  labels=["state"])
+        for state, counts in sorted(self.hist.items()):
+            cum, buckets = 0, []
+            for bound, n in zip(BUCKETS_S, counts[:-2]):
+                cum += n
+                buckets.append((_fmt(bound), cum))
+            cum += counts[-2]
+            buckets.append(("+Inf", cum))
+            h.add_metric([state_name(state)], buckets, counts[-1] / 1e9)
+        yield h
+        g = GaugeMetricFamily("tcplife_sockets", "TCP sockets per state now, all network namespaces "
+                              "(sock_diag; includes TIME_WAIT and half-open SYN_RECV).", labels=["state"])
+        for state, n in sorted(self.sockets.items()):
+            g.add_metric([state], n)
+        yield g
+        g = GaugeMetricFamily("tcplife_leak_findings", "Current leak and pile findings.",
+                              labels=["kind", "severity"])
+        for (kind, sev), n in sorted(self.findings.items()):
+            g.add_metric([kind, sev], n)
+        yield g
+        r = self.session_report
+        yield _counter("tcplife_events_received", "Events that reached user space.", r.get("events_received", 0))
+        c = CounterMetricFamily("tcplife_events_lost", "Events the kernel could not hand over, by kind.",
+                                labels=["kind"])
+        for kind, n in sorted(r.get("events_lost_by_kind", {}).items()):
+            c.add_metric([kind], n)
+        yield c
+        yield _counter("tcplife_evictions", "Open connections dropped at the table cap.", r.get("evictions", 0))
+        yield _counter("tcplife_conn_map_full", "Sockets the kernel connection map had no room for.",
+                       r.get("conn_map_full", 0))
+        yield _counter("tcplife_label_overflow", "Label values folded into \"other\" by the cap.",
+                       sum(cl.overflowed for cl in self.capped.values()))
+
+
+def _fmt(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c
+
+
+def _gauge(name: str, doc: str, by_labels: dict) -> GaugeMetricFamily:
+    (names, values), = by_labels.items()
+    g = GaugeMetricFamily(name, doc, labels=list(names))
+    for labels, v in values.items():
+        g.add_metric(list(labels), v)
+    return g
+
+
+def serve(metrics: Metrics, port: int, addr: str = "127.0.0.1"):
+    """Start the /metrics endpoint in a background thread; returns the server."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server

@@ -255,9 +255,10 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
                 rate_per_s=round(n / ev.duration_s, 3) if ev.duration_s > 0 else None,
                 samples=list(g["_dest"].drop_duplicates().head(5)),
                 evidence={"distinct_destinations": int(dests), "distinct_ports": int(ports)}))
+    sizes = rows.groupby(["netns", "_dest"], sort=False).size()
+    big = set(sizes[sizes >= t.syn_sent_failures].index)
+    rows = rows[np.array([k in big for k in zip(rows["netns"], rows["_dest"])], dtype=bool)]
     for (ns, dest), g in rows.groupby(["netns", "_dest"], sort=False):
-        if len(g) < t.syn_sent_failures:
-            continue
         counts = g["outcome"].value_counts()
         refused, timeout, pending = (int(counts.get(k, 0)) for k in ("refused", "timeout", "pending"))
         owners = g.groupby(["_pid", "_comm"]).size().sort_values(ascending=False)
@@ -393,26 +394,36 @@ def time_wait_churn(ev: Evidence, t: Thresholds) -> list[Finding]:
     rows = _time_wait_rows(ev)
     if rows.empty:
         return []
+    span_of = {ns: ev.sysctls.get(int(ns), {}).get("ip_local_port_range", (32768, 60999))
+               for ns in rows["netns"].dropna().unique()}
+    lo = rows["netns"].map({ns: r[0] for ns, r in span_of.items()}).fillna(32768).astype("float64")
+    hi = rows["netns"].map({ns: r[1] for ns, r in span_of.items()}).fillna(60999).astype("float64")
+    rows["in_range"] = (rows["held"] == 1) & (rows["ephemeral_lport"] >= lo) & (rows["ephemeral_lport"] <= hi)
+    keys = ["netns", "client", "addr", "port"]
+    agg = rows.groupby(keys, sort=False, dropna=False).agg(
+        closed=("closed", "sum"), held=("held", "sum"), in_range=("in_range", "sum")).reset_index()
+    span = agg["netns"].map({ns: r[1] - r[0] + 1 for ns, r in span_of.items()}).fillna(60999 - 32768 + 1)
+    span = span.astype("float64")
+    per_s = agg["closed"] / ev.duration_s if ev.duration_s > 0 else agg["closed"] * 0.0
+    steady = per_s * TIME_WAIT_S
+    now = agg["in_range"] if ev.complete_snapshot else np.minimum(agg["closed"], steady)
+    client = agg["client"].astype(bool)
+    agg["use_now"] = np.where(client, now / span, 0.0)
+    agg["use_steady"] = np.where(client, steady / span, 0.0)
+    agg["per_s"], agg["span"] = per_s, span
+    flagged = agg[(np.maximum(agg["use_now"], agg["use_steady"]) >= t.time_wait_use) | (per_s >= t.time_wait_rate)]
     out = []
-    for (ns, client, addr, port), g in rows.groupby(["netns", "client", "addr", "port"], sort=False):
-        n_closed, n_held = int(g["closed"].sum()), int(g["held"].sum())
-        per_s = n_closed / ev.duration_s if ev.duration_s > 0 else 0.0
-        ctl = ev.sysctls.get(int(ns), {})
-        lo, hi = ctl.get("ip_local_port_range", (32768, 60999))
-        span = hi - lo + 1
-        use_now = use_steady = 0.0
+    for r in flagged.itertuples(index=False):
+        ns, client, addr, port = r.netns, bool(r.client), r.addr, r.port
+        n_closed, n_held, per_s = int(r.closed), int(r.held), float(r.per_s)
+        use_now, use_steady, span = float(r.use_now), float(r.use_steady), int(r.span)
+        ctl = ev.sysctls.get(int(ns), {}) if not pd.isna(ns) else {}
+        lo, hi = span_of.get(ns, (32768, 60999))
         left = None
-        if client:
-            held = g[g["held"] == 1]
-            in_range = int(((held["ephemeral_lport"] >= lo) & (held["ephemeral_lport"] <= hi)).sum())
-            steady = per_s * TIME_WAIT_S
-            use_now = (in_range if ev.complete_snapshot else min(n_closed, steady)) / span
-            use_steady = steady / span
-            if per_s > 0 and steady > span:
-                left = max(0.0, span * (1 - use_now) / per_s)
+        if client and per_s > 0 and per_s * TIME_WAIT_S > span:
+            left = max(0.0, span * (1 - use_now) / per_s)
+        g = rows[(rows["netns"] == ns) & (rows["client"] == client) & (rows["addr"] == addr) & (rows["port"] == port)]
         use = max(use_now, use_steady)
-        if use < t.time_wait_use and per_s < t.time_wait_rate:
-            continue
         sev = "critical" if use >= 0.9 else "warning" if use >= t.time_wait_use else "info"
         where = endpoint(addr, int(port))
         if client:
@@ -469,10 +480,11 @@ def idle_established(ev: Evidence, t: Thresholds) -> list[Finding]:
     held = s[s["state"].isin(["ESTABLISHED", "CLOSE_WAIT"])]
     if len(held):
         lis = _listener_ports(s)
-        inbound = held[[(n, p) in lis for n, p in zip(held["netns"], held["lport"])]]
+        inbound = held[np.array([(n, p) in lis for n, p in zip(held["netns"], held["lport"])], dtype=bool)]
+        sizes = inbound.groupby(["netns", "raddr"], sort=False).size()
+        big = set(sizes[sizes >= t.peer_connections].index)
+        inbound = inbound[np.array([k in big for k in zip(inbound["netns"], inbound["raddr"])], dtype=bool)]
         for (ns, raddr), g in inbound.groupby(["netns", "raddr"], sort=False):
-            if len(g) < t.peer_connections:
-                continue
             cw = int((g["state"] == "CLOSE_WAIT").sum())
             out.append(Finding(
                 "peer_connection_pile", "warning", len(g),
@@ -529,4 +541,6 @@ def frame(findings: list[Finding]) -> pd.DataFrame:
     for c in ("rate_per_s", "oldest_age_s"):
         df[c] = df[c].astype("float64")
     df["age_lower_bound"] = df["age_lower_bound"].astype(bool)
+    for c in ("kind", "summary", "advice", "owner_comm", "local", "peer", "samples", "evidence"):
+        df[c] = df[c].astype(object)  # the same dtype whether or not a finding has the field
     return df

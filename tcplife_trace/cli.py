@@ -329,7 +329,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
 
 
 @cli.command("analyze")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True, help="table: a report; json: every frame; csv: the lifecycles.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), metavar="DIR",
@@ -343,8 +343,19 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
 @click.option("--until", metavar="TIME", help="Only up to this ISO-8601 time.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
               help="Change a detector threshold, e.g. close_wait_age_s=30 (repeatable).")
-def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until, threshold_pairs):
-    """Analyse recordings made with --record FILE (several files are analysed as one)."""
+@click.option("--engine", type=click.Choice(["pandas", "dask"]), default="pandas", show_default=True,
+              help="dask: every host file is a partition of a Dask DataFrame (a local cluster, or "
+                   "--scheduler); for recordings from many hosts.")
+@click.option("--scheduler", metavar="ADDRESS", help="An existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
+@click.option("--workers", type=click.IntRange(1, 1024), metavar="N",
+              help="Worker processes of the local Dask cluster (default: one per CPU).")
+def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until, threshold_pairs,
+            engine, scheduler, workers):
+    """Analyse recordings made with --record FILE.
+
+    FILES are recordings, directories (searched for *.arrow) or globs. Files of one host are
+    analysed as one; files of several hosts (or --engine dask) per host, with a host column.
+    """
     import pandas as pd
 
     from . import analysis_report
@@ -362,8 +373,19 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     filters = _filters(pid, localport, remoteport, ipv4, ipv6)
     start, stop = when(since, "--since"), when(until, "--until")
     thresholds = _thresholds(threshold_pairs)
+    if scheduler and engine != "dask":
+        raise click.UsageError("--scheduler needs --engine dask")
+    from . import fleet
     try:
-        rec = load(list(files))
+        paths = fleet.expand(files)
+        if engine == "dask" or len(fleet.hosts(paths)) > 1:
+            out = fleet.analyze(paths, engine, scheduler=scheduler, thresholds=thresholds, filters=filters,
+                                since=start, until=stop, workers=workers)
+            for w in out["warnings"]:
+                click.echo(f"tcplife-trace: warning: {w}", err=True)
+            _fleet_output(out, fmt, export_dir)
+            return
+        rec = load(paths)
         for w in rec.warnings:
             click.echo(f"tcplife-trace: warning: {w}", err=True)
         frames = analysis_report.frames(rec, filters, start, stop, thresholds)
@@ -380,6 +402,24 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
         doc = {name: json.loads(df.to_json(orient="records", date_format="iso"))
                for name, df in frames.items() if name != "transitions"}
         doc["recordings"] = [{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends, strict=True)]
+        _out(json.dumps(doc))
+
+
+def _fleet_output(out: dict, fmt: str, export_dir: str | None) -> None:
+    from . import analysis_report, fleet
+    frames = {k: out[k] for k in (*fleet.FRAMES, "summary")}
+    if export_dir:
+        for path in analysis_report.export(frames, export_dir):
+            click.echo(f"tcplife-trace: wrote {path}", err=True)
+    if fmt == "table":
+        _out(fleet.text(out))
+    elif fmt == "csv":
+        sys.stdout.write(out["lifecycles"].to_csv(index=False))
+    else:
+        doc = {name: json.loads(df.reset_index().to_json(orient="records", date_format="iso") if name == "summary"
+                                else df.to_json(orient="records", date_format="iso"))
+               for name, df in frames.items()}
+        doc["files"] = out["files"]
         _out(json.dumps(doc))
 
 

@@ -131,6 +131,16 @@ class RecordingWriter:
         self.closed = True
 
 
+def read_header(path: str) -> dict:
+    """Only the header of a recording (a tcpstates text import has none: {})."""
+    try:
+        with open(path, "rb") as f:
+            meta = ipc.open_stream(f).schema.metadata or {}
+        return json.loads(meta.get(KEY, b"{}"))
+    except (OSError, pa.ArrowException, ValueError):
+        return {}
+
+
 def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
     """(header, events table, exit summary or None, warnings). Raises RecordingError."""
     try:

@@ -1,0 +1,222 @@
+"""Recordings from many hosts, analysed per host file and put together, on pandas or Dask.
+
+Each file is one partition: its lifecycles, state durations and leak findings are
+computed on its own (listeners, clocks and namespaces are per host), connection ids
+get the file's index in their top 16 bits (as `load()` does for several files), and a
+`host` column comes from the file's header. The per-state summary is then computed
+over all hosts. The pandas engine runs the partitions one after the other in this
+process; the Dask engine runs them as a Dask DataFrame on a local cluster (or on
+`scheduler`), and its results are the same frames.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pandas as pd
+
+from .connections import summary
+from .recording import Recording, RecordingError
+
+ENGINES = ("pandas", "dask")
+RECORDING_SUFFIXES = (".arrow", ".tlt")
+FRAMES = ("lifecycles", "state_durations", "leaks")
+_TAG_SHIFT = 48
+
+
+def expand(inputs) -> list[str]:
+    """Files, directories (searched recursively for *.arrow) and globs -> sorted file list."""
+    out: list[str] = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        item = str(item)
+        if os.path.isdir(item):
+            for root, _dirs, files in os.walk(item):
+                out += [os.path.join(root, f) for f in files if f.endswith(RECORDING_SUFFIXES)]
+        elif any(c in item for c in "*?["):
+            matched = glob.glob(item, recursive=True)
+            if not matched:
+                raise RecordingError(f"{item}: no file matches")
+            out += matched
+        else:
+            out.append(item)
+    if not out:
+        raise RecordingError("no recording found in " + ", ".join(map(str, inputs)))
+    return sorted(dict.fromkeys(out))
+
+
+def hosts(paths: list[str]) -> set[str]:
+    """The host names in the files' headers (reads only the headers)."""
+    from .recording import read_header
+    return {str(read_header(p).get("host", "")) for p in paths}
+
+
+def text(out: dict) -> str:
+    """The fleet report: per host, then the per-state summary, then findings by host."""
+    lc, lk = out["lifecycles"], out["leaks"]
+    per_host = pd.DataFrame({
+        "connections": lc.groupby("host", observed=True).size(),
+        "open": lc[lc["end_reason"] == "open"].groupby("host", observed=True).size(),
+        "refused": lc[lc["end_reason"] == "refused"].groupby("host", observed=True).size(),
+        "reset": lc[lc["end_reason"] == "reset_by_peer"].groupby("host", observed=True).size(),
+        "findings": lk.groupby("host", observed=True).size(),
+    }).fillna(0).astype(int)
+    lines = [f"{len(out['files'])} recordings from {len(per_host)} hosts, {len(lc)} connections"]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        lines += ["", per_host.to_string()]
+        if len(out["summary"]):
+            lines += ["", "time in state over all hosts (seconds; count = connections)",
+                      out["summary"].reset_index().to_string(index=False, float_format=lambda v: f"{v:.6f}")]
+    lines.append(f"\nfindings ({len(lk)})" + ("" if len(lk) else ": none"))
+    for r in lk.itertuples():
+        lines.append(f"  {r.host}: {r.severity.upper()} {r.kind}: {r.summary}")
+    return "\n".join(lines)
+
+
+def host_frames(index: int, path: str, thresholds=None, filters=None, since=None, until=None) -> dict:
+    """One host file's frames, ids tagged with the file index, a `host` column first."""
+    from .analysis_report import frames
+    from .probes.filters import Filters
+    rec = Recording(path)
+    f = frames(rec, filters or Filters(), since, until, thresholds)
+    host = str(rec.header.get("host", os.path.basename(path)))
+    tag = np.uint64(index << _TAG_SHIFT)
+    out = {}
+    for name in FRAMES:
+        df = f[name].reset_index(drop=True)
+        if "conn_id" in df and index:
+            ids = df["conn_id"].to_numpy(dtype=np.uint64, na_value=0)
+            df["conn_id"] = pd.Series(np.where(ids == 0, ids, ids + tag)).astype(df["conn_id"].dtype)
+        if name == "leaks":
+            df = df.assign(evidence=df["evidence"].map(_json).astype(object))
+        df = df.sort_values(_SORT[name], kind="stable").reset_index(drop=True)
+        df.insert(0, "host", pd.Categorical([host] * len(df)))
+        for col, dtype in df.dtypes.items():  # one categories dtype everywhere, so partitions concatenate
+            if isinstance(dtype, pd.CategoricalDtype) and dtype.categories.dtype != "str":
+                cats = pd.Index([str(c) for c in dtype.categories], dtype="str")
+                df[col] = pd.Categorical.from_codes(df[col].cat.codes, categories=cats, ordered=dtype.ordered)
+        out[name] = df
+    out["warnings"] = rec.warnings
+    return out
+
+
+def _json(value) -> str:
+    import json
+    return json.dumps(value, sort_keys=True)
+
+
+_FIXED_CATEGORIES = ("state", "severity", "role", "end_reason", "owner_source")
+
+
+def _categorical_like(meta: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """Columns categorical in the per-host frames are categorical in the whole, whatever
+    concatenation did to them: closed vocabularies keep theirs, the others (addresses,
+    commands, paths, hosts) get the sorted values present."""
+    for col, dtype in meta.dtypes.items():
+        if dtype == object and df[col].dtype != object:  # Dask may have made strings of them
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+        if not isinstance(dtype, pd.CategoricalDtype):
+            continue
+        if not isinstance(df[col].dtype, pd.CategoricalDtype):
+            df[col] = pd.Categorical(df[col])
+        if col in _FIXED_CATEGORIES:
+            cats = list(dtype.categories)
+        else:
+            cats = sorted(df[col].cat.remove_unused_categories().cat.categories, key=str)
+        df[col] = df[col].cat.set_categories(pd.Index(cats, dtype="str"), ordered=dtype.ordered)
+    return df
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenation that keeps categoricals categorical (their categories united)."""
+    from pandas.api.types import union_categoricals
+    whole = pd.concat(frames, ignore_index=True)
+    for col, dtype in frames[0].dtypes.items():
+        if isinstance(dtype, pd.CategoricalDtype) and not isinstance(whole[col].dtype, pd.CategoricalDtype):
+            whole[col] = union_categoricals([f[col] for f in frames], ignore_order=True)
+    return whole
+
+
+# each host's frames are sorted by these; hosts concatenate in file order, which is conn_id order
+_SORT = {"lifecycles": ["conn_id"], "state_durations": ["conn_id", "state"], "leaks": ["kind", "summary"]}
+
+
+def _finish(meta: dict[str, pd.DataFrame], whole: dict[str, pd.DataFrame]) -> dict:
+    out = {name: _categorical_like(meta[name], whole[name].reset_index(drop=True)) for name in FRAMES}
+    out["summary"] = summary(out["state_durations"][["state", "seconds"]])
+    return out
+
+
+def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thresholds=None,
+            filters=None, since=None, until=None, workers: int | None = None) -> dict:
+    """{"lifecycles", "state_durations", "leaks", "summary", "files", "warnings"} over many host
+    recordings. engine="dask" runs on a local Dask cluster, or the one at `scheduler`."""
+    paths = expand(inputs)
+    args = {"thresholds": thresholds, "filters": filters, "since": since, "until": until}
+    if engine == "pandas":
+        results = [host_frames(i, p, **args) for i, p in enumerate(paths)]
+        parts = {n: [r[n] for r in results] for n in FRAMES}
+        warnings = [w for r in results for w in r["warnings"]]
+    elif engine == "dask":
+        with _client(scheduler, workers) as client:
+            ddfs, warn_futures = dask_frames(client, paths, **args)
+            parts = {n: client.gather(client.compute(ddfs[n].to_delayed())) for n in FRAMES}
+            warnings = [w for ws in client.gather(warn_futures) for w in ws]
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    out = _finish({n: parts[n][0].iloc[:0] for n in FRAMES}, {n: _concat(parts[n]) for n in FRAMES})
+    out["files"] = paths
+    out["warnings"] = warnings
+    return out
+
+
+def dask_frames(client, paths: list[str], **args) -> tuple[dict, list]:
+    """Lazy Dask DataFrames of the per-host frames, one partition per host file (for use in a
+    notebook with your own client); and futures of each file's warnings."""
+    import dask.dataframe as dd
+    futures = client.map(host_frames, range(len(paths)), paths, pure=False, **args)
+    ddfs = {}
+    for name in FRAMES:
+        pieces = [client.submit(_pick, f, name, pure=False) for f in futures]
+        meta = client.submit(_empty, pieces[0], pure=False).result()
+        ddfs[name] = dd.from_delayed(pieces, meta=meta, verify_meta=False)
+    return ddfs, [client.submit(_pick, f, "warnings", pure=False) for f in futures]
+
+
+class _client:
+    """A Dask client: on `scheduler`, or on a local cluster of worker processes made for the call."""
+
+    def __init__(self, scheduler: str | None, workers: int | None):
+        self.scheduler, self.workers = scheduler, workers
+        self.cluster = None
+
+    def __enter__(self):
+        import dask
+        from distributed import Client, LocalCluster
+        dask.config.set({"dataframe.convert-string": False})  # keep the pandas engine's dtypes
+        # Dask's nanny makes glibc give memory back at 64 KiB, which costs our large short-lived
+        # column arrays about 1.6x in run time; a worker here lives only as long as the analysis
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+        environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+        os.environ["DASK_DATAFRAME__CONVERT_STRING"] = "False"  # in local workers too
+        if self.scheduler:
+            self.client = Client(self.scheduler)
+        else:
+            self.cluster = LocalCluster(n_workers=self.workers or os.cpu_count() or 1, threads_per_worker=1,
+                                        processes=True, dashboard_address=None)
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _pick(result: dict, name: str):
+    return result[name]
+
+
+def _empty(df: pd.DataFrame) -> pd.DataFrame:
+    return df.iloc[:0]

@@ -81,7 +81,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing tcplife-trace and its Python dependencies into $VENV"
     log="$VENV/pip-install.log"
     if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
-           "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[test]"; } >"$log" 2>&1; then
+           "$VENV/bin/python" -m pip install --disable-pip-version-check -e "$ROOT[test,fleet]"; } >"$log" 2>&1; then
         tail -n 20 "$log" >&2
         say "pip install failed (full log: $log)"
         exit 2

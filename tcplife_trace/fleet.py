@@ -191,8 +191,12 @@ class _client:
         self.cluster = None
 
     def __enter__(self):
-        import dask
-        from distributed import Client, LocalCluster
+        try:
+            import dask
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise RecordingError("--engine dask needs Dask: pip install 'tcplife-trace[fleet]' "
+                                 "(dask[dataframe] and distributed)") from None
         dask.config.set({"dataframe.convert-string": False})  # keep the pandas engine's dtypes
         # Dask's nanny makes glibc give memory back at 64 KiB, which costs our large short-lived
         # column arrays about 1.6x in run time; a worker here lives only as long as the analysis

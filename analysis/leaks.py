@@ -3,7 +3,8 @@
 Input is plain data, whatever it came from (a live trace joined to sock_diag
 snapshots, or a recording): `Evidence` holds
   - `sockets`: one row per socket present now (SOCKET_COLUMNS),
-  - `ended`: one row per connection that ended during the observation (ENDED_COLUMNS),
+  - `ended`: connections that ended during the observation (ENDED_COLUMNS; an optional
+    column `n` says how many connections a row stands for, 1 without it),
   - per-namespace counter deltas and settings, and how long we watched.
 Each detector returns `Finding`s with the sockets, owner, ages and rates that
 back it, and advice. Thresholds are in `Thresholds`; every one is a flag.
@@ -132,6 +133,10 @@ def _owner_key(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _weights(df: pd.DataFrame) -> np.ndarray:
+    return df["n"].to_numpy(dtype=np.int64) if "n" in df else np.ones(len(df), dtype=np.int64)
+
+
 def _listener_ports(sockets: pd.DataFrame) -> set[tuple]:
     lis = sockets[sockets["state"] == "LISTEN"]
     return set(zip(lis["netns"], lis["lport"]))
@@ -227,10 +232,10 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
     rows = pd.concat([
         pd.DataFrame({"netns": ended["netns"], "raddr": ended["raddr"], "rport": ended["rport"],
                       "owner_pid": ended["owner_pid"], "owner_comm": ended["owner_comm"],
-                      "outcome": ended["end_reason"].astype(str), "age_s": np.nan}),
+                      "outcome": ended["end_reason"].astype(str), "age_s": np.nan, "n": _weights(ended)}),
         pd.DataFrame({"netns": stuck["netns"], "raddr": stuck["raddr"], "rport": stuck["rport"],
                       "owner_pid": stuck["owner_pid"], "owner_comm": stuck["owner_comm"],
-                      "outcome": "pending", "age_s": stuck["age_s"]}),
+                      "outcome": "pending", "age_s": stuck["age_s"], "n": 1}),
     ], ignore_index=True)
     if rows.empty:
         return []
@@ -242,7 +247,7 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
         dests = g["_dest"].nunique()
         if dests >= t.fanout_destinations:
             fanned.add((ns, pid, comm))
-            n = len(g)
+            n = int(g["n"].sum())
             who = f"pid {pid} ({comm})" if pid >= 0 else "unknown processes"
             ports = g["rport"].nunique()
             out.append(Finding(
@@ -255,13 +260,13 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
                 rate_per_s=round(n / ev.duration_s, 3) if ev.duration_s > 0 else None,
                 samples=list(g["_dest"].drop_duplicates().head(5)),
                 evidence={"distinct_destinations": int(dests), "distinct_ports": int(ports)}))
-    sizes = rows.groupby(["netns", "_dest"], sort=False).size()
+    sizes = rows.groupby(["netns", "_dest"], sort=False)["n"].sum()
     big = set(sizes[sizes >= t.syn_sent_failures].index)
     rows = rows[np.array([k in big for k in zip(rows["netns"], rows["_dest"])], dtype=bool)]
     for (ns, dest), g in rows.groupby(["netns", "_dest"], sort=False):
-        counts = g["outcome"].value_counts()
+        counts = g.groupby("outcome")["n"].sum()
         refused, timeout, pending = (int(counts.get(k, 0)) for k in ("refused", "timeout", "pending"))
-        owners = g.groupby(["_pid", "_comm"]).size().sort_values(ascending=False)
+        owners = g.groupby(["_pid", "_comm"])["n"].sum().sort_values(ascending=False)
         pid, comm = owners.index[0]
         if (ns, pid, comm) in fanned and len(owners) == 1:
             continue  # part of a fan-out finding already
@@ -271,7 +276,7 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
                                                (pending, "still in SYN_SENT")) if x]
         cause = ("nothing listens there (RST)" if refused and not (timeout or pending)
                  else "no answer: destination down, filtered or unroutable")
-        n = len(g)
+        n = refused + timeout + pending
         sev = "critical" if n >= t.pile_critical or (rate or 0) >= 10 else "warning"
         out.append(Finding(
             "syn_sent_storm", sev, n,
@@ -373,7 +378,7 @@ def _time_wait_rows(ev: Evidence) -> pd.DataFrame:
             "netns": closes["netns"].to_numpy(), "client": client,
             "addr": np.where(client, closes["raddr"].astype(object), closes["laddr"].astype(object)),
             "port": np.where(client, closes["rport"].astype("float64"), closes["lport"].astype("float64")),
-            "closed": 1, "held": 0, "ephemeral_lport": closes["lport"].astype("float64").to_numpy(),
+            "closed": _weights(closes), "held": 0, "ephemeral_lport": closes["lport"].astype("float64").to_numpy(),
             "owner_pid": closes["owner_pid"].astype("float64").to_numpy(),
             "owner_comm": closes["owner_comm"].astype(object).to_numpy()}))
     if len(tw):
@@ -440,7 +445,7 @@ def time_wait_churn(ev: Evidence, t: Thresholds) -> list[Finding]:
                   f"TIME_WAIT port (now {'unknown' if reuse is None else reuse}); widen "
                   "net.ipv4.ip_local_port_range; net.ipv4.tcp_max_tw_buckets caps TIME_WAIT sockets. "
                   "(tcp_tw_recycle no longer exists since Linux 4.12.)")
-        owners = g.dropna(subset=["owner_pid"]).groupby(["owner_pid", "owner_comm"]).size()
+        owners = g.dropna(subset=["owner_pid"]).groupby(["owner_pid", "owner_comm"])["closed"].sum()
         pid = comm = None
         if len(owners):
             pid, comm = owners.sort_values(ascending=False).index[0]

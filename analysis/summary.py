@@ -6,8 +6,8 @@ from array import array
 
 from ..probes.tcp_states import state_name
 
-EXACT = 1_000_000    # samples kept exactly per state (8 MB each at most)
-RESERVOIR = 100_000  # beyond that, a uniform reservoir of this many
+EXACT = 200_000      # samples kept exactly per state (1.6 MB each at most)
+RESERVOIR = 100_000  # beyond that, a uniform reservoir of this many (0.8 MB)
 
 
 class StateTimes:
@@ -17,7 +17,7 @@ class StateTimes:
         self.exact_cap = exact
         self.reservoir = reservoir
         self._exact: dict[int, array] = {}
-        self._res: dict[int, list[int]] = {}
+        self._res: dict[int, array] = {}
         self._count: dict[int, int] = {}
         self._max: dict[int, int] = {}
         self._rng = random.Random(seed)
@@ -35,7 +35,7 @@ class StateTimes:
         res = self._res.get(state)
         if res is None:  # switch to a reservoir seeded with a uniform sample of the exact ones
             a = self._exact[state]
-            res = self._res[state] = self._rng.sample(list(a), self.reservoir)
+            res = self._res[state] = array("q", self._rng.sample(list(a), self.reservoir))
             self._count[state] = len(a)
             self._max[state] = max(a)
         n = self._count[state] = self._count[state] + 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import heapq
+import itertools
 import time
 
 from .decode import Ev, decode_batch, decode_many
@@ -37,7 +39,8 @@ class OrderedMerge:
     def __init__(self, holdback_ns: int = HOLDBACK_NS):
         self.holdback_ns = holdback_ns
         self.held: list = []
-        self.waiting: list = []
+        self.waiting: list = []  # heap of (ts, arrival, event): a backlog can hold many
+        self._arrival = itertools.count()
         self.released_ts = 0
         self.late = 0  # spilled events whose connection had already moved on
 
@@ -45,7 +48,8 @@ class OrderedMerge:
         self.held += batch
 
     def add_spilled(self, events: list) -> None:
-        self.waiting += events
+        for ev in events:
+            heapq.heappush(self.waiting, (ev[0], next(self._arrival), ev))
 
     def progress(self) -> int:
         """Time up to which the ring has been read (its last event held, or released)."""
@@ -53,12 +57,12 @@ class OrderedMerge:
 
     def release(self, progress: int, final: bool = False) -> list:
         held = self.held
-        if self.waiting:
-            ready = [ev for ev in self.waiting if final or ev[0] <= progress]
-            if ready:
-                self.waiting = [ev for ev in self.waiting if not (final or ev[0] <= progress)]
-                for ev in ready:
-                    self._place(held, ev)
+        waiting = self.waiting
+        if waiting and (final or waiting[0][0] <= progress):
+            ready = []
+            while waiting and (final or waiting[0][0] <= progress):
+                ready.append(heapq.heappop(waiting)[2])
+            held = self.held = self._placed(held, ready)
         if final:
             out, self.held = held, []
         else:
@@ -70,17 +74,35 @@ class OrderedMerge:
             self.released_ts = max(self.released_ts, max(map(_ts, out[-64:])))
         return out
 
-    def _place(self, held: list, ev) -> None:
-        gen, seq = ev[2], ev[20]
-        if gen:
+    def _placed(self, held: list, ready: list) -> list:
+        """held with the ready spilled events put in place, in one pass over held (a backlog
+        can hold a whole ring of events, and spills come in bursts when it does)."""
+        want = {ev[2] for ev in ready if ev[2]}
+        where: dict[int, list[int]] = {}
+        if want:
             for i, other in enumerate(held):
+                if other[2] in want:
+                    where.setdefault(other[2], []).append(i)
+        n = len(held)
+        inserts = []
+        for k, ev in enumerate(ready):
+            gen, seq, pos = ev[2], ev[20], n
+            for i in where.get(gen, ()):
                 # seq wraps at 2**16: "later" is a forward distance below half the range
-                if other[2] == gen and 0 < (other[20] - seq) % 65536 < 32768:
-                    held.insert(i, ev)
-                    return
-        if ev[0] < self.released_ts:
-            self.late += 1
-        held.append(ev)
+                if 0 < (held[i][20] - seq) % 65536 < 32768:
+                    pos = i
+                    break
+            if pos == n and ev[0] < self.released_ts:
+                self.late += 1
+            inserts.append((pos, k, ev))
+        inserts.sort(key=lambda t: (t[0], t[1]))
+        out, prev = [], 0
+        for pos, _k, ev in inserts:
+            out += held[prev:pos]
+            out.append(ev)
+            prev = pos
+        out += held[prev:]
+        return out
 
 
 class EventStream:

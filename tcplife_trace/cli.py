@@ -254,8 +254,13 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                             "choose another --metrics-port or --metrics-addr") from None
     _set_priority(niceness)
     view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
+    click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.program.source.tracepoints)} "
+               f"tracepoints, ready in {session.startup_s:.2f} s)"
+               + (f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if metrics is not None else "")
+               + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
     from .diagnosis import state_counts
     watch = None
+    poll_s: list[float] = []  # how long each look at the sockets held the consumer up
     if poll_interval > 0:
         from . import findings_view
         from .diagnosis import Watch
@@ -267,10 +272,6 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         next_poll = time.monotonic() + poll_interval
     for notice in session.notices:
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
-    click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.program.source.tracepoints)} "
-               f"tracepoints, ready in {session.startup_s:.2f} s)"
-               + (f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if metrics is not None else "")
-               + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
     next_metrics = 0.0
     if not as_json and not quiet:
         _out(view.lifecycle_header() if lifecycles else view.transition_header())
@@ -286,9 +287,11 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             session.poll(timeout)
             flush()
             if watch is not None and time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + poll_interval
+                t_poll = time.monotonic()
                 for f in watch.poll():
                     click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+                poll_s.append(time.monotonic() - t_poll)
+                next_poll = time.monotonic() + poll_interval
             if metrics is not None and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + 1.0
                 metrics.update(session.counts_now(),
@@ -297,9 +300,11 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         findings = None
         if watch is not None:
             session.poll(0)
-            findings = watch.final()
+            findings = watch.final(full=False)
         report = session.stop()
         if findings is not None:
+            report["socket_polls"] = len(poll_s)
+            report["socket_poll_max_s"] = round(max(poll_s, default=0.0), 3)
             report["sockets_at_start"] = state_counts(watch.seed)
             report["findings"] = [f.as_dict() for f in findings]
         if lifecycles:

@@ -10,7 +10,7 @@ an untraced one the time since first seen, marked as a lower bound.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 
 import pandas as pd
 
@@ -21,6 +21,7 @@ from .probes.socket_snapshot import Snapshot
 from .probes.tcp_states import state_name
 
 ENDED_WINDOW_NS = 60_000_000_000  # rates are over the last minute at most
+SLOT_NS = 5_000_000_000           # endings are counted in 5-second slots, per endpoint and owner
 _MINISOCK_STATES = ("TIME_WAIT", "SYN_RECV")
 
 
@@ -39,21 +40,32 @@ class Watch:
         self.seed: Snapshot | None = None
         self.latest: Snapshot | None = None
         self.first_seen: dict[tuple, int] = {}  # socket key -> first snapshot time (ns)
-        self.ended: deque[tuple] = deque()
+        # slot -> {ending key: count}; a key is ENDED_COLUMNS without the ephemeral port, so that
+        # a minute of churn is a few keys, not a million rows
+        self.ended: dict[int, Counter] = {}
+        self.owner_at: dict[tuple, tuple] = {}  # (netns, addr, port) -> (pid, comm) of the latest ending
         self.synack_seed: dict[tuple, tuple[int, int]] = {}
-        self.minisock_owner: dict[tuple, tuple] = {}  # 4-tuple -> (closed at, pid, comm)
         self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
         self.started_ns = time.monotonic_ns()
 
     # -- inputs --------------------------------------------------------------------------
     def closed(self, lc: Lifecycle) -> None:
-        """LiveSession close watcher: keep what the detectors use, for the last minute."""
-        if lc.time_wait or lc.end_reason in ("refused", "timeout"):
-            self.ended.append((lc.end_ns or 0, lc.netns, lc.role, lc.laddr, lc.lport, lc.raddr,
-                               lc.rport, lc.owner_pid, lc.owner_comm, lc.end_reason, lc.time_wait))
+        """LiveSession close watcher: count the endings the detectors use (cheap: one dict bump)."""
+        if not (lc.time_wait or lc.end_reason in ("refused", "timeout")):
+            return
+        active = lc.role == "active"
+        # the client side is known by where it connects, the server side by its own port
+        key = (lc.netns, lc.role, None if active else lc.laddr, None if active else lc.lport,
+               lc.raddr if active else None, lc.rport if active else None,
+               lc.owner_pid, lc.owner_comm, lc.end_reason, lc.time_wait)
+        slot = (lc.end_ns or 0) // SLOT_NS
+        counts = self.ended.get(slot)
+        if counts is None:
+            counts = self.ended[slot] = Counter()
+        counts[key] += 1
         if lc.time_wait:  # its minisocket (TIME_WAIT, or an orphan's FIN_WAIT2) shows in sock_diag
-            self.minisock_owner[(lc.netns, lc.laddr, lc.lport, lc.raddr, lc.rport)] = (
-                lc.end_ns or 0, lc.owner_pid, lc.owner_comm)
+            where = (lc.netns, lc.raddr, lc.rport) if active else (lc.netns, lc.laddr, lc.lport)
+            self.owner_at[where] = (lc.owner_pid, lc.owner_comm)
 
     def _synack_now(self) -> dict[tuple, tuple[int, int]]:
         if self.tracker is None:
@@ -104,9 +116,10 @@ class Watch:
                 else:  # an orphan's FIN_WAIT2 lives tcp_fin_timeout
                     age = snap.sysctls.get(s.netns, {}).get("tcp_fin_timeout", 60) - s.expires_ms / 1000
                 lower = False
-                owner = self.minisock_owner.get((s.netns, s.laddr, s.lport, s.raddr, s.rport))
+                owner = self.owner_at.get((s.netns, s.raddr, s.rport)) or \
+                    self.owner_at.get((s.netns, s.laddr, s.lport))
                 if owner is not None:
-                    pid, comm = owner[1], owner[2]
+                    pid, comm = owner
             else:
                 age, lower = (now - self.first_seen.get(_sock_key(s), now)) / 1e9, True
             if holders:  # authoritative: who has it open now
@@ -124,13 +137,18 @@ class Watch:
         return df
 
     def ended_frame(self, now_ns: int) -> pd.DataFrame:
-        while self.ended and self.ended[0][0] < now_ns - ENDED_WINDOW_NS:
-            self.ended.popleft()
-        if len(self.minisock_owner) > 4 * len(self.ended) + 1024:  # minisockets last a minute
-            cut = now_ns - ENDED_WINDOW_NS
-            self.minisock_owner = {k: v for k, v in self.minisock_owner.items() if v[0] >= cut}
-        df = pd.DataFrame([e[1:] for e in self.ended], columns=list(leaks.ENDED_COLUMNS))
+        """Endings of the last minute, one row per key with its count in `n`."""
+        oldest = (now_ns - ENDED_WINDOW_NS) // SLOT_NS
+        for slot in [k for k in self.ended if k < oldest]:
+            del self.ended[slot]
+        if len(self.owner_at) > 100_000:  # bounded: many distinct endpoints, keep the latest
+            self.owner_at = dict(list(self.owner_at.items())[-50_000:])
+        total: Counter = Counter()
+        for counts in self.ended.values():
+            total.update(counts)
+        df = pd.DataFrame([(*k, n) for k, n in total.items()], columns=[*leaks.ENDED_COLUMNS, "n"])
         df["time_wait"] = df["time_wait"].astype(bool)
+        df["n"] = df["n"].astype("int64")
         return df
 
     def _filtered(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -187,9 +205,13 @@ class Watch:
                 fresh.append(f)
         return fresh
 
-    def final(self) -> list[leaks.Finding]:
-        """A full snapshot and every finding it supports."""
-        return leaks.find(self.evidence(self._take(sock_diag.ALL_STATES)), self.thresholds)
+    def final(self, full: bool = True) -> list[leaks.Finding]:
+        """Every finding a last snapshot supports: a full one (every TIME_WAIT socket: the
+        doctor), or the periodic kind (a live trace ending after heavy churn)."""
+        findings = leaks.find(self.evidence(self._take(sock_diag.ALL_STATES if full else self.poll_states)),
+                              self.thresholds)
+        self.current = findings
+        return findings
 
 
 def state_counts(snap: Snapshot) -> dict[str, int]:

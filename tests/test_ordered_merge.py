@@ -44,3 +44,20 @@ def test_spill_after_its_connection_moved_on_is_counted():
     m.add_spilled([rec(2, 1, 1)])
     assert ids(m.release(progress=4_000_000)) == [(1, 1)]
     assert m.late == 1
+
+
+def test_a_backlog_with_a_burst_of_spills_keeps_every_connection_in_order():
+    # a consumer that fell behind: a whole ring of events at once, a tenth of them spilled
+    import random
+    rng = random.Random(7)
+    events = [rec(i * 0.001, 1 + i % 3000, i // 3000) for i in range(60_000)]
+    spilled = set(rng.sample(range(len(events)), 6_000))
+    m = OrderedMerge(holdback_ns=0)
+    m.add_spilled([events[i] for i in sorted(spilled, key=lambda _: rng.random())])  # per-CPU disorder
+    m.add_ring([e for i, e in enumerate(events) if i not in spilled])
+    out = m.release(progress=10**12, final=True)
+    assert len(out) == len(events) and m.late == 0
+    last = {}
+    for gen, seq in ids(out):
+        assert last.get(gen, -1) < seq
+        last[gen] = seq

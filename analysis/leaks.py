@@ -88,8 +88,18 @@ class Evidence:
     complete_snapshot: bool = True               # sockets include ESTABLISHED and TIME_WAIT
 
 
+def sockets_frame(rows: list) -> pd.DataFrame:
+    """Rows (tuples in SOCKET_COLUMNS order, or dicts) as the `sockets` frame, with its dtypes."""
+    df = pd.DataFrame(rows, columns=list(SOCKET_COLUMNS))
+    for c in ("idle_recv_s", "idle_sent_s", "age_s", "eof_age_s"):
+        df[c] = df[c].astype("float64")
+    for c in ("owner_pid", "owner_fd"):
+        df[c] = df[c].astype("Int64")
+    return df
+
+
 def empty_sockets() -> pd.DataFrame:
-    return pd.DataFrame({c: [] for c in SOCKET_COLUMNS})
+    return sockets_frame([])
 
 
 def empty_ended() -> pd.DataFrame:

@@ -205,6 +205,19 @@ static __always_inline void ev_send(void *ctx, struct tlt_event *e)
 	}
 }
 
+/* The addresses of tracepoints that carry both an IPv4 and an IPv6 pair. */
+static __always_inline void ev_addrs(struct tlt_event *e, u16 family, const u8 *s4, const u8 *d4,
+				     const u8 *s6, const u8 *d6)
+{
+	if (family == AF_INET) {
+		__builtin_memcpy(e->saddr, s4, 4);
+		__builtin_memcpy(e->daddr, d4, 4);
+	} else {
+		__builtin_memcpy(e->saddr, s6, 16);
+		__builtin_memcpy(e->daddr, d6, 16);
+	}
+}
+
 static __always_inline void ev_conn(struct tlt_event *e, u64 skaddr, struct conn *c)
 {
 	e->skaddr = skaddr;
@@ -436,13 +449,7 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 	e->sport = args->sport;
 	e->dport = args->dport;
 	e->family = args->family;
-	if (args->family == AF_INET) {
-		__builtin_memcpy(e->saddr, args->saddr, 4);
-		__builtin_memcpy(e->daddr, args->daddr, 4);
-	} else {
-		__builtin_memcpy(e->saddr, args->saddr_v6, 16);
-		__builtin_memcpy(e->daddr, args->daddr_v6, 16);
-	}
+	ev_addrs(e, args->family, args->saddr, args->daddr, args->saddr_v6, args->daddr_v6);
 	ev_send(args, e);
 	return 0;
 }
@@ -527,13 +534,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 	e->sport = args->sport;
 	e->dport = args->dport;
 	e->family = args->family;
-	if (args->family == AF_INET) {
-		__builtin_memcpy(e->saddr, args->saddr, 4);
-		__builtin_memcpy(e->daddr, args->daddr, 4);
-	} else {
-		__builtin_memcpy(e->saddr, args->saddr_v6, 16);
-		__builtin_memcpy(e->daddr, args->daddr_v6, 16);
-	}
+	ev_addrs(e, args->family, args->saddr, args->daddr, args->saddr_v6, args->daddr_v6);
 	ev_send(args, e);
 	return 0;
 }

@@ -43,6 +43,19 @@ def _filters(pid, lport, rport, ipv4, ipv6) -> Filters:
                    rports=_int_list(rport, "port", 1, 65535), family=4 if ipv4 else 6 if ipv6 else None)
 
 
+def _filter_options(f):
+    """-p -L -D -4 -6 as the subcommands take them (the live command words -p its own way)."""
+    for opt in reversed([
+        click.option("-p", "--pid", metavar="PID[,PID]", help="Only connections owned by these processes."),
+        click.option("-L", "--localport", metavar="PORT[,PORT]", help="Only these local ports."),
+        click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports."),
+        click.option("-4", "--ipv4", is_flag=True, help="IPv4 only."),
+        click.option("-6", "--ipv6", is_flag=True, help="IPv6 only."),
+    ]):
+        f = opt(f)
+    return f
+
+
 class _Stop:
     def __init__(self):
         self.requested = False
@@ -150,11 +163,7 @@ DEFAULT_METRICS_PORT = 9470
               help="sock_diag look every S seconds: socket counts per state and leak findings (0: off).")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
               help="Change a detector threshold (repeatable).")
-@click.option("-p", "--pid", metavar="PID[,PID]", help="Only connections of these processes.")
-@click.option("-L", "--localport", metavar="PORT[,PORT]", help="Only these local ports.")
-@click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
-@click.option("-4", "--ipv4", is_flag=True, help="IPv4 only.")
-@click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
+@_filter_options
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: until SIGTERM).")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
@@ -339,11 +348,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
               show_default=True, help="table: a report; json: every frame; csv: the lifecycles.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write each frame as Parquet into DIR.")
-@click.option("-p", "--pid", metavar="PID[,PID]", help="Only connections owned by these processes.")
-@click.option("-L", "--localport", metavar="PORT[,PORT]", help="Only these local ports.")
-@click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
-@click.option("-4", "--ipv4", is_flag=True, help="IPv4 only.")
-@click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
+@_filter_options
 @click.option("--since", metavar="TIME", help="Only from this ISO-8601 time on (e.g. 2026-11-22T19:00:00Z).")
 @click.option("--until", metavar="TIME", help="Only up to this ISO-8601 time.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",

@@ -129,12 +129,7 @@ class Watch:
                          s.wqueue, None if s.idle_recv_ms is None else s.idle_recv_ms / 1000,
                          None if s.idle_sent_ms is None else s.idle_sent_ms / 1000, pid, comm, fd,
                          max(age, 0.0), lower, eof_age))
-        df = pd.DataFrame(rows, columns=list(leaks.SOCKET_COLUMNS))
-        for c in ("idle_recv_s", "idle_sent_s", "age_s", "eof_age_s"):
-            df[c] = df[c].astype("float64")
-        for c in ("owner_pid", "owner_fd"):
-            df[c] = df[c].astype("Int64")
-        return df
+        return leaks.sockets_frame(rows)
 
     def ended_frame(self, now_ns: int) -> pd.DataFrame:
         """Endings of the last minute, one row per key with its count in `n`."""

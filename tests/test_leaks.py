@@ -24,12 +24,7 @@ def sockets(*rows):
                    age_lower_bound=False, eof_age_s=None)
         row.update(extra)
         out.append(row)
-    df = pd.DataFrame(out, columns=list(leaks.SOCKET_COLUMNS))
-    for c in ("idle_recv_s", "idle_sent_s", "age_s", "eof_age_s"):
-        df[c] = df[c].astype("float64")
-    for c in ("owner_pid", "owner_fd"):
-        df[c] = df[c].astype("Int64")
-    return df
+    return leaks.sockets_frame(out)
 
 
 def ended(*rows):

@@ -90,14 +90,21 @@ static __always_inline u64 next_gen(void)
 	return __sync_fetch_and_add(g, 1) + 1;
 }
 
-static __always_inline void read_sock_ids(u64 skaddr, struct conn *c)
+/* The socket's network namespace inode (sk->__sk_common.skc_net->ns.inum): TLT_F_NETNS or 0. */
+static __always_inline u8 read_netns(u64 skaddr, u32 *netns)
 {
 #if defined(OFF_SKC_NET) && defined(OFF_NET_NS_INUM)
 	void *net = 0;
 	if (bpf_probe_read_kernel(&net, sizeof(net), (void *)skaddr + OFF_SKC_NET) == 0 && net &&
-	    bpf_probe_read_kernel(&c->netns, sizeof(c->netns), net + OFF_NET_NS_INUM) == 0)
-		c->flags |= TLT_F_NETNS;
+	    bpf_probe_read_kernel(netns, sizeof(*netns), net + OFF_NET_NS_INUM) == 0)
+		return TLT_F_NETNS;
 #endif
+	return 0;
+}
+
+static __always_inline void read_sock_ids(u64 skaddr, struct conn *c)
+{
+	c->flags |= read_netns(skaddr, &c->netns);
 #ifdef OFF_SK_UID
 	if (bpf_probe_read_kernel(&c->uid, sizeof(c->uid), (void *)skaddr + OFF_SK_UID) == 0)
 		c->flags |= TLT_F_UID;
@@ -205,10 +212,13 @@ static __always_inline void ev_send(void *ctx, struct tlt_event *e)
 	}
 }
 
-/* The addresses of tracepoints that carry both an IPv4 and an IPv6 pair. */
-static __always_inline void ev_addrs(struct tlt_event *e, u16 family, const u8 *s4, const u8 *d4,
-				     const u8 *s6, const u8 *d6)
+/* The tuple of tracepoints that carry ports and both an IPv4 and an IPv6 address pair. */
+static __always_inline void ev_tuple(struct tlt_event *e, u16 sport, u16 dport, u16 family,
+				     const u8 *s4, const u8 *d4, const u8 *s6, const u8 *d6)
 {
+	e->sport = sport;
+	e->dport = dport;
+	e->family = family;
 	if (family == AF_INET) {
 		__builtin_memcpy(e->saddr, s4, 4);
 		__builtin_memcpy(e->daddr, d4, 4);
@@ -446,10 +456,8 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 	e->skaddr = skaddr;
 	e->gen = gen;
 	e->value = args->error;
-	e->sport = args->sport;
-	e->dport = args->dport;
-	e->family = args->family;
-	ev_addrs(e, args->family, args->saddr, args->daddr, args->saddr_v6, args->daddr_v6);
+	ev_tuple(e, args->sport, args->dport, args->family, args->saddr, args->daddr,
+		 args->saddr_v6, args->daddr_v6);
 	ev_send(args, e);
 	return 0;
 }
@@ -523,18 +531,11 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 		e->netns = c->netns;
 		e->flags |= c->flags & TLT_F_NETNS;
 	} else {
-#if defined(OFF_SKC_NET) && defined(OFF_NET_NS_INUM)
-		void *net = 0;
-		if (bpf_probe_read_kernel(&net, sizeof(net), (void *)skaddr + OFF_SKC_NET) == 0 && net &&
-		    bpf_probe_read_kernel(&e->netns, sizeof(e->netns), net + OFF_NET_NS_INUM) == 0)
-			e->flags |= TLT_F_NETNS;
-#endif
+		e->flags |= read_netns(skaddr, &e->netns);
 	}
 	e->tx_b = (u64)args->req;
-	e->sport = args->sport;
-	e->dport = args->dport;
-	e->family = args->family;
-	ev_addrs(e, args->family, args->saddr, args->daddr, args->saddr_v6, args->daddr_v6);
+	ev_tuple(e, args->sport, args->dport, args->family, args->saddr, args->daddr,
+		 args->saddr_v6, args->daddr_v6);
 	ev_send(args, e);
 	return 0;
 }

@@ -92,3 +92,12 @@ def test_analyze_cli_on_a_fleet_directory(fleet_dir, capsys):
     assert "3 recordings from 3 hosts" in out and "web1: WARNING close_wait_leak" in out
     assert main(["analyze", str(fleet_dir / "none*.arrow")]) == 2
     assert main(["analyze", str(fleet_dir), "--scheduler", "tcp://127.0.0.1:1"]) == 2  # needs --engine dask
+
+
+def test_dask_engine_on_an_existing_scheduler(fleet_dir):
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        d = fleet.analyze(fleet_dir, "dask", scheduler=cluster.scheduler_address)
+        assert len(cluster.scheduler.workers) == 1  # it ran there, and left the cluster up
+    p = fleet.analyze(fleet_dir, "pandas")
+    pd.testing.assert_frame_equal(p["lifecycles"], d["lifecycles"])

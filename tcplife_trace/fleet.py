@@ -152,6 +152,9 @@ def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thr
     """{"lifecycles", "state_durations", "leaks", "summary", "files", "warnings"} over many host
     recordings. engine="dask" runs on a local Dask cluster, or the one at `scheduler`."""
     paths = expand(inputs)
+    from .recording import check
+    for p in paths:  # here, before any worker: a bad file is one line naming it, not a remote traceback
+        check(p)
     args = {"thresholds": thresholds, "filters": filters, "since": since, "until": until}
     if engine == "pandas":
         results = [host_frames(i, p, **args) for i, p in enumerate(paths)]
@@ -204,6 +207,9 @@ class _client:
         environ.pop("MALLOC_TRIM_THRESHOLD_", None)
         dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
         os.environ["DASK_DATAFRAME__CONVERT_STRING"] = "False"  # in local workers too
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")  # no INFO/WARNING chatter on stderr
+        import logging
+        logging.getLogger("distributed").setLevel(logging.ERROR)
         if self.scheduler:
             self.client = Client(self.scheduler)
         else:

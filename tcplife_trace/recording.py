@@ -141,6 +141,49 @@ def read_header(path: str) -> dict:
         return {}
 
 
+def _checked_stream(f, path: str, size: int):
+    """(Arrow stream reader, header) of an open recording; RecordingError if it is not one we read."""
+    if size == 0:
+        raise RecordingError(f"{path}: empty file, not a tcplife-trace recording")
+    try:
+        reader = ipc.open_stream(f)
+    except (pa.ArrowException, OSError) as e:
+        raise RecordingError(f"{path}: not a tcplife-trace recording (not an Arrow stream: "
+                             f"{str(e).splitlines()[0][:80]})") from None
+    meta = reader.schema.metadata or {}
+    if KEY not in meta:
+        raise RecordingError(f"{path}: an Arrow stream, but not a tcplife-trace recording")
+    try:
+        head = json.loads(meta[KEY])
+        version = int(head["schema_version"])
+    except (ValueError, KeyError, TypeError):
+        raise RecordingError(f"{path}: corrupt recording header") from None
+    if version > SCHEMA_VERSION:
+        raise RecordingError(f"{path}: written by a newer tcplife-trace (schema {version}, this "
+                             f"one reads up to {SCHEMA_VERSION}): upgrade tcplife-trace")
+    try:
+        columns = [(fl.name, fl.type) for fl in reader.schema]
+    except UnicodeDecodeError:
+        columns = None
+    if columns != list(_ARROW_TYPES.items()):
+        raise RecordingError(f"{path}: corrupt recording (unexpected columns)")
+    return reader, head
+
+
+def check(path: str) -> None:
+    """Raise RecordingError (one line naming the file) unless path opens as a recording we can read."""
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise RecordingError(f"{path}: cannot open ({e.strerror})") from None
+    with f:
+        from . import tcpstates_import
+        if tcpstates_import.looks_like_tcpstates(path):
+            return
+        _checked_stream(f, path, size)
+
+
 def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
     """(header, events table, exit summary or None, warnings). Raises RecordingError."""
     try:
@@ -149,30 +192,7 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
     except OSError as e:
         raise RecordingError(f"{path}: cannot open ({e.strerror})") from None
     with f:
-        if size == 0:
-            raise RecordingError(f"{path}: empty file, not a tcplife-trace recording")
-        try:
-            reader = ipc.open_stream(f)
-        except (pa.ArrowException, OSError) as e:
-            raise RecordingError(f"{path}: not a tcplife-trace recording (not an Arrow stream: "
-                                 f"{str(e).splitlines()[0][:80]})") from None
-        meta = reader.schema.metadata or {}
-        if KEY not in meta:
-            raise RecordingError(f"{path}: an Arrow stream, but not a tcplife-trace recording")
-        try:
-            head = json.loads(meta[KEY])
-            version = int(head["schema_version"])
-        except (ValueError, KeyError, TypeError):
-            raise RecordingError(f"{path}: corrupt recording header") from None
-        if version > SCHEMA_VERSION:
-            raise RecordingError(f"{path}: written by a newer tcplife-trace (schema {version}, this "
-                                 f"one reads up to {SCHEMA_VERSION}): upgrade tcplife-trace")
-        try:
-            columns = [(fl.name, fl.type) for fl in reader.schema]
-        except UnicodeDecodeError:
-            columns = None
-        if columns != list(_ARROW_TYPES.items()):
-            raise RecordingError(f"{path}: corrupt recording (unexpected columns)")
+        reader, head = _checked_stream(f, path, size)
         batches, end, warnings = [], None, []
         while True:
             try:

@@ -101,3 +101,10 @@ def test_dask_engine_on_an_existing_scheduler(fleet_dir):
         assert len(cluster.scheduler.workers) == 1  # it ran there, and left the cluster up
     p = fleet.analyze(fleet_dir, "pandas")
     pd.testing.assert_frame_equal(p["lifecycles"], d["lifecycles"])
+
+
+def test_a_bad_file_in_a_fleet_is_one_line_before_any_worker_starts(fleet_dir, capsys):
+    (fleet_dir / "dc2" / "renamed.arrow").write_text("host,state\nweb1,LISTEN\n")
+    assert main(["analyze", str(fleet_dir), "--engine", "dask", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "renamed.arrow: not a tcplife-trace recording" in err[0]

@@ -170,27 +170,26 @@ def _checked_stream(f, path: str, size: int):
     return reader, head
 
 
-def check(path: str) -> None:
-    """Raise RecordingError (one line naming the file) unless path opens as a recording we can read."""
+def _open(path: str):
+    """(file, size), or RecordingError naming the file."""
     try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
+        return open(path, "rb"), os.path.getsize(path)
     except OSError as e:
         raise RecordingError(f"{path}: cannot open ({e.strerror})") from None
+
+
+def check(path: str) -> None:
+    """Raise RecordingError (one line naming the file) unless path opens as a recording we can read."""
+    from . import tcpstates_import
+    f, size = _open(path)
     with f:
-        from . import tcpstates_import
-        if tcpstates_import.looks_like_tcpstates(path):
-            return
-        _checked_stream(f, path, size)
+        if not tcpstates_import.looks_like_tcpstates(path):
+            _checked_stream(f, path, size)
 
 
 def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
     """(header, events table, exit summary or None, warnings). Raises RecordingError."""
-    try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
-    except OSError as e:
-        raise RecordingError(f"{path}: cannot open ({e.strerror})") from None
+    f, size = _open(path)
     with f:
         reader, head = _checked_stream(f, path, size)
         batches, end, warnings = [], None, []

@@ -267,7 +267,6 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                f"tracepoints, ready in {session.startup_s:.2f} s)"
                + (f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if metrics is not None else "")
                + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
-    from .diagnosis import state_counts
     watch = None
     poll_s: list[float] = []  # how long each look at the sockets held the consumer up
     if poll_interval > 0:
@@ -278,6 +277,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states)
         session.close_watchers.append(watch.closed)
         watch.take_seed()
+        seed_counts = watch.latest_counts
         next_poll = time.monotonic() + poll_interval
     for notice in session.notices:
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
@@ -304,7 +304,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             if metrics is not None and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + 1.0
                 metrics.update(session.counts_now(),
-                               state_counts(watch.latest) if watch is not None else None,
+                               watch.latest_counts if watch is not None else None,
                                watch.current if watch is not None else None)
         findings = None
         if watch is not None:
@@ -314,7 +314,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         if findings is not None:
             report["socket_polls"] = len(poll_s)
             report["socket_poll_max_s"] = round(max(poll_s, default=0.0), 3)
-            report["sockets_at_start"] = state_counts(watch.seed)
+            report["sockets_at_start"] = seed_counts
             report["findings"] = [f.as_dict() for f in findings]
         if lifecycles:
             for lc in session.still_open:
@@ -434,6 +434,10 @@ def _fleet_output(out: dict, fmt: str, export_dir: str | None) -> None:
 
 
 def _thresholds(pairs: tuple[str, ...]):
+    """Thresholds with these NAME=VALUE changes; None (the defaults) without any, which keeps
+    pandas, and the detectors' memory, out of a live trace run with --poll-interval 0."""
+    if not pairs:
+        return None
     from .analysis.leaks import Thresholds
     t = Thresholds()
     for pair in pairs:

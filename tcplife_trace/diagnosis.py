@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 
 from .analysis import leaks
@@ -22,7 +23,6 @@ from .probes.tcp_states import state_name
 
 ENDED_WINDOW_NS = 60_000_000_000  # rates are over the last minute at most
 SLOT_NS = 5_000_000_000           # endings are counted in 5-second slots, per endpoint and owner
-_MINISOCK_STATES = ("TIME_WAIT", "SYN_RECV")
 
 
 def _sock_key(s) -> tuple:
@@ -39,6 +39,7 @@ class Watch:
         self.tracker = tracker                  # analysis.lifecycle.Tracker of a live session, if any
         self.seed: Snapshot | None = None
         self.latest: Snapshot | None = None
+        self.latest_counts: dict[str, int] = {}  # sockets per state in the latest snapshot
         self.first_seen: dict[tuple, int] = {}  # socket key -> first snapshot time (ns)
         # slot -> {ending key: count}; a key is ENDED_COLUMNS without the ephemeral port, so that
         # a minute of churn is a few keys, not a million rows
@@ -86,6 +87,7 @@ class Watch:
         if snap.complete:  # forget sockets that are gone, so a reused tuple starts afresh
             self.first_seen = {k: v for k, v in self.first_seen.items() if k in live}
         self.latest = snap
+        self.latest_counts = state_counts(snap)
         return snap
 
     # -- evidence ------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class Watch:
             lis = sockets[sockets["state"] == "LISTEN"]
             keys = [(n, int(sock_diag.S.LISTEN), a, p, r, rp) for n, a, p, r, rp in
                     zip(lis["netns"], lis["laddr"], lis["lport"], lis["raddr"], lis["rport"])]
-            new_lis = lis[[k not in seeded for k in keys]]
+            new_lis = lis[np.array([k not in seeded for k in keys], dtype=bool)]
         synack = {}
         for key, (n, reqs) in self._synack_now().items():
             n0, r0 = self.synack_seed.get(key, (0, 0))
@@ -188,12 +190,14 @@ class Watch:
                               snap.sysctls, new_lis, synack=synack, complete_snapshot=snap.complete)
 
     # -- outputs -------------------------------------------------------------------------
+    def _judge(self, states: int) -> list[leaks.Finding]:
+        self.current = leaks.find(self.evidence(self._take(states)), self.thresholds)
+        return self.current
+
     def poll(self) -> list[leaks.Finding]:
         """A periodic look; returns findings not announced before (or now more severe)."""
-        findings = leaks.find(self.evidence(self._take(self.poll_states)), self.thresholds)
-        self.current = findings
         fresh = []
-        for f in findings:
+        for f in self._judge(self.poll_states):
             prev = self.reported.get(f.key())
             if prev is None or leaks.SEVERITY_RANK[f.severity] > leaks.SEVERITY_RANK[prev]:
                 self.reported[f.key()] = f.severity
@@ -203,10 +207,7 @@ class Watch:
     def final(self, full: bool = True) -> list[leaks.Finding]:
         """Every finding a last snapshot supports: a full one (every TIME_WAIT socket: the
         doctor), or the periodic kind (a live trace ending after heavy churn)."""
-        findings = leaks.find(self.evidence(self._take(sock_diag.ALL_STATES if full else self.poll_states)),
-                              self.thresholds)
-        self.current = findings
-        return findings
+        return self._judge(sock_diag.ALL_STATES if full else self.poll_states)
 
 
 def state_counts(snap: Snapshot) -> dict[str, int]:

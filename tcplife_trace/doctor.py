@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from .analysis import leaks
-from .diagnosis import Watch, state_counts
+from .diagnosis import Watch
 from .live import LiveSession
 from .probes import program as prog
 
@@ -29,6 +29,7 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
         watch = Watch(thresholds, tracker=session.tracker)
         session.close_watchers.append(watch.closed)
         seed = watch.take_seed()  # after attaching: nothing falls between snapshot and trace
+        seed_counts = watch.latest_counts
         if on_ready:
             on_ready()
         deadline = time.monotonic() + duration_s
@@ -50,8 +51,8 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
         trace_report = session.stop()
     return {
         "findings": findings,
-        "sockets_at_start": state_counts(seed),
-        "sockets_at_end": state_counts(final),
+        "sockets_at_start": seed_counts,
+        "sockets_at_end": watch.latest_counts,
         "namespaces": len(final.netns_names),
         "netns_names": final.netns_names,
         "snapshot_s": round(seed.took_s, 3),

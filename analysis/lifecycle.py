@@ -28,7 +28,7 @@ ECONNRESET, EPIPE, ETIMEDOUT, ECONNREFUSED = 104, 32, 110, 111
 RST_REASONS = {1: "no_socket", 11: "abort_on_close", 12: "abort_on_linger", 13: "abort_on_memory",
                14: "tcp_state", 15: "keepalive_timeout", 16: "abort_on_data"}
 
-_BIRTHS = {(int(S.CLOSE), int(S.SYN_SENT)): "active", (int(S.CLOSE), int(S.LISTEN)): "listener",
+BIRTHS = {(int(S.CLOSE), int(S.SYN_SENT)): "active", (int(S.CLOSE), int(S.LISTEN)): "listener",
            (int(S.LISTEN), int(S.SYN_RECV)): "passive"}
 # transitions that always run in the acting process (kernel-facts §2)
 _CLOSER = {(int(a), int(b)) for a, b in ((S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1),
@@ -256,7 +256,7 @@ class Tracker:
     def _state(self, ev: Ev) -> None:
         (ts, skaddr, gen, _tx, _rx, _netns, pid, _tid, _uid, _value, sport, dport, _af, _kind,
          old, new, flags, _sa, _da, comm_raw, _seq) = ev
-        role = _BIRTHS.get((old, new))
+        role = BIRTHS.get((old, new))
         if role:
             lc = self._new(ev, role, birth_seen=True)
         else:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
-from .analysis.lifecycle import Lifecycle, Transition
+from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
 from .probes.tcp_states import state_name
 
 # time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
@@ -23,7 +23,6 @@ BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600)
 _BUCKETS_NS = [int(b * 1e9) for b in BUCKETS_S]
 OPT_IN_LABELS = ("port", "comm")
 OTHER = "other"
-_BIRTH = {(7, 2), (7, 10), (10, 3)}  # CLOSE->SYN_SENT, CLOSE->LISTEN, LISTEN->SYN_RECV
 
 
 class CappedLabel:
@@ -79,7 +78,7 @@ class Metrics:
                 h = self.hist[t.oldstate] = [0] * (len(_BUCKETS_NS) + 2)
             h[bisect.bisect_left(_BUCKETS_NS, t.dur_ns)] += 1
             h[-1] += t.dur_ns
-        if (t.oldstate, t.newstate) in _BIRTH:
+        if (t.oldstate, t.newstate) in BIRTHS:
             self.opened[(t.lc.role, *self._extra(t.lc)) if self.labels else (t.lc.role,)] += 1
 
     def on_close(self, lc: Lifecycle) -> None:

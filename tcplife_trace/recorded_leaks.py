@@ -16,6 +16,21 @@ from .analysis import leaks
 DEFAULT_PORT_RANGE = (32768, 60999)
 
 
+def _endpoints(lc: pd.DataFrame) -> dict:
+    """The lifecycles columns every detector frame shares, under the detectors' names."""
+    return {"netns": lc["netns"], "laddr": lc["laddr"].astype(object), "lport": lc["lport"].astype("Int64"),
+            "raddr": lc["raddr"].astype(object), "rport": lc["rport"].astype("Int64"),
+            "owner_pid": lc["pid"].astype("Int64"), "owner_comm": lc["comm"].astype(object)}
+
+
+def _sockets(lc: pd.DataFrame, state, *, inode: int, timer: str, age, lower, eof_age) -> pd.DataFrame:
+    """Lifecycles as rows of the detectors' `sockets` frame (no sock_diag: no queues, idle times, fd)."""
+    return pd.DataFrame({**_endpoints(lc), "state": state, "inode": inode, "timer": timer, "rqueue": 0,
+                         "wqueue": 0, "idle_recv_s": np.nan, "idle_sent_s": np.nan,
+                         "owner_fd": pd.array([pd.NA] * len(lc), "Int64"), "age_s": age,
+                         "age_lower_bound": lower, "eof_age_s": eof_age}, columns=list(leaks.SOCKET_COLUMNS))
+
+
 def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
              port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
              stopped: pd.Timestamp | None = None) -> leaks.Evidence:
@@ -29,40 +44,18 @@ def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
     lc = lifecycles.reset_index(drop=True)
     open_ = lc[lc["end"].isna()].reset_index(drop=True)
     since = entered.reindex(open_["conn_id"]).reset_index(drop=True)
-    sockets = pd.DataFrame({
-        "netns": open_["netns"], "state": open_["path"].astype(str).str.rsplit(" ", n=1).str[-1],
-        "laddr": open_["laddr"].astype(object), "lport": open_["lport"].astype("Int64"),
-        "raddr": open_["raddr"].astype(object), "rport": open_["rport"].astype("Int64"),
-        "inode": 1, "timer": "?", "rqueue": 0, "wqueue": 0, "idle_recv_s": np.nan, "idle_sent_s": np.nan,
-        "owner_pid": open_["pid"].astype("Int64"), "owner_comm": open_["comm"].astype(object),
-        "owner_fd": pd.array([pd.NA] * len(open_), "Int64"),
-        "age_s": (now - since).dt.total_seconds(), "age_lower_bound": ~open_["birth_seen"].astype(bool),
-        "eof_age_s": (now - open_["eof_seen"]).dt.total_seconds(),
-    })
+    open_rows = _sockets(open_, open_["path"].astype(str).str.rsplit(" ", n=1).str[-1], inode=1, timer="?",
+                         age=(now - since).dt.total_seconds(), lower=~open_["birth_seen"].astype(bool),
+                         eof_age=(now - open_["eof_seen"]).dt.total_seconds())
     tw = lc[lc["time_wait"] & (lc["end"] > now - pd.Timedelta(seconds=leaks.TIME_WAIT_S))].reset_index(drop=True)
-    tw_rows = pd.DataFrame({
-        "netns": tw["netns"], "state": "TIME_WAIT",
-        "laddr": tw["laddr"].astype(object), "lport": tw["lport"].astype("Int64"),
-        "raddr": tw["raddr"].astype(object), "rport": tw["rport"].astype("Int64"),
-        "inode": 0, "timer": "timewait", "rqueue": 0, "wqueue": 0, "idle_recv_s": np.nan,
-        "idle_sent_s": np.nan, "owner_pid": tw["pid"].astype("Int64"), "owner_comm": tw["comm"].astype(object),
-        "owner_fd": pd.array([pd.NA] * len(tw), "Int64"),
-        "age_s": (now - tw["end"]).dt.total_seconds(), "age_lower_bound": False, "eof_age_s": np.nan,
-    })
-    if len(tw_rows):
-        sockets = pd.concat([sockets, tw_rows], ignore_index=True)
+    tw_rows = _sockets(tw, "TIME_WAIT", inode=0, timer="timewait", age=(now - tw["end"]).dt.total_seconds(),
+                       lower=False, eof_age=np.nan)
+    sockets = pd.concat([open_rows, tw_rows], ignore_index=True) if len(tw_rows) else open_rows
     done = lc[lc["end"].notna()]
-    ended = pd.DataFrame({
-        "netns": done["netns"], "role": done["role"].astype(str),
-        "laddr": done["laddr"].astype(object), "lport": done["lport"].astype("Int64"),
-        "raddr": done["raddr"].astype(object), "rport": done["rport"].astype("Int64"),
-        "owner_pid": done["pid"].astype("Int64"), "owner_comm": done["comm"].astype(object),
-        "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool),
-    })
-    listeners = open_[(open_["role"] == "listener") & open_["birth_seen"]]
-    new_lis = pd.DataFrame({"netns": listeners["netns"], "laddr": listeners["laddr"].astype(object),
-                            "lport": listeners["lport"].astype("Int64"), "owner_pid": listeners["pid"].astype("Int64"),
-                            "owner_comm": listeners["comm"].astype(object)})
+    ended = pd.DataFrame({**_endpoints(done), "role": done["role"].astype(str),
+                          "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool)},
+                         columns=list(leaks.ENDED_COLUMNS))
+    new_lis = pd.DataFrame(_endpoints(open_[(open_["role"] == "listener") & open_["birth_seen"]]))
     duration = max((now - t0).total_seconds(), 1e-3)
     sysctls = {int(ns): {"ip_local_port_range": port_range} for ns in pd.unique(lc["netns"].dropna())}
     return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True)

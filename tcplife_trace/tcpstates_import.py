@@ -15,13 +15,14 @@ import os
 import re
 import socket
 
+from .analysis.lifecycle import BIRTHS
 from .probes.event_layout import EventKind, Flag
 from .probes.tcp_states import TcpState
 
 UNKNOWN = ("owner (the PID column is the task the kernel ran)", "netns", "uid", "bytes",
            "resets", "errno", "sub-second start times")
 _STATES = {s.name: int(s) for s in TcpState}
-_BIRTHS = {("CLOSE", "SYN_SENT"), ("CLOSE", "LISTEN"), ("LISTEN", "SYN_RECV")}
+_BIRTHS = {(TcpState(a).name, TcpState(b).name) for a, b in BIRTHS}
 _HMS = re.compile(r"^\d\d:\d\d:\d\d$")
 
 

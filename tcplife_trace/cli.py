@@ -481,9 +481,11 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json):
     def announce(f):
         click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
 
-    click.echo(f"tcplife-trace doctor: snapshot, then tracing for {duration:g} s", err=True)
+    def ready():  # once attached: a run that cannot start says only why
+        click.echo(f"tcplife-trace doctor: snapshot taken, tracing for {duration:g} s", err=True)
     report = doctor.run(duration_s=duration, interval_s=interval, thresholds=thresholds,
-                        on_finding=None if as_json else announce, should_stop=lambda: stop.requested)
+                        on_finding=None if as_json else announce, should_stop=lambda: stop.requested,
+                        on_ready=ready)
     _out(findings_view.report_json(report) if as_json else findings_view.report_text(report))
     ctx.exit(doctor.exit_status(report["findings"], fail_on))
 

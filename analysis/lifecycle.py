@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..probes import decode as dec
 from ..probes.decode import Ev, as_ev
-from ..probes.event_layout import EventKind, Flag
+from ..probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
 from ..probes.filters import Filters
 from ..probes.tcp_states import TcpState as S
 
@@ -36,8 +36,12 @@ _CLOSER = {(int(a), int(b)) for a, b in ((S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RE
 _TIME_WAIT_FROM = (int(S.FIN_WAIT2), int(S.CLOSING))
 _CLOSE = int(S.CLOSE)
 _KIND_STATE = int(EventKind.STATE)
+_KIND_LIFE = int(EventKind.LIFE)
 
 _F_BIRTH_UNSEEN = int(Flag.BIRTH_UNSEEN)
+_L_RST_RECEIVED, _L_RST_SENT, _L_DESTROYED = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
+                                              int(LifeFlag.DESTROYED))
+_N_EV = len(dec.Ev._fields)
 _F_EOF = int(Flag.EOF)
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
 DEFAULT_MAX_OPEN = 262_144
@@ -153,6 +157,7 @@ class Tracker:
             EventKind.RECV_RESET: self._recv_reset, EventKind.SEND_RESET: self._send_reset,
             EventKind.ERROR: self._error, EventKind.IO_OWNER: self._io, EventKind.EOF: self._eof,
             EventKind.FILTERED: self._filtered, EventKind.SYNACK: self._synack,
+            EventKind.LIFE: self._life,
         }.items()}
 
     # -- input -------------------------------------------------------------
@@ -169,7 +174,7 @@ class Tracker:
             else:
                 handler = dispatch.get(ev[13])
                 if handler:
-                    handler(as_ev(ev))
+                    handler(ev if ev[13] == _KIND_LIFE else as_ev(ev))
         self.counters.events += n
 
     def advance(self, now_ns: int) -> None:
@@ -376,6 +381,82 @@ class Tracker:
         entry[0] += 1
         if len(entry[1]) < 100_000:
             entry[1].add(ev.tx_b)
+
+    def _life(self, rec: tuple) -> None:
+        """A whole connection folded by the kernel (aggregated mode): the lifecycle that
+        `_state` and the other handlers would have built from its events, rule for rule."""
+        lc = self.from_fold(rec)
+        if len(self.live) >= self.max_open:
+            self._evict()
+        self.live[lc.conn_id] = lc
+        self.counters.connections += 1
+        self.counters.sequence_gaps += rec[_N_EV + 31]  # gaps
+        if self.on_state_time:
+            for s, ns in lc.state_ns.items():
+                self.on_state_time(s, ns)
+        ev = dec.Ev._make(rec[:_N_EV])
+        lc.closed = True
+        lc.end_ns = lc.last_ns = lc.state_enter_ns = ev.ts_ns
+        if rec[_N_EV + 30] & _L_DESTROYED:  # lflags
+            lc.incomplete.append(f"destroyed in {S(ev.oldstate).name if ev.oldstate else 'unknown state'}"
+                                 " without a CLOSE")
+            self._finish(lc)
+            return
+        if ev.flags & dec.F_BYTES:
+            lc.tx_b, lc.rx_b = ev.tx_b, ev.rx_b
+        if ev.oldstate in _TIME_WAIT_FROM and not lc.rst_received:
+            lc.time_wait = True
+        self.pending.append(lc)
+        self.pending_ports[(lc.lport, lc.rport)] = lc
+
+    def from_fold(self, rec: tuple) -> Lifecycle:
+        """A Lifecycle (not registered, not closed) from a struct tlt_life tuple: a LIFE
+        record, or an open connection's map entry (ts_ns = when it entered its state)."""
+        ev = dec.Ev._make(rec[:_N_EV])
+        (start_ns, eof_ns, *state_ns16, owner_pid, p0, p1, p2, p3, rst_reason, owner_comm, mask,
+         owner_src, npids, path_len, rst_state, lflags, gaps, gap_had, gap_got, path_raw) = rec[_N_EV:]
+        path = list(path_raw[:min(path_len, PATH_MAX)])
+        birth = BIRTHS.get((path[0], path[1])) if len(path) >= 2 else None
+        birth_seen = birth is not None and not ev.flags & _F_BIRTH_UNSEEN
+        lc = Lifecycle(ev.gen or ("skaddr", ev.skaddr), ev.skaddr, birth if birth_seen else "unknown",
+                       start_ns, birth_seen)
+        if not ev.gen:
+            lc.incomplete.append("no generation: kernel connection map full")
+        if not birth_seen:
+            role = "unknown"
+            for old, new in zip(path, path[1:]):
+                if role != "unknown":
+                    break
+                role = _guess_role(old, new, role)
+            lc.role = role
+        if ev.af:
+            self._tuple_from(lc, ev)
+        lc.netns, lc.uid = dec.netns(ev), dec.uid(ev)
+        lc.path = path
+        if path_len > PATH_MAX:
+            lc.incomplete.append(f"path of {path_len} states: the middle ones are not kept")
+        lc.state_ns = {s: state_ns16[s] for s in range(16) if mask & (1 << s)}
+        lc.state = path[-1] if path else None
+        lc.state_enter_ns = lc.last_ns = ev.ts_ns
+        if owner_src < len(OWNER_SOURCES) - 1:
+            lc.owner_pid, lc.owner_comm, lc.owner_source = owner_pid, dec.comm(owner_comm), OWNER_SOURCES[owner_src]
+        lc.pids = set((p0, p1, p2, p3)[:min(npids, PIDS_MAX)])
+        if lc.role == "passive":  # the listener's owner, as the Tracker finds it at SYN_RECV
+            listener = self.listeners.get((lc.netns, lc.lport))
+            if listener and listener.owner_pid is not None:
+                lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
+                if lc.owner_source == "none":
+                    lc.owner_pid, lc.owner_comm, lc.owner_source = (listener.owner_pid, listener.owner_comm,
+                                                                    "listener")
+        if gaps:
+            lc.incomplete.append(f"missed events between {S(gap_had).name} and {S(gap_got).name}")
+            if gaps > 1:
+                lc.incomplete.append(f"and {gaps - 1} more gaps")
+        lc.rst_received = bool(lflags & _L_RST_RECEIVED)
+        if lflags & _L_RST_SENT:
+            lc.rst_sent = (rst_reason, rst_state)
+        lc.eof_ns = eof_ns or None
+        return lc
 
     # -- end of a connection -----------------------------------------------
     def _finish(self, lc: Lifecycle) -> None:

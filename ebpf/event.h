@@ -17,7 +17,8 @@
 #define TLT_EV_EOF        7 /* first recv() that returned 0, by the known owner (F_EOF set) */
 #define TLT_EV_FILTERED   8 /* a kernel filter dropped the rest of this connection */
 #define TLT_EV_SYNACK     9 /* tcp:tcp_retransmit_synack: skaddr = listener, tx_b = request sock */
-#define TLT_EV_NKINDS     10
+#define TLT_EV_LIFE       10 /* aggregated mode: one whole connection (struct tlt_life) */
+#define TLT_EV_NKINDS     11
 
 /* flags */
 #define TLT_F_BIRTH_UNSEEN 0x01 /* first event of a socket born before the trace */
@@ -27,6 +28,21 @@
 #define TLT_F_BYTES        0x10 /* tx_b/rx_b are valid */
 #define TLT_F_RECV         0x20 /* IO_OWNER/EOF came from a receive */
 #define TLT_F_EOF          0x40 /* IO_OWNER/EOF: that receive returned 0, the peer's FIN was read */
+#define TLT_F_AGG          0x80 /* an event the aggregated mode sends as well (set in that mode only) */
+
+/* struct tlt_agg.lflags */
+#define TLT_L_RST_RECEIVED 0x01 /* tcp_receive_reset seen */
+#define TLT_L_RST_SENT     0x02 /* tcp_send_reset seen before the CLOSE: rst_reason, rst_state */
+#define TLT_L_DESTROYED    0x04 /* tcp_destroy_sock came with no CLOSE before it */
+
+/* struct tlt_agg.owner_src: index into OWNER_SOURCES (analysis/lifecycle.py) */
+#define TLT_SRC_CONNECT 0
+#define TLT_SRC_IO      2
+#define TLT_SRC_CLOSE   3
+#define TLT_SRC_NONE    5
+
+#define TLT_PATH_MAX 32 /* states kept; past it the last two slots hold the latest two */
+#define TLT_PIDS_MAX 4
 
 /* per-CPU statistics slots */
 #define TLT_STAT_EMITTED   0                    /* + kind */
@@ -57,6 +73,35 @@ struct tlt_event {
 	__u8 daddr[16];
 	char comm[16];
 	__u16 seq;       /* per-connection event counter: orders events that took the overflow path */
+};
+
+/* What the kernel folds per connection in the aggregated mode: the lifecycle the Python
+ * state machine would build from that connection's events (analysis/lifecycle.py). */
+struct tlt_agg {
+	__u64 start_ns;       /* first transition seen (the birth, unless TLT_F_BIRTH_UNSEEN) */
+	__u64 eof_ns;         /* first recv() that returned 0; 0 = none */
+	__u64 state_ns[16];   /* time spent in each state, indexed by state */
+	__u32 owner_pid;
+	__u32 pids[TLT_PIDS_MAX]; /* distinct tasks that connected, closed, read or wrote */
+	__s32 rst_reason;
+	char owner_comm[16];
+	__u16 state_mask;     /* bit s: state_ns[s] holds a time */
+	__u8 owner_src;       /* TLT_SRC_* */
+	__u8 npids;           /* distinct tasks seen (may exceed TLT_PIDS_MAX) */
+	__u8 path_len;        /* states seen (may exceed TLT_PATH_MAX) */
+	__u8 rst_state;
+	__u8 lflags;          /* TLT_L_* */
+	__u8 gaps;            /* transitions whose old state was not the one we had */
+	__u8 gap_had;         /* the first gap: state we had ... */
+	__u8 gap_got;         /* ... and the old state the transition reported */
+	__u8 path[TLT_PATH_MAX];
+};
+
+/* An aggregated-mode record: the closing transition as an event, and the folded rest.
+ * In that mode every record in the ring has this size (other kinds leave agg zero). */
+struct tlt_life {
+	struct tlt_event ev;
+	struct tlt_agg agg;
 };
 
 #endif

@@ -8,7 +8,12 @@
  *   TLT_HAVE_<TP>                                   tracepoints present on this kernel
  *   TLT_FILTER_*, TLT_PID_OK(p), TLT_LPORT_OK(p),
  *   TLT_RPORT_OK(p)                                 kernel-side filters
- *   TLT_EVSZ, TLT_EVOFF_<field>                     the layout Python expects
+ *   TLT_EVSZ, TLT_EVOFF_<field>, TLT_AGGSZ,
+ *   TLT_AGGOFF_<field>                              the layout Python expects
+ *   TLT_STREAM                                      send every transition as an event
+ *   TLT_AGGREGATE                                   fold each connection into its map entry
+ *                                                   and send one TLT_EV_LIFE record at its end
+ * Both may be set (a verification mode: the two views of the same transitions).
  */
 #include "event.h"
 
@@ -18,7 +23,10 @@
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_SYN_RECV 3
+#define TCP_FIN_WAIT1 4
 #define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
 #define TCP_LISTEN 10
 
 #define TLT_CHECK(f) _Static_assert(__builtin_offsetof(struct tlt_event, f) == TLT_EVOFF_##f, \
@@ -29,6 +37,25 @@ TLT_CHECK(netns); TLT_CHECK(pid); TLT_CHECK(tid); TLT_CHECK(uid); TLT_CHECK(valu
 TLT_CHECK(sport); TLT_CHECK(dport); TLT_CHECK(family); TLT_CHECK(kind); TLT_CHECK(oldstate);
 TLT_CHECK(newstate); TLT_CHECK(flags); TLT_CHECK(saddr); TLT_CHECK(daddr); TLT_CHECK(comm);
 TLT_CHECK(seq);
+#define TLT_ACHECK(f) _Static_assert(__builtin_offsetof(struct tlt_agg, f) == TLT_AGGOFF_##f, \
+	"struct tlt_agg." #f " differs from probes/event_layout.py")
+_Static_assert(sizeof(struct tlt_agg) == TLT_AGGSZ, "struct tlt_agg size differs from probes/event_layout.py");
+TLT_ACHECK(start_ns); TLT_ACHECK(eof_ns); TLT_ACHECK(state_ns); TLT_ACHECK(owner_pid); TLT_ACHECK(pids);
+TLT_ACHECK(rst_reason); TLT_ACHECK(owner_comm); TLT_ACHECK(state_mask); TLT_ACHECK(owner_src);
+TLT_ACHECK(npids); TLT_ACHECK(path_len); TLT_ACHECK(rst_state); TLT_ACHECK(lflags); TLT_ACHECK(gaps);
+TLT_ACHECK(gap_had); TLT_ACHECK(gap_got); TLT_ACHECK(path);
+
+#if !defined(TLT_STREAM) && !defined(TLT_AGGREGATE)
+#error "define TLT_STREAM, TLT_AGGREGATE or both"
+#endif
+#ifdef TLT_AGGREGATE
+/* every record in the ring has one size: events leave the agg part zero */
+#define TLT_REC struct tlt_life
+#define AGG_SENDS TLT_F_AGG /* flag for events the aggregated mode sends too */
+#else
+#define TLT_REC struct tlt_event
+#define AGG_SENDS 0
+#endif
 
 /* keep decision for a connection under the kernel filters */
 #define KEEP_UNDECIDED 0
@@ -48,6 +75,19 @@ struct conn {
 	u8 _pad;
 	u16 seq;     /* events emitted for this connection */
 	u8 _pad2[4];
+#ifdef TLT_AGGREGATE
+	struct tlt_agg agg; /* the lifecycle so far */
+	u64 enter_ns;       /* when it entered its current state */
+	u8 saddr[16];       /* the tuple as the transitions told it */
+	u8 daddr[16];
+	u16 sport;
+	u16 dport;
+	u16 af;
+	u8 state;           /* current state; 0 = none seen yet */
+	u8 has_tuple;
+	u8 unseen;          /* born before the trace (or before the map had room) */
+	u8 _pad3[7];
+#endif
 };
 
 /* The CLOSEs most recently seen on this CPU: inet_sk_error_report carries no socket
@@ -68,7 +108,8 @@ struct last_closes {
 
 BPF_RINGBUF_OUTPUT(events, TLT_RB_PAGES);
 BPF_PERF_OUTPUT(overflow);
-BPF_PERCPU_ARRAY(scratch, struct tlt_event, 1);
+BPF_PERCPU_ARRAY(scratch, TLT_REC, 1);
+BPF_PERCPU_ARRAY(conn_init, struct conn, 1); /* a new entry is built here: too big for the stack */
 BPF_HASH(conns, u64, struct conn, TLT_MAX_CONNS);
 BPF_ARRAY(generation, u64, 1);
 BPF_PERCPU_ARRAY(stats, u64, TLT_STAT_NSLOTS);
@@ -114,12 +155,18 @@ static __always_inline void read_sock_ids(u64 skaddr, struct conn *c)
 /* New generation for a socket being born (or first seen); NULL if the map is full. */
 static __always_inline struct conn *conn_start(u64 skaddr, u8 keep)
 {
-	struct conn c;
-	__builtin_memset(&c, 0, sizeof(c));
-	c.gen = next_gen();
-	c.keep = keep;
-	read_sock_ids(skaddr, &c);
-	if (conns.update(&skaddr, &c) != 0) {
+	int zero = 0;
+	struct conn *c = conn_init.lookup(&zero);
+	if (!c)
+		return 0;
+	__builtin_memset(c, 0, sizeof(*c));
+	c->gen = next_gen();
+	c->keep = keep;
+#ifdef TLT_AGGREGATE
+	c->agg.owner_src = TLT_SRC_NONE;
+#endif
+	read_sock_ids(skaddr, c);
+	if (conns.update(&skaddr, c) != 0) {
 		stat_inc(TLT_STAT_MAP_FULL);
 		return 0;
 	}
@@ -182,15 +229,16 @@ static __always_inline u8 verdict(u16 family, const u8 *daddr6, u16 sport, u16 d
  * reservation can fail with the ring far from full (seen on 6.18 with producers on
  * every CPU): then the event goes to a per-CPU perf buffer instead, and user space
  * merges it back in timestamp order. Only if both fail is the event lost (counted). */
-static __always_inline struct tlt_event *ev_new(u8 kind)
+static __always_inline struct tlt_event *ev_new_at(u8 kind, u64 ts)
 {
 	int zero = 0;
-	struct tlt_event *e = scratch.lookup(&zero);
-	if (!e)
+	TLT_REC *r = scratch.lookup(&zero);
+	if (!r)
 		return 0;
-	__builtin_memset(e, 0, sizeof(*e));
+	__builtin_memset(r, 0, sizeof(*r));
+	struct tlt_event *e = (struct tlt_event *)r;
 	u64 id = bpf_get_current_pid_tgid();
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = ts;
 	e->kind = kind;
 	e->pid = id >> 32;
 	e->tid = (u32)id;
@@ -198,13 +246,19 @@ static __always_inline struct tlt_event *ev_new(u8 kind)
 	return e;
 }
 
+static __always_inline struct tlt_event *ev_new(u8 kind)
+{
+	return ev_new_at(kind, bpf_ktime_get_ns());
+}
+
+/* e is the scratch record (ev_new): the whole TLT_REC goes out */
 static __always_inline void ev_send(void *ctx, struct tlt_event *e)
 {
 	u8 kind = e->kind;
-	if (events.ringbuf_output(e, sizeof(*e), 0) == 0 ||
-	    events.ringbuf_output(e, sizeof(*e), 0) == 0) {
+	if (events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0 ||
+	    events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0) {
 		stat_inc(TLT_STAT_EMITTED + kind);
-	} else if (overflow.perf_submit(ctx, e, sizeof(*e)) == 0) {
+	} else if (overflow.perf_submit(ctx, e, sizeof(TLT_REC)) == 0) {
 		stat_inc(TLT_STAT_EMITTED + kind);
 		stat_inc(TLT_STAT_SPILLED + kind);
 	} else {
@@ -250,7 +304,12 @@ static __always_inline struct conn *conn_get(u64 skaddr, u8 *unseen)
 	if (c)
 		return c;
 	*unseen = TLT_F_BIRTH_UNSEEN;
-	return conn_start(skaddr, KEEP_UNDECIDED);
+	c = conn_start(skaddr, KEEP_UNDECIDED);
+#ifdef TLT_AGGREGATE
+	if (c)
+		c->unseen = 1;
+#endif
+	return c;
 }
 
 static __always_inline void emit_filtered(void *ctx, u64 skaddr, struct conn *c)
@@ -259,6 +318,7 @@ static __always_inline void emit_filtered(void *ctx, u64 skaddr, struct conn *c)
 	if (!e)
 		return;
 	ev_conn(e, skaddr, c);
+	e->flags |= AGG_SENDS;
 	ev_send(ctx, e);
 }
 
@@ -275,6 +335,143 @@ static __always_inline int conn_keep(void *ctx, u64 skaddr, struct conn *c, u8 v
 	return c->keep != KEEP_NO;
 }
 
+#ifdef TLT_AGGREGATE
+/* The folding below mirrors analysis/lifecycle.py's Tracker, rule for rule; the tests
+ * run both on the same transitions (TLT_STREAM and TLT_AGGREGATE together) and compare. */
+
+/* Something of this connection was folded in: a lifecycle exists from now on. */
+static __always_inline struct tlt_agg *agg_begin(struct conn *c, u64 now)
+{
+	if (!c->agg.start_ns)
+		c->agg.start_ns = now;
+	return &c->agg;
+}
+
+static __always_inline void agg_pid(struct tlt_agg *a, u32 tgid)
+{
+	u8 n = a->npids;
+#pragma unroll
+	for (int i = 0; i < TLT_PIDS_MAX; i++)
+		if (i < n && a->pids[i] == tgid)
+			return;
+	if (n < TLT_PIDS_MAX)
+		a->pids[n & (TLT_PIDS_MAX - 1)] = tgid;
+	if (n < 255)
+		a->npids = n + 1;
+}
+
+/* Lifecycle.set_owner: the strongest source wins, the first of equals stays. */
+static __always_inline void agg_owner(struct tlt_agg *a, u32 tgid, u8 src)
+{
+	agg_pid(a, tgid);
+	if (src < a->owner_src) {
+		a->owner_src = src;
+		a->owner_pid = tgid;
+		bpf_get_current_comm(&a->owner_comm, sizeof(a->owner_comm));
+	}
+}
+
+static __always_inline void agg_path(struct tlt_agg *a, u8 state)
+{
+	u8 n = a->path_len;
+	if (n < TLT_PATH_MAX) {
+		a->path[n & (TLT_PATH_MAX - 1)] = state;
+	} else {
+		a->path[TLT_PATH_MAX - 2] = a->path[TLT_PATH_MAX - 1];
+		a->path[TLT_PATH_MAX - 1] = state;
+	}
+	if (n < 255)
+		a->path_len = n + 1;
+}
+
+/* The address Python would print as 0.0.0.0 or :: */
+static __always_inline int wildcard(u16 af, const u8 *a)
+{
+	u32 w[4];
+	__builtin_memcpy(w, a, 16);
+	if (af == AF_INET)
+		return w[0] == 0;
+	/* :: or ::ffff:0.0.0.0 (bytes 10-11 are 0xff in the mapped form) */
+	return w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == 0xffff0000) && w[3] == 0;
+}
+
+/* Tracker._tuple_from */
+static __always_inline void agg_tuple(struct conn *c, u16 af, u16 sport, u16 dport,
+				      const u8 *saddr, const u8 *daddr)
+{
+	if (c->has_tuple && sport == c->sport && (dport == c->dport || !dport))
+		return;
+	if (af != AF_INET && af != AF_INET6)
+		return;
+	if (!c->has_tuple || !wildcard(af, saddr))
+		__builtin_memcpy(c->saddr, saddr, 16);
+	if (!c->has_tuple || !wildcard(af, daddr))
+		__builtin_memcpy(c->daddr, daddr, 16);
+	c->has_tuple = 1;
+	c->af = af;
+	if (sport)
+		c->sport = sport;
+	if (dport)
+		c->dport = dport;
+}
+
+/* Tracker._state for one transition of a connection with an entry (not a listener) */
+static __always_inline void agg_transition(struct conn *c, u64 now, u8 old, u8 new, u32 tgid,
+					   u16 af, u16 sport, u16 dport, const u8 *saddr, const u8 *daddr)
+{
+	struct tlt_agg *a = agg_begin(c, now);
+	agg_tuple(c, af, sport, dport, saddr, daddr);
+	if (c->state && c->state != old) {
+		if (!a->gaps) {
+			a->gap_had = c->state;
+			a->gap_got = old;
+		}
+		if (a->gaps < 255)
+			a->gaps++;
+	} else if (c->state) {
+		a->state_ns[old & 15] += now - c->enter_ns;
+		a->state_mask |= 1 << (old & 15);
+	}
+	if (!a->path_len)
+		agg_path(a, old);
+	agg_path(a, new);
+	c->state = new;
+	c->enter_ns = now;
+	if (old == TCP_CLOSE && new == TCP_SYN_SENT)
+		agg_owner(a, tgid, TLT_SRC_CONNECT);
+	else if ((old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1) || (old == TCP_SYN_RECV && new == TCP_FIN_WAIT1) ||
+		 (old == TCP_CLOSE_WAIT && new == TCP_LAST_ACK))
+		agg_owner(a, tgid, TLT_SRC_CLOSE);
+}
+
+/* The connection's one record: its last transition (or its destruction) and the fold. */
+static __always_inline void agg_emit(void *ctx, u64 skaddr, struct conn *c, u64 now, u8 old, u8 new)
+{
+	struct tlt_event *e = ev_new_at(TLT_EV_LIFE, now);
+	if (!e)
+		return;
+	struct tlt_life *l = (struct tlt_life *)e;
+	ev_conn(e, skaddr, c);
+	if (c->unseen)
+		e->flags |= TLT_F_BIRTH_UNSEEN;
+	e->oldstate = old;
+	e->newstate = new;
+	e->sport = c->sport;
+	e->dport = c->dport;
+	e->family = c->af;
+	__builtin_memcpy(e->saddr, c->saddr, 16);
+	__builtin_memcpy(e->daddr, c->daddr, 16);
+#if defined(OFF_TP_BYTES_ACKED) && defined(OFF_TP_BYTES_RECEIVED)
+	if (new == TCP_CLOSE &&
+	    bpf_probe_read_kernel(&e->tx_b, 8, (void *)skaddr + OFF_TP_BYTES_ACKED) == 0 &&
+	    bpf_probe_read_kernel(&e->rx_b, 8, (void *)skaddr + OFF_TP_BYTES_RECEIVED) == 0)
+		e->flags |= TLT_F_BYTES;
+#endif
+	__builtin_memcpy(&l->agg, &c->agg, sizeof(l->agg));
+	ev_send(ctx, e);
+}
+#endif
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != IPPROTO_TCP)
@@ -288,10 +485,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	int birth = active_birth || (oldstate == TCP_LISTEN && newstate == TCP_SYN_RECV);
 	/* current is the owner only in connect(), listen() and a listener's close() */
 	int pid_known = active_birth || (oldstate == TCP_LISTEN && newstate == TCP_CLOSE);
-	u8 daddr6[16] = {};
-	if (family == AF_INET6)
-		__builtin_memcpy(daddr6, args->daddr_v6, 16);
-	u8 v = verdict(family, daddr6, sport, dport, listener, pid_known, tgid);
+	/* the addresses, IPv4 in the first 4 bytes */
+	u8 saddr[16] = {}, daddr[16] = {};
+	if (family == AF_INET) {
+		bpf_probe_read_kernel(saddr, 4, args->saddr); /* clang turns plain copies of either */
+		bpf_probe_read_kernel(daddr, 4, args->daddr); /* form into a load through a computed */
+	} else {                                              /* ctx pointer, which the verifier refuses */
+		bpf_probe_read_kernel(saddr, 16, args->saddr_v6);
+		bpf_probe_read_kernel(daddr, 16, args->daddr_v6);
+	}
+	u8 v = verdict(family, daddr, sport, dport, listener, pid_known, tgid);
 
 	u8 unseen = 0;
 	struct conn *c;
@@ -319,32 +522,46 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (!keep)
 		return 0;
 
-	struct tlt_event *e = ev_new(TLT_EV_STATE);
-	if (!e)
-		return 0;
-	ev_conn(e, skaddr, c);
-	e->flags |= unseen;
-	e->oldstate = oldstate;
-	e->newstate = newstate;
-	e->sport = sport;
-	e->dport = dport;
-	e->family = family;
-	if (family == AF_INET) {
-		__builtin_memcpy(e->saddr, args->saddr, 4);
-		__builtin_memcpy(e->daddr, args->daddr, 4);
-	} else {
-		__builtin_memcpy(e->saddr, args->saddr_v6, 16);
-		__builtin_memcpy(e->daddr, daddr6, 16);
-	}
-#if defined(OFF_TP_BYTES_ACKED) && defined(OFF_TP_BYTES_RECEIVED)
-	if (newstate == TCP_CLOSE && !listener &&
-	    bpf_probe_read_kernel(&e->tx_b, 8, (void *)skaddr + OFF_TP_BYTES_ACKED) == 0 &&
-	    bpf_probe_read_kernel(&e->rx_b, 8, (void *)skaddr + OFF_TP_BYTES_RECEIVED) == 0)
-		e->flags |= TLT_F_BYTES;
+	u64 now = bpf_ktime_get_ns();
+	/* listeners, and connections the full map has no entry for, always go as events */
+	int as_event = listener || !c;
+#ifdef TLT_AGGREGATE
+	if (!as_event)
+		agg_transition(c, now, oldstate, newstate, tgid, family, sport, dport, saddr, daddr);
 #endif
-	ev_send(args, e);
-	if (c && newstate == TCP_CLOSE)
+#ifdef TLT_STREAM
+	int send = 1;
+#else
+	int send = as_event;
+#endif
+	if (send) {
+		struct tlt_event *e = ev_new_at(TLT_EV_STATE, now);
+		if (!e)
+			return 0;
+		ev_conn(e, skaddr, c);
+		e->flags |= unseen | (as_event ? AGG_SENDS : 0);
+		e->oldstate = oldstate;
+		e->newstate = newstate;
+		e->sport = sport;
+		e->dport = dport;
+		e->family = family;
+		__builtin_memcpy(e->saddr, saddr, 16);
+		__builtin_memcpy(e->daddr, daddr, 16);
+#if defined(OFF_TP_BYTES_ACKED) && defined(OFF_TP_BYTES_RECEIVED)
+		if (newstate == TCP_CLOSE && !listener &&
+		    bpf_probe_read_kernel(&e->tx_b, 8, (void *)skaddr + OFF_TP_BYTES_ACKED) == 0 &&
+		    bpf_probe_read_kernel(&e->rx_b, 8, (void *)skaddr + OFF_TP_BYTES_RECEIVED) == 0)
+			e->flags |= TLT_F_BYTES;
+#endif
+		ev_send(args, e);
+	}
+	if (c && newstate == TCP_CLOSE) {
 		c->closed = 1;
+#ifdef TLT_AGGREGATE
+		if (!as_event)
+			agg_emit(args, skaddr, c, now, oldstate, newstate);
+#endif
+	}
 	return 0;
 }
 
@@ -356,11 +573,19 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 	if (!c)
 		return 0; /* never traced (e.g. socket() then close()): nothing to end */
 	if (c->keep != KEEP_NO && !c->closed) {
+#ifdef TLT_STREAM
 		struct tlt_event *e = ev_new(TLT_EV_DESTROY);
 		if (e) {
 			ev_conn(e, skaddr, c);
 			ev_send(args, e);
 		}
+#endif
+#ifdef TLT_AGGREGATE
+		if (c->agg.start_ns) { /* a lifecycle exists: it ends here, without a CLOSE */
+			c->agg.lflags |= TLT_L_DESTROYED;
+			agg_emit(args, skaddr, c, bpf_ktime_get_ns(), c->state, 0);
+		}
+#endif
 	}
 	conns.delete(&skaddr);
 	return 0;
@@ -375,11 +600,21 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	struct conn *c = conn_get(skaddr, &unseen);
 	if (c && c->keep == KEEP_NO)
 		return 0;
-	struct tlt_event *e = ev_new(TLT_EV_RECV_RESET);
+	u64 now = bpf_ktime_get_ns();
+	int as_event = !c || c->closed;
+#ifdef TLT_AGGREGATE
+	if (!as_event)
+		agg_begin(c, now)->lflags |= TLT_L_RST_RECEIVED;
+#endif
+#ifndef TLT_STREAM
+	if (!as_event)
+		return 0;
+#endif
+	struct tlt_event *e = ev_new_at(TLT_EV_RECV_RESET, now);
 	if (!e)
 		return 0;
 	ev_conn(e, skaddr, c);
-	e->flags |= unseen;
+	e->flags |= unseen | (as_event ? AGG_SENDS : 0);
 	e->sport = args->sport;
 	e->dport = args->dport;
 	e->family = args->family;
@@ -398,17 +633,32 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 		if (c && c->keep == KEEP_NO)
 			return 0;
 	}
+#ifdef TLT_HAVE_TCP_SEND_RESET_REASON
+	s32 reason = args->reason;
+#else
+	s32 reason = -1;
+#endif
+	int as_event = !c || c->closed;
+#ifdef TLT_AGGREGATE
+	/* Tracker._send_reset records it only on a lifecycle that exists */
+	if (!as_event && c->agg.start_ns) {
+		c->agg.lflags |= TLT_L_RST_SENT;
+		c->agg.rst_reason = reason;
+		c->agg.rst_state = args->state;
+	}
+#endif
+#ifndef TLT_STREAM
+	if (!as_event)
+		return 0;
+#endif
 	struct tlt_event *e = ev_new(TLT_EV_SEND_RESET);
 	if (!e)
 		return 0;
 	if (skaddr)
 		ev_conn(e, skaddr, c);
+	e->flags |= as_event ? AGG_SENDS : 0;
 	e->oldstate = args->state;
-#ifdef TLT_HAVE_TCP_SEND_RESET_REASON
-	e->value = args->reason;
-#else
-	e->value = -1;
-#endif
+	e->value = reason;
 	/* saddr/daddr hold a sockaddr_in or sockaddr_in6 */
 	u16 fam = 0;
 	__builtin_memcpy(&fam, args->saddr, 2);
@@ -455,6 +705,7 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 		return 0;
 	e->skaddr = skaddr;
 	e->gen = gen;
+	e->flags |= AGG_SENDS; /* it follows the CLOSE: always an event */
 	e->value = args->error;
 	ev_tuple(e, args->sport, args->dport, args->family, args->saddr, args->daddr,
 		 args->saddr_v6, args->daddr_v6);
@@ -484,10 +735,26 @@ static __always_inline int io_seen(void *ctx, u64 skaddr, u16 family, u16 protoc
 		/* one event says both "new owner" and "EOF seen" when they happen together */
 		u8 kind = c->io_pid != tgid ? TLT_EV_IO_OWNER : TLT_EV_EOF;
 		c->io_pid = tgid;
-		struct tlt_event *e = ev_new(kind);
+		u64 now = bpf_ktime_get_ns();
+		int as_event = c->closed;
+#ifdef TLT_AGGREGATE
+		if (!as_event) { /* Tracker._io / _eof */
+			struct tlt_agg *a = agg_begin(c, now);
+			if (kind == TLT_EV_IO_OWNER)
+				agg_owner(a, tgid, TLT_SRC_IO);
+			if (eof && !a->eof_ns)
+				a->eof_ns = now;
+		}
+#endif
+#ifndef TLT_STREAM
+		if (!as_event)
+			return 0;
+#endif
+		struct tlt_event *e = ev_new_at(kind, now);
 		if (e) {
 			ev_conn(e, skaddr, c);
-			e->flags |= unseen | (recv ? TLT_F_RECV : 0) | (eof ? TLT_F_EOF : 0);
+			e->flags |= unseen | (recv ? TLT_F_RECV : 0) | (eof ? TLT_F_EOF : 0) |
+				    (as_event ? AGG_SENDS : 0);
 			e->value = ret;
 			ev_send(ctx, e);
 		}
@@ -534,6 +801,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 		e->flags |= read_netns(skaddr, &e->netns);
 	}
 	e->tx_b = (u64)args->req;
+	e->flags |= AGG_SENDS;
 	ev_tuple(e, args->sport, args->dport, args->family, args->saddr, args->daddr,
 		 args->saddr_v6, args->daddr_v6);
 	ev_send(args, e);

@@ -10,7 +10,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from .event_layout import EVENT_SIZE, Event, Flag
+from .event_layout import AGG_SIZE, EVENT_SIZE, LIFE_SIZE, Event, EventKind, Flag, Life
 
 _FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH")
 assert _FMT.size == EVENT_SIZE and Event.comm.offset == EVENT_SIZE - 18
@@ -119,6 +119,23 @@ def decode_batch(blob: bytes) -> list[tuple]:
 
 def as_ev(ev: tuple) -> Ev:
     return ev if type(ev) is Ev else _make(ev)
+
+
+# struct tlt_life: the event, then struct tlt_agg (start, eof, state_ns[16], owner_pid,
+# pids[4], rst_reason, owner_comm, state_mask, owner_src, npids, path_len, rst_state,
+# lflags, gaps, gap_had, gap_got, path)
+AGG_FMT = struct.Struct("<QQ16QI4Ii16sHBBBBBBBB32s6x")
+_LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
+assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
+N_EV_FIELDS = len(Ev._fields)
+_KIND_LIFE = int(EventKind.LIFE)
+_life_iter_unpack = _LIFE_FMT.iter_unpack
+
+
+def decode_life_batch(blob: bytes) -> list[tuple]:
+    """Records of the aggregated mode (each LIFE_SIZE bytes): a LIFE record is the event's
+    fields followed by struct tlt_agg's; any other kind is cut to the event's fields."""
+    return [t if t[13] == _KIND_LIFE else t[:N_EV_FIELDS] for t in _life_iter_unpack(blob)]
 
 
 def decode_many(chunks: list[bytes]) -> list[Ev]:

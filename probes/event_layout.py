@@ -22,9 +22,10 @@ class EventKind(enum.IntEnum):
     EOF = 7
     FILTERED = 8
     SYNACK = 9
+    LIFE = 10
 
 
-N_KINDS = 10  # TLT_EV_NKINDS
+N_KINDS = 11  # TLT_EV_NKINDS
 
 
 class Flag(enum.IntFlag):
@@ -35,6 +36,18 @@ class Flag(enum.IntFlag):
     BYTES = 0x10
     RECV = 0x20
     EOF = 0x40
+    AGG = 0x80
+
+
+class LifeFlag(enum.IntFlag):
+    """struct tlt_agg.lflags"""
+    RST_RECEIVED = 0x01
+    RST_SENT = 0x02
+    DESTROYED = 0x04
+
+
+PATH_MAX = 32  # TLT_PATH_MAX
+PIDS_MAX = 4   # TLT_PIDS_MAX
 
 
 # per-CPU statistics slots (TLT_STAT_*)
@@ -71,7 +84,38 @@ class Event(ctypes.Structure):
     ]
 
 
+class Agg(ctypes.Structure):
+    """struct tlt_agg: one connection folded in the kernel (aggregated mode)."""
+    _fields_ = [
+        ("start_ns", ctypes.c_uint64),
+        ("eof_ns", ctypes.c_uint64),
+        ("state_ns", ctypes.c_uint64 * 16),
+        ("owner_pid", ctypes.c_uint32),
+        ("pids", ctypes.c_uint32 * PIDS_MAX),
+        ("rst_reason", ctypes.c_int32),
+        ("owner_comm", ctypes.c_char * 16),
+        ("state_mask", ctypes.c_uint16),
+        ("owner_src", ctypes.c_uint8),
+        ("npids", ctypes.c_uint8),
+        ("path_len", ctypes.c_uint8),
+        ("rst_state", ctypes.c_uint8),
+        ("lflags", ctypes.c_uint8),
+        ("gaps", ctypes.c_uint8),
+        ("gap_had", ctypes.c_uint8),
+        ("gap_got", ctypes.c_uint8),
+        ("path", ctypes.c_uint8 * PATH_MAX),
+    ]
+
+
+class Life(ctypes.Structure):
+    """struct tlt_life: the record size of every ring record in the aggregated mode."""
+    _fields_ = [("ev", Event), ("agg", Agg)]
+
+
 EVENT_SIZE = ctypes.sizeof(Event)
+AGG_SIZE = ctypes.sizeof(Agg)
+LIFE_SIZE = ctypes.sizeof(Life)
+AGG_FIELD_NAMES = [name for name, _ in Agg._fields_]
 FIELD_NAMES = [name for name, _ in Event._fields_ if not name.startswith("_")]
 # numpy view of the same bytes, for decoding a batch at once
 EVENT_DTYPE = np.dtype(Event)
@@ -82,8 +126,13 @@ def field_offsets() -> dict[str, int]:
     return {name: getattr(Event, name).offset for name in FIELD_NAMES}
 
 
+def agg_field_offsets() -> dict[str, int]:
+    return {name: getattr(Agg, name).offset for name in AGG_FIELD_NAMES}
+
+
 def layout_cflags() -> list[str]:
-    """-D flags the BPF program static-asserts its struct against."""
-    flags = [f"-DTLT_EVSZ={EVENT_SIZE}"]
+    """-D flags the BPF program static-asserts its structs against."""
+    flags = [f"-DTLT_EVSZ={EVENT_SIZE}", f"-DTLT_AGGSZ={AGG_SIZE}"]
     flags += [f"-DTLT_EVOFF_{name}={off}" for name, off in field_offsets().items()]
+    flags += [f"-DTLT_AGGOFF_{name}={off}" for name, off in agg_field_offsets().items()]
     return flags

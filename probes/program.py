@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 from .. import ebpf
 from . import btf, tracefs
 from .bcc_import import import_bcc
-from .event_layout import STAT_NSLOTS, layout_cflags
+from .event_layout import EVENT_SIZE, LIFE_SIZE, STAT_NSLOTS, layout_cflags
 from .filters import Filters
 
 DEFAULT_MAX_CONNS = 65536
 DEFAULT_RB_PAGES = 4096  # 16 MiB: about 140k events of headroom
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+# What the kernel sends: every transition as an event ("stream"), one folded record per
+# connection ("aggregate"), or both from the same probes ("both": to check one against the other).
+MODES = ("stream", "aggregate", "both")
 
 
 class ProgramError(Exception):
@@ -56,6 +60,12 @@ class Settings:
     filters: Filters = field(default_factory=Filters)
     max_conns: int = DEFAULT_MAX_CONNS
     rb_pages: int = DEFAULT_RB_PAGES
+    mode: str = "stream"
+
+    @property
+    def record_size(self) -> int:
+        """Bytes per ring record: the aggregated modes send struct tlt_life for everything."""
+        return EVENT_SIZE if self.mode == "stream" else LIFE_SIZE
 
 
 @dataclass
@@ -64,10 +74,14 @@ class Source:
     cflags: list[str]
     notices: list[str]
     tracepoints: list[str]
+    mode: str = "stream"
+    record_size: int = EVENT_SIZE
 
 
 def build_source(settings: Settings, tracefs_root: str) -> Source:
     """The program text and flags for this kernel; raises ProgramError if it cannot trace."""
+    if settings.mode not in MODES:
+        raise ProgramError(f"unknown mode {settings.mode!r}: one of {', '.join(MODES)}")
     if settings.rb_pages < 1 or settings.rb_pages & (settings.rb_pages - 1):
         raise ProgramError(f"ring buffer pages must be a power of two, not {settings.rb_pages}")
     try:
@@ -80,6 +94,10 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
         f"#define TLT_MAX_CONNS {int(settings.max_conns)}",
         f"#define TLT_RB_PAGES {int(settings.rb_pages)}",
     ]
+    if settings.mode in ("stream", "both"):
+        defines.append("#define TLT_STREAM")
+    if settings.mode in ("aggregate", "both"):
+        defines.append("#define TLT_AGGREGATE")
     defines += [f"#define {k} {v}" for k, v in sorted(offsets.items())]
     for (_category, name), flds in present.items():
         defines.append(f"#define TLT_HAVE_{name.upper()}")
@@ -104,7 +122,7 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
         "-Wno-unused-function",
     ] + layout_cflags()
     tps = [f"{c}:{n}" for (c, n) in present]
-    return Source(text, cflags, notices, tps)
+    return Source(text, cflags, notices, tps, settings.mode, settings.record_size)
 
 
 class LoadedProgram:

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 
-from .decode import Ev, decode_batch, decode_many
+from .decode import Ev, decode_batch, decode_life_batch
 from .event_layout import (EVENT_SIZE, N_KINDS, STAT_DROPPED, STAT_EMITTED, STAT_MAP_FULL,
                            STAT_SPILLED, EventKind)
 from .program import LoadedProgram
@@ -109,7 +109,9 @@ class EventStream:
     def __init__(self, program: LoadedProgram, holdback_ns: int = HOLDBACK_NS):
         self.program = program
         fd, size = program.ring_buffer()
-        self.reader = RingBufferReader(fd, size, EVENT_SIZE)
+        self.record_size = size_ = program.source.record_size
+        self.reader = RingBufferReader(fd, size, size_)
+        self.decode = decode_batch if size_ == EVENT_SIZE else decode_life_batch
         self.merge = OrderedMerge(holdback_ns)
         self.overflow_lost = 0         # records the overflow perf buffer itself dropped
         self._overflow_lost: list[int] = []
@@ -117,7 +119,7 @@ class EventStream:
         spilled = self._spilled
 
         def on_overflow(_cpu, data, _size):
-            spilled.append(ctypes.string_at(data, EVENT_SIZE))
+            spilled.append(ctypes.string_at(data, size_))
             return 0
 
         def on_overflow_lost(count):
@@ -135,7 +137,7 @@ class EventStream:
             self.overflow_lost += sum(self._overflow_lost)
             self._overflow_lost.clear()
         if self._spilled:
-            self.merge.add_spilled(decode_many(self._spilled))
+            self.merge.add_spilled(self.decode(b"".join(self._spilled)))
             self._spilled.clear()
         progress = self.merge.progress()
         if final or not self.reader.pending():
@@ -145,7 +147,7 @@ class EventStream:
     def poll(self, timeout_ms: int) -> list:
         """The next events in order (as `Ev`-ordered tuples), waiting up to timeout_ms."""
         self.reader.wait(timeout_ms)
-        batch = decode_batch(self.reader.read())
+        batch = self.decode(self.reader.read())
         if batch:
             self.merge.add_ring(batch)
         return self._release(final=False)
@@ -156,7 +158,7 @@ class EventStream:
             batch = self.reader.read()
             if not batch:
                 break
-            self.merge.add_ring(decode_batch(batch))
+            self.merge.add_ring(self.decode(batch))
         return self._release(final=True)
 
     def close(self) -> None:

@@ -110,19 +110,25 @@ def _out(line: str) -> None:
               help="Opt-in labels on the connection counters: the service port, the owner's command.")
 @click.option("--metrics-label-cap", type=click.IntRange(1, 100_000), default=50, show_default=True,
               help="Distinct values kept per opt-in label; the rest are counted as \"other\".")
+@click.option("--kernel-mode", type=click.Choice(["auto", "stream", "aggregate"]), default="auto",
+              show_default=True,
+              help="stream: the kernel sends every state change; aggregate: it folds each connection "
+                   "in its map and sends one record when it ends (far less work per connection). auto: "
+                   "aggregate for --lifecycles without --record or --metrics-port, else stream.")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
         as_json, strict, max_conns, ring_pages, niceness, record_path, report_path, poll_interval,
-        threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, print_ebpf):
+        threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, kernel_mode, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
     """
     if ctx.invoked_subcommand is not None:
         return
-    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages)
+    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages,
+                             _kernel_mode(kernel_mode, lifecycles, record_path, metrics_port))
     if print_ebpf:
         src = prog.build_source(settings, tracefs.find_tracefs())
         _out(src.text)
@@ -133,6 +139,21 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
                    record_path=record_path, poll_interval=poll_interval,
                    thresholds=_thresholds(threshold_pairs),
                    **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
+
+
+def _kernel_mode(asked: str, lifecycles: bool, record_path, metrics_port) -> str:
+    """What the kernel sends. Aggregated, no transition reaches user space until its
+    connection ends: fine for one line per connection, not for the per-transition view,
+    a recording of every event, or metrics that count connections as they open."""
+    if asked == "auto":
+        return "aggregate" if lifecycles and not record_path and metrics_port is None else "stream"
+    if asked == "aggregate":
+        needs = ("the per-transition view (add --lifecycles)" if not lifecycles else
+                 "--record" if record_path else "--metrics-port" if metrics_port is not None else None)
+        if needs:
+            raise click.UsageError(f"--kernel-mode aggregate sends one record per connection; {needs} "
+                                   "needs every transition: use --kernel-mode stream")
+    return asked
 
 
 def _metrics_args(port, addr, labels, cap) -> dict:
@@ -274,7 +295,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         from .diagnosis import Watch
         from .probes import sock_diag
         poll_states = sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED) if metrics else sock_diag.POLL_STATES
-        watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states)
+        watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states,
+                      open_lifecycles=session.open_lifecycles)
         session.close_watchers.append(watch.closed)
         watch.take_seed()
         seed_counts = watch.latest_counts

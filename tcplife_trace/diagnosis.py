@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -31,12 +32,16 @@ def _sock_key(s) -> tuple:
 
 class Watch:
     def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None, filters=None,
-                 poll_states: int = sock_diag.POLL_STATES):
+                 poll_states: int = sock_diag.POLL_STATES,
+                 open_lifecycles: Callable[[], list[Lifecycle]] | None = None):
         self.thresholds = thresholds or leaks.Thresholds()
         self.filters = filters                  # probes.filters.Filters: findings obey -p/-L/-D/-4/-6
         self.poll_states = poll_states
         self.current: list[leaks.Finding] = []  # the findings of the last look
         self.tracker = tracker                  # analysis.lifecycle.Tracker of a live session, if any
+        # the session's open connections (LiveSession.open_lifecycles: in the aggregated mode
+        # the kernel map holds them); default: the tracker's
+        self.open_lifecycles = open_lifecycles
         self.seed: Snapshot | None = None
         self.latest: Snapshot | None = None
         self.latest_counts: dict[str, int] = {}  # sockets per state in the latest snapshot
@@ -92,10 +97,14 @@ class Watch:
 
     # -- evidence ------------------------------------------------------------------------
     def _traced(self) -> dict[tuple, Lifecycle]:
-        if self.tracker is None:
+        if self.open_lifecycles is not None:
+            lcs = self.open_lifecycles()
+        elif self.tracker is not None:
+            lcs = [lc for lc in self.tracker.live.values() if not lc.closed]
+        else:
             return {}
         return {(lc.netns, lc.state, lc.laddr, lc.lport, lc.raddr, lc.rport): lc
-                for lc in self.tracker.live.values() if not lc.closed and lc.state is not None}
+                for lc in lcs if lc.state is not None}
 
     def sockets_frame(self, snap: Snapshot) -> pd.DataFrame:
         traced = self._traced()

@@ -25,8 +25,10 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
     """Attach the tracer, seed from a full snapshot, trace for duration_s polling every
     interval_s, then judge on a final full snapshot. Returns a report dict.
     on_ready runs once tracing and the first snapshot are in place (tests start workloads there)."""
-    with LiveSession(settings) as session:
-        watch = Watch(thresholds, tracker=session.tracker)
+    # the doctor wants endings and open connections, never single transitions: the kernel
+    # folds each connection and the traced machine pays the least
+    with LiveSession(settings or prog.Settings(mode="aggregate")) as session:
+        watch = Watch(thresholds, tracker=session.tracker, open_lifecycles=session.open_lifecycles)
         session.close_watchers.append(watch.closed)
         seed = watch.take_seed()  # after attaching: nothing falls between snapshot and trace
         seed_counts = watch.latest_counts

@@ -17,7 +17,11 @@ from typing import Callable
 from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
 from .analysis.summary import StateTimes
 from .probes import program as prog
+from .probes import conn_map
+from .probes.event_layout import EventKind, Flag
 from .probes.stream import EventStream
+
+_LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 from .views import Clock
 
 
@@ -30,6 +34,8 @@ class LiveSession:
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
         t0 = time.monotonic()
         self.settings = settings or prog.Settings()
+        if self.settings.mode != "stream" and (recorder is not None or keep_events):
+            raise ValueError("recording needs every transition: use mode='stream'")
         self.program = prog.load(self.settings)
         self.startup_s = time.monotonic() - t0
         self.notices = list(self.program.source.notices)
@@ -45,6 +51,14 @@ class LiveSession:
         self.tracker = Tracker(self.settings.filters, on_transition=on_transition,
                                on_close=self._closed, on_state_time=self.state_times.add,
                                max_open=max_open, hold_ns=hold_ns)
+        # mode "both": the kernel sends every transition and the folded record of each
+        # connection; self.tracker follows the transitions, agg_tracker what the aggregated
+        # mode alone would have sent, and agg_lifecycles collects its finished connections
+        self.agg_tracker: Tracker | None = None
+        self.agg_lifecycles: list[Lifecycle] = []
+        if self.settings.mode == "both":
+            self.agg_tracker = Tracker(self.settings.filters, on_close=self.agg_lifecycles.append,
+                                       max_open=max_open, hold_ns=hold_ns)
         if wall_offset_ns is None:
             wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self.clock = Clock(wall_offset_ns, time.monotonic_ns())
@@ -70,6 +84,8 @@ class LiveSession:
         self._consume(events)
         now = time.monotonic_ns()
         self.tracker.advance(now)
+        if self.agg_tracker is not None:
+            self.agg_tracker.advance(now)
         if now >= self._next_loss_check:
             self._check_losses(now)
         return len(events)
@@ -79,7 +95,11 @@ class LiveSession:
             self.recorder.add(events)
         if self.kept is not None:
             self.kept += events
-        self.tracker.feed_all(events)
+        if self.agg_tracker is None:
+            self.tracker.feed_all(events)
+            return
+        self.tracker.feed_all([e for e in events if e[13] != _LIFE])
+        self.agg_tracker.feed_all([e for e in events if e[13] == _LIFE or e[16] & _F_AGG])
 
     def _lost(self, kernel: dict) -> int:
         """Events that never reached user space: refused by both the ring and the overflow buffer."""
@@ -105,6 +125,15 @@ class LiveSession:
         return {"events_received": c.events, "events_lost_by_kind": lost, "evictions": c.evicted,
                 "conn_map_full": kernel["map_full"]}
 
+    def open_lifecycles(self) -> list[Lifecycle]:
+        """Connections open right now. In the aggregated mode the kernel holds them: they are
+        read from its connection map (listeners and map-full strays come as events)."""
+        out = [lc for lc in self.tracker.live.values() if not lc.closed]
+        if self.settings.mode == "aggregate":
+            from_fold = self.tracker.from_fold
+            out += [from_fold(rec) for rec in conn_map.open_folds(self.program.bpf)]
+        return out
+
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""
         if self.report is not None:
@@ -112,11 +141,17 @@ class LiveSession:
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
         self._consume(self.stream.drain())
         self.still_open = self.tracker.finish()
+        if self.settings.mode == "aggregate":  # still folding in the kernel: read them out
+            from_fold = self.tracker.from_fold
+            self.still_open += [from_fold(rec) for rec in conn_map.open_folds(self.program.bpf)]
+        if self.agg_tracker is not None:
+            self.agg_tracker.finish()
         kernel = self.stream.kernel_counts()
         c = self.tracker.counters
         lost = self._lost(kernel)
         self.report = {
             "duration_s": round(duration_s, 3),
+            "mode": self.settings.mode,
             "startup_s": round(self.startup_s, 3),
             "connections_seen": c.connections - c.filtered,
             "closed": c.closed,

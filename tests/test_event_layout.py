@@ -8,8 +8,10 @@ import pytest
 
 from tcplife_trace import ebpf
 from tcplife_trace.probes import decode as dec
-from tcplife_trace.probes.event_layout import (EVENT_SIZE, FIELD_NAMES, N_KINDS, STAT_NSLOTS, STAT_SPILLED, Event,
-                                               EventKind, Flag, field_offsets)
+from tcplife_trace.analysis.lifecycle import OWNER_SOURCES
+from tcplife_trace.probes.event_layout import (AGG_FIELD_NAMES, AGG_SIZE, EVENT_SIZE, FIELD_NAMES, LIFE_SIZE, N_KINDS,
+                                               PATH_MAX, PIDS_MAX, STAT_NSLOTS, STAT_SPILLED, Event, EventKind,
+                                               Flag, Life, LifeFlag, agg_field_offsets, field_offsets)
 
 C_PROGRAM = r"""
 #include <stdio.h>
@@ -18,8 +20,11 @@ typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int _
 typedef int __s32; typedef unsigned long long __u64;
 #include "event.h"
 #define F(f) printf("%s %zu\n", #f, offsetof(struct tlt_event, f));
+#define A(f) printf("agg.%s %zu\n", #f, offsetof(struct tlt_agg, f));
 int main(void) {
-    printf("SIZE %zu\n", sizeof(struct tlt_event));
+    printf("SIZE %zu\nAGGSIZE %zu\nLIFESIZE %zu\n", sizeof(struct tlt_event), sizeof(struct tlt_agg),
+           sizeof(struct tlt_life));
+    printf("AGGOFF %zu\n", offsetof(struct tlt_life, agg));
     %FIELDS%
     printf("NKINDS %d\nNSLOTS %d\nSPILLED %d\n", TLT_EV_NKINDS, TLT_STAT_NSLOTS, TLT_STAT_SPILLED);
     return 0;
@@ -32,7 +37,8 @@ def c_layout(tmp_path):
     if cc is None:
         pytest.fail("no C compiler: the layout check needs gcc (apt install gcc)")
     src = tmp_path / "layout.c"
-    src.write_text(C_PROGRAM.replace("%FIELDS%", " ".join(f"F({f})" for f in FIELD_NAMES)))
+    src.write_text(C_PROGRAM.replace("%FIELDS%", " ".join(f"F({f})" for f in FIELD_NAMES)
+                                     + " " + " ".join(f"A({f})" for f in AGG_FIELD_NAMES)))
     exe = tmp_path / "layout"
     subprocess.run([cc, "-I", ebpf.EBPF_DIR, "-o", str(exe), str(src)], check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
@@ -45,6 +51,8 @@ def test_c_and_python_layouts_match(tmp_path):
     assert c.pop("NKINDS") == N_KINDS
     assert c.pop("NSLOTS") == STAT_NSLOTS
     assert c.pop("SPILLED") == STAT_SPILLED
+    assert (c.pop("AGGSIZE"), c.pop("LIFESIZE"), c.pop("AGGOFF")) == (AGG_SIZE, LIFE_SIZE, EVENT_SIZE)
+    assert {k[4:]: c.pop(k) for k in list(c) if k.startswith("agg.")} == agg_field_offsets()
     assert c == field_offsets()
 
 
@@ -54,12 +62,41 @@ def test_constants_match_header():
     assert kinds == {k.name: k.value for k in EventKind}
     flags = {m[0]: int(m[1], 16) for m in re.findall(r"#define TLT_F_(\w+)\s+0x([0-9a-f]+)", text)}
     assert flags == {f.name: f.value for f in Flag}
+    lflags = {m[0]: int(m[1], 16) for m in re.findall(r"#define TLT_L_(\w+)\s+0x([0-9a-f]+)", text)}
+    assert lflags == {f.name: f.value for f in LifeFlag}
+    sources = {m[0].lower(): int(m[1]) for m in re.findall(r"#define TLT_SRC_(\w+)\s+(\d+)", text)}
+    assert sources == {s: OWNER_SOURCES.index(s) for s in sources}
+    assert int(re.search(r"#define TLT_PATH_MAX (\d+)", text)[1]) == PATH_MAX
+    assert int(re.search(r"#define TLT_PIDS_MAX (\d+)", text)[1]) == PIDS_MAX
 
 
 def test_bpf_program_static_asserts_every_field():
     text = open(ebpf.PROGRAM).read()
     checked = set(re.findall(r"TLT_CHECK\((\w+)\)", text)) - {"f"}
     assert checked == set(FIELD_NAMES)
+    checked = set(re.findall(r"TLT_ACHECK\((\w+)\)", text)) - {"f"}
+    assert checked == set(AGG_FIELD_NAMES)
+
+
+def test_life_decoder_agrees_with_ctypes():
+    rng = random.Random(2)
+    for _ in range(100):
+        raw = bytearray(rng.randrange(256) for _ in range(LIFE_SIZE))
+        raw[Event.kind.offset] = EventKind.LIFE
+        life = Life.from_buffer_copy(bytes(raw))
+        (t,) = dec.decode_life_batch(bytes(raw))
+        assert dec.Ev._make(t[:dec.N_EV_FIELDS]) == dec.decode(bytes(raw[:EVENT_SIZE]))
+        agg = t[dec.N_EV_FIELDS:]
+        a = life.agg
+        assert agg[:2] == (a.start_ns, a.eof_ns) and list(agg[2:18]) == list(a.state_ns)
+        assert agg[18] == a.owner_pid and list(agg[19:23]) == list(a.pids)
+        assert agg[23] == a.rst_reason and agg[24].split(b"\0")[0] == a.owner_comm  # ctypes cuts at NUL
+        assert agg[25:34] == (a.state_mask, a.owner_src, a.npids, a.path_len, a.rst_state, a.lflags, a.gaps,
+                              a.gap_had, a.gap_got)
+        assert agg[34] == bytes(a.path)
+        raw[Event.kind.offset] = EventKind.STATE  # any other kind: the event's fields only
+        (t,) = dec.decode_life_batch(bytes(raw))
+        assert len(t) == dec.N_EV_FIELDS
 
 
 def test_decoder_agrees_with_ctypes():

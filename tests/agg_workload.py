@@ -1,0 +1,143 @@
+"""A mixed TCP workload on loopback, for the kernel-aggregation tests.
+
+    agg_workload.py ROUNDS WORKERS
+
+WORKERS processes, each with its own IPv4 and IPv6 listener, each run ROUNDS of: client closes first,
+server closes first, a refused connect, an abort (SO_LINGER 0) from either side, a
+half-close with data both ways, an accepted socket read by a forked child (another
+owner), and a short burst of plain connects. Prints "DONE" (or "FAILED").
+Every socket has a timeout and every loop a fixed count.
+"""
+import os
+import socket
+import struct
+import sys
+
+TIMEOUT = 10
+
+
+def pair(ls, family, host):
+    c = socket.socket(family)
+    c.settimeout(TIMEOUT)
+    c.connect((host, ls.getsockname()[1]))
+    a, _ = ls.accept()
+    a.settimeout(TIMEOUT)
+    return c, a
+
+
+def linger0(s):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def one_round(ls, family, host, closed_port):
+    c, a = pair(ls, family, host)           # client closes first
+    c.sendall(b"x" * 100)
+    a.recv(100)
+    c.close()
+    a.recv(10)
+    a.close()
+    c, a = pair(ls, family, host)           # server closes first
+    a.sendall(b"y" * 50)
+    a.close()
+    c.recv(100)
+    c.recv(100)
+    c.close()
+    r = socket.socket(family)               # refused
+    r.settimeout(TIMEOUT)
+    try:
+        r.connect((host, closed_port))
+    except OSError:
+        pass
+    r.close()
+    c, a = pair(ls, family, host)           # client aborts
+    linger0(c)
+    try:
+        a.recv(10)
+    except OSError:
+        pass
+    a.close()
+    c, a = pair(ls, family, host)           # server aborts with data unread
+    c.sendall(b"z")
+    linger0(a)
+    try:
+        c.recv(10)
+    except OSError:
+        pass
+    c.close()
+    c, a = pair(ls, family, host)           # half-close, data both ways
+    c.sendall(b"q" * 1000)
+    c.shutdown(socket.SHUT_WR)
+    while a.recv(4096):
+        pass
+    a.sendall(b"r" * 2000)
+    a.close()
+    while c.recv(4096):
+        pass
+    c.close()
+    c, a = pair(ls, family, host)           # a forked child reads and closes the accepted socket
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            c.close()  # the parent's client end: held here it would never send its FIN
+            while a.recv(100):
+                pass
+            a.close()
+            code = 0
+        finally:
+            os._exit(code)
+    a.close()
+    c.sendall(b"hello")
+    c.close()
+    os.waitpid(pid, 0)
+    for _ in range(5):                      # plain connects, the server never reads
+        c, a = pair(ls, family, host)
+        c.close()
+        a.close()
+
+
+def listeners():
+    l4 = socket.socket()
+    l4.bind(("127.0.0.1", 0))
+    l4.listen(64)
+    l6 = socket.socket(socket.AF_INET6)
+    l6.bind(("::1", 0))
+    l6.listen(64)
+    for ls in (l4, l6):
+        ls.settimeout(TIMEOUT)
+    return l4, l6
+
+
+def main():
+    rounds, workers = int(sys.argv[1]), int(sys.argv[2])
+    probe = socket.socket()                 # a port nobody listens on
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    kids = []
+    for w in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                l4, l6 = listeners()        # its own: a shared listener would hand out others' connections
+                for i in range(rounds):
+                    if (w + i) % 2:
+                        one_round(l6, socket.AF_INET6, "::1", closed_port)
+                    else:
+                        one_round(l4, socket.AF_INET, "127.0.0.1", closed_port)
+                l4.close()
+                l6.close()
+                code = 0
+            except Exception as e:  # noqa: BLE001 - say what went wrong, then exit non-zero
+                print(f"worker {w}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    ok = all(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in kids)
+    print("DONE" if ok else "FAILED", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The kernel's folded lifecycles (aggregated mode) equal the ones the Python state machine
+builds from the full transition stream, for the same connections.
+
+Mode "both" runs one program that sends every transition *and* folds each connection:
+the same probe invocations, the same timestamps. The session feeds the transitions to
+one Tracker and what the aggregated mode alone would send (LIFE records and the few
+events it keeps) to another; every Lifecycle field must match, connection for connection.
+"""
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from netpair import GHOST, NetPair
+from tracing import Traced
+
+from tcplife_trace.analysis.lifecycle import Lifecycle
+from tcplife_trace.live import LiveSession
+from tcplife_trace.probes import conn_map
+from tcplife_trace.probes import program as prog
+from tcplife_trace.probes.filters import Filters
+from tcplife_trace.probes.tcp_states import TcpState as S
+
+pytestmark = pytest.mark.privileged
+
+WORKLOAD = __file__.replace("test_kernel_aggregation.py", "agg_workload.py")
+FIELDS = [f for f in Lifecycle.__slots__ if f != "view_cache"]
+# one round of agg_workload.py, per end reason (23 connection ends)
+ROUND = {"active_close": 9, "passive_close": 9, "local_abort": 2, "reset_by_peer": 2, "refused": 1}
+
+
+def run_workload(session: LiveSession, rounds: int, workers: int) -> None:
+    p = subprocess.Popen([sys.executable, WORKLOAD, str(rounds), str(workers)], stdout=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        session.poll(50)
+    out = p.communicate(timeout=5)[0].strip()
+    assert out == "DONE", out
+    for _ in range(4):  # the last endings' trailing events
+        session.poll(30)
+    session.tracker.advance(time.monotonic_ns() + session.tracker.hold_ns)
+
+
+def differences(a: Lifecycle, b: Lifecycle, skip=()) -> dict:
+    return {f: (getattr(a, f), getattr(b, f)) for f in FIELDS
+            if f not in skip and getattr(a, f) != getattr(b, f)}
+
+
+def assert_same(stream: list[Lifecycle], folded: list[Lifecycle]) -> None:
+    by_id = {lc.conn_id: lc for lc in stream}
+    folded_by_id = {lc.conn_id: lc for lc in folded}
+    assert len(by_id) == len(stream) and len(folded_by_id) == len(folded)
+    assert set(by_id) == set(folded_by_id)
+    diffs = {k: d for k in by_id if (d := differences(by_id[k], folded_by_id[k]))}
+    assert not diffs, f"{len(diffs)} of {len(by_id)} lifecycles differ, e.g. {next(iter(diffs.items()))}"
+
+
+def test_folded_lifecycles_equal_the_stream_ones():
+    stream = []
+    s = LiveSession(prog.Settings(mode="both"), on_close=stream.append)
+    try:
+        run_workload(s, rounds=8, workers=3)
+    finally:
+        report = s.stop()
+    assert report["events_lost"] == 0
+    assert_same(stream, s.agg_lifecycles)
+    # the mix the comparison covered
+    ends = Counter(lc.end_reason for lc in stream if lc.role != "listener")
+    assert ends == {k: v * 8 * 3 for k, v in ROUND.items()}
+    assert {lc.owner_source for lc in stream} >= {"connect", "io", "close", "listen"}
+    assert any(len(lc.pids) > 1 for lc in stream)           # the forked reader
+    assert {lc.family for lc in stream} == {4, 6}
+    assert any(lc.rst_sent for lc in stream) and any(lc.rst_received for lc in stream)
+    assert any(lc.eof_ns for lc in stream) and any(lc.tx_b for lc in stream)
+    assert sum(lc.time_wait for lc in stream) == ROUND["active_close"] * 8 * 3
+
+
+def test_folded_lifecycles_equal_the_stream_ones_under_filters():
+    """-L in the kernel: both views drop and keep the same connections."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    port = ls.getsockname()[1]
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(8)
+    stream = []
+    s = LiveSession(prog.Settings(Filters(lports=(port,)), mode="both"), on_close=stream.append)
+    try:
+        for listener in (ls, other, ls):
+            c = socket.create_connection(listener.getsockname(), timeout=5)
+            a, _ = listener.accept()
+            c.close()
+            a.recv(1)
+            a.close()
+        for _ in range(6):
+            s.poll(30)
+        s.tracker.advance(time.monotonic_ns() + s.tracker.hold_ns)
+    finally:
+        ls.close()
+        other.close()
+        s.stop()
+    assert_same(stream, s.agg_lifecycles)
+    assert sorted(lc.role for lc in stream) == ["listener", "passive", "passive"]
+
+
+def test_connect_timeout_folds_like_the_stream(tmp_path):
+    """SYN retries exhausted (a neighbour that never answers, 1 retry in the test netns)."""
+    with NetPair("agg") as pair:
+        pair.blackhole(pair.a, GHOST)
+        pair.sysctl(pair.a, "net.ipv4.tcp_syn_retries", "1")
+        stream = []
+        s = LiveSession(prog.Settings(mode="both"), on_close=stream.append)
+        try:
+            code = ("import socket; s = socket.socket(); s.settimeout(20)\n"
+                    f"try: s.connect(('{GHOST}', 80))\nexcept OSError as e: print(e.errno)")
+            p = subprocess.Popen(["ip", "netns", "exec", pair.a, sys.executable, "-c", code],
+                                 stdout=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while p.poll() is None and time.monotonic() < deadline:
+                s.poll(50)
+            assert p.communicate(timeout=5)[0].strip() == "110"  # ETIMEDOUT
+            for _ in range(4):
+                s.poll(30)
+            s.tracker.advance(time.monotonic_ns() + s.tracker.hold_ns)
+        finally:
+            s.stop()
+    mine = [lc for lc in stream if lc.raddr == GHOST]
+    assert [(lc.role, lc.end_reason) for lc in mine] == [("active", "timeout")]
+    assert mine[0].state_ns[S.SYN_SENT] > 2_000_000_000  # 1 s + 2 s of retries
+    assert_same(stream, s.agg_lifecycles)
+
+
+def test_open_connections_read_from_the_map_equal_the_stream_ones():
+    """A connection still open is in the kernel map only: read out, it is the lifecycle
+    the stream has so far (last_ns aside: the stream moves it on every read or write)."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    s = LiveSession(prog.Settings(mode="both"))
+    socks = []
+    try:
+        c1 = socket.create_connection(ls.getsockname(), timeout=5)   # stays ESTABLISHED
+        a1, _ = ls.accept()
+        c1.sendall(b"x")
+        a1.recv(1)
+        c2 = socket.create_connection(ls.getsockname(), timeout=5)   # server side in CLOSE_WAIT (the
+        a2, _ = ls.accept()                                           # orphaned client's FIN_WAIT2 is
+                                                                      # a minisocket: closed for us)
+        c2.close()
+        assert a2.recv(1) == b""
+        socks = [c1, a1, a2]
+        for _ in range(4):
+            s.poll(30)
+        port = ls.getsockname()[1]
+        stream = {lc.conn_id: lc for lc in s.tracker.live.values()
+                  if not lc.closed and port in (lc.lport, lc.rport) and lc.role != "listener"}
+        folded = {lc.conn_id: lc for lc in map(s.agg_tracker.from_fold, conn_map.open_folds(s.program.bpf))
+                  if port in (lc.lport, lc.rport)}
+        # compared now: closing the sockets moves the stream's lifecycles on
+        assert sorted(S(lc.state).name for lc in stream.values()) == ["CLOSE_WAIT", "ESTABLISHED", "ESTABLISHED"]
+        assert set(stream) == set(folded)
+        for k, lc in stream.items():
+            assert differences(lc, folded[k], skip=("last_ns",)) == {}
+    finally:
+        for x in socks:
+            x.close()
+        ls.close()
+        s.stop()
+
+
+def test_aggregated_mode_sends_one_record_per_connection():
+    t = Traced(prog.Settings(mode="aggregate"))
+    rounds, workers = 5, 2
+    try:
+        run_workload(t.session, rounds, workers)
+    finally:
+        report = t.stop()
+    assert report["mode"] == "aggregate" and report["events_lost"] == 0
+    sent = report["events_emitted_by_kind"]
+    per_round = sum(ROUND.values())
+    assert sent["life"] == per_round * rounds * workers
+    assert sent["state"] == 2 * 2 * workers  # only the listeners' births and closes
+    assert {t_.lc.role for t_ in t.transitions} == {"listener"}  # no connection's transitions came up
+    ends = Counter(lc.end_reason for lc in t.closed if lc.role != "listener")
+    assert ends == {k: v * rounds * workers for k, v in ROUND.items()}
+    for lc in t.closed:
+        if lc.role != "listener":
+            assert lc.birth_seen and lc.duration_ns == sum(lc.state_ns.values())
+            assert lc.owner_pid is not None and lc.laddr in ("127.0.0.1", "::1")

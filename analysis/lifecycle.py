@@ -251,6 +251,10 @@ class Tracker:
         return self.filters.match(family=lc.family, lport=lc.lport or None, rport=lc.rport or None,
                                   role=lc.role, owner_pids=tuple(pids))
 
+    def kept(self, lc: Lifecycle) -> bool:
+        """Passes the filters (always, when there are none)."""
+        return not self._filtering or self.matches(lc)
+
     def _forget_listener(self, lc: Lifecycle) -> None:
         if lc.role == "listener":
             key = (lc.netns, lc.lport)

@@ -130,7 +130,9 @@ def tools() -> list[Tool]:
              count="bpftrace"),
         Tool("tcplife-trace", [tr], r"tracing TCP state changes", 10, ready_stream="stderr"),
         Tool("tcplife-trace --lifecycles", [tr, "--lifecycles"], r"tracing TCP state changes", 2,
-             ready_stream="stderr"),
+             ready_stream="stderr"),  # kernel aggregation: one record per connection
+        Tool("tcplife-trace --lifecycles stream", [tr, "--lifecycles", "--kernel-mode", "stream"],
+             r"tracing TCP state changes", 2, ready_stream="stderr"),
         Tool("bcc tcpstates-bpfcc", ["stdbuf", "-oL", "tcpstates-bpfcc"], r"SKADDR", 10),
         Tool("bcc tcplife-bpfcc", ["stdbuf", "-oL", "tcplife-bpfcc"], r"PID", 2),
         Tool("libbpf-tools tcpstates", ["stdbuf", "-oL", "/usr/sbin/tcpstates"], r"SKADDR", 10),
@@ -234,16 +236,17 @@ def main() -> int:
           f"{args.workers} server processes, loopback of a fresh netns per run, {os.cpu_count()} CPUs, "
           f"kernel {os.uname().release}")
     print(f"untraced: {untraced:,.0f} conn/s (before {base[0]:,.0f}, after {base[1]:,.0f})\n")
-    print("%-32s %10s %10s %10s %10s %10s" % ("tracer", "conn/s", "rate kept", "captured", "startup s",
-                                              "peak RSS MB"))
+    floor = next((r["rate"] for r in results if "floor" in r["tool"] and "rate" in r), None)
+    print("%-34s %8s %9s %9s %9s %9s %11s" % ("tracer", "conn/s", "rate kept", "of floor", "captured",
+                                              "startup s", "peak RSS MB"))
     for r in results:
         if "error" in r:
-            print("%-32s failed: %s" % (r["tool"], r["error"]))
+            print("%-34s failed: %s" % (r["tool"], r["error"]))
             continue
         cap = "-" if r["captured"] is None else "%.3f" % r["captured"]
-        print("%-32s %10.0f %10.2f %10s %10.2f %10s" % (
-            r["tool"], r["rate"], r["rate"] / untraced, cap, r["startup_s"],
-            "-" if r["rss_mb"] is None else "%.0f" % r["rss_mb"])
+        print("%-34s %8.0f %9.2f %9s %9s %9.2f %11s" % (
+            r["tool"], r["rate"], r["rate"] / untraced, "-" if floor is None else "%.2f" % (r["rate"] / floor),
+            cap, r["startup_s"], "-" if r["rss_mb"] is None else "%.0f" % r["rss_mb"])
             + (f"   (lost in kernel: {r['lost']})" if "lost" in r else ""))
     if missing:
         print("\nnot installed, not measured: " + ", ".join(missing))

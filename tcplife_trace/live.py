@@ -65,6 +65,7 @@ class LiveSession:
         self.recorder = recorder  # a RecordingWriter: gets every event, in order
         self.kept: list | None = [] if keep_events else None  # for .recording()
         self.report: dict | None = None
+        self._folded_open = 0  # open connections read from the kernel map at the end
         self.still_open: list[Lifecycle] = []
         # Millions of short-lived objects and no reference cycles among them: full
         # collections would only scan the startup heap (bcc, click, pandas) over and over.
@@ -143,7 +144,9 @@ class LiveSession:
         self.still_open = self.tracker.finish()
         if self.settings.mode == "aggregate":  # still folding in the kernel: read them out
             from_fold = self.tracker.from_fold
-            self.still_open += [from_fold(rec) for rec in conn_map.open_folds(self.program.bpf)]
+            folded = [lc for lc in map(from_fold, conn_map.open_folds(self.program.bpf)) if self.tracker.kept(lc)]
+            self._folded_open = len(folded)
+            self.still_open += folded
         if self.agg_tracker is not None:
             self.agg_tracker.finish()
         kernel = self.stream.kernel_counts()
@@ -153,7 +156,7 @@ class LiveSession:
             "duration_s": round(duration_s, 3),
             "mode": self.settings.mode,
             "startup_s": round(self.startup_s, 3),
-            "connections_seen": c.connections - c.filtered,
+            "connections_seen": c.connections - c.filtered + self._folded_open,
             "closed": c.closed,
             "still_open": len(self.still_open),
             "filtered_out": c.filtered,

@@ -182,7 +182,9 @@ def summary_text(report: dict) -> str:
                 row["state"], row["count"], row["p50_ms"], row["p90_ms"], row["p99_ms"], row["max_ms"]))
     by_kind = ", ".join(f"{k} {v}" for k, v in r["events_lost_by_kind"].items())
     lines.append(
-        f"  events: {r['events_received']} received of {r['events_emitted_by_kernel']} emitted; "
+        ("  records (kernel aggregation: one per connection, listeners and strays as events): "
+         if r.get("mode") == "aggregate" else "  events: ")
+        + f"{r['events_received']} received of {r['events_emitted_by_kernel']} emitted; "
         f"lost {r['events_lost']}" + (f" ({by_kind})" if by_kind else "")
         + f"; connection map full {r['conn_map_full']}; evicted {r['evictions']}")
     if r["sequence_gaps"] or r["unmatched_errors"]:

@@ -180,7 +180,7 @@ def run_tool(tool: Tool, conns: int, workers: int, tmp: str) -> dict:
         startup = time.monotonic() - t0
         time.sleep(0.3)
         port, rate, made = churn_in_netns(conns, workers)
-        time.sleep(0.5)  # let the tracer catch up before it is asked to stop
+        time.sleep(3.0)  # let the tracer catch up, and the last FINs retransmitted after an RTO land
         rss = peak_rss_mb(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:

@@ -39,9 +39,19 @@ _KIND_STATE = int(EventKind.STATE)
 _KIND_LIFE = int(EventKind.LIFE)
 
 _F_BIRTH_UNSEEN = int(Flag.BIRTH_UNSEEN)
-_L_RST_RECEIVED, _L_RST_SENT, _L_DESTROYED = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
-                                              int(LifeFlag.DESTROYED))
+_L_RST_RECEIVED, _L_RST_SENT, _L_DESTROYED, _L_REUSED = (
+    int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT), int(LifeFlag.DESTROYED), int(LifeFlag.REUSED))
 _N_EV = len(dec.Ev._fields)
+_F_NETNS, _F_UID = int(Flag.NETNS), int(Flag.UID)
+_V4MAPPED, _ZERO16 = b"\0" * 10 + b"\xff\xff", b"\0" * 16
+_SRC_NONE = len(OWNER_SOURCES) - 1
+_MASK_STATES: dict[int, tuple] = {}  # state_mask -> the states it names
+# where struct tlt_agg's fields sit in a decoded LIFE tuple
+(_I_START, _I_EOF, _I_ENTER, _I_LAST, _I_STATE_NS, _I_OWNER_PID, _I_PIDS, _I_RST_REASON, _I_OWNER_COMM, _I_MASK, _I_SRC,
+ _I_NPIDS, _I_PATH_LEN, _I_RST_STATE, _I_LFLAGS, _I_GAPS, _I_GAP_HAD, _I_GAP_GOT, _I_PATH) = (
+    dec.LIFE_INDEX[k] for k in ("start_ns", "eof_ns", "enter_ns", "last_ns", "state_ns", "owner_pid", "pids", "rst_reason", "owner_comm",
+                                "state_mask", "owner_src", "npids", "path_len", "rst_state", "lflags", "gaps",
+                                "gap_had", "gap_got", "path"))
 _F_EOF = int(Flag.EOF)
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
 DEFAULT_MAX_OPEN = 262_144
@@ -326,8 +336,7 @@ class Tracker:
         if lc is None:
             return
         if not lc.closed:
-            lc.incomplete.append(f"destroyed in {S(lc.state).name if lc.state else 'unknown state'}"
-                                 " without a CLOSE")
+            lc.incomplete.append(_gone_note(lc.state, reused=ev.value == 1))
             lc.closed, lc.end_ns = True, ev.ts_ns
         self._finish(lc)
 
@@ -394,16 +403,15 @@ class Tracker:
             self._evict()
         self.live[lc.conn_id] = lc
         self.counters.connections += 1
-        self.counters.sequence_gaps += rec[_N_EV + 31]  # gaps
+        self.counters.sequence_gaps += rec[_I_GAPS]  # gaps
         if self.on_state_time:
             for s, ns in lc.state_ns.items():
                 self.on_state_time(s, ns)
         ev = dec.Ev._make(rec[:_N_EV])
         lc.closed = True
-        lc.end_ns = lc.last_ns = lc.state_enter_ns = ev.ts_ns
-        if rec[_N_EV + 30] & _L_DESTROYED:  # lflags
-            lc.incomplete.append(f"destroyed in {S(ev.oldstate).name if ev.oldstate else 'unknown state'}"
-                                 " without a CLOSE")
+        lc.end_ns = ev.ts_ns
+        if rec[_I_LFLAGS] & _L_DESTROYED:
+            lc.incomplete.append(_gone_note(ev.oldstate, reused=bool(rec[_I_LFLAGS] & _L_REUSED)))
             self._finish(lc)
             return
         if ev.flags & dec.F_BYTES:
@@ -415,16 +423,16 @@ class Tracker:
 
     def from_fold(self, rec: tuple) -> Lifecycle:
         """A Lifecycle (not registered, not closed) from a struct tlt_life tuple: a LIFE
-        record, or an open connection's map entry (ts_ns = when it entered its state)."""
-        ev = dec.Ev._make(rec[:_N_EV])
-        (start_ns, eof_ns, *state_ns16, owner_pid, p0, p1, p2, p3, rst_reason, owner_comm, mask,
-         owner_src, npids, path_len, rst_state, lflags, gaps, gap_had, gap_got, path_raw) = rec[_N_EV:]
-        path = list(path_raw[:min(path_len, PATH_MAX)])
+        record, or an open connection's map entry.
+        Field positions: decode.Ev, then struct tlt_agg (see decode.AGG_FMT)."""
+        gen, skaddr, flags, af = rec[2], rec[1], rec[16], rec[12]
+        path_len = rec[_I_PATH_LEN]
+        path = list(rec[_I_PATH][:path_len] if path_len <= PATH_MAX else rec[_I_PATH])
         birth = BIRTHS.get((path[0], path[1])) if len(path) >= 2 else None
-        birth_seen = birth is not None and not ev.flags & _F_BIRTH_UNSEEN
-        lc = Lifecycle(ev.gen or ("skaddr", ev.skaddr), ev.skaddr, birth if birth_seen else "unknown",
-                       start_ns, birth_seen)
-        if not ev.gen:
+        birth_seen = birth is not None and not flags & _F_BIRTH_UNSEEN
+        lc = Lifecycle(gen or ("skaddr", skaddr), skaddr, birth if birth_seen else "unknown", rec[_I_START],
+                       birth_seen)
+        if not gen:
             lc.incomplete.append("no generation: kernel connection map full")
         if not birth_seen:
             role = "unknown"
@@ -433,18 +441,30 @@ class Tracker:
                     break
                 role = _guess_role(old, new, role)
             lc.role = role
-        if ev.af:
-            self._tuple_from(lc, ev)
-        lc.netns, lc.uid = dec.netns(ev), dec.uid(ev)
+        if af:  # _tuple_from on a lifecycle with no tuple yet
+            saddr, daddr = rec[17], rec[18]
+            if af == dec.AF_INET:
+                lc.family = 4
+            elif af == dec.AF_INET6:
+                lc.family = 4 if daddr[:12] == _V4MAPPED or (daddr == _ZERO16 and saddr[:12] == _V4MAPPED) else 6
+            if lc.family is not None:
+                lc.lport, lc.rport = rec[10], rec[11]
+                lc.laddr, lc.raddr = dec.addr(af, saddr), dec.addr(af, daddr)
+        lc.netns = rec[5] if flags & _F_NETNS else None
+        lc.uid = rec[8] if flags & _F_UID else None
         lc.path = path
         if path_len > PATH_MAX:
             lc.incomplete.append(f"path of {path_len} states: the middle ones are not kept")
-        lc.state_ns = {s: state_ns16[s] for s in range(16) if mask & (1 << s)}
+        states = _MASK_STATES.get(rec[_I_MASK])
+        if states is None:
+            states = _MASK_STATES[rec[_I_MASK]] = tuple(st for st in range(16) if rec[_I_MASK] >> st & 1)
+        lc.state_ns = {st: rec[_I_STATE_NS + st] for st in states}
         lc.state = path[-1] if path else None
-        lc.state_enter_ns = lc.last_ns = ev.ts_ns
-        if owner_src < len(OWNER_SOURCES) - 1:
-            lc.owner_pid, lc.owner_comm, lc.owner_source = owner_pid, dec.comm(owner_comm), OWNER_SOURCES[owner_src]
-        lc.pids = set((p0, p1, p2, p3)[:min(npids, PIDS_MAX)])
+        lc.state_enter_ns, lc.last_ns = rec[_I_ENTER] or None, rec[_I_LAST] or rec[_I_START]
+        owner_src = rec[_I_SRC]
+        if owner_src < _SRC_NONE:
+            lc.owner_pid, lc.owner_comm, lc.owner_source = rec[_I_OWNER_PID], dec.comm(rec[_I_OWNER_COMM]), OWNER_SOURCES[owner_src]
+        lc.pids = set(rec[_I_PIDS:_I_PIDS + min(rec[_I_NPIDS], PIDS_MAX)])
         if lc.role == "passive":  # the listener's owner, as the Tracker finds it at SYN_RECV
             listener = self.listeners.get((lc.netns, lc.lport))
             if listener and listener.owner_pid is not None:
@@ -452,14 +472,17 @@ class Tracker:
                 if lc.owner_source == "none":
                     lc.owner_pid, lc.owner_comm, lc.owner_source = (listener.owner_pid, listener.owner_comm,
                                                                     "listener")
+        gaps, lflags = rec[_I_GAPS], rec[_I_LFLAGS]
         if gaps:
-            lc.incomplete.append(f"missed events between {S(gap_had).name} and {S(gap_got).name}")
+            lc.incomplete.append(f"missed events between {S(rec[_I_GAP_HAD]).name} and {S(rec[_I_GAP_GOT]).name}")
             if gaps > 1:
                 lc.incomplete.append(f"and {gaps - 1} more gaps")
-        lc.rst_received = bool(lflags & _L_RST_RECEIVED)
-        if lflags & _L_RST_SENT:
-            lc.rst_sent = (rst_reason, rst_state)
-        lc.eof_ns = eof_ns or None
+        if lflags:
+            lc.rst_received = bool(lflags & _L_RST_RECEIVED)
+            if lflags & _L_RST_SENT:
+                lc.rst_sent = (rec[_I_RST_REASON], rec[_I_RST_STATE])
+        if rec[_I_EOF]:
+            lc.eof_ns = rec[_I_EOF]
         return lc
 
     # -- end of a connection -----------------------------------------------
@@ -480,6 +503,13 @@ class Tracker:
         self.counters.closed += 1
         if self.on_close:
             self.on_close(lc)
+
+
+def _gone_note(state: int | None, reused: bool) -> str:
+    where = S(state).name if state else "unknown state"
+    if reused:  # seen on FIN_WAIT1 orphans of a network namespace being deleted
+        return f"no CLOSE: freed in {where} with no destroy seen (its address was born again)"
+    return f"destroyed in {where} without a CLOSE"
 
 
 def _guess_role(old: int, new: int, current: str) -> str:

@@ -69,7 +69,11 @@ def main() -> int:
     last = samples[-1][1]
     print(f"soak: {done:,} connections in {elapsed:.0f} s; tracer RSS at start {samples[0][1]:.0f} MB, "
           f"after the first round {first:.0f} MB, at the end {last:.0f} MB (peak {samples[-1][2]:.0f} MB); "
-          f"events lost {r['events_lost']}, evictions {r['evictions']}, connections seen {r['connections_seen']:,}")
+          f"events lost {r['events_lost']}, evictions {r['evictions']}, connection map full {r['conn_map_full']}")
+    print(f"  kernel mode {r.get('mode')}: {r['events_received']:,} records received of "
+          f"{r['events_emitted_by_kernel']:,} sent; connection ends expected {2 * done:,} (2 per connection), "
+          f"seen {r['connections_seen']:,}: closed {r['closed']:,}, still open {r['still_open']:,}; "
+          f"ended {r['end_reasons']}")
     return 0
 
 

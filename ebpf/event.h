@@ -9,7 +9,8 @@
 
 /* event kinds */
 #define TLT_EV_STATE      1 /* sock:inet_sock_set_state: oldstate -> newstate */
-#define TLT_EV_DESTROY    2 /* tcp:tcp_destroy_sock, for a socket whose CLOSE was not reported */
+#define TLT_EV_DESTROY    2 /* tcp:tcp_destroy_sock, for a socket whose CLOSE was not reported;
+                             value 1: no destroy seen, its address was born again */
 #define TLT_EV_RECV_RESET 3 /* tcp:tcp_receive_reset */
 #define TLT_EV_SEND_RESET 4 /* tcp:tcp_send_reset: value = reason, oldstate = state */
 #define TLT_EV_ERROR      5 /* sock:inet_sk_error_report: value = errno */
@@ -34,6 +35,7 @@
 #define TLT_L_RST_RECEIVED 0x01 /* tcp_receive_reset seen */
 #define TLT_L_RST_SENT     0x02 /* tcp_send_reset seen before the CLOSE: rst_reason, rst_state */
 #define TLT_L_DESTROYED    0x04 /* tcp_destroy_sock came with no CLOSE before it */
+#define TLT_L_REUSED       0x08 /* with DESTROYED: not destroyed, its address was born again */
 
 /* struct tlt_agg.owner_src: index into OWNER_SOURCES (analysis/lifecycle.py) */
 #define TLT_SRC_CONNECT 0
@@ -80,6 +82,8 @@ struct tlt_event {
 struct tlt_agg {
 	__u64 start_ns;       /* first transition seen (the birth, unless TLT_F_BIRTH_UNSEEN) */
 	__u64 eof_ns;         /* first recv() that returned 0; 0 = none */
+	__u64 enter_ns;       /* when it entered its current state */
+	__u64 last_ns;        /* its last transition or reset received */
 	__u64 state_ns[16];   /* time spent in each state, indexed by state */
 	__u32 owner_pid;
 	__u32 pids[TLT_PIDS_MAX]; /* distinct tasks that connected, closed, read or wrote */

@@ -40,7 +40,7 @@ TLT_CHECK(seq);
 #define TLT_ACHECK(f) _Static_assert(__builtin_offsetof(struct tlt_agg, f) == TLT_AGGOFF_##f, \
 	"struct tlt_agg." #f " differs from probes/event_layout.py")
 _Static_assert(sizeof(struct tlt_agg) == TLT_AGGSZ, "struct tlt_agg size differs from probes/event_layout.py");
-TLT_ACHECK(start_ns); TLT_ACHECK(eof_ns); TLT_ACHECK(state_ns); TLT_ACHECK(owner_pid); TLT_ACHECK(pids);
+TLT_ACHECK(start_ns); TLT_ACHECK(eof_ns); TLT_ACHECK(enter_ns); TLT_ACHECK(last_ns); TLT_ACHECK(state_ns); TLT_ACHECK(owner_pid); TLT_ACHECK(pids);
 TLT_ACHECK(rst_reason); TLT_ACHECK(owner_comm); TLT_ACHECK(state_mask); TLT_ACHECK(owner_src);
 TLT_ACHECK(npids); TLT_ACHECK(path_len); TLT_ACHECK(rst_state); TLT_ACHECK(lflags); TLT_ACHECK(gaps);
 TLT_ACHECK(gap_had); TLT_ACHECK(gap_got); TLT_ACHECK(path);
@@ -72,12 +72,12 @@ struct conn {
 	u8 eof;
 	u8 flags;    /* TLT_F_NETNS | TLT_F_UID */
 	u8 closed;   /* its CLOSE reached user space: the destroy that follows need not */
-	u8 _pad;
+	u8 state_seen; /* a transition of it was traced (not only I/O before connect()) */
 	u16 seq;     /* events emitted for this connection */
-	u8 _pad2[4];
+	u8 streamed; /* a listener: its lifecycle is built from events, never folded */
+	u8 _pad2[3];
 #ifdef TLT_AGGREGATE
 	struct tlt_agg agg; /* the lifecycle so far */
-	u64 enter_ns;       /* when it entered its current state */
 	u8 saddr[16];       /* the tuple as the transitions told it */
 	u8 daddr[16];
 	u16 sport;
@@ -429,14 +429,14 @@ static __always_inline void agg_transition(struct conn *c, u64 now, u8 old, u8 n
 		if (a->gaps < 255)
 			a->gaps++;
 	} else if (c->state) {
-		a->state_ns[old & 15] += now - c->enter_ns;
+		a->state_ns[old & 15] += now - a->enter_ns;
 		a->state_mask |= 1 << (old & 15);
 	}
 	if (!a->path_len)
 		agg_path(a, old);
 	agg_path(a, new);
 	c->state = new;
-	c->enter_ns = now;
+	a->enter_ns = a->last_ns = now;
 	if (old == TCP_CLOSE && new == TCP_SYN_SENT)
 		agg_owner(a, tgid, TLT_SRC_CONNECT);
 	else if ((old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1) || (old == TCP_SYN_RECV && new == TCP_FIN_WAIT1) ||
@@ -472,6 +472,35 @@ static __always_inline void agg_emit(void *ctx, u64 skaddr, struct conn *c, u64 
 }
 #endif
 
+/* A connection ends without a CLOSE: its socket is destroyed, or its address is born
+ * again (freed by a path that fires neither tracepoint). Say so, never drop it silently. */
+static __always_inline void conn_gone(void *ctx, u64 skaddr, struct conn *c, u8 reused)
+{
+	if (c->keep == KEEP_NO || c->closed)
+		return;
+	u64 now = bpf_ktime_get_ns(); /* one time for both forms */
+#ifdef TLT_STREAM
+	int as_event = c->emitted;
+#else
+	int as_event = c->streamed && c->emitted; /* a listener's lifecycle is made of events */
+#endif
+	if (as_event) {
+		struct tlt_event *e = ev_new_at(TLT_EV_DESTROY, now);
+		if (e) {
+			ev_conn(e, skaddr, c);
+			e->flags |= c->streamed ? AGG_SENDS : 0;
+			e->value = reused;
+			ev_send(ctx, e);
+		}
+	}
+#ifdef TLT_AGGREGATE
+	if (!c->streamed && c->agg.start_ns) { /* a lifecycle exists: it ends here, without a CLOSE */
+		c->agg.lflags |= TLT_L_DESTROYED | (reused ? TLT_L_REUSED : 0);
+		agg_emit(ctx, skaddr, c, now, c->state, 0);
+	}
+#endif
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != IPPROTO_TCP)
@@ -498,11 +527,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 	u8 unseen = 0;
 	struct conn *c;
-	if (birth)
+	if (birth) {
+		struct conn *old = conns.lookup(&skaddr);
+		if (old && old->state_seen)
+			conn_gone(args, skaddr, old, 1);
 		c = conn_start(skaddr, KEEP_UNDECIDED);
+	}
 	else
 		c = conn_get(skaddr, &unseen);
 	int keep = conn_keep(args, skaddr, c, v);
+	if (c) {
+		c->state_seen = 1;
+		if (listener)
+			c->streamed = 1;
+	}
 	if (c && active_birth)
 		c->io_pid = tgid; /* the owner's own reads and writes say nothing new */
 
@@ -572,21 +610,7 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 	struct conn *c = conns.lookup(&skaddr);
 	if (!c)
 		return 0; /* never traced (e.g. socket() then close()): nothing to end */
-	if (c->keep != KEEP_NO && !c->closed) {
-#ifdef TLT_STREAM
-		struct tlt_event *e = ev_new(TLT_EV_DESTROY);
-		if (e) {
-			ev_conn(e, skaddr, c);
-			ev_send(args, e);
-		}
-#endif
-#ifdef TLT_AGGREGATE
-		if (c->agg.start_ns) { /* a lifecycle exists: it ends here, without a CLOSE */
-			c->agg.lflags |= TLT_L_DESTROYED;
-			agg_emit(args, skaddr, c, bpf_ktime_get_ns(), c->state, 0);
-		}
-#endif
-	}
+	conn_gone(args, skaddr, c, 0);
 	conns.delete(&skaddr);
 	return 0;
 }
@@ -601,10 +625,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	if (c && c->keep == KEEP_NO)
 		return 0;
 	u64 now = bpf_ktime_get_ns();
-	int as_event = !c || c->closed;
+	int as_event = !c || c->closed || c->streamed;
 #ifdef TLT_AGGREGATE
 	if (!as_event)
-		agg_begin(c, now)->lflags |= TLT_L_RST_RECEIVED;
+	{
+		struct tlt_agg *a = agg_begin(c, now);
+		a->lflags |= TLT_L_RST_RECEIVED;
+		a->last_ns = now;
+	}
 #endif
 #ifndef TLT_STREAM
 	if (!as_event)
@@ -638,7 +666,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #else
 	s32 reason = -1;
 #endif
-	int as_event = !c || c->closed;
+	int as_event = !c || c->closed || c->streamed;
 #ifdef TLT_AGGREGATE
 	/* Tracker._send_reset records it only on a lifecycle that exists */
 	if (!as_event && c->agg.start_ns) {
@@ -736,7 +764,7 @@ static __always_inline int io_seen(void *ctx, u64 skaddr, u16 family, u16 protoc
 		u8 kind = c->io_pid != tgid ? TLT_EV_IO_OWNER : TLT_EV_EOF;
 		c->io_pid = tgid;
 		u64 now = bpf_ktime_get_ns();
-		int as_event = c->closed;
+		int as_event = c->closed || c->streamed;
 #ifdef TLT_AGGREGATE
 		if (!as_event) { /* Tracker._io / _eof */
 			struct tlt_agg *a = agg_begin(c, now);

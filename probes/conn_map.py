@@ -17,7 +17,8 @@ _NO_COMM = b"\0" * 16
 
 def open_folds(bpf) -> list[tuple]:
     """struct tlt_life tuples of every open, kept connection with at least one transition
-    folded: ts_ns is when it entered its current state, old and new state both that state."""
+    folded: ts_ns is when it entered its current state, old and new state both that state
+    (the Lifecycle takes its times from the fold itself)."""
     table = bpf[b"conns"]
     try:
         items = table.items_lookup_batch()  # one syscall per batch (kernel 5.6+)
@@ -29,7 +30,7 @@ def open_folds(bpf) -> list[tuple]:
             continue
         flags = v.flags | (_UNSEEN if v.unseen else 0)
         skaddr = k if isinstance(k, int) else k.value
-        ev = (v.enter_ns, skaddr, v.gen, 0, 0, v.netns, 0, 0, v.uid, 0, v.sport, v.dport, v.af, _LIFE,
+        ev = (v.agg.enter_ns, skaddr, v.gen, 0, 0, v.netns, 0, 0, v.uid, 0, v.sport, v.dport, v.af, _LIFE,
               v.state, v.state, flags, bytes(v.saddr), bytes(v.daddr), _NO_COMM, 0)
         assert len(ev) == N_EV_FIELDS
         out.append(ev + AGG_FMT.unpack(bytes(v.agg)))

@@ -124,10 +124,20 @@ def as_ev(ev: tuple) -> Ev:
 # struct tlt_life: the event, then struct tlt_agg (start, eof, state_ns[16], owner_pid,
 # pids[4], rst_reason, owner_comm, state_mask, owner_src, npids, path_len, rst_state,
 # lflags, gaps, gap_had, gap_got, path)
-AGG_FMT = struct.Struct("<QQ16QI4Ii16sHBBBBBBBB32s6x")
+AGG_FMT = struct.Struct("<QQQQ16QI4Ii16sHBBBBBBBB32s6x")
 _LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
 assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
 N_EV_FIELDS = len(Ev._fields)
+# position of each struct tlt_agg field in a decoded LIFE tuple (arrays take one slot per element)
+_AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), ("state_ns", 16), ("owner_pid", 1), ("pids", 4),
+              ("rst_reason", 1), ("owner_comm", 1), ("state_mask", 1), ("owner_src", 1), ("npids", 1),
+              ("path_len", 1), ("rst_state", 1), ("lflags", 1), ("gaps", 1), ("gap_had", 1), ("gap_got", 1),
+              ("path", 1)]
+LIFE_INDEX: dict[str, int] = {}
+for _name, _n in _AGG_SLOTS:
+    LIFE_INDEX[_name] = N_EV_FIELDS + sum(n for _x, n in _AGG_SLOTS[:[x for x, _ in _AGG_SLOTS].index(_name)])
+assert [n for n, _ in _AGG_SLOTS] == [f for f, _ in Life._fields_[1][1]._fields_]
+assert N_EV_FIELDS + sum(n for _, n in _AGG_SLOTS) == len(_LIFE_FMT.unpack(bytes(LIFE_SIZE)))
 _KIND_LIFE = int(EventKind.LIFE)
 _life_iter_unpack = _LIFE_FMT.iter_unpack
 

@@ -44,6 +44,7 @@ class LifeFlag(enum.IntFlag):
     RST_RECEIVED = 0x01
     RST_SENT = 0x02
     DESTROYED = 0x04
+    REUSED = 0x08
 
 
 PATH_MAX = 32  # TLT_PATH_MAX
@@ -89,6 +90,8 @@ class Agg(ctypes.Structure):
     _fields_ = [
         ("start_ns", ctypes.c_uint64),
         ("eof_ns", ctypes.c_uint64),
+        ("enter_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
         ("state_ns", ctypes.c_uint64 * 16),
         ("owner_pid", ctypes.c_uint32),
         ("pids", ctypes.c_uint32 * PIDS_MAX),

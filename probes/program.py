@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import ebpf
-from . import btf, tracefs
+from . import btf, compiler_pages, tracefs
 from .bcc_import import import_bcc
 from .event_layout import EVENT_SIZE, LIFE_SIZE, STAT_NSLOTS, layout_cflags
 from .filters import Filters
@@ -174,4 +174,5 @@ def load(settings: Settings) -> LoadedProgram:
         raise ProgramError(f"the BPF program failed to compile or load: {msg[:200]} "
                            "(the compiler/verifier output is above; `tcplife-trace --ebpf` "
                            "prints the program)") from None
+    compiler_pages.release()  # LLVM and clang are done: about 85 MB of RSS back
     return LoadedProgram(bpf, source)

@@ -86,14 +86,17 @@ def test_life_decoder_agrees_with_ctypes():
         life = Life.from_buffer_copy(bytes(raw))
         (t,) = dec.decode_life_batch(bytes(raw))
         assert dec.Ev._make(t[:dec.N_EV_FIELDS]) == dec.decode(bytes(raw[:EVENT_SIZE]))
-        agg = t[dec.N_EV_FIELDS:]
-        a = life.agg
-        assert agg[:2] == (a.start_ns, a.eof_ns) and list(agg[2:18]) == list(a.state_ns)
-        assert agg[18] == a.owner_pid and list(agg[19:23]) == list(a.pids)
-        assert agg[23] == a.rst_reason and agg[24].split(b"\0")[0] == a.owner_comm  # ctypes cuts at NUL
-        assert agg[25:34] == (a.state_mask, a.owner_src, a.npids, a.path_len, a.rst_state, a.lflags, a.gaps,
-                              a.gap_had, a.gap_got)
-        assert agg[34] == bytes(a.path)
+        a, i = life.agg, dec.LIFE_INDEX
+        for name, _ in type(a)._fields_:
+            want = getattr(a, name)
+            got = t[i[name]]
+            if name in ("state_ns", "pids"):
+                got, want = list(t[i[name]:i[name] + len(want)]), list(want)
+            elif name == "owner_comm":
+                got = got.split(b"\0")[0]  # ctypes cuts c_char arrays at the NUL
+            elif name == "path":
+                want = bytes(want)
+            assert got == want, name
         raw[Event.kind.offset] = EventKind.STATE  # any other kind: the event's fields only
         (t,) = dec.decode_life_batch(bytes(raw))
         assert len(t) == dec.N_EV_FIELDS

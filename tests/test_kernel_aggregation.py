@@ -6,9 +6,11 @@ the same probe invocations, the same timestamps. The session feeds the transitio
 one Tracker and what the aggregated mode alone would send (LIFE records and the few
 events it keeps) to another; every Lifecycle field must match, connection for connection.
 """
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -191,3 +193,39 @@ def test_aggregated_mode_sends_one_record_per_connection():
         if lc.role != "listener":
             assert lc.birth_seen and lc.duration_ns == sum(lc.state_ns.values())
             assert lc.owner_pid is not None and lc.laddr in ("127.0.0.1", "::1")
+
+
+def test_every_connection_end_is_reported_when_its_namespace_goes_away():
+    """The churn benchmark's workload: a fresh netns per run, deleted right after. Some
+    clients are still in FIN_WAIT1 then, and the kernel frees them with neither a CLOSE
+    nor tcp_destroy_sock; the next socket born at the same address reports them. Both
+    views must agree, and every end of every connection must be there."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_churn", os.path.join(
+        os.path.dirname(__file__), "..", "bench", "churn.py"))
+    churn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(churn)
+    stream = []
+    s = LiveSession(prog.Settings(mode="both"), on_close=stream.append)
+    try:
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(zip(("port", "rate", "made"),
+                                                                   churn.churn_in_netns(4000, 1))))
+        worker.start()
+        while worker.is_alive():
+            s.poll(50)
+        worker.join()
+        end = time.monotonic() + 3  # the last orphans' FINs, retransmitted
+        while time.monotonic() < end:
+            s.poll(50)
+        s.tracker.advance(time.monotonic_ns() + s.tracker.hold_ns)
+    finally:
+        report = s.stop()
+    assert report["events_lost"] == 0
+    mine = [lc for lc in stream if result["port"] in (lc.lport, lc.rport) and lc.role != "listener"]
+    still = [lc for lc in s.still_open if result["port"] in (lc.lport, lc.rport) and lc.role != "listener"]
+    assert len(mine) + len(still) == 2 * result["made"]
+    for lc in mine:
+        assert lc.end_reason in ("active_close", "passive_close") or \
+            any("no CLOSE" in note for note in lc.incomplete), (lc.path, lc.end_reason, lc.incomplete)
+    assert_same(stream, s.agg_lifecycles)

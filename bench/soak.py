@@ -74,6 +74,7 @@ def main() -> int:
           f"{r['events_emitted_by_kernel']:,} sent; connection ends expected {2 * done:,} (2 per connection), "
           f"seen {r['connections_seen']:,}: closed {r['closed']:,}, still open {r['still_open']:,}; "
           f"ended {r['end_reasons']}")
+    print(f"  tracer CPU {r['consumer_cpu_s']:.1f} s over {elapsed:.0f} s = {r['consumer_cpu_s'] / elapsed:.2f} of a CPU")
     return 0
 
 

@@ -285,7 +285,9 @@ class Recording:
     def state_durations(self):
         """Long form: connection x state -> seconds spent there."""
         from .connections import state_durations
-        return state_durations(self.transitions)
+        if not hasattr(self, "_state_durations"):
+            self._state_durations = state_durations(self.transitions)
+        return self._state_durations
 
     def summary(self):
         """Per state: count of connections that spent time there, p50/p90/p99/max seconds."""

@@ -425,6 +425,7 @@ class Tracker:
         """A Lifecycle (not registered, not closed) from a struct tlt_life tuple: a LIFE
         record, or an open connection's map entry.
         Field positions: decode.Ev, then struct tlt_agg (see decode.AGG_FMT)."""
+        # rec[:21] is in decode.Ev's order (as _state unpacks it), then struct tlt_agg's fields
         gen, skaddr, flags, af = rec[2], rec[1], rec[16], rec[12]
         path_len = rec[_I_PATH_LEN]
         path = list(rec[_I_PATH][:path_len] if path_len <= PATH_MAX else rec[_I_PATH])

@@ -7,8 +7,12 @@ map's ctypes types from the C declaration, so field names here cannot drift from
 """
 from __future__ import annotations
 
-from .decode import AGG_FMT, N_EV_FIELDS
+from .decode import AGG_FMT, Ev
 from .event_layout import EventKind, Flag
+
+_EV_ORDER = ("ts_ns", "skaddr", "gen", "tx_b", "rx_b", "netns_raw", "pid", "tid", "uid_raw", "value", "sport",
+             "dport", "af", "kind", "oldstate", "newstate", "flags", "saddr_raw", "daddr_raw", "comm_raw", "seq")
+assert _EV_ORDER == Ev._fields  # the tuple below is built in this order
 
 _LIFE, _UNSEEN = int(EventKind.LIFE), int(Flag.BIRTH_UNSEEN)
 _KEEP_NO = 2
@@ -21,9 +25,9 @@ def open_folds(bpf) -> list[tuple]:
     (the Lifecycle takes its times from the fold itself)."""
     table = bpf[b"conns"]
     try:
-        items = table.items_lookup_batch()  # one syscall per batch (kernel 5.6+)
+        items = list(table.items_lookup_batch())  # one syscall per batch (kernel 5.6+)
     except Exception:  # noqa: BLE001 - bcc raises Exception; older kernels: walk the keys
-        items = table.items()
+        items = list(table.items())
     out = []
     for k, v in items:
         if v.closed or not v.state or v.keep == _KEEP_NO:
@@ -32,6 +36,5 @@ def open_folds(bpf) -> list[tuple]:
         skaddr = k if isinstance(k, int) else k.value
         ev = (v.agg.enter_ns, skaddr, v.gen, 0, 0, v.netns, 0, 0, v.uid, 0, v.sport, v.dport, v.af, _LIFE,
               v.state, v.state, flags, bytes(v.saddr), bytes(v.daddr), _NO_COMM, 0)
-        assert len(ev) == N_EV_FIELDS
         out.append(ev + AGG_FMT.unpack(bytes(v.agg)))
     return out

@@ -134,8 +134,9 @@ _AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), (
               ("path_len", 1), ("rst_state", 1), ("lflags", 1), ("gaps", 1), ("gap_had", 1), ("gap_got", 1),
               ("path", 1)]
 LIFE_INDEX: dict[str, int] = {}
+_at = N_EV_FIELDS
 for _name, _n in _AGG_SLOTS:
-    LIFE_INDEX[_name] = N_EV_FIELDS + sum(n for _x, n in _AGG_SLOTS[:[x for x, _ in _AGG_SLOTS].index(_name)])
+    LIFE_INDEX[_name], _at = _at, _at + _n
 assert [n for n, _ in _AGG_SLOTS] == [f for f, _ in Life._fields_[1][1]._fields_]
 assert N_EV_FIELDS + sum(n for _, n in _AGG_SLOTS) == len(_LIFE_FMT.unpack(bytes(LIFE_SIZE)))
 _KIND_LIFE = int(EventKind.LIFE)

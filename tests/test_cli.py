@@ -52,6 +52,8 @@ def run_cli(args, **kw):
     (["--ring-pages", "3"], "power of two"),
     (["--threshold", "close_wait=3"], "unknown threshold 'close_wait'"),
     (["--threshold", "close_wait_age_s=soon"], "close_wait_age_s takes a float"),
+    (["--kernel-mode", "aggregate"], "the per-transition view (add --lifecycles) needs every transition"),
+    (["--lifecycles", "--kernel-mode", "aggregate", "--record", "/nonexistent/x"], "--record needs every"),
 ])
 def test_bad_flags_one_line_exit_2(args, needle):
     r = run_cli(args + ["--duration", "1"] if "--duration" not in args else args)
@@ -155,6 +157,7 @@ def test_lifecycles_text_and_still_open():
     assert "SYN_SENT:" in client_line[0] and "TIME_WAIT" in client_line[0]
     assert any(ln.split()[9] == "open" and str(held.port) in ln.split() for ln in lines[1:])
     assert "still open" in err and "lost 0" in err
+    assert "records (kernel aggregation" in err  # --lifecycles folds in the kernel; the held one came from its map
 
 
 @pytest.mark.privileged

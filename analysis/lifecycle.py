@@ -407,16 +407,17 @@ class Tracker:
         if self.on_state_time:
             for s, ns in lc.state_ns.items():
                 self.on_state_time(s, ns)
-        ev = dec.Ev._make(rec[:_N_EV])
+        # the closing event's fields, by their decode.Ev positions
         lc.closed = True
-        lc.end_ns = ev.ts_ns
+        lc.end_ns = rec[0]                      # ts_ns
+        oldstate = rec[14]
         if rec[_I_LFLAGS] & _L_DESTROYED:
-            lc.incomplete.append(_gone_note(ev.oldstate, reused=bool(rec[_I_LFLAGS] & _L_REUSED)))
+            lc.incomplete.append(_gone_note(oldstate, reused=bool(rec[_I_LFLAGS] & _L_REUSED)))
             self._finish(lc)
             return
-        if ev.flags & dec.F_BYTES:
-            lc.tx_b, lc.rx_b = ev.tx_b, ev.rx_b
-        if ev.oldstate in _TIME_WAIT_FROM and not lc.rst_received:
+        if rec[16] & dec.F_BYTES:               # flags
+            lc.tx_b, lc.rx_b = rec[3], rec[4]
+        if oldstate in _TIME_WAIT_FROM and not lc.rst_received:
             lc.time_wait = True
         self.pending.append(lc)
         self.pending_ports[(lc.lport, lc.rport)] = lc

@@ -112,23 +112,36 @@ def lifetime_ms(lc: Lifecycle) -> str:
     return total if lc.birth_seen else ">" + total
 
 
+_COMPACT: dict[tuple, tuple[str, tuple]] = {}  # shape of a lifecycle -> (format, states timed)
+
+
 def states_compact(lc: Lifecycle) -> str:
-    parts = []
-    seen = set()
-    # a born connection's first entry is the state it was born from (CLOSE, or the listener's LISTEN)
-    path = lc.path[1:] if lc.birth_seen else lc.path
-    for s in path:
-        if s in seen or s == S.CLOSE and lc.closed:
-            continue
-        seen.add(s)
-        ns = lc.state_ns.get(s)
-        if ns is not None:
-            parts.append(f"{state_name(s)}:{_ms(ns)}")
-        else:  # still in it, or in it since before the trace
-            parts.append(f"{state_name(s)}:" + ("..." if s == lc.state and not lc.closed else "?"))
-    if lc.time_wait:
-        parts.append("TIME_WAIT")
-    return " ".join(parts)
+    """'SYN_SENT:0.051 ESTABLISHED:2.401 ... TIME_WAIT': each state once, in path order, with
+    its ms; '...' still in it, '?' in it since before the trace. A format per lifecycle shape
+    is made once (a busy host has a handful of shapes and millions of lifecycles)."""
+    state_ns = lc.state_ns
+    key = (tuple(lc.path), lc.birth_seen, lc.closed, lc.state, lc.time_wait, tuple(state_ns))
+    shape = _COMPACT.get(key)
+    if shape is None:
+        parts, timed, seen = [], [], set()
+        # a born connection's first entry is the state it was born from (CLOSE, or the listener's LISTEN)
+        for st in (lc.path[1:] if lc.birth_seen else lc.path):
+            if st in seen or st == S.CLOSE and lc.closed:
+                continue
+            seen.add(st)
+            if st in state_ns:
+                parts.append(state_name(st) + ":%.3f")
+                timed.append(st)
+            else:  # still in it, or in it since before the trace
+                parts.append(f"{state_name(st)}:" + ("..." if st == lc.state and not lc.closed else "?"))
+        if lc.time_wait:
+            parts.append("TIME_WAIT")
+        shape = (" ".join(parts), tuple(timed))  # state names hold no '%'; only the timed parts format
+        if len(_COMPACT) > 4096:
+            _COMPACT.clear()
+        _COMPACT[key] = shape
+    fmt, timed = shape
+    return fmt % tuple([state_ns[st] / 1e6 for st in timed]) if timed else fmt
 
 
 def transition_record(t: Transition, clock: Clock) -> dict:

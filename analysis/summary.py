@@ -1,6 +1,7 @@
 """Per-state time statistics for the exit summary, in bounded memory."""
 from __future__ import annotations
 
+import math
 import random
 from array import array
 
@@ -20,6 +21,8 @@ class StateTimes:
         self._res: dict[int, array] = {}
         self._count: dict[int, int] = {}
         self._max: dict[int, int] = {}
+        self._w: dict[int, float] = {}     # algorithm L's running weight, per state
+        self._next: dict[int, int] = {}    # count at which the next sample is kept
         self._rng = random.Random(seed)
 
     def add(self, state: int, dur_ns: int) -> None:
@@ -32,18 +35,31 @@ class StateTimes:
         self._add_sampled(state, dur_ns)
 
     def _add_sampled(self, state: int, dur_ns: int) -> None:
+        """Reservoir sampling by skips (Li's algorithm L): one comparison per sample, random
+        numbers only when a sample is kept (the per-sample draw was a sixth of the consumer)."""
         res = self._res.get(state)
         if res is None:  # switch to a reservoir seeded with a uniform sample of the exact ones
             a = self._exact[state]
             res = self._res[state] = array("q", self._rng.sample(list(a), self.reservoir))
             self._count[state] = len(a)
             self._max[state] = max(a)
+            self._w[state] = math.exp(math.log(self._rng.random()) / self.reservoir)
+            self._next[state] = self._skip(state, len(a))
         n = self._count[state] = self._count[state] + 1
         if dur_ns > self._max[state]:
             self._max[state] = dur_ns
-        j = self._rng.randrange(n)
-        if j < self.reservoir:
-            res[j] = dur_ns
+        if n == self._next[state]:
+            res[self._rng.randrange(self.reservoir)] = dur_ns
+            self._w[state] *= math.exp(math.log(self._rng.random()) / self.reservoir)
+            self._next[state] = self._skip(state, n)
+
+    def _skip(self, state: int, n: int) -> int:
+        """The count at which the next sample enters the reservoir."""
+        w = self._w[state]
+        if w >= 1.0:
+            return n + 1
+        u = self._rng.random() or 1e-300
+        return n + int(math.log(u) / math.log1p(-w)) + 1
 
     def _stats(self, state: int) -> tuple[int, int, list[int]]:
         if state in self._res:

@@ -19,10 +19,10 @@ _KEEP_NO = 2
 _NO_COMM = b"\0" * 16
 
 
-def open_folds(bpf) -> list[tuple]:
+def open_folds(bpf, states: set[int] | None = None) -> list[tuple]:
     """struct tlt_life tuples of every open, kept connection with at least one transition
     folded: ts_ns is when it entered its current state, old and new state both that state
-    (the Lifecycle takes its times from the fold itself)."""
+    (the Lifecycle takes its times from the fold itself). `states`: only those states."""
     table = bpf[b"conns"]
     try:
         items = list(table.items_lookup_batch())  # one syscall per batch (kernel 5.6+)
@@ -30,7 +30,7 @@ def open_folds(bpf) -> list[tuple]:
         items = list(table.items())
     out = []
     for k, v in items:
-        if v.closed or not v.state or v.keep == _KEEP_NO:
+        if v.closed or not v.state or v.keep == _KEEP_NO or (states is not None and v.state not in states):
             continue
         flags = v.flags | (_UNSEEN if v.unseen else 0)
         skaddr = k if isinstance(k, int) else k.value

@@ -96,18 +96,19 @@ class Watch:
         return snap
 
     # -- evidence ------------------------------------------------------------------------
-    def _traced(self) -> dict[tuple, Lifecycle]:
+    def _traced(self, states: set[int]) -> dict[tuple, Lifecycle]:
+        """Open traced connections in these states, keyed like a snapshot's sockets."""
         if self.open_lifecycles is not None:
-            lcs = self.open_lifecycles()
+            lcs = self.open_lifecycles(states)
         elif self.tracker is not None:
             lcs = [lc for lc in self.tracker.live.values() if not lc.closed]
         else:
             return {}
         return {(lc.netns, lc.state, lc.laddr, lc.lport, lc.raddr, lc.rport): lc
-                for lc in lcs if lc.state is not None}
+                for lc in lcs if lc.state in states}
 
     def sockets_frame(self, snap: Snapshot) -> pd.DataFrame:
-        traced = self._traced()
+        traced = self._traced({s.state for s in snap.sockets})
         rows = []
         now = snap.taken_ns
         for s in snap.sockets:

@@ -126,13 +126,14 @@ class LiveSession:
         return {"events_received": c.events, "events_lost_by_kind": lost, "evictions": c.evicted,
                 "conn_map_full": kernel["map_full"]}
 
-    def open_lifecycles(self) -> list[Lifecycle]:
-        """Connections open right now. In the aggregated mode the kernel holds them: they are
-        read from its connection map (listeners and map-full strays come as events)."""
-        out = [lc for lc in self.tracker.live.values() if not lc.closed]
+    def open_lifecycles(self, states: set[int] | None = None) -> list[Lifecycle]:
+        """Connections open right now (only those in `states`, if given). In the aggregated
+        mode the kernel holds them: they are read from its connection map (listeners and
+        map-full strays come as events)."""
+        out = [lc for lc in self.tracker.live.values() if not lc.closed and (states is None or lc.state in states)]
         if self.settings.mode == "aggregate":
             from_fold = self.tracker.from_fold
-            out += [from_fold(rec) for rec in conn_map.open_folds(self.program.bpf)]
+            out += [from_fold(rec) for rec in conn_map.open_folds(self.program.bpf, states)]
         return out
 
     def stop(self) -> dict:

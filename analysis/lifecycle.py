@@ -45,7 +45,7 @@ _N_EV = len(dec.Ev._fields)
 _F_NETNS, _F_UID = int(Flag.NETNS), int(Flag.UID)
 _V4MAPPED, _ZERO16 = b"\0" * 10 + b"\xff\xff", b"\0" * 16
 _SRC_NONE = len(OWNER_SOURCES) - 1
-_MASK_STATES: dict[int, tuple] = {}  # state_mask -> the states it names
+_MASK_STATES: dict[tuple, tuple] = {}  # (state_mask, path) -> the states timed, in path order
 # where struct tlt_agg's fields sit in a decoded LIFE tuple
 (_I_START, _I_EOF, _I_ENTER, _I_LAST, _I_STATE_NS, _I_OWNER_PID, _I_PIDS, _I_RST_REASON, _I_OWNER_COMM, _I_MASK, _I_SRC,
  _I_NPIDS, _I_PATH_LEN, _I_RST_STATE, _I_LFLAGS, _I_GAPS, _I_GAP_HAD, _I_GAP_GOT, _I_PATH) = (
@@ -457,9 +457,15 @@ class Tracker:
         lc.path = path
         if path_len > PATH_MAX:
             lc.incomplete.append(f"path of {path_len} states: the middle ones are not kept")
-        states = _MASK_STATES.get(rec[_I_MASK])
-        if states is None:
-            states = _MASK_STATES[rec[_I_MASK]] = tuple(st for st in range(16) if rec[_I_MASK] >> st & 1)
+        shape = (rec[_I_MASK], rec[_I_PATH], path_len)
+        states = _MASK_STATES.get(shape)
+        if states is None:  # the states timed, in the order they were left (as the stream has them)
+            mask = rec[_I_MASK]
+            in_path = [st for st in dict.fromkeys(path) if mask >> st & 1]
+            states = tuple(in_path + [st for st in range(16) if mask >> st & 1 and st not in in_path])
+            if len(_MASK_STATES) > 4096:
+                _MASK_STATES.clear()
+            _MASK_STATES[shape] = states
         lc.state_ns = {st: rec[_I_STATE_NS + st] for st in states}
         lc.state = path[-1] if path else None
         lc.state_enter_ns, lc.last_ns = rec[_I_ENTER] or None, rec[_I_LAST] or rec[_I_START]

@@ -47,8 +47,11 @@ def run_workload(session: LiveSession, rounds: int, workers: int) -> None:
 
 
 def differences(a: Lifecycle, b: Lifecycle, skip=()) -> dict:
-    return {f: (getattr(a, f), getattr(b, f)) for f in FIELDS
-            if f not in skip and getattr(a, f) != getattr(b, f)}
+    out = {f: (getattr(a, f), getattr(b, f)) for f in FIELDS
+           if f not in skip and getattr(a, f) != getattr(b, f)}
+    if list(a.state_ns) != list(b.state_ns):  # the same order too: it is the order views print
+        out["state_ns order"] = (list(a.state_ns), list(b.state_ns))
+    return out
 
 
 def assert_same(stream: list[Lifecycle], folded: list[Lifecycle]) -> None:

@@ -25,7 +25,12 @@ class Columns:
         v = self._cache.get(name)
         if v is None:
             col = self.table[name]
-            v = _fixed_bytes(col) if pa.types.is_fixed_size_binary(col.type) else col.to_numpy()
+            if pa.types.is_fixed_size_binary(col.type):
+                v = _fixed_bytes(col)
+            elif col.num_chunks == 1 and col.null_count == 0:
+                v = col.chunk(0).to_numpy(zero_copy_only=False)  # a read-only view, no copy
+            else:
+                v = col.to_numpy()
             self._cache[name] = v
         return v
 

@@ -71,8 +71,10 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     srt = rows[seg.order]                                # table rows, sorted by connection
     ids, st, en = seg.ids, seg.starts, seg.ends
     n = len(ids)
-    old, new = col["oldstate"][srt].astype(np.int64), col["newstate"][srt].astype(np.int64)
-    ts = col["ts_ns"][srt].astype(np.int64)
+    old, new = col["oldstate"][srt].astype(np.int16), col["newstate"][srt].astype(np.int16)  # states < 16
+    ts = col["ts_ns"][srt].view(np.int64)
+    lport = np.maximum.reduceat(col["sport"][srt], st) if n else np.zeros(0, np.uint16)
+    rport = np.maximum.reduceat(col["dport"][srt], st) if n else np.zeros(0, np.uint16)
     last_r = srt[en]
 
     # role: a birth fixes it; otherwise the last transition that tells
@@ -112,8 +114,6 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     pos, i = seg.where(closer)
     offer(pos, srt[i], _SRC["close"])
 
-    lport = np.maximum.reduceat(col["sport"][srt].astype(np.int64), st) if n else np.zeros(0, np.int64)
-    rport = np.maximum.reduceat(col["dport"][srt].astype(np.int64), st) if n else np.zeros(0, np.int64)
     netns = col["netns"][last_r].astype(np.int64)
     netns_ok = (col["flags"][last_r] & dec.F_NETNS) != 0
 

@@ -252,7 +252,11 @@ class Recording:
                     ts = pc.add(pc.cast(t["ts_ns"], pa.int64()), pa.scalar(shift, pa.int64()))
                     t = t.set_column(0, "ts_ns", pc.cast(ts, pa.uint64()))
             tables.append(t)
-        self.events = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        events = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        del tables, loaded
+        # one contiguous chunk per column: the frames then read numpy views of it instead of
+        # copying every column out of hundreds of one-second batches (the batches are freed)
+        self.events = events.combine_chunks() if events.column(0).num_chunks > 1 else events
         self.header = self.headers[0]
         self.end = self.ends[0] if len(self.ends) == 1 else None
         self.path = self.paths[0] if self.paths else None

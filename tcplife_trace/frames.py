@@ -107,9 +107,18 @@ def _spell_addresses(raw: np.ndarray, is4: np.ndarray) -> list[str]:
 
 def _families(daddr: np.ndarray, af: np.ndarray) -> pd.arrays.IntegerArray:
     """4 or 6 per row; v4-mapped IPv6 (a dual-stack socket's IPv4 peer) counts as 4."""
-    mapped = (daddr[:, :10] == 0).all(axis=1) & (daddr[:, 10] == 0xFF) & (daddr[:, 11] == 0xFF)
-    fam = np.where(af == dec.AF_INET, 4, np.where(mapped, 4, 6))
+    is6 = af == dec.AF_INET6
+    fam = np.full(len(af), 4, dtype=np.int8)
+    if is6.any():  # ::ffff:a.b.c.d is 10 zero bytes, then 0xffff: three 32-bit words
+        w = np.ascontiguousarray(daddr[is6]).view("<u4").reshape(-1, 4)
+        mapped = (w[:, 0] == 0) & (w[:, 1] == 0) & (w[:, 2] == 0xFFFF0000)
+        fam[is6] = np.where(mapped, 4, 6)
     return _masked(fam, (af == dec.AF_INET) | (af == dec.AF_INET6), "Int8")
+
+
+def wall_times(ns: np.ndarray) -> pd.DatetimeIndex:
+    """Nanoseconds since the epoch -> tz-aware UTC times, without per-value parsing."""
+    return pd.DatetimeIndex(np.asarray(ns, dtype=np.int64).view("datetime64[ns]")).tz_localize("UTC")
 
 
 def previous_in_connection(conn: np.ndarray) -> np.ndarray:
@@ -162,7 +171,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     daddr = col("daddr")
     frame = pd.DataFrame({
         "conn_id": pd.array(gen, dtype="UInt64"),
-        "time": pd.to_datetime(ts + mono_to_wall_ns, unit="ns", utc=True),
+        "time": wall_times(ts + mono_to_wall_ns),
         "ts_ns": ts,
         "oldstate": _states(old),
         "newstate": _states(new),

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from .analysis.lifecycle import (ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, OWNER_SOURCES,
                                  ROLES, RST_REASONS)
-from .frames import Columns, _decoded, dropped_by_filter, _families, _masked, addresses, first_rows, spelled
+from .frames import Columns, _decoded, dropped_by_filter, _families, _masked, addresses, first_rows, spelled, wall_times
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
@@ -180,8 +180,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     last_af = col["family"][last_r]  # addresses and family from each connection's last transition
     tx_ok = (col["flags"][last_r] & dec.F_BYTES) != 0
     uid_ok = (col["flags"][last_r] & dec.F_UID) != 0
-    to_time = lambda v, ok: pd.to_datetime(np.where(ok, v + mono_to_wall_ns, 0), unit="ns", utc=True) \
-        .where(ok)  # noqa: E731
+    to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, 0)).where(ok)  # noqa: E731
     frame = pd.DataFrame({
         "conn_id": ids.astype(np.uint64),
         "role": pd.Categorical.from_codes(role, ROLE_CATEGORIES),

@@ -207,11 +207,15 @@ class Tracker:
 
     def _new(self, ev: Ev, role: str, birth_seen: bool) -> Lifecycle:
         ev = as_ev(ev)
-        if len(self.live) >= self.max_open:
-            self._evict()
         lc = Lifecycle(self._key(ev), ev.skaddr, role, ev.ts_ns, birth_seen)
         if not ev.gen:
             lc.incomplete.append("no generation: kernel connection map full")
+        return self._add(lc)
+
+    def _add(self, lc: Lifecycle) -> Lifecycle:
+        """Follow a new lifecycle (the oldest open one makes room at the cap)."""
+        if len(self.live) >= self.max_open:
+            self._evict()
         self.live[lc.conn_id] = lc
         self.counters.connections += 1
         return lc
@@ -398,11 +402,7 @@ class Tracker:
     def _life(self, rec: tuple) -> None:
         """A whole connection folded by the kernel (aggregated mode): the lifecycle that
         `_state` and the other handlers would have built from its events, rule for rule."""
-        lc = self.from_fold(rec)
-        if len(self.live) >= self.max_open:
-            self._evict()
-        self.live[lc.conn_id] = lc
-        self.counters.connections += 1
+        lc = self._add(self.from_fold(rec))
         self.counters.sequence_gaps += rec[_I_GAPS]  # gaps
         if self.on_state_time:
             for s, ns in lc.state_ns.items():

@@ -472,6 +472,13 @@ static __always_inline void agg_emit(void *ctx, u64 skaddr, struct conn *c, u64 
 }
 #endif
 
+/* Events of this connection are folded into its entry in the aggregated mode (not sent):
+ * it has an entry, has not reached CLOSE, and is not a listener (made of events). */
+static __always_inline int conn_folds(struct conn *c)
+{
+	return c && !c->closed && !c->streamed;
+}
+
 /* A connection ends without a CLOSE: its socket is destroyed, or its address is born
  * again (freed by a path that fires neither tracepoint). Say so, never drop it silently. */
 static __always_inline void conn_gone(void *ctx, u64 skaddr, struct conn *c, u8 reused)
@@ -625,7 +632,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	if (c && c->keep == KEEP_NO)
 		return 0;
 	u64 now = bpf_ktime_get_ns();
-	int as_event = !c || c->closed || c->streamed;
+	int as_event = !conn_folds(c);
 #ifdef TLT_AGGREGATE
 	if (!as_event)
 	{
@@ -666,7 +673,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #else
 	s32 reason = -1;
 #endif
-	int as_event = !c || c->closed || c->streamed;
+	int as_event = !conn_folds(c);
 #ifdef TLT_AGGREGATE
 	/* Tracker._send_reset records it only on a lifecycle that exists */
 	if (!as_event && c->agg.start_ns) {
@@ -764,7 +771,7 @@ static __always_inline int io_seen(void *ctx, u64 skaddr, u16 family, u16 protoc
 		u8 kind = c->io_pid != tgid ? TLT_EV_IO_OWNER : TLT_EV_EOF;
 		c->io_pid = tgid;
 		u64 now = bpf_ktime_get_ns();
-		int as_event = c->closed || c->streamed;
+		int as_event = !conn_folds(c);
 #ifdef TLT_AGGREGATE
 		if (!as_event) { /* Tracker._io / _eof */
 			struct tlt_agg *a = agg_begin(c, now);

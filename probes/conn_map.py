@@ -10,9 +10,6 @@ from __future__ import annotations
 from .decode import AGG_FMT, Ev
 from .event_layout import EventKind, Flag
 
-_EV_ORDER = ("ts_ns", "skaddr", "gen", "tx_b", "rx_b", "netns_raw", "pid", "tid", "uid_raw", "value", "sport",
-             "dport", "af", "kind", "oldstate", "newstate", "flags", "saddr_raw", "daddr_raw", "comm_raw", "seq")
-assert _EV_ORDER == Ev._fields  # the tuple below is built in this order
 
 _LIFE, _UNSEEN = int(EventKind.LIFE), int(Flag.BIRTH_UNSEEN)
 _KEEP_NO = 2
@@ -34,7 +31,9 @@ def open_folds(bpf, states: set[int] | None = None) -> list[tuple]:
             continue
         flags = v.flags | (_UNSEEN if v.unseen else 0)
         skaddr = k if isinstance(k, int) else k.value
-        ev = (v.agg.enter_ns, skaddr, v.gen, 0, 0, v.netns, 0, 0, v.uid, 0, v.sport, v.dport, v.af, _LIFE,
-              v.state, v.state, flags, bytes(v.saddr), bytes(v.daddr), _NO_COMM, 0)
-        out.append(ev + AGG_FMT.unpack(bytes(v.agg)))
+        ev = Ev(ts_ns=v.agg.enter_ns, skaddr=skaddr, gen=v.gen, tx_b=0, rx_b=0, netns_raw=v.netns, pid=0, tid=0,
+                uid_raw=v.uid, value=0, sport=v.sport, dport=v.dport, af=v.af, kind=_LIFE, oldstate=v.state,
+                newstate=v.state, flags=flags, saddr_raw=bytes(v.saddr), daddr_raw=bytes(v.daddr),
+                comm_raw=_NO_COMM, seq=0)
+        out.append(tuple(ev) + AGG_FMT.unpack(bytes(v.agg)))
     return out

@@ -131,10 +131,13 @@ class LiveSession:
         mode the kernel holds them: they are read from its connection map (listeners and
         map-full strays come as events)."""
         out = [lc for lc in self.tracker.live.values() if not lc.closed and (states is None or lc.state in states)]
-        if self.settings.mode == "aggregate":
-            from_fold = self.tracker.from_fold
-            out += [from_fold(rec) for rec in conn_map.open_folds(self.program.bpf, states)]
-        return out
+        return out + self._folding(states)
+
+    def _folding(self, states: set[int] | None = None) -> list[Lifecycle]:
+        """The open connections the kernel is folding (aggregated mode; none otherwise)."""
+        if self.settings.mode != "aggregate":
+            return []
+        return list(map(self.tracker.from_fold, conn_map.open_folds(self.program.bpf, states)))
 
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""
@@ -143,11 +146,9 @@ class LiveSession:
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
         self._consume(self.stream.drain())
         self.still_open = self.tracker.finish()
-        if self.settings.mode == "aggregate":  # still folding in the kernel: read them out
-            from_fold = self.tracker.from_fold
-            folded = [lc for lc in map(from_fold, conn_map.open_folds(self.program.bpf)) if self.tracker.kept(lc)]
-            self._folded_open = len(folded)
-            self.still_open += folded
+        folded = [lc for lc in self._folding() if self.tracker.kept(lc)]  # still in the kernel map
+        self._folded_open = len(folded)
+        self.still_open += folded
         if self.agg_tracker is not None:
             self.agg_tracker.finish()
         kernel = self.stream.kernel_counts()

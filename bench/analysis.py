@@ -107,9 +107,6 @@ def measure(path: str) -> dict:
     rec = load(path)
     t["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tr = rec.transitions
-    t["transitions"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     lc = rec.lifecycles()
     t["lifecycles"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -119,8 +116,12 @@ def measure(path: str) -> dict:
     rec.summary()
     t["summary"] = time.perf_counter() - t0
     peak = _hwm()
-    return {"times": t, "transitions": len(tr), "connections": len(lc), "durations": len(sd),
-            "peak_rss": peak, "base_rss": base_rss, "arrow_bytes": rec.events.nbytes}
+    t0 = time.perf_counter()  # not in the goal (the issue times the four above), measured after
+    tr = rec.transitions
+    transitions_s = time.perf_counter() - t0
+    return {"times": t, "transitions_frame_s": transitions_s, "transitions": len(tr),
+            "connections": len(lc), "durations": len(sd), "peak_rss": peak, "peak_rss_all": _hwm(),
+            "base_rss": base_rss, "arrow_bytes": rec.events.nbytes}
 
 
 def main() -> int:

@@ -8,16 +8,44 @@ from .frames import STATE_CATEGORIES
 
 
 def state_durations(trans: pd.DataFrame) -> pd.DataFrame:
-    """Long form: one row per (connection, state) with the seconds spent there (known only)."""
+    """Long form from a transitions frame (e.g. one cut to a time window): one row per
+    (connection, state) with the seconds spent there (known only)."""
     ms = trans.ms_in_old.to_numpy()
     conn = trans.conn_id.to_numpy(dtype=np.uint64, na_value=0)
     known = ~np.isnan(ms) & (conn != 0)
-    state = trans.oldstate.cat.codes.to_numpy()[known].astype(np.int64)
-    codes, keys = pd.factorize(conn[known].astype(np.int64) * 16 + state)
-    seconds = np.bincount(codes, weights=ms[known], minlength=len(keys)) / 1e3
-    return pd.DataFrame({
-        "conn_id": pd.array((keys // 16).astype(np.uint64), dtype="UInt64"),
-        "state": pd.Categorical.from_codes((keys % 16).astype(np.int64), categories=STATE_CATEGORIES),
+    conn, ms = conn[known], ms[known]
+    state = trans.oldstate.cat.codes.to_numpy()[known].astype(np.int16) + 1
+    order = np.argsort(conn, kind="stable")   # by connection, recorded order inside
+    return durations(conn[order], state[order], ms[order] / 1e3)
+
+
+def recorded_state_durations(by) -> pd.DataFrame:
+    """The same from a recording's state changes sorted by connection (by_connection)."""
+    left = by.time_in_old()
+    known = np.flatnonzero(left >= 0)
+    return durations(by.ids[by.number[known]], by.old[known], left[known] / 1e9)
+
+
+def durations(conn: np.ndarray, state: np.ndarray, seconds: np.ndarray) -> pd.DataFrame:
+    """Time in each state left, rows grouped by connection -> one row per (connection,
+    state), summed. Rows stay in order unless a connection was in a state twice."""
+    n = len(conn)
+    state = np.clip(state, 0, 15)
+    starts = np.flatnonzero(np.r_[True, conn[1:] != conn[:-1]]) if n else np.zeros(0, np.int64)
+    if n:
+        seen = np.bitwise_or.reduceat(np.left_shift(np.int32(1), state.astype(np.int32)), starts)
+        repeated = (np.bitwise_count(seen) != np.diff(np.r_[starts, n])).any()
+    if n and repeated:  # sum the repeats: rows by (connection, state)
+        key = (np.cumsum(np.r_[True, conn[1:] != conn[:-1]]) - 1) * 16 + state
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        conn, state = conn[order[first]], state[order[first]]
+        seconds = np.add.reduceat(seconds[order], first)
+    codes = np.where((state >= 1) & (state <= len(STATE_CATEGORIES)), state - 1, -1)
+    return pd.DataFrame(copy=False, data={
+        "conn_id": pd.arrays.IntegerArray(conn.astype(np.uint64, copy=False), np.zeros(len(conn), bool)),
+        "state": pd.Categorical.from_codes(codes, categories=STATE_CATEGORIES),
         "seconds": seconds,
     })
 
@@ -25,10 +53,14 @@ def state_durations(trans: pd.DataFrame) -> pd.DataFrame:
 def summary(durations: pd.DataFrame) -> pd.DataFrame:
     """Per state: how many connections spent time there, and the p50/p90/p99/max seconds."""
     codes = durations.state.cat.codes.to_numpy()
-    seconds = durations.seconds.to_numpy()
+    order = np.argsort(codes, kind="stable")  # small integers: a radix sort
+    codes, seconds = codes[order], durations.seconds.to_numpy()[order]
+    cuts = np.searchsorted(codes, np.arange(len(STATE_CATEGORIES) + 1))
     rows = []
-    for k in np.unique(codes[codes >= 0]):
-        v = seconds[codes == k]
+    for k in range(len(STATE_CATEGORIES)):
+        v = seconds[cuts[k]:cuts[k + 1]]
+        if not len(v):
+            continue
         p50, p90, p99 = np.quantile(v, [0.5, 0.9, 0.99])  # linear interpolation, as pandas
         rows.append((STATE_CATEGORIES[k], len(v), p50, p90, p99, v.max()))
     out = pd.DataFrame(rows, columns=["state", "count", "p50_s", "p90_s", "p99_s", "max_s"])

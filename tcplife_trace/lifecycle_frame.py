@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from .analysis.lifecycle import (ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, OWNER_SOURCES,
                                  ROLES, RST_REASONS)
-from .frames import Columns, _decoded, dropped_by_filter, _families, _masked, addresses, first_rows, spelled, wall_times
+from .frames import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
 from .probes import decode as dec
 from .probes.event_layout import EventKind
 from .probes.tcp_states import TcpState as S
@@ -29,27 +29,7 @@ SOURCES = list(OWNER_SOURCES)
 _END = {name: i for i, name in enumerate(END_CATEGORIES)}
 _ROLE = {name: i for i, name in enumerate(ROLE_CATEGORIES)}
 _SRC = {name: i for i, name in enumerate(SOURCES)}
-
-
-class _Segments:
-    """Rows sorted by connection id, with each connection's first and last position."""
-
-    def __init__(self, conn: np.ndarray):
-        self.order = np.argsort(conn, kind="stable")
-        c = conn[self.order]
-        self.starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]]) if len(c) else np.zeros(0, np.int64)
-        self.ends = np.r_[self.starts[1:] - 1, len(c) - 1] if len(c) else self.starts
-        self.ids = c[self.starts]
-        self.sorted_conn = c
-
-    def where(self, mask_sorted: np.ndarray, last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(connection positions, sorted row positions) of each connection's first (or last)
-        masked row."""
-        idx = np.flatnonzero(mask_sorted)
-        c = self.sorted_conn[idx]
-        change = c[1:] != c[:-1]
-        keep = (np.r_[change, True] if last else np.r_[True, change]) if len(c) else np.zeros(0, bool)
-        return np.searchsorted(self.ids, c[keep]), idx[keep]
+NAT = np.iinfo(np.int64).min  # numpy's not-a-time, as int64
 
 
 def _per_conn(ids: np.ndarray, conn: np.ndarray, values: np.ndarray, last: bool = False):
@@ -64,15 +44,23 @@ def _per_conn(ids: np.ndarray, conn: np.ndarray, values: np.ndarray, last: bool 
 
 def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
     col = cols or Columns(table)
-    kind, gen = col["kind"], col["gen"]
-    is_state = (kind == EventKind.STATE) & (gen != 0) & ~dropped_by_filter(col)
-    rows = np.flatnonzero(is_state)                      # table rows of state events
-    seg = _Segments(gen[rows])
-    srt = rows[seg.order]                                # table rows, sorted by connection
+    kind = col["kind"]
+
+    def events(*kinds: int, flag: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(table rows, connection ids) of the events of these kinds that have an id."""
+        m = kind == kinds[0]
+        for k in kinds[1:]:
+            m |= kind == k
+        if flag:
+            m &= (col["flags"] & flag) != 0
+        r = np.flatnonzero(m)
+        g = col.at("gen", r, ascending=True)
+        return r[g != 0], g[g != 0]
+    seg = col.by_connection()                            # state changes, sorted by connection
+    srt = seg.rows                                       # their table rows
     ids, st, en = seg.ids, seg.starts, seg.ends
     n = len(ids)
-    old, new = col["oldstate"][srt].astype(np.int16), col["newstate"][srt].astype(np.int16)  # states < 16
-    ts = col["ts_ns"][srt].view(np.int64)
+    old, new, ts = seg.old, seg.new, seg.ts
     lport = np.maximum.reduceat(col["sport"][srt], st) if n else np.zeros(0, np.uint16)
     rport = np.maximum.reduceat(col["dport"][srt], st) if n else np.zeros(0, np.uint16)
     last_r = srt[en]
@@ -82,13 +70,16 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     birth = np.select([(fo == S.CLOSE) & (fn == S.SYN_SENT), (fo == S.CLOSE) & (fn == S.LISTEN),
                        (fo == S.LISTEN) & (fn == S.SYN_RECV)],
                       [_ROLE["active"], _ROLE["listener"], _ROLE["passive"]], default=-1)
-    hint = np.select([((old == S.LISTEN) & (new == S.CLOSE)) | (new == S.LISTEN),
-                      (old == S.SYN_SENT) | (new == S.SYN_SENT), (old == S.SYN_RECV) | (new == S.SYN_RECV)],
-                     [_ROLE["listener"], _ROLE["active"], _ROLE["passive"]], default=-1)
-    role = np.full(n, _ROLE["unknown"])
-    pos, i = seg.where(hint >= 0, last=True)
-    role[pos] = hint[i]
-    role = np.where(birth >= 0, birth, role)
+    role = birth.copy()
+    unborn = np.flatnonzero(np.repeat(birth < 0, en - st + 1))  # positions of connections without
+    if len(unborn):                                              # a birth (few): look at them all
+        o, w = old[unborn], new[unborn]
+        hint = np.select([((o == S.LISTEN) & (w == S.CLOSE)) | (w == S.LISTEN),
+                          (o == S.SYN_SENT) | (w == S.SYN_SENT), (o == S.SYN_RECV) | (w == S.SYN_RECV)],
+                         [_ROLE["listener"], _ROLE["active"], _ROLE["passive"]], default=-1)
+        pos, i = seg.where(hint >= 0, last=True, idx=unborn)
+        role[pos] = hint[np.searchsorted(unborn, i)]
+    role[role < 0] = _ROLE["unknown"]
 
     closed = new[en] == S.CLOSE
     birth_seen = birth >= 0
@@ -106,15 +97,16 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     for (a, b), source in (((S.CLOSE, S.SYN_SENT), _SRC["connect"]), ((S.CLOSE, S.LISTEN), _SRC["listen"])):
         pos, i = seg.where((old == a) & (new == b))
         offer(pos, srt[i], source)
-    io_rows = np.flatnonzero((kind == EventKind.IO_OWNER) & (gen != 0))
-    pos, r = _per_conn(ids, gen[io_rows], io_rows)
+    io_rows, io_gen = events(EventKind.IO_OWNER)
+    pos, r = _per_conn(ids, io_gen, io_rows)
     offer(pos, r, _SRC["io"])
     closer = (((old == S.ESTABLISHED) | (old == S.SYN_RECV)) & (new == S.FIN_WAIT1)) | \
         ((old == S.CLOSE_WAIT) & (new == S.LAST_ACK)) | ((old == S.LISTEN) & (new == S.CLOSE))
     pos, i = seg.where(closer)
     offer(pos, srt[i], _SRC["close"])
 
-    netns = col["netns"][last_r].astype(np.int64)
+    at_last = col.gather(last_r)                          # values of each connection's last transition
+    netns = at_last("netns").astype(np.int64)
     netns_ok = (col["flags"][last_r] & dec.F_NETNS) != 0
 
     # accepted sockets: the owner of the listener open on that netns and port at birth
@@ -130,20 +122,23 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         kid = m.kid.to_numpy()
         alive = ~closed[li] | (end_ns[li] >= m.t.to_numpy())
         kid, li = kid[alive], li[alive]
-        listener_pid[kid] = col["pid"][owner_row[li]]
+        listener_pid[kid] = col.at("pid", owner_row[li])
         offer(kid, owner_row[li], _SRC["listener"])
-    pid = np.where(owner_row >= 0, col["pid"][np.maximum(owner_row, 0)], 0)
+    has_owner = owner_row >= 0
+    at_owner = col.gather(owner_row[has_owner])         # values of each owner's event
+    pid = np.zeros(n, np.uint32)
+    pid[has_owner] = at_owner("pid")
 
     # how it ended, from the events around the CLOSE
     before = np.where(closed, old[en], 0)
-    rr = np.isin(ids, gen[(kind == EventKind.RECV_RESET)])
-    rs_rows = np.flatnonzero((kind == EventKind.SEND_RESET) & (gen != 0))
+    rr = np.isin(ids, events(EventKind.RECV_RESET)[1])
+    rs_rows, rs_gen = events(EventKind.SEND_RESET)
     rst_sent = np.full(n, -1)
-    pos, v = _per_conn(ids, gen[rs_rows], col["value"][rs_rows], last=True)
+    pos, v = _per_conn(ids, rs_gen, col.at("value", rs_rows, ascending=True), last=True)
     rst_sent[pos] = v
-    er_rows = np.flatnonzero((kind == EventKind.ERROR) & (gen != 0))
+    er_rows, er_gen = events(EventKind.ERROR)
     errno = np.full(n, -1)
-    pos, v = _per_conn(ids, gen[er_rows], col["value"][er_rows], last=True)
+    pos, v = _per_conn(ids, er_gen, col.at("value", er_rows, ascending=True), last=True)
     errno[pos] = v
     # the order of analysis.lifecycle.classify_end
     rules = [
@@ -161,10 +156,9 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     reason = np.select([cond for cond, _ in rules], [_END[name] for _, name in rules],
                        default=_END["unknown"])
 
-    eof_rows = np.flatnonzero(((kind == EventKind.EOF) | (kind == EventKind.IO_OWNER)) & (gen != 0)
-                              & ((col["flags"] & dec.F_EOF) != 0))
+    eof_rows, eof_gen = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
     eof_ns = np.full(n, -1)
-    pos, v = _per_conn(ids, gen[eof_rows], col["ts_ns"][eof_rows].astype(np.int64))
+    pos, v = _per_conn(ids, eof_gen, col.at("ts_ns", eof_rows, ascending=True).view(np.int64))
     eof_ns[pos] = v
 
     # missed events: a transition whose old state is not where the previous one led
@@ -174,19 +168,19 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     paths = _paths(old, new, st, en)
 
-    has_owner = owner_row >= 0
-    comm = _decoded(table["comm"].take(pa.array(owner_row[has_owner], type=pa.int64())), dec.comm)
+    comm = decoded(at_owner("comm"), dec.comm)
     owner_comm = comm.take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
-    last_af = col["family"][last_r]  # addresses and family from each connection's last transition
+    last_af = at_last("family")
+    last_daddr = at_last("daddr")  # addresses and family from each connection's last transition
     tx_ok = (col["flags"][last_r] & dec.F_BYTES) != 0
     uid_ok = (col["flags"][last_r] & dec.F_UID) != 0
-    to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, 0)).where(ok)  # noqa: E731
-    frame = pd.DataFrame({
+    to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, NAT))  # noqa: E731
+    frame = pd.DataFrame(copy=False, data={
         "conn_id": ids.astype(np.uint64),
         "role": pd.Categorical.from_codes(role, ROLE_CATEGORIES),
-        "family": _families(col["daddr"][last_r], last_af),
-        "laddr": addresses(col["saddr"][last_r], last_af), "lport": _masked(lport, lport != 0, "UInt16"),
-        "raddr": addresses(col["daddr"][last_r], last_af), "rport": _masked(rport, rport != 0, "UInt16"),
+        "family": _families(last_daddr, last_af),
+        "laddr": addresses(at_last("saddr"), last_af), "lport": _masked(lport, lport != 0, "UInt16"),
+        "raddr": addresses(last_daddr, last_af), "rport": _masked(rport, rport != 0, "UInt16"),
         "netns": _masked(netns, netns_ok, "UInt32"),
         "birth_seen": birth_seen,
         "start": to_time(start_ns, np.ones(n, bool)),
@@ -196,13 +190,13 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "pid": _masked(pid, owner_row >= 0, "UInt32"),
         "comm": owner_comm,
         "owner_source": pd.Categorical.from_codes(src, SOURCES),
-        "uid": _masked(col["uid"][last_r], uid_ok, "UInt32"),
+        "uid": _masked(at_last("uid"), uid_ok, "UInt32"),
         "end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
         "rst_sent_reason": _named(rst_sent, lambda v: RST_REASONS.get(v, str(v))),
         "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
         "time_wait": reason == _END["active_close"],
-        "tx_b": _masked(col["tx_b"][last_r], tx_ok, "UInt64"),
-        "rx_b": _masked(col["rx_b"][last_r], tx_ok, "UInt64"),
+        "tx_b": _masked(at_last("tx_b"), tx_ok, "UInt64"),
+        "rx_b": _masked(at_last("rx_b"), tx_ok, "UInt64"),
         "eof_seen": to_time(eof_ns, eof_ns >= 0),
         "incomplete": incomplete,
         "path": paths,
@@ -211,31 +205,42 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
 
 def _paths(old: np.ndarray, new: np.ndarray, st: np.ndarray, en: np.ndarray) -> pd.Categorical:
-    """'CLOSE SYN_SENT ESTABLISHED ...' per connection, as a categorical: connections are
-    hashed by their state sequence (two independent polynomial hashes), and each distinct
-    sequence is spelled out once."""
-    n, m = len(st), len(new)
+    """'CLOSE SYN_SENT ESTABLISHED ...' per connection, as a categorical. A path of up to 16
+    states is packed 4 bits a state into one 64-bit key (one pass per position over the
+    connections, not over the rows); each distinct key is spelled out once. Longer paths
+    (rare) are spelled out one by one."""
+    n = len(st)
     if not n:
         return pd.Categorical([])
-    pos = np.arange(m) - np.repeat(st, en - st + 1)
-    h = []
-    for base in (np.uint64(1_000_003), np.uint64(2_147_483_647)):
-        powers = np.ones(int(pos.max()) + 2, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for i in range(1, len(powers)):
-                powers[i] = powers[i - 1] * base
-            term = (new.astype(np.uint64) + np.uint64(1)) * powers[pos + 1]
-            h.append(np.add.reduceat(term, st) + old[st].astype(np.uint64))
-    c1, _ = pd.factorize(h[0])
-    c2, u2 = pd.factorize(h[1])
-    codes, uniq = pd.factorize(c1.astype(np.int64) * max(len(u2), 1) + c2)
-    return spelled(codes, [" ".join(state_name(int(s)) for s in [old[st[c]], *new[st[c]:en[c] + 1]])
-                           for c in first_rows(codes, len(uniq))])
+    length = en - st + 1                      # transitions; the path has one state more
+    short = length <= 15
+    key = np.zeros(n, dtype=np.uint64)
+    every = int(length.min())                 # positions every connection has: no mask
+    for k in range(int(length[short].max()) + 1 if short.any() else 0):
+        has = None if k <= every else np.flatnonzero(short & (length >= k))
+        states = old[st] if k == 0 else new[st + k - 1] if has is None else new[st[has] + k - 1]
+        sym = np.minimum(states, 14).astype(np.uint64)
+        sym += np.uint64(1)                   # 0 = no state
+        sym <<= np.uint64(4 * k)
+        if has is None:
+            key |= sym
+        else:
+            key[has] |= sym
+
+    def spell(c: int) -> str:
+        return " ".join(state_name(int(s)) for s in [old[st[c]], *new[st[c]:en[c] + 1]])
+    codes, uniq = factorize(key)
+    names = [spell(c) for c in first_rows(codes, len(uniq))]
+    for c in np.flatnonzero(~short):          # each long path: a category of its own name
+        codes[c] = len(names)
+        names.append(spell(c))
+    return spelled(codes, names)
 
 
 def _named(values: np.ndarray, name) -> pd.Categorical:
-    """Small integer codes (-1 = none) -> a categorical of their names."""
-    present = np.unique(values[values >= 0])
-    codes = np.searchsorted(present, values)
-    return pd.Categorical.from_codes(np.where(values >= 0, codes, -1),
-                                     categories=[name(int(v)) for v in present])
+    """Small integer codes (-1 = none, most rows) -> a categorical of their names."""
+    some = np.flatnonzero(values >= 0)
+    present = np.unique(values[some])
+    codes = np.full(len(values), -1, dtype=np.int16 if len(present) < 2**15 else np.int64)
+    codes[some] = np.searchsorted(present, values[some])
+    return pd.Categorical.from_codes(codes, categories=[name(int(v)) for v in present])

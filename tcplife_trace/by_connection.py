@@ -9,6 +9,8 @@ costs most.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .probes.event_layout import EventKind
@@ -24,53 +26,67 @@ def _dropped(cols, gen: np.ndarray) -> np.ndarray | None:
     return np.isin(gen, filtered) if len(filtered) else None
 
 
-def _narrow(index: np.ndarray) -> np.ndarray:
-    """Row numbers as int32 when they fit (numpy indexes with them without a copy)."""
-    return index.astype(np.int32) if len(index) and index.max() < 2**31 else index
+def _narrow(index: np.ndarray, bound: int) -> np.ndarray:
+    """Positions below `bound` as int32 when they fit (numpy indexes with them without a copy)."""
+    return index.astype(np.int32) if bound < 2**31 else index
 
 
 class ByConnection:
     """The state changes of a recording (kind STATE, not dropped by a kernel filter).
 
     In recorded order: `frame_rows` (table rows; the transitions frame's rows). Sorted by
-    connection (ids without a generation, 0, left out), per position: `rows` (table row),
-    `old`, `new` (uint8), `ts` (ns), `number` (the connection's position in `ids`), and
-    `order` (the position in `frame_rows`). Per connection: `ids`, `starts`, `ends`.
+    connection (ids without a generation, 0, left out), per position: `old`, `new` (uint8),
+    `number` (the connection's position in `ids`) and `order` (the position in `frame_rows`;
+    `ts_frame` holds the times in recorded order). Per connection: `ids`, `starts`, `ends`.
     """
 
     def __init__(self, cols):
-        rows = np.flatnonzero(cols["kind"] == EventKind.STATE)
+        kind = cols["kind"]
+        rows = np.flatnonzero(kind == EventKind.STATE)
         gen = cols.at("gen", rows, ascending=True)
         dropped = _dropped(cols, gen)
         if dropped is not None:
             rows, gen = rows[~dropped], gen[~dropped]
-        self.frame_rows = rows = _narrow(rows)
-        named = gen != 0
-        base = np.uint64(gen[named].min()) if named.any() else np.uint64(0)
-        if len(gen) and int(gen.max()) - int(base) < 2**32:  # ids of one recording: 32 bits do
-            gen -= base
-            gen = gen.astype(np.uint32)
-        if named.all():
-            order = np.argsort(gen, kind="stable")
-        else:
-            named = np.flatnonzero(named)
-            order = named[np.argsort(gen[named], kind="stable")]
-        del named
-        order = _narrow(order)
-        c = gen[order]
-        del gen
-        brk = np.flatnonzero(c[1:] != c[:-1]) + 1 if len(c) else np.zeros(0, np.int64)
-        self.starts = np.r_[0, brk] if len(c) else brk
-        self.ends = np.r_[brk - 1, len(c) - 1] if len(c) else brk
-        self.ids = c[self.starts].astype(np.uint64) + (base if c.dtype == np.uint32 else np.uint64(0))
-        del c, brk
-        self.order = order
-        self.rows = rows[order]
+        self.frame_rows = rows = _narrow(rows, len(kind))  # any table row fits the type of these
         at = cols.gather(rows, ascending=True)
-        self.ts = at("ts_ns").view(np.int64)[order]
-        self.old = at("oldstate")[order]
-        self.new = at("newstate")[order]
-        self.number = np.repeat(np.arange(len(self.ids), dtype=np.int32), self.ends - self.starts + 1)
+        with ThreadPoolExecutor(1) as pool:  # a second thread (numpy releases the GIL) moves the
+            inframe = pool.submit(lambda: (at("ts_ns").view(np.int64), at("oldstate"), at("newstate")))
+            self.at_frame_rows = at
+            named = gen != 0                 # states and times while this one sorts the ids
+            base = np.uint64(gen[named].min()) if named.any() else np.uint64(0)
+            if len(gen) and int(gen.max()) - int(base) < 2**32:  # ids of one recording: 32 bits do
+                gen -= base
+                gen = gen.astype(np.uint32)
+            if named.all():
+                order = np.argsort(gen, kind="stable")
+            else:
+                named = np.flatnonzero(named)
+                order = named[np.argsort(gen[named], kind="stable")]
+            del named
+            self.order = order = _narrow(order, len(rows))
+            self.ts_frame, old, new = inframe.result()
+            moved = pool.submit(lambda: (old[order], new[order]))
+            c = gen[order]
+            del gen
+            brk = np.flatnonzero(c[1:] != c[:-1]) + 1 if len(c) else np.zeros(0, np.int64)
+            self.starts = np.r_[0, brk] if len(c) else brk
+            self.ends = np.r_[brk - 1, len(c) - 1] if len(c) else brk
+            self.ids = c[self.starts].astype(np.uint64) + (base if c.dtype == np.uint32 else np.uint64(0))
+            del c, brk
+            self.number = np.repeat(np.arange(len(self.ids), dtype=np.int32), self.ends - self.starts + 1)
+            self.old, self.new = moved.result()
+
+    def table_rows(self, positions: np.ndarray) -> np.ndarray:
+        """The table rows at these sorted positions."""
+        return self.frame_rows[self.order[positions]]
+
+    def times(self, positions: np.ndarray) -> np.ndarray:
+        """The times (ns) at these sorted positions."""
+        return self.ts_frame[self.order[positions]]
+
+    def sorted_column(self, name: str) -> np.ndarray:
+        """A recording column's values at every sorted position."""
+        return self.at_frame_rows(name)[self.order]
 
     def where(self, mask: np.ndarray, last: bool = False, idx: np.ndarray | None = None):
         """(connection positions, sorted positions) of each connection's first (or last)
@@ -84,7 +100,7 @@ class ByConnection:
     def time_in_old(self) -> np.ndarray:
         """Per position, ns spent in `old`: since the connection's previous change if that
         led to `old` (-1 otherwise: its start was not recorded, or events are missing)."""
-        ts, old, new = self.ts, self.old, self.new
+        ts, old, new = self.ts_frame[self.order], self.old, self.new
         out = np.full(len(ts), -1, dtype=np.int64)
         if len(ts) > 1:
             ok = (self.number[1:] == self.number[:-1]) & (old[1:] == new[:-1])

@@ -59,7 +59,6 @@ class Columns:
                 cuts = np.searchsorted(which[order], np.arange(len(bounds)))
             groups = [(b, slice(cuts[b], cuts[b + 1]) if order is None else order[cuts[b]:cuts[b + 1]])
                       for b in range(len(bounds) - 1) if cuts[b] < cuts[b + 1]]
-            local = {b: rows[sel] - bounds[b] for b, sel in groups}
 
         def values(name: str) -> np.ndarray:
             v = self._cache.get(name)
@@ -69,8 +68,8 @@ class Columns:
             if groups is None or len(views) == 1:
                 return views[0][rows]
             out = np.empty((len(rows),) + views[0].shape[1:], dtype=views[0].dtype)
-            for b, sel in groups:
-                out[sel] = views[b][local[b]]
+            for b, sel in groups:  # (rows within the batch: made per column, not kept)
+                out[sel] = views[b][rows[sel] - bounds[b]]
             return out
         return values
 
@@ -178,7 +177,7 @@ def _families(daddr: np.ndarray, af: np.ndarray) -> pd.arrays.IntegerArray:
 
 def wall_times(ns: np.ndarray) -> pd.DatetimeIndex:
     """Nanoseconds since the epoch -> tz-aware UTC times, without per-value parsing."""
-    return pd.DatetimeIndex(np.asarray(ns, dtype=np.int64).view("datetime64[ns]")).tz_localize("UTC")
+    return pd.DatetimeIndex(np.asarray(ns, dtype=np.int64).view("datetime64[ns]"), tz="UTC")
 
 
 def _masked(values: np.ndarray, valid: np.ndarray, dtype: str):
@@ -200,7 +199,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
 
     def col(name):  # one column of the state rows, gathered from the batches
         return cols.at(name, rows, ascending=True)
-    ts = col("ts_ns").view(np.int64)
+    ts = by.ts_frame
     af = col("family")
     flags = col("flags")
     sport, dport = col("sport"), col("dport")
@@ -208,7 +207,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     frame = pd.DataFrame(copy=False, data={
         "conn_id": pd.array(col("gen"), dtype="UInt64"),
         "time": wall_times(ts + mono_to_wall_ns),
-        "ts_ns": ts,
+        "ts_ns": ts.copy(),  # (ts is the shared by-connection cache)
         "oldstate": _states(col("oldstate")),
         "newstate": _states(col("newstate")),
     })

@@ -9,6 +9,7 @@ trace both ways and checks they agree connection by connection.
 from __future__ import annotations
 
 import errno as errno_mod
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -57,19 +58,23 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         g = col.at("gen", r, ascending=True)
         return r[g != 0], g[g != 0]
     seg = col.by_connection()                            # state changes, sorted by connection
-    srt = seg.rows                                       # their table rows
     ids, st, en = seg.ids, seg.starts, seg.ends
     n = len(ids)
-    old, new, ts = seg.old, seg.new, seg.ts
-    lport = np.maximum.reduceat(col["sport"][srt], st) if n else np.zeros(0, np.uint16)
-    rport = np.maximum.reduceat(col["dport"][srt], st) if n else np.zeros(0, np.uint16)
-    last_r = srt[en]
+    old, new = seg.old, seg.new
+    lport = np.maximum.reduceat(seg.sorted_column("sport"), st) if n else np.zeros(0, np.uint16)
+    rport = np.maximum.reduceat(seg.sorted_column("dport"), st) if n else np.zeros(0, np.uint16)
+    last_r = seg.table_rows(en)
+    # addresses, ports' family, counters of the last transition and the state paths: on a
+    # second thread (numpy and Arrow release the GIL) while this one works out the rest
+    pool = ThreadPoolExecutor(1)
+    last = pool.submit(_last_values, col, last_r)
+    paths = pool.submit(_paths, old, new, st, en)
 
     # role: a birth fixes it; otherwise the last transition that tells
     fo, fn = old[st], new[st]
     birth = np.select([(fo == S.CLOSE) & (fn == S.SYN_SENT), (fo == S.CLOSE) & (fn == S.LISTEN),
                        (fo == S.LISTEN) & (fn == S.SYN_RECV)],
-                      [_ROLE["active"], _ROLE["listener"], _ROLE["passive"]], default=-1)
+                      [_ROLE["active"], _ROLE["listener"], _ROLE["passive"]], default=-1).astype(np.int8)
     role = birth.copy()
     unborn = np.flatnonzero(np.repeat(birth < 0, en - st + 1))  # positions of connections without
     if len(unborn):                                              # a birth (few): look at them all
@@ -83,11 +88,11 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     closed = new[en] == S.CLOSE
     birth_seen = birth >= 0
-    start_ns, end_ns = ts[st], ts[en]
+    start_ns, end_ns = seg.times(st), seg.times(en)
 
     # owners, strongest source first
-    src = np.full(n, _SRC["none"])
-    owner_row = np.full(n, -1)
+    src = np.full(n, _SRC["none"], dtype=np.int8)
+    owner_row = np.full(n, -1, dtype=seg.frame_rows.dtype)
 
     def offer(pos: np.ndarray, table_rows: np.ndarray, source: int) -> None:
         take = src[pos] > source
@@ -96,24 +101,22 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     for (a, b), source in (((S.CLOSE, S.SYN_SENT), _SRC["connect"]), ((S.CLOSE, S.LISTEN), _SRC["listen"])):
         pos, i = seg.where((old == a) & (new == b))
-        offer(pos, srt[i], source)
+        offer(pos, seg.table_rows(i), source)
     io_rows, io_gen = events(EventKind.IO_OWNER)
     pos, r = _per_conn(ids, io_gen, io_rows)
     offer(pos, r, _SRC["io"])
     closer = (((old == S.ESTABLISHED) | (old == S.SYN_RECV)) & (new == S.FIN_WAIT1)) | \
         ((old == S.CLOSE_WAIT) & (new == S.LAST_ACK)) | ((old == S.LISTEN) & (new == S.CLOSE))
     pos, i = seg.where(closer)
-    offer(pos, srt[i], _SRC["close"])
+    offer(pos, seg.table_rows(i), _SRC["close"])
 
-    at_last = col.gather(last_r)                          # values of each connection's last transition
-    netns = at_last("netns").astype(np.int64)
-    netns_ok = (col["flags"][last_r] & dec.F_NETNS) != 0
 
     # accepted sockets: the owner of the listener open on that netns and port at birth
-    listener_pid = np.full(n, -1)
+    listener_pid = np.full(n, -1, dtype=np.int64)
     lis = np.flatnonzero((role == _ROLE["listener"]) & (src == _SRC["listen"]))
     kids = np.flatnonzero((role == _ROLE["passive"]) & birth_seen)
     if len(lis) and len(kids):
+        netns = last.result()["netns_raw"]
         key = lambda idx: netns[idx] * 65536 + lport[idx]  # noqa: E731
         right = pd.DataFrame({"t": start_ns[lis], "k": key(lis), "lis": lis}).sort_values("t")
         left = pd.DataFrame({"t": start_ns[kids], "k": key(kids), "kid": kids}).sort_values("t")
@@ -128,16 +131,17 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     at_owner = col.gather(owner_row[has_owner])         # values of each owner's event
     pid = np.zeros(n, np.uint32)
     pid[has_owner] = at_owner("pid")
+    pool.shutdown(wait=False)
 
     # how it ended, from the events around the CLOSE
     before = np.where(closed, old[en], 0)
     rr = np.isin(ids, events(EventKind.RECV_RESET)[1])
     rs_rows, rs_gen = events(EventKind.SEND_RESET)
-    rst_sent = np.full(n, -1)
+    rst_sent = np.full(n, -1, dtype=np.int32)
     pos, v = _per_conn(ids, rs_gen, col.at("value", rs_rows, ascending=True), last=True)
     rst_sent[pos] = v
     er_rows, er_gen = events(EventKind.ERROR)
-    errno = np.full(n, -1)
+    errno = np.full(n, -1, dtype=np.int32)
     pos, v = _per_conn(ids, er_gen, col.at("value", er_rows, ascending=True), last=True)
     errno[pos] = v
     # the order of analysis.lifecycle.classify_end
@@ -154,10 +158,10 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         ((before == S.SYN_SENT) | (before == S.SYN_RECV), "local_abort"),
     ]
     reason = np.select([cond for cond, _ in rules], [_END[name] for _, name in rules],
-                       default=_END["unknown"])
+                       default=_END["unknown"]).astype(np.int8)
 
     eof_rows, eof_gen = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
-    eof_ns = np.full(n, -1)
+    eof_ns = np.full(n, -1, dtype=np.int64)
     pos, v = _per_conn(ids, eof_gen, col.at("ts_ns", eof_rows, ascending=True).view(np.int64))
     eof_ns[pos] = v
 
@@ -166,22 +170,16 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     gap[st] = False
     incomplete = np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)
 
-    paths = _paths(old, new, st, en)
-
-    comm = decoded(at_owner("comm"), dec.comm)
-    owner_comm = comm.take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
-    last_af = at_last("family")
-    last_daddr = at_last("daddr")  # addresses and family from each connection's last transition
-    tx_ok = (col["flags"][last_r] & dec.F_BYTES) != 0
-    uid_ok = (col["flags"][last_r] & dec.F_UID) != 0
+    owner_comm = decoded(at_owner("comm"), dec.comm).take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
+    last = last.result()
     to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, NAT))  # noqa: E731
     frame = pd.DataFrame(copy=False, data={
         "conn_id": ids.astype(np.uint64),
         "role": pd.Categorical.from_codes(role, ROLE_CATEGORIES),
-        "family": _families(last_daddr, last_af),
-        "laddr": addresses(at_last("saddr"), last_af), "lport": _masked(lport, lport != 0, "UInt16"),
-        "raddr": addresses(last_daddr, last_af), "rport": _masked(rport, rport != 0, "UInt16"),
-        "netns": _masked(netns, netns_ok, "UInt32"),
+        "family": last["family"],
+        "laddr": last["laddr"], "lport": _masked(lport, lport != 0, "UInt16"),
+        "raddr": last["raddr"], "rport": _masked(rport, rport != 0, "UInt16"),
+        "netns": last["netns"],
         "birth_seen": birth_seen,
         "start": to_time(start_ns, np.ones(n, bool)),
         "end": to_time(end_ns, closed),
@@ -190,18 +188,30 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "pid": _masked(pid, owner_row >= 0, "UInt32"),
         "comm": owner_comm,
         "owner_source": pd.Categorical.from_codes(src, SOURCES),
-        "uid": _masked(at_last("uid"), uid_ok, "UInt32"),
+        "uid": last["uid"],
         "end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
         "rst_sent_reason": _named(rst_sent, lambda v: RST_REASONS.get(v, str(v))),
         "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
         "time_wait": reason == _END["active_close"],
-        "tx_b": _masked(at_last("tx_b"), tx_ok, "UInt64"),
-        "rx_b": _masked(at_last("rx_b"), tx_ok, "UInt64"),
+        "tx_b": last["tx_b"],
+        "rx_b": last["rx_b"],
         "eof_seen": to_time(eof_ns, eof_ns >= 0),
         "incomplete": incomplete,
-        "path": paths,
+        "path": paths.result(),
     })
     return frame
+
+
+def _last_values(col: Columns, last_r: np.ndarray) -> dict:
+    """Frame columns read from each connection's last transition (table rows last_r)."""
+    at = col.gather(last_r)
+    af, daddr, flags = at("family"), at("daddr"), col["flags"][last_r]
+    counted = (flags & dec.F_BYTES) != 0
+    netns = at("netns").astype(np.int64)
+    return {"family": _families(daddr, af), "laddr": addresses(at("saddr"), af), "raddr": addresses(daddr, af),
+            "netns": _masked(netns, (flags & dec.F_NETNS) != 0, "UInt32"), "netns_raw": netns,
+            "uid": _masked(at("uid"), (flags & dec.F_UID) != 0, "UInt32"),
+            "tx_b": _masked(at("tx_b"), counted, "UInt64"), "rx_b": _masked(at("rx_b"), counted, "UInt64")}
 
 
 def _paths(old: np.ndarray, new: np.ndarray, st: np.ndarray, en: np.ndarray) -> pd.Categorical:

@@ -97,12 +97,13 @@ class ByConnection:
         keep = (np.r_[change, True] if last else np.r_[True, change]) if len(c) else np.zeros(0, bool)
         return c[keep].astype(np.int64), idx[keep]
 
-    def time_in_old(self) -> np.ndarray:
-        """Per position, ns spent in `old`: since the connection's previous change if that
-        led to `old` (-1 otherwise: its start was not recorded, or events are missing)."""
-        ts, old, new = self.ts_frame[self.order], self.old, self.new
-        out = np.full(len(ts), -1, dtype=np.int64)
-        if len(ts) > 1:
-            ok = (self.number[1:] == self.number[:-1]) & (old[1:] == new[:-1])
-            np.subtract(ts[1:], ts[:-1], out=out[1:], where=ok)
-        return out
+    def time_in_old(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted positions, ns) of the changes whose time in `old` is known: since the
+        connection's previous change, which led to `old` (otherwise its start was not
+        recorded, or events are missing)."""
+        old, new, number = self.old, self.new, self.number
+        pos = np.flatnonzero((number[1:] == number[:-1]) & (old[1:] == new[:-1])) + 1
+        ts = self.ts_frame
+        ns = ts[self.order[pos]]
+        ns -= ts[self.order[pos - 1]]
+        return pos, ns

@@ -23,9 +23,11 @@ def state_durations(trans: pd.DataFrame) -> pd.DataFrame:
 
 def recorded_state_durations(by) -> pd.DataFrame:
     """The same from a recording's state changes sorted by connection (by_connection)."""
-    left = by.time_in_old()
-    known = np.flatnonzero(left >= 0)
-    return durations(by.ids[by.number[known]], by.old[known], left[known] / 1e9)
+    pos, ns = by.time_in_old()
+    seconds = ns.astype(np.float64)
+    del ns
+    seconds /= 1e9
+    return durations(by.ids[by.number[pos]], by.old[pos], seconds)
 
 
 def durations(conn: np.ndarray, state: np.ndarray, seconds: np.ndarray) -> pd.DataFrame:
@@ -56,12 +58,14 @@ def durations(conn: np.ndarray, state: np.ndarray, seconds: np.ndarray) -> pd.Da
 def summary(durations: pd.DataFrame) -> pd.DataFrame:
     """Per state: how many connections spent time there, and the p50/p90/p99/max seconds."""
     codes = durations.state.cat.codes.to_numpy()
-    order = np.argsort(codes, kind="stable")  # small integers: a radix sort
-    codes, seconds = codes[order], durations.seconds.to_numpy()[order]
-    cuts = np.searchsorted(codes, np.arange(len(STATE_CATEGORIES) + 1))
-    slices = [(k, seconds[cuts[k]:cuts[k + 1]]) for k in range(len(STATE_CATEGORIES)) if cuts[k] < cuts[k + 1]]
-    with ThreadPoolExecutor(2) as pool:  # states on two threads (partitioning releases the GIL)
-        rows = list(pool.map(lambda kv: (STATE_CATEGORIES[kv[0]], len(kv[1]), *_quantiles(kv[1])), slices))
+    seconds = durations.seconds.to_numpy()
+    present = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(STATE_CATEGORIES)))
+
+    def one(k: int) -> tuple:
+        v = seconds[codes == k]  # a scratch copy: partitioned in place
+        return (STATE_CATEGORIES[k], len(v), *_quantiles(v))
+    with ThreadPoolExecutor(2) as pool:  # states on two threads (numpy releases the GIL)
+        rows = list(pool.map(one, present))
     out = pd.DataFrame(rows, columns=["state", "count", "p50_s", "p90_s", "p99_s", "max_s"])
     out["state"] = pd.Categorical(out.state, categories=STATE_CATEGORIES)
     return out.sort_values("count", ascending=False, kind="stable").set_index("state")

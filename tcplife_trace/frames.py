@@ -47,30 +47,34 @@ class Columns:
 
     def gather(self, rows: np.ndarray, ascending: bool = False):
         """A function name -> that column's values at `rows`; the rows are grouped by batch
-        once for all the columns it is asked for."""
+        once for all the columns it is asked for (rows not ascending are sorted once, the
+        values put back in their order)."""
         bounds = np.cumsum([0] + [len(c) for c in self.table.column(0).chunks])
-        groups = None
-        if len(bounds) > 2:
-            if ascending:
-                order, cuts = None, np.searchsorted(rows, bounds)
-            else:  # a stable sort of small integers: a radix sort
-                which = np.searchsorted(bounds, rows, side="right") - 1
-                order = np.argsort(which.astype(np.uint16) if len(bounds) <= 65536 else which, kind="stable")
-                cuts = np.searchsorted(which[order], np.arange(len(bounds)))
-            groups = [(b, slice(cuts[b], cuts[b + 1]) if order is None else order[cuts[b]:cuts[b + 1]])
-                      for b in range(len(bounds) - 1) if cuts[b] < cuts[b + 1]]
+        multi = len(bounds) > 2
+        perm = None
+        if multi and not ascending:
+            perm = np.argsort(rows, kind="stable")
+            rows = rows[perm]
+        cuts = np.searchsorted(rows, bounds) if multi else None
 
         def values(name: str) -> np.ndarray:
             v = self._cache.get(name)
+            if v is None:
+                views, _ = self._views(name)
+                if len(views) == 1:
+                    v = views[0]
             if v is not None:
-                return v[rows]
-            views, _ = self._views(name)
-            if groups is None or len(views) == 1:
-                return views[0][rows]
-            out = np.empty((len(rows),) + views[0].shape[1:], dtype=views[0].dtype)
-            for b, sel in groups:  # (rows within the batch: made per column, not kept)
-                out[sel] = views[b][rows[sel] - bounds[b]]
-            return out
+                out = v[rows]
+            else:
+                out = np.empty((len(rows),) + views[0].shape[1:], dtype=views[0].dtype)
+                for b, view in enumerate(views):
+                    if cuts[b] < cuts[b + 1]:
+                        out[cuts[b]:cuts[b + 1]] = view[rows[cuts[b]:cuts[b + 1]] - bounds[b]]
+            if perm is None:
+                return out
+            back = np.empty_like(out)
+            back[perm] = out
+            return back
         return values
 
     def by_connection(self):
@@ -212,10 +216,9 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
         "newstate": _states(col("newstate")),
     })
     # time in the old state: since this connection's previous transition, if it led here
-    left = by.time_in_old()
-    known = left >= 0
+    pos, ns = by.time_in_old()
     ms = np.full(len(rows), np.nan)
-    ms[by.order[known]] = left[known] / 1e6
+    ms[by.order[pos]] = ns / 1e6
     frame["ms_in_old"] = ms
     frame["cur_pid"] = pd.array(col("pid"), dtype="UInt32")
     frame["cur_comm"] = decoded(col("comm"), dec.comm)

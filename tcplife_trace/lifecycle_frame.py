@@ -239,11 +239,15 @@ def _paths(old: np.ndarray, new: np.ndarray, st: np.ndarray, en: np.ndarray) -> 
 
     def spell(c: int) -> str:
         return " ".join(state_name(int(s)) for s in [old[st[c]], *new[st[c]:en[c] + 1]])
+    long = np.flatnonzero(~short)
+    key[long] = 0                             # (no short path has key 0)
     codes, uniq = factorize(key)
     names = [spell(c) for c in first_rows(codes, len(uniq))]
-    for c in np.flatnonzero(~short):          # each long path: a category of its own name
-        codes[c] = len(names)
-        names.append(spell(c))
+    if len(long):                             # each long path: a category of its own name
+        codes = codes.copy()
+        for c in long:
+            codes[c] = len(names)
+            names.append(spell(c))
     return spelled(codes, names)
 
 

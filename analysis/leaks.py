@@ -11,7 +11,7 @@ back it, and advice. Thresholds are in `Thresholds`; every one is a flag.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -72,7 +72,13 @@ class Finding:
         return (self.kind, self.netns, self.owner_pid, self.local, self.peer)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Field -> value (samples and evidence copied one level, as JSON needs no more)."""
+        d = {f.name: getattr(self, f.name) for f in _FINDING_FIELDS}
+        d["samples"], d["evidence"] = list(self.samples), dict(self.evidence)
+        return d
+
+
+_FINDING_FIELDS = fields(Finding)
 
 
 @dataclass
@@ -111,6 +117,18 @@ def endpoint(addr, port) -> str:
         return "?"
     a = str(addr)
     return f"[{a}]:{port}" if ":" in a else f"{a}:{port}"
+
+
+def endpoints(addrs: pd.Series, ports: pd.Series) -> list[str]:
+    """endpoint() of each row, each distinct (address, port) spelled once."""
+    a, p = np.asarray(addrs, dtype=object), np.asarray(ports, dtype=object)
+    codes = pd.DataFrame({"a": a, "p": p}).groupby(["a", "p"], sort=False, dropna=False).ngroup().to_numpy()
+    if not len(codes):
+        return []
+    first = np.zeros(codes.max() + 1, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)
+    names = np.array([endpoint(a[i], p[i]) for i in first], dtype=object)
+    return list(names[codes])
 
 
 def _int(v):
@@ -250,10 +268,11 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
     if rows.empty:
         return []
     rows = _owner_key(rows)
-    rows["_dest"] = [endpoint(a, p) for a, p in zip(rows["raddr"], rows["rport"])]
+    rows["_dest"] = endpoints(rows["raddr"], rows["rport"])
+    rows["_ns"] = pd.to_numeric(rows["netns"]).fillna(-1).astype("int64")  # (an unknown netns is a group too)
     out = []
     fanned = set()
-    for (ns, pid, comm), g in rows.groupby(["netns", "_pid", "_comm"], sort=False):
+    for (ns, pid, comm), g in rows.groupby(["_ns", "_pid", "_comm"], sort=False):  # per process
         dests = g["_dest"].nunique()
         if dests >= t.fanout_destinations:
             fanned.add((ns, pid, comm))
@@ -266,20 +285,31 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
                 f"and {n} attempts failed or hang; scanner- or worm-like behaviour",
                 "Check what this process is and why it connects to so many hosts; if it is not a "
                 "known crawler or service discovery, treat the host as compromised.",
-                netns=_int(ns), owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
+                netns=int(ns) if ns >= 0 else None, owner_pid=int(pid) if pid >= 0 else None,
+                owner_comm=comm if pid >= 0 else None,
                 rate_per_s=round(n / ev.duration_s, 3) if ev.duration_s > 0 else None,
                 samples=list(g["_dest"].drop_duplicates().head(5)),
                 evidence={"distinct_destinations": int(dests), "distinct_ports": int(ports)}))
-    sizes = rows.groupby(["netns", "_dest"], sort=False)["n"].sum()
-    big = set(sizes[sizes >= t.syn_sent_failures].index)
-    rows = rows[np.array([k in big for k in zip(rows["netns"], rows["_dest"])], dtype=bool)]
-    for (ns, dest), g in rows.groupby(["netns", "_dest"], sort=False):
-        counts = g.groupby("outcome")["n"].sum()
-        refused, timeout, pending = (int(counts.get(k, 0)) for k in ("refused", "timeout", "pending"))
-        owners = g.groupby(["_pid", "_comm"])["n"].sum().sort_values(ascending=False)
-        pid, comm = owners.index[0]
-        if (ns, pid, comm) in fanned and len(owners) == 1:
+    # per destination (there can be thousands): aggregated column-wise, one finding per row
+    dest = ["_ns", "_dest"]
+    rows = rows[rows.groupby(dest, sort=False)["n"].transform("sum") >= t.syn_sent_failures]
+    if rows.empty:
+        return out
+    per = rows.groupby(dest + ["outcome"], sort=False)["n"].sum().unstack(fill_value=0)
+    per = per.reindex(columns=["refused", "timeout", "pending"], fill_value=0)
+    per["oldest"] = rows.groupby(dest, sort=False)["age_s"].max()
+    owners = (rows.groupby(dest + ["_pid", "_comm"])["n"].sum().reset_index()  # ties: lowest pid first
+              .sort_values("n", ascending=False, kind="stable"))
+    per["owners"] = owners.groupby(dest, sort=False).size()
+    top = owners.groupby(dest, sort=False).head(5)
+    per["processes"] = top.assign(p=top["_pid"].astype(str) + "/" + top["_comm"]).groupby(dest, sort=False)["p"].agg(list)
+    first = owners.drop_duplicates(dest).set_index(dest)
+    per["pid"], per["comm"] = first["_pid"], first["_comm"]
+    per = per.reindex(rows[dest].drop_duplicates().set_index(dest).index)  # in order of appearance
+    for (ns, dest_), refused, timeout, pending, oldest, n_owners, processes, pid, comm in per.itertuples(name=None):
+        if (ns, pid, comm) in fanned and n_owners == 1:
             continue  # part of a fan-out finding already
+        refused, timeout, pending = int(refused), int(timeout), int(pending)
         failures = refused + timeout
         rate = failures / ev.duration_s if ev.duration_s > 0 else None
         parts = [f"{x} {name}" for x, name in ((refused, "refused"), (timeout, "timed out"),
@@ -290,14 +320,13 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
         sev = "critical" if n >= t.pile_critical or (rate or 0) >= 10 else "warning"
         out.append(Finding(
             "syn_sent_storm", sev, n,
-            f"SYN_SENT storm to {dest}: {', '.join(parts)}; {cause}",
+            f"SYN_SENT storm to {dest_}: {', '.join(parts)}; {cause}",
             "Check the destination service and the route/firewall to it; make clients back off "
             "(exponential retry with jitter) instead of hammering a dead endpoint.",
-            netns=_int(ns), owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
-            peer=dest, rate_per_s=None if rate is None else round(rate, 3),
-            oldest_age_s=_float(g["age_s"].max()),
-            evidence={"refused": refused, "timed_out": timeout, "pending": pending,
-                      "processes": [f"{p}/{c}" for p, c in owners.index[:5]]}))
+            netns=int(ns) if ns >= 0 else None, owner_pid=int(pid) if pid >= 0 else None,
+            owner_comm=comm if pid >= 0 else None, peer=dest_, rate_per_s=None if rate is None else round(rate, 3),
+            oldest_age_s=_float(oldest), evidence={"refused": refused, "timed_out": timeout,
+                                                    "pending": pending, "processes": processes}))
     return out
 
 

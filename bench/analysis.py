@@ -126,6 +126,17 @@ def measure(path: str) -> dict:
             "base_rss": base_rss, "arrow_bytes": rec.events.nbytes}
 
 
+def touch(mb: int) -> dict:
+    """Time to write `mb` MB of memory new to this process, then the same memory again."""
+    a = np.empty(mb << 17)  # float64: mb MiB
+    t0 = time.perf_counter()
+    a.fill(1.0)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    a.fill(2.0)
+    return {"mb": mb, "first": first, "again": time.perf_counter() - t0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--transitions", type=int, default=10_000_000)
@@ -133,9 +144,13 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=5.0,
                     help="seconds idle before each 'after idle' measurement (default 5)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--touch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure)))
+        return 0
+    if args.touch:
+        print(json.dumps(touch(args.touch)))
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,12 +165,16 @@ def main() -> int:
         # a VM whose freed memory goes back to the host (virtio-balloon free page reporting),
         # memory touched after a pause costs several times more, and the pause is the usual
         # case for a one-off `analyze`.
+        touched = {}
         for kind, pause in (("back to back", 0.0), ("after idle", args.idle)):
             for _ in range(args.runs):
                 time.sleep(pause)
                 r = json.loads(subprocess.run([sys.executable, __file__, "--measure", path], check=True,
                                               capture_output=True, text=True).stdout)
                 results.append((kind, r))
+            time.sleep(pause)  # the machine's own cost of fresh memory, in the same conditions
+            touched[kind] = json.loads(subprocess.run([sys.executable, __file__, "--touch", "512"], check=True,
+                                                      capture_output=True, text=True).stdout)
     r = results[0][1]
     print(f"{r['transitions']:,} transitions, {r['connections']:,} connections, {r['durations']:,} "
           f"state durations, {r['arrow_bytes'] / 2**20:.0f} MiB of Arrow data")
@@ -173,6 +192,9 @@ def main() -> int:
     for kind, rates in by_kind.items():
         print(f"median {kind}: {statistics.median(rates):.2f} M transitions/s "
               f"(load + lifecycles + state durations + summary; goal >= 5)")
+    for kind, t in touched.items():
+        print(f"this machine, {kind}: a fresh process writing {t['mb']} MB of new memory takes "
+              f"{t['first']:.2f} s, the same memory written again {t['again']:.2f} s")
     print(f"(interpreter and libraries alone: {r['base_rss'] / 2**20:.0f} MiB; peak RSS counts the "
           "recording's memory-mapped pages that were read)")
     return 0

@@ -32,8 +32,9 @@ def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
     if until is not None:
         keep &= lc.start <= until
         tr = tr[tr.time <= until]
-    lc = lc[keep.to_numpy()]
-    tr = tr[tr.conn_id.isin(lc.conn_id)]
+    if not keep.all():  # (a no-op filter copies nothing: 10M transitions are 1 GB)
+        lc = lc[keep.to_numpy()]
+        tr = tr[tr.conn_id.isin(lc.conn_id)]
     return lc, tr
 
 
@@ -42,7 +43,12 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
     from .connections import state_durations, summary
     from .recorded_leaks import findings, stopped_at
     lc, tr = filtered(rec, filters, since, until)
-    durations = state_durations(tr)
+    if since is None and until is None:  # whole connections: the recording's own, no recount
+        durations = rec.state_durations()
+        if len(lc) < len(rec.lifecycles()):
+            durations = durations[durations.conn_id.isin(lc.conn_id)].reset_index(drop=True)
+    else:                                # the time spent in states left inside the window
+        durations = state_durations(tr)
     stopped = stopped_at(rec.ends)
     if until is not None and stopped is not None:
         stopped = min(stopped, until)

@@ -57,19 +57,22 @@ class Columns:
             rows = rows[perm]
         cuts = np.searchsorted(rows, bounds) if multi else None
 
-        def values(name: str) -> np.ndarray:
+        def values(name: str, part: tuple[int, int] | None = None) -> np.ndarray:
+            """part=(start, width): of a fixed-size binary column only those bytes, as one
+            unsigned integer per row (width 4 or 8), without reading the rest."""
             v = self._cache.get(name)
-            if v is None:
-                views, _ = self._views(name)
-                if len(views) == 1:
-                    v = views[0]
-            if v is not None:
-                out = v[rows]
+            views = [v] if v is not None else self._views(name)[0]
+            if part is not None:
+                views = [w[:, part[0]:part[0] + part[1]] for w in views]
+            if len(views) == 1:
+                out = views[0][rows]
             else:
                 out = np.empty((len(rows),) + views[0].shape[1:], dtype=views[0].dtype)
                 for b, view in enumerate(views):
                     if cuts[b] < cuts[b + 1]:
                         out[cuts[b]:cuts[b + 1]] = view[rows[cuts[b]:cuts[b + 1]] - bounds[b]]
+            if part is not None:
+                out = out.view(f"<u{part[1]}").reshape(-1)
             if perm is None:
                 return out
             back = np.empty_like(out)
@@ -123,36 +126,40 @@ def spelled(codes: np.ndarray, names: list[str]) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object))
 
 
-def decoded(raw: np.ndarray, decode) -> pd.Categorical:
-    """(n, width) raw bytes (comm) -> a categorical; each distinct value decoded once.
-    Distinct values are found on 64-bit words, not on bytes strings."""
-    n, width = raw.shape
-    words = np.ascontiguousarray(raw).view(np.uint64) if width % 8 == 0 else \
-        np.ascontiguousarray(np.pad(raw, ((0, 0), (0, -width % 8)))).view(np.uint64)
-    codes, uniq = factorize(words[:, 0])
-    for w in range(1, words.shape[1]):
-        c, u = factorize(words[:, w])
-        codes, uniq = factorize(codes.astype(np.int64) * max(len(u), 1) + c)
+def decoded(at, name: str, decode) -> pd.Categorical:
+    """A 16-byte column (comm) at some rows -> a categorical; each distinct value decoded once.
+    at: Columns.gather(rows). Distinct values are found on its two 64-bit words."""
+    words = [at(name, (0, 8)), at(name, (8, 8))]
+    codes, uniq = factorize(words[0])
+    c, u = factorize(words[1])
+    codes, uniq = factorize(codes.astype(np.int64) * max(len(u), 1) + c)
     first = first_rows(codes, len(uniq))
-    return spelled(codes, [decode(raw[i].tobytes()) for i in first])
+    raw = np.stack([w[first] for w in words], axis=1).view(np.uint8).reshape(len(first), 16)
+    return spelled(codes, [decode(r.tobytes()) for r in raw])
 
 
-def addresses(raw: np.ndarray, af: np.ndarray) -> pd.Categorical:
-    """(n, 16) address bytes -> a categorical of printable addresses, each distinct one
-    formatted once. IPv4-only data (the usual case) factorizes one 32-bit integer per row."""
+def addresses(at, name: str, af: np.ndarray) -> pd.Categorical:
+    """An address column at some rows (at: Columns.gather(rows)) -> a categorical of printable
+    addresses, each distinct one formatted once. IPv4-only rows (the usual case) read and
+    factorize one 32-bit word per row; with IPv6 rows all 16 bytes are read."""
     n = len(af)
     is4 = af == dec.AF_INET
-    raw = np.ascontiguousarray(raw)
-    v4 = raw[:, :4].copy().view(np.uint32).ravel() if n else np.zeros(0, np.uint32)
     if is4.all():
+        v4 = at(name, (0, 4))
         codes, _ = factorize(v4)
+        first = first_rows(codes, int(codes.max()) + 1 if n else 0)
+        raw = np.zeros((len(first), 16), np.uint8)
+        raw[:, :4] = v4[first].view(np.uint8).reshape(-1, 4)
     else:
-        halves = raw.view(np.uint64).reshape(n, 2)
+        raw = at(name)
+        halves = np.ascontiguousarray(raw).view(np.uint64).reshape(n, 2)
+        v4 = np.ascontiguousarray(raw[:, :4]).view(np.uint32).ravel()
         hi, _ = factorize(np.where(is4, 0, halves[:, 0]))
         lo, uniq_lo = factorize(np.where(is4, v4, halves[:, 1]))
         codes, _ = factorize((hi.astype(np.int64) * max(len(uniq_lo), 1) + lo) * 2 + is4)
-    first = first_rows(codes, int(codes.max()) + 1 if n else 0)
-    return spelled(codes, _spell_addresses(raw[first], is4[first]))
+        first = first_rows(codes, int(codes.max()) + 1 if n else 0)
+        raw = raw[first]
+    return spelled(codes, _spell_addresses(raw, is4[first]))
 
 
 def _spell_addresses(raw: np.ndarray, is4: np.ndarray) -> list[str]:
@@ -168,12 +175,13 @@ def _spell_addresses(raw: np.ndarray, is4: np.ndarray) -> list[str]:
     return list(names)
 
 
-def _families(daddr: np.ndarray, af: np.ndarray) -> pd.arrays.IntegerArray:
-    """4 or 6 per row; v4-mapped IPv6 (a dual-stack socket's IPv4 peer) counts as 4."""
+def _families(at, af: np.ndarray) -> pd.arrays.IntegerArray:
+    """4 or 6 per row; v4-mapped IPv6 (a dual-stack socket's IPv4 peer) counts as 4.
+    at: Columns.gather(rows), for the peer addresses of IPv6 rows."""
     is6 = af == dec.AF_INET6
     fam = np.full(len(af), 4, dtype=np.int8)
     if is6.any():  # ::ffff:a.b.c.d is 10 zero bytes, then 0xffff: three 32-bit words
-        w = np.ascontiguousarray(daddr[is6]).view("<u4").reshape(-1, 4)
+        w = np.ascontiguousarray(at("daddr")[is6]).view("<u4").reshape(-1, 4)
         mapped = (w[:, 0] == 0) & (w[:, 1] == 0) & (w[:, 2] == 0xFFFF0000)
         fam[is6] = np.where(mapped, 4, 6)
     return _masked(fam, (af == dec.AF_INET) | (af == dec.AF_INET6), "Int8")
@@ -201,13 +209,11 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     by = cols.by_connection()
     rows = by.frame_rows
 
-    def col(name):  # one column of the state rows, gathered from the batches
-        return cols.at(name, rows, ascending=True)
+    col = cols.gather(rows, ascending=True)  # columns of the state rows, read from the batches
     ts = by.ts_frame
     af = col("family")
     flags = col("flags")
     sport, dport = col("sport"), col("dport")
-    daddr = col("daddr")
     frame = pd.DataFrame(copy=False, data={
         "conn_id": pd.array(col("gen"), dtype="UInt64"),
         "time": wall_times(ts + mono_to_wall_ns),
@@ -221,11 +227,11 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     ms[by.order[pos]] = ns / 1e6
     frame["ms_in_old"] = ms
     frame["cur_pid"] = pd.array(col("pid"), dtype="UInt32")
-    frame["cur_comm"] = decoded(col("comm"), dec.comm)
-    frame["family"] = _families(daddr, af)
-    frame["laddr"] = addresses(col("saddr"), af)
+    frame["cur_comm"] = decoded(col, "comm", dec.comm)
+    frame["family"] = _families(col, af)
+    frame["laddr"] = addresses(col, "saddr", af)
     frame["lport"] = _masked(sport, sport != 0, "UInt16")
-    frame["raddr"] = addresses(daddr, af)
+    frame["raddr"] = addresses(col, "daddr", af)
     frame["rport"] = _masked(dport, dport != 0, "UInt16")
     frame["netns"] = _masked(col("netns"), (flags & dec.F_NETNS) != 0, "UInt32")
     return frame

@@ -170,7 +170,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     gap[st] = False
     incomplete = np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)
 
-    owner_comm = decoded(at_owner("comm"), dec.comm).take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
+    owner_comm = decoded(at_owner, "comm", dec.comm).take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
     last = last.result()
     to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, NAT))  # noqa: E731
     frame = pd.DataFrame(copy=False, data={
@@ -205,10 +205,10 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 def _last_values(col: Columns, last_r: np.ndarray) -> dict:
     """Frame columns read from each connection's last transition (table rows last_r)."""
     at = col.gather(last_r)
-    af, daddr, flags = at("family"), at("daddr"), col["flags"][last_r]
+    af, flags = at("family"), col["flags"][last_r]
     counted = (flags & dec.F_BYTES) != 0
     netns = at("netns").astype(np.int64)
-    return {"family": _families(daddr, af), "laddr": addresses(at("saddr"), af), "raddr": addresses(daddr, af),
+    return {"family": _families(at, af), "laddr": addresses(at, "saddr", af), "raddr": addresses(at, "daddr", af),
             "netns": _masked(netns, (flags & dec.F_NETNS) != 0, "UInt32"), "netns_raw": netns,
             "uid": _masked(at("uid"), (flags & dec.F_UID) != 0, "UInt32"),
             "tx_b": _masked(at("tx_b"), counted, "UInt64"), "rx_b": _masked(at("rx_b"), counted, "UInt64")}

@@ -40,9 +40,10 @@ def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
     t0, now = transitions["time"].min(), transitions["time"].max()
     if stopped is not None and stopped > now:
         now = stopped
-    entered = transitions.groupby("conn_id", sort=False)["time"].max()
     lc = lifecycles.reset_index(drop=True)
     open_ = lc[lc["end"].isna()].reset_index(drop=True)
+    mine = transitions[transitions["conn_id"].isin(open_["conn_id"])] if len(open_) < len(lc) else transitions
+    entered = mine.groupby("conn_id", sort=False)["time"].max()  # when each open one entered its state
     since = entered.reindex(open_["conn_id"]).reset_index(drop=True)
     open_rows = _sockets(open_, open_["path"].astype(str).str.rsplit(" ", n=1).str[-1], inode=1, timer="?",
                          age=(now - since).dt.total_seconds(), lower=~open_["birth_seen"].astype(bool),

@@ -22,13 +22,17 @@ EXTRA = RETRIES + [
     (300, "S", 10, "CLOSE", "SYN_SENT", C, 0, 87),                # a connection a filter dropped
     (300.5, "F", 10),
     (301, "S", 10, "SYN_SENT", "ESTABLISHED", C, 41001, 87),
+    (400, "S", 11, "CLOSE", "SYN_SENT", C, 0, 443, {"family": 6, "laddr": "::1", "raddr": "2001:db8::5"}),
+    (401, "S", 11, "SYN_SENT", "ESTABLISHED", C, 41002, 443, {"family": 6, "laddr": "::1", "raddr": "2001:db8::5"}),
+    (402, "S", 12, "CLOSE", "SYN_SENT", C, 0, 80, {"family": 6, "laddr": "::ffff:127.0.0.1",
+                                                   "raddr": "::ffff:10.9.8.7"}),   # dual-stack, IPv4 peer
 ]
 
 
 def _events():
     """The scenarios, each connection with its own peer address, netns and uid, so that a
     value read for the wrong connection shows."""
-    return [e._replace(daddr_raw=bytes([10, 1, 0, e.gen]) + bytes(12) if e.af else e.daddr_raw,
+    return [e._replace(daddr_raw=bytes([10, 1, 0, e.gen]) + bytes(12) if e.af == 2 else e.daddr_raw,
                        netns_raw=4026531833 + e.gen, uid_raw=1000 + e.gen) for e in stream(ROWS + EXTRA)]
 
 
@@ -69,6 +73,9 @@ def test_edge_rows_and_long_paths(tmp_path):
     assert lc.loc[9, "path"] == " ".join(["CLOSE", "SYN_SENT"] * 11)
     assert lc.loc[3, "path"] == "CLOSE SYN_SENT ESTABLISHED FIN_WAIT1 FIN_WAIT2 CLOSE"
     assert lc.loc[3, "raddr"] == "10.1.0.3" and lc.loc[3, "netns"] == 4026531836 and lc.loc[3, "uid"] == 1003
+    assert (lc.loc[11, "laddr"], lc.loc[11, "raddr"], lc.loc[11, "family"]) == ("::1", "2001:db8::5", 6)
+    assert lc.loc[12, "raddr"] == "10.9.8.7" and lc.loc[12, "family"] == 4
+    assert set(tr[tr.conn_id == 11].raddr) == {"2001:db8::5"}
     # paths and times in each state agree with the live state machine, repeats summed
     closed = []
     t = Tracker(on_close=closed.append)

@@ -10,6 +10,7 @@ from .probes.filters import Filters
 from .recording import Recording
 
 TOP = 10
+FINDINGS_SHOWN = 20  # in the text report; the rest are summed up by kind
 
 
 def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
@@ -99,6 +100,11 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
             out.append(still[cols[:-2] + ["start"]].head(TOP).to_string(index=False))
     lk = f["leaks"]
     out.append(f"\nfindings ({len(lk)})" + ("" if len(lk) else ": none"))
-    for r in lk.itertuples():
+    for r in lk.head(FINDINGS_SHOWN).itertuples():
         out.append(f"  {r.severity.upper()} {r.kind}: {r.summary}")
+    if len(lk) > FINDINGS_SHOWN:
+        rest = lk.iloc[FINDINGS_SHOWN:].groupby(["kind", "severity"], observed=True).size()
+        out.append(f"  ... and {len(lk) - FINDINGS_SHOWN} more: "
+                   + ", ".join(f"{n} {kind} ({sev})" for (kind, sev), n in rest.sort_values(ascending=False).items())
+                   + "; all of them: --format json, or --export DIR (leaks.parquet)")
     return "\n".join(out)

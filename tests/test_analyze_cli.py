@@ -85,3 +85,27 @@ def test_truncated_file_warns_and_still_reports(rec_path, tmp_path, capsys):
 def test_bad_time_is_a_usage_error(rec_path, capsys):
     assert main(["analyze", rec_path, "--since", "yesterday-ish"]) == 2
     assert "is not an ISO-8601 time" in capsys.readouterr().err
+
+
+def test_many_findings_are_summed_up_in_the_table(tmp_path, capsys):
+    """25 dead destinations, each refused three times: 25 findings, the table shows 20 and
+    counts the rest; JSON has all of them."""
+    rows, gen = [], 100
+    for d in range(25):
+        for k in range(3):
+            gen += 1
+            t = d * 10 + k
+            rows += [(t, "S", gen, "CLOSE", "SYN_SENT", 500 + k, 0, 9000 + d),
+                     (t + 0.1, "RR", gen),
+                     (t + 0.2, "S", gen, "SYN_SENT", "CLOSE", 500 + k, 40000 + gen, 9000 + d),
+                     (t + 0.3, "E", gen, 111, 40000 + gen, 9000 + d)]
+    p = tmp_path / "refused.arrow"
+    w = RecordingWriter(str(p), recording.header("none", 0))
+    w.add(stream(rows))
+    w.close({"events_lost": 0})
+    assert main(["analyze", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "findings (25)" in out and out.count("syn_sent_storm: SYN_SENT storm to") == 20
+    assert "... and 5 more: 5 syn_sent_storm (warning); all of them: --format json" in out
+    assert main(["analyze", str(p), "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["leaks"]) == 25

@@ -116,6 +116,10 @@ def endpoint(addr, port) -> str:
     if addr is None or (isinstance(addr, float) and np.isnan(addr)):
         return "?"
     a = str(addr)
+    if port is None or port is pd.NA or (isinstance(port, float) and np.isnan(port)):
+        port = "?"
+    elif isinstance(port, (float, np.floating)):
+        port = int(port)   # (a port column that held a NaN somewhere is float)
     return f"[{a}]:{port}" if ":" in a else f"{a}:{port}"
 
 

@@ -90,6 +90,13 @@ def test_syn_sent_storm_needs_enough_failures_and_says_why():
     assert got["10.0.0.7:80"].owner_pid == 21
 
 
+def test_storm_peers_print_integer_ports_when_some_port_is_unknown():
+    e = ended(*[("active", "10.0.0.5", 443, "refused", 20)] * 3, ("active", "10.0.0.6", None, "refused", 21))
+    assert e["rport"].dtype == float  # one unknown port makes the column float
+    got = [f for f in find(evidence(None, e)) if f.kind == "syn_sent_storm"]
+    assert [f.peer for f in got] == ["10.0.0.5:443"] and "storm to 10.0.0.5:443:" in got[0].summary
+
+
 def test_fan_out_to_many_destinations_is_one_critical_finding():
     e = ended(*[("active", f"10.1.{i // 250}.{i % 250}", 22, "timeout", 30) for i in range(60)])
     got = find(evidence(None, e))

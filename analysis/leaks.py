@@ -306,7 +306,8 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
               .sort_values("n", ascending=False, kind="stable"))
     per["owners"] = owners.groupby(dest, sort=False).size()
     top = owners.groupby(dest, sort=False).head(5)
-    per["processes"] = top.assign(p=top["_pid"].astype(str) + "/" + top["_comm"]).groupby(dest, sort=False)["p"].agg(list)
+    top = top.assign(p=top["_pid"].astype(str) + "/" + top["_comm"])
+    per["processes"] = top.groupby(dest, sort=False)["p"].agg(list)
     first = owners.drop_duplicates(dest).set_index(dest)
     per["pid"], per["comm"] = first["_pid"], first["_comm"]
     per = per.reindex(rows[dest].drop_duplicates().set_index(dest).index)  # in order of appearance

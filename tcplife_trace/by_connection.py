@@ -49,10 +49,12 @@ class ByConnection:
             rows, gen = rows[~dropped], gen[~dropped]
         self.frame_rows = rows = _narrow(rows, len(kind))  # any table row fits the type of these
         at = cols.gather(rows, ascending=True)
-        with ThreadPoolExecutor(1) as pool:  # a second thread (numpy releases the GIL) moves the
+        # a second thread (numpy releases the GIL) reads the times and states, then puts the
+        # states in sorted order, while this one sorts the ids and finds the segments
+        with ThreadPoolExecutor(1) as pool:
             inframe = pool.submit(lambda: (at("ts_ns").view(np.int64), at("oldstate"), at("newstate")))
             self.at_frame_rows = at
-            named = gen != 0                 # states and times while this one sorts the ids
+            named = gen != 0
             base = np.uint64(gen[named].min()) if named.any() else np.uint64(0)
             if len(gen) and int(gen.max()) - int(base) < 2**32:  # ids of one recording: 32 bits do
                 gen -= base

@@ -64,11 +64,12 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     lport = np.maximum.reduceat(seg.sorted_column("sport"), st) if n else np.zeros(0, np.uint16)
     rport = np.maximum.reduceat(seg.sorted_column("dport"), st) if n else np.zeros(0, np.uint16)
     last_r = seg.table_rows(en)
-    # addresses, ports' family, counters of the last transition and the state paths: on a
-    # second thread (numpy and Arrow release the GIL) while this one works out the rest
+    # the addresses, family, netns, uid and byte counts of each last transition, and the state
+    # paths, on a second thread (numpy and Arrow release the GIL) while this one does the rest
     pool = ThreadPoolExecutor(1)
     last = pool.submit(_last_values, col, last_r)
     paths = pool.submit(_paths, old, new, st, en)
+    pool.shutdown(wait=False)  # (the thread ends when both are done)
 
     # role: a birth fixes it; otherwise the last transition that tells
     fo, fn = old[st], new[st]
@@ -110,7 +111,6 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     pos, i = seg.where(closer)
     offer(pos, seg.table_rows(i), _SRC["close"])
 
-
     # accepted sockets: the owner of the listener open on that netns and port at birth
     listener_pid = np.full(n, -1, dtype=np.int64)
     lis = np.flatnonzero((role == _ROLE["listener"]) & (src == _SRC["listen"]))
@@ -131,7 +131,6 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     at_owner = col.gather(owner_row[has_owner])         # values of each owner's event
     pid = np.zeros(n, np.uint32)
     pid[has_owner] = at_owner("pid")
-    pool.shutdown(wait=False)
 
     # how it ended, from the events around the CLOSE
     before = np.where(closed, old[en], 0)
@@ -170,7 +169,8 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     gap[st] = False
     incomplete = np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)
 
-    owner_comm = decoded(at_owner, "comm", dec.comm).take(np.where(has_owner, np.cumsum(has_owner) - 1, -1), allow_fill=True)
+    owner_comm = decoded(at_owner, "comm", dec.comm).take(np.where(has_owner, np.cumsum(has_owner) - 1, -1),
+                                                          allow_fill=True)
     last = last.result()
     to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, NAT))  # noqa: E731
     frame = pd.DataFrame(copy=False, data={

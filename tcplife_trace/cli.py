@@ -431,10 +431,10 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     elif fmt == "csv":
         sys.stdout.write(frames["lifecycles"].to_csv(index=False))
     else:
-        doc = {name: json.loads(df.to_json(orient="records", date_format="iso"))
-               for name, df in frames.items() if name != "transitions"}
-        doc["recordings"] = [{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends, strict=True)]
-        _out(json.dumps(doc))
+        docs = {name: df.to_json(orient="records", date_format="iso")  # pandas writes them; spliced in
+                for name, df in frames.items() if name != "transitions"}
+        docs["recordings"] = json.dumps([{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends, strict=True)])
+        _out(_json_object(docs))
 
 
 def _fleet_output(out: dict, fmt: str, export_dir: str | None) -> None:
@@ -448,11 +448,16 @@ def _fleet_output(out: dict, fmt: str, export_dir: str | None) -> None:
     elif fmt == "csv":
         sys.stdout.write(out["lifecycles"].to_csv(index=False))
     else:
-        doc = {name: json.loads(df.reset_index().to_json(orient="records", date_format="iso") if name == "summary"
-                                else df.to_json(orient="records", date_format="iso"))
-               for name, df in frames.items()}
-        doc["files"] = out["files"]
-        _out(json.dumps(doc))
+        docs = {name: (df.reset_index() if name == "summary" else df).to_json(orient="records", date_format="iso")
+                for name, df in frames.items()}
+        docs["files"] = json.dumps(out["files"])
+        _out(_json_object(docs))
+
+
+def _json_object(members: dict[str, str]) -> str:
+    """{"name": <JSON text>, ...} from members already serialized (frames written by pandas are
+    not parsed back only to be written again)."""
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in members.items()) + "}"
 
 
 def _thresholds(pairs: tuple[str, ...]):

@@ -104,6 +104,24 @@ def sockets_frame(rows: list) -> pd.DataFrame:
     return df
 
 
+def sockets_matching(df: pd.DataFrame, filters=None) -> pd.DataFrame:
+    """The rows of a sockets (or endings) frame that -p/-L/-D/-4/-6 keep (probes.filters.Filters)."""
+    f = filters
+    if f is None or not f.active() or df.empty:
+        return df
+    keep = pd.Series(True, index=df.index)
+    if f.lports:
+        keep &= df["lport"].isin(f.lports)
+    if f.rports:
+        keep &= df["rport"].isin(f.rports)
+    if f.family:
+        v6 = df["laddr"].astype(str).str.contains(":")
+        keep &= v6 if f.family == 6 else ~v6
+    if f.pids:
+        keep &= df["owner_pid"].isin(f.pids).fillna(False).astype(bool)
+    return df[keep.to_numpy(dtype=bool)]
+
+
 def empty_sockets() -> pd.DataFrame:
     return sockets_frame([])
 

@@ -53,9 +53,10 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
     stopped = stopped_at(rec.ends)
     if until is not None and stopped is not None:
         stopped = min(stopped, until)
+    snaps = [x for x in rec.snapshot_list if until is None or x[0] <= until.value]
     return {"lifecycles": lc, "transitions": tr, "state_durations": durations,
             "summary": summary(durations).reset_index(),
-            "leaks": findings(lc, tr, thresholds, stopped=stopped)}
+            "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=filters)}
 
 
 def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:
@@ -81,6 +82,12 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
         out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), filters {h.get('filters')}: "
                    f"{e.get('events', '?') if e else '?'} events, lost in kernel {lost}"
                    + ("" if e else "  [not closed cleanly]"))
+    if rec.snapshot_list:
+        t, meta, socks = rec.snapshot_list[-1]
+        kind = "every state" if meta["complete"] else "the periodic kind: no ESTABLISHED or TIME_WAIT"
+        out.append(f"socket snapshots: {len(rec.snapshot_list)}; the last ({kind}) at "
+                   f"{pd.Timestamp(t, unit='ns', tz='UTC').isoformat()}: "
+                   + (", ".join(f"{k} {v}" for k, v in socks["state"].value_counts().items()) or "no sockets"))
     ends = lc.end_reason.value_counts()
     out.append(f"{len(lc)} connections, {len(tr)} transitions; ended: "
                + ", ".join(f"{k} {v}" for k, v in ends.items() if v))

@@ -53,6 +53,7 @@ class Watch:
         self.synack_seed: dict[tuple, tuple[int, int]] = {}
         self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
         self.started_ns = time.monotonic_ns()
+        self.on_snapshot: Callable[[Snapshot, pd.DataFrame], None] | None = None  # e.g. a recording
 
     # -- inputs --------------------------------------------------------------------------
     def closed(self, lc: Lifecycle) -> None:
@@ -82,7 +83,13 @@ class Watch:
         self.synack_seed = self._synack_now()
         self.seed = self._take(sock_diag.ALL_STATES)
         self.started_ns = self.seed.taken_ns
+        self._record(self.seed)
         return self.seed
+
+    def _record(self, snap: Snapshot, frame: pd.DataFrame | None = None) -> None:
+        """Give a snapshot and its sockets frame to on_snapshot (a recording), if set."""
+        if self.on_snapshot is not None:
+            self.on_snapshot(snap, self.sockets_frame(snap) if frame is None else frame)
 
     def _take(self, states: int) -> Snapshot:
         snap = socket_snapshot.take(states)
@@ -159,23 +166,12 @@ class Watch:
         return df
 
     def _filtered(self, df: pd.DataFrame) -> pd.DataFrame:
-        f = self.filters
-        if f is None or not f.active() or df.empty:
-            return df
-        keep = pd.Series(True, index=df.index)
-        if f.lports:
-            keep &= df["lport"].isin(f.lports)
-        if f.rports:
-            keep &= df["rport"].isin(f.rports)
-        if f.family:
-            v6 = df["laddr"].astype(str).str.contains(":")
-            keep &= v6 if f.family == 6 else ~v6
-        if f.pids:
-            keep &= df["owner_pid"].isin(f.pids).fillna(False).astype(bool)
-        return df[keep.to_numpy(dtype=bool)]
+        return leaks.sockets_matching(df, self.filters)
 
     def evidence(self, snap: Snapshot) -> leaks.Evidence:
-        sockets = self._filtered(self.sockets_frame(snap))
+        frame = self.sockets_frame(snap)
+        self._record(snap, frame)
+        sockets = self._filtered(frame)
         deltas = {}
         if self.seed is not None:
             for ns, now in snap.mibs.items():

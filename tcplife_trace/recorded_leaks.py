@@ -1,10 +1,14 @@
-"""Leak findings from a recording: the detectors fed with what the trace alone knows.
+"""Leak findings from a recording: the detectors fed with what the recording knows.
 
-"Now" is when the recording stopped (or its last event, if it was cut). Sockets present then are the connections still
-open at the end (in their last state, aged from the transition into it) plus the
-TIME_WAIT sockets of active closes in the last minute. No sock_diag, so no request
-sockets (SYN floods), no kernel counters, no sockets opened before the recording
-and the ephemeral port range is Linux's default unless given.
+With sock_diag snapshots in the recording (`--record` with `--poll-interval`), the sockets are
+those of the last snapshot, as the live detectors saw them: sockets opened before the
+recording, request sockets, owners from /proc, queues and idle times, and the namespaces'
+counters and sysctls (their change since the first snapshot). Without, "now" is when the
+recording stopped (or its last event, if it was cut) and the sockets present then are the
+connections still open at the end (in their last state, aged from the transition into it)
+plus the TIME_WAIT sockets of active closes in the last minute: no request sockets (SYN
+floods), no kernel counters, no sockets opened before the recording, and the ephemeral port
+range is Linux's default unless given.
 """
 from __future__ import annotations
 
@@ -33,8 +37,12 @@ def _sockets(lc: pd.DataFrame, state, *, inode: int, timer: str, age, lower, eof
 
 def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
              port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
-             stopped: pd.Timestamp | None = None) -> leaks.Evidence:
-    """stopped: when the recording ended (a clean close stores it), else its last event."""
+             stopped: pd.Timestamp | None = None, snapshots: list | None = None,
+             filters=None) -> leaks.Evidence:
+    """stopped: when the recording ended (a clean close stores it), else its last event.
+    snapshots: the recording's (wall ns, meta, sockets) in time order; the last is "now"."""
+    if snapshots:
+        return _from_snapshots(lifecycles, transitions, snapshots, filters)
     if transitions.empty:
         return leaks.Evidence(leaks.empty_sockets(), leaks.empty_ended(), 1e-3)
     t0, now = transitions["time"].min(), transitions["time"].max()
@@ -62,6 +70,44 @@ def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
     return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True)
 
 
+def _ended(lc: pd.DataFrame) -> pd.DataFrame:
+    done = lc[lc["end"].notna()]
+    return pd.DataFrame({**_endpoints(done), "role": done["role"].astype(str),
+                         "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool)},
+                        columns=list(leaks.ENDED_COLUMNS))
+
+
+def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapshots: list,
+                    filters=None) -> leaks.Evidence:
+    """The detectors' view at the last snapshot: its sockets (ages as of then), the endings
+    the trace saw, the counters' change since the first snapshot, the listeners that
+    appeared in between."""
+    (t_first, first, first_socks), (t_last, meta, socks) = snapshots[0], snapshots[-1]
+    now = pd.Timestamp(t_last, unit="ns", tz="UTC")
+    lc = lifecycles.reset_index(drop=True)
+    sockets = leaks.sockets_matching(socks, filters)
+    if not meta["complete"]:  # the periodic kind skips TIME_WAIT: the trace's active closes of the last minute
+        tw = lc[lc["time_wait"] & (lc["end"] <= now) & (lc["end"] > now - pd.Timedelta(seconds=leaks.TIME_WAIT_S))]
+        tw = tw.reset_index(drop=True)
+        if len(tw):
+            sockets = pd.concat([sockets, _sockets(tw, "TIME_WAIT", inode=0, timer="timewait",
+                                                   age=(now - tw["end"]).dt.total_seconds(), lower=False,
+                                                   eof_age=np.nan)], ignore_index=True)
+    deltas = {}
+    for ns, counters in meta.get("mibs", {}).items():
+        before = first.get("mibs", {}).get(ns, {}) if len(snapshots) > 1 else counters
+        deltas[ns] = {k: v - before.get(k, 0) for k, v in counters.items() if v - before.get(k, 0) > 0}
+    key = ["netns", "laddr", "lport"]
+    lis = sockets[sockets["state"] == "LISTEN"]
+    seen = first_socks[first_socks["state"] == "LISTEN"][key].drop_duplicates() if len(snapshots) > 1 else lis[key]
+    new_lis = lis.merge(seen.assign(_old=True), on=key, how="left")
+    new_lis = new_lis[new_lis["_old"].isna()].drop(columns="_old")
+    t0 = transitions["time"].min() if len(transitions) else now
+    duration = max((now - min(t0, pd.Timestamp(t_first, unit="ns", tz="UTC"))).total_seconds(), 1e-3)
+    return leaks.Evidence(sockets, _ended(lc[lc["end"] <= now]), duration, deltas, meta.get("sysctls", {}),
+                          new_lis, complete_snapshot=bool(meta["complete"]))
+
+
 def stopped_at(ends: list) -> pd.Timestamp | None:
     """When the recordings stopped, from their clean-close summaries."""
     stops = [e["stop_wall"] for e in ends if e and e.get("stop_wall")]
@@ -69,6 +115,8 @@ def stopped_at(ends: list) -> pd.Timestamp | None:
 
 
 def findings(lifecycles: pd.DataFrame, transitions: pd.DataFrame, thresholds=None,
-             port_range: tuple[int, int] = DEFAULT_PORT_RANGE, stopped=None) -> pd.DataFrame:
+             port_range: tuple[int, int] = DEFAULT_PORT_RANGE, stopped=None, snapshots: list | None = None,
+             filters=None) -> pd.DataFrame:
     """The `.leaks()` frame."""
-    return leaks.frame(leaks.find(evidence(lifecycles, transitions, port_range, stopped), thresholds))
+    return leaks.frame(leaks.find(evidence(lifecycles, transitions, port_range, stopped, snapshots, filters),
+                                  thresholds))

@@ -25,6 +25,10 @@ from .probes.event_layout import EVENT_DTYPE, EVENT_SIZE
 SCHEMA_VERSION = 1
 KEY = b"tcplife_trace"          # schema metadata: the recording's header (JSON)
 END_KEY = "tcplife_trace.end"   # metadata of the closing batch: the exit summary (JSON)
+# metadata of an empty batch: one sock_diag snapshot, its sockets as the detectors read them
+# (an Arrow IPC stream, zstd) and its time, namespaces' counters and sysctls (JSON)
+SNAP_KEY = "tcplife_trace.snapshot"
+SNAP_META_KEY = "tcplife_trace.snapshot_meta"
 FLUSH_SECONDS = 1.0
 FLUSH_EVENTS = 65536
 
@@ -98,6 +102,7 @@ class RecordingWriter:
         self._pending: list[bytes] = []
         self._last_flush = time.monotonic()
         self.events = 0
+        self.snapshots = 0
         self.closed = False
 
     def add(self, events: list) -> None:
@@ -108,6 +113,23 @@ class RecordingWriter:
         if self._pending and (time.monotonic() - self._last_flush >= FLUSH_SECONDS
                               or sum(map(len, self._pending)) >= FLUSH_EVENTS * EVENT_SIZE):
             self.flush()
+
+    def add_snapshot(self, taken_ns: int, complete: bool, sockets, extra: dict | None = None) -> None:
+        """A sock_diag snapshot: its sockets frame (analysis.leaks.SOCKET_COLUMNS), when it was
+        taken (CLOCK_MONOTONIC ns), whether it holds every state; extra: per-namespace counters,
+        sysctls, names. Written and fsynced at once, after the events before it."""
+        if self.closed:
+            return
+        table = pa.Table.from_pandas(sockets, preserve_index=False)
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+            w.write_table(table)
+        meta = json.dumps({"taken_ns": int(taken_ns), "complete": bool(complete), **(extra or {})}, default=str)
+        self.flush()
+        self._writer.write_batch(_batch(self._schema, b""), custom_metadata={
+            SNAP_KEY: sink.getvalue().to_pybytes(), SNAP_META_KEY: meta})
+        self.snapshots += 1
+        self.flush()
 
     def flush(self) -> None:
         if self._pending:
@@ -121,7 +143,7 @@ class RecordingWriter:
         if self.closed:
             return
         self.flush()
-        end = {"stop_wall": time.time(), "events": self.events, **(summary or {})}
+        end = {"stop_wall": time.time(), "events": self.events, "snapshots": self.snapshots, **(summary or {})}
         empty = _batch(self._schema, b"")
         self._writer.write_batch(empty, custom_metadata={END_KEY: json.dumps(end)})
         self._writer.close()
@@ -197,15 +219,16 @@ def check(path: str) -> None:
             _checked_stream(f, path, size)
 
 
-def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
-    """(header, events table, exit summary or None, warnings). Raises RecordingError."""
+def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
+    """(header, events table, exit summary or None, warnings, snapshots as (meta, sockets frame)).
+    Raises RecordingError."""
     f, size = _open(path)
     with f:
         # memory-mapped: batches are read in place from the page cache, and only the columns
         # a frame uses are ever touched (a 10M-event recording is 1.3 GB)
         src = _mapped(f, path, size)
         reader, head = _checked_stream(src, path, size)
-        batches, end, warnings = [], None, []
+        batches, end, warnings, snaps = [], None, [], []
         while True:
             try:
                 batch, custom = reader.read_next_batch_with_custom_metadata()
@@ -215,6 +238,11 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
                 warnings.append(f"{path}: recording ends early (cut off while being written?); "
                                 f"loaded the {sum(len(b) for b in batches)} events of its complete batches")
                 break
+            if custom and SNAP_KEY.encode() in custom:
+                try:
+                    snaps.append(_snapshot(custom))
+                except (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError):
+                    warnings.append(f"{path}: an unreadable socket snapshot (skipped)")
             if custom and END_KEY.encode() in custom:
                 try:
                     end = json.loads(custom[END_KEY.encode()])
@@ -225,7 +253,21 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
         if end is None and not warnings:
             warnings.append(f"{path}: recording was not closed cleanly (no exit summary); "
                             "loaded every complete batch")
-    return head, pa.Table.from_batches(batches, schema=reader.schema), end, warnings
+    return head, pa.Table.from_batches(batches, schema=reader.schema), end, warnings, snaps
+
+
+def _snapshot(custom) -> tuple:
+    """(meta, sockets frame) of a snapshot batch's metadata; namespace keys back to integers."""
+    from .analysis import leaks
+    meta = json.loads(custom[SNAP_META_KEY.encode()])
+    if not isinstance(meta, dict) or not isinstance(meta.get("taken_ns"), int):
+        raise ValueError("snapshot without a time")
+    for k in ("mibs", "sysctls", "netns_names", "sockstat"):
+        meta[k] = {int(ns): v for ns, v in (meta.get(k) or {}).items()}
+    table = ipc.open_stream(pa.py_buffer(custom[SNAP_KEY.encode()])).read_all()
+    if table.column_names != list(leaks.SOCKET_COLUMNS):
+        raise ValueError("snapshot with other columns")
+    return meta, leaks.sockets_frame(table.to_pandas())
 
 
 class Recording:
@@ -244,16 +286,20 @@ class Recording:
         """A recording of events held in memory (e.g. a live session's), analysed the same way."""
         rec = cls.__new__(cls)
         rec.paths = []
-        rec._combine([(head, _table(events, head), end, [])])
+        rec._combine([(head, _table(events, head), end, [], [])])
         return rec
 
     def _combine(self, loaded: list) -> None:
-        self.headers = [h for h, _, _, _ in loaded]
-        self.ends = [e for _, _, e, _ in loaded]
-        self.warnings = [w for _, _, _, ws in loaded for w in ws]
+        self.headers = [h for h, _, _, _, _ in loaded]
+        self.ends = [e for _, _, e, _, _ in loaded]
+        self.warnings = [w for _, _, _, ws, _ in loaded for w in ws]
+        # (wall time ns, meta, sockets frame) of every snapshot, each on its own file's clock
+        self.snapshot_list = sorted(((m["taken_ns"] + int(h.get("mono_to_wall_ns", 0)), m, df)
+                                     for h, (_, _, _, _, snaps) in zip(self.headers, loaded)
+                                     for m, df in snaps), key=lambda x: x[0])
         base = int(self.headers[0].get("mono_to_wall_ns", 0))
         tables = []
-        for i, (h, t, _, _) in enumerate(loaded):
+        for i, (h, t, _, _, _) in enumerate(loaded):
             shift = int(h.get("mono_to_wall_ns", 0)) - base
             if i:  # (the first file is the reference: no shift, ids as recorded)
                 import pyarrow.compute as pc
@@ -309,12 +355,26 @@ class Recording:
         from .connections import summary
         return summary(self.state_durations())
 
+    def snapshots(self):
+        """Every sock_diag snapshot recorded (`--record` with `--poll-interval`): one row per
+        socket, `time` (UTC) and `complete` (every state, or the periodic subset) first, then
+        the sockets the detectors read (see README, "Recordings")."""
+        import pandas as pd
+        from .analysis import leaks
+        parts = [df.assign(time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
+                 for t, m, df in self.snapshot_list]
+        cols = ["time", "complete", *leaks.SOCKET_COLUMNS]
+        if not parts:
+            return leaks.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"),
+                                                complete=pd.Series([], dtype=bool))[cols]
+        return pd.concat(parts, ignore_index=True)[cols]
+
     def leaks(self, thresholds=None, port_range=None):
         """Leak and pile findings from what the recording shows (see README, "Findings");
         one row per finding, most severe first."""
         from .recorded_leaks import DEFAULT_PORT_RANGE, findings, stopped_at
         return findings(self.lifecycles(), self.transitions, thresholds, port_range or DEFAULT_PORT_RANGE,
-                        stopped_at(self.ends))
+                        stopped_at(self.ends), self.snapshot_list)
 
     def _group(self, keys: list[str]):
         from .connections import grouped
@@ -335,13 +395,13 @@ class Recording:
                 f"{clean}/{len(self.ends)} closed cleanly>")
 
 
-def _read_any(path: str) -> tuple[dict, pa.Table, dict | None, list[str]]:
+def _read_any(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
     """A recording, or text captured with tcpstates -T -w (imported, with what it lacks said)."""
     from . import tcpstates_import
     if os.path.isfile(path) and tcpstates_import.looks_like_tcpstates(path):
         events, offset, warnings = tcpstates_import.parse(path)
         head = header("imported", offset, {"imported_from": "tcpstates text", "source": path})
-        return head, _table(events, head), None, warnings
+        return head, _table(events, head), None, warnings, []
     return read(path)
 
 

@@ -208,3 +208,28 @@ def test_live_mode_prints_findings_as_they_appear(pair):
     assert [(f["kind"], f["owner_pid"], f["count"]) for f in summary["findings"]] == [
         ("close_wait_leak", srv.pid, 2)]  # -L 7010: the client's FIN_WAIT2 side is filtered out
     assert summary["sockets_at_start"]["CLOSE_WAIT"] >= 2
+
+
+def test_recording_holds_the_socket_snapshots(pair, tmp_path):
+    """--record with --poll-interval: the sockets each look saw are in the file, so the
+    recording finds a CLOSE_WAIT leak born before it, which its transitions never show."""
+    import subprocess
+    import sys
+    from tcplife_trace import load
+    srv = pair.start(pair.b, "serve", "7011", "--no-close")
+    pair.start(pair.a, "connect", B_ADDR, "7011", "2", "--then", "close")
+    path = tmp_path / "incident.arrow"
+    r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "2.5", "--poll-interval", "1",
+                        "--record", str(path), "-L", "7011"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rec = load(str(path))
+    assert rec.end["snapshots"] >= 3 and not rec.warnings  # the seed, the polls, the last look
+    sn = rec.snapshots()
+    ours = sn[(sn.netns == pair.inode(pair.b)) & (sn.lport == 7011)]
+    last = ours[ours.time == sn.time.max()]
+    assert set(last.state) == {"LISTEN", "CLOSE_WAIT"} and (last.owner_pid == srv.pid).all()
+    assert sn[sn.time == sn.time.min()].complete.all()
+    assert not rec.transitions.lport.eq(7011).any()  # the trace itself saw nothing of them
+    got = rec.leaks(Thresholds(**FAST))
+    cw = got[(got.kind == "close_wait_leak") & (got.netns == pair.inode(pair.b))]
+    assert len(cw) == 1 and cw.iloc[0]["count"] == 2 and cw.iloc[0].owner_pid == srv.pid

@@ -161,8 +161,12 @@ def test_foreign_arrow_and_newer_schema(tmp_path):
 
 @pytest.fixture(scope="module")
 def valid_bytes(tmp_path_factory):
+    from test_recorded_snapshots import SEED
     p = tmp_path_factory.mktemp("fuzz") / "r.arrow"
-    write(p, stream(ROWS))
+    w = write(p, stream(ROWS[:20]), close=False)
+    w.add_snapshot(5_000_000, True, SEED, {"mibs": {4026531833: {"ListenOverflows": 1}}})  # mangled too
+    w.add(stream(ROWS[20:]))
+    w.close()
     return p.read_bytes()
 
 
@@ -180,6 +184,7 @@ def test_mangled_recordings_never_crash_the_loader(tmp_path, valid_bytes, data):
     try:
         rec = load(str(p))
         assert len(rec.transitions) <= rec.events.num_rows  # whatever loaded makes a frame
+        assert list(rec.snapshots().columns)[:2] == ["time", "complete"]  # and whatever snapshot survived
     except RecordingError as e:
         assert str(p) in str(e)
 

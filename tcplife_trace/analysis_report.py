@@ -6,6 +6,7 @@ import os
 
 import pandas as pd
 
+from .analysis import leaks
 from .probes.filters import Filters
 from .recording import Recording
 
@@ -54,9 +55,15 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
     if until is not None and stopped is not None:
         stopped = min(stopped, until)
     snaps = [x for x in rec.snapshot_list if until is None or x[0] <= until.value]
+    sockets = rec.snapshots()
+    if since is not None:
+        sockets = sockets[sockets.time >= since]
+    if until is not None:
+        sockets = sockets[sockets.time <= until]
     return {"lifecycles": lc, "transitions": tr, "state_durations": durations,
             "summary": summary(durations).reset_index(),
-            "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=filters)}
+            "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=filters),
+            "snapshots": leaks.sockets_matching(sockets, filters).reset_index(drop=True)}
 
 
 def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:

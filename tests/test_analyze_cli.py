@@ -52,8 +52,8 @@ def test_export_parquet(rec_path, tmp_path, capsys):
     out = tmp_path / "frames"
     assert main(["analyze", rec_path, "--export", str(out), "--format", "csv"]) == 0
     names = sorted(os.listdir(out))
-    assert names == ["leaks.parquet", "lifecycles.parquet", "state_durations.parquet", "summary.parquet",
-                     "transitions.parquet"]
+    assert names == ["leaks.parquet", "lifecycles.parquet", "snapshots.parquet", "state_durations.parquet",
+                     "summary.parquet", "transitions.parquet"]
     lk = pd.read_parquet(out / "leaks.parquet")
     assert list(lk.columns)[:3] == ["kind", "severity", "count"]
     lc = pd.read_parquet(out / "lifecycles.parquet")

@@ -107,3 +107,14 @@ def test_analyze_report_says_what_the_last_snapshot_holds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "socket snapshots: 2; the last (the periodic kind: no ESTABLISHED or TIME_WAIT)" in out
     assert "LISTEN 2, CLOSE_WAIT 2" in out and "close_wait_leak" in out
+
+
+def test_analyze_exports_the_snapshots(tmp_path, capsys):
+    import json
+    from tcplife_trace.cli import main
+    path = _write(tmp_path / "r.arrow")
+    assert main(["analyze", path, "--export", str(tmp_path / "out"), "--format", "json", "-L", "9090"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(r["state"], r["owner_pid"]) for r in doc["snapshots"]] == [("LISTEN", 300)]  # -L 9090
+    sn = pd.read_parquet(tmp_path / "out" / "snapshots.parquet")
+    assert len(sn) == 1 and str(sn.time.dtype) == "datetime64[ns, UTC]"

@@ -9,6 +9,9 @@ import pandas as pd
 from .frames import STATE_CATEGORIES
 
 
+_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)  # set bits per byte
+
+
 def state_durations(trans: pd.DataFrame) -> pd.DataFrame:
     """Long form from a transitions frame (e.g. one cut to a time window): one row per
     (connection, state) with the seconds spent there (known only)."""
@@ -38,7 +41,7 @@ def durations(conn: np.ndarray, state: np.ndarray, seconds: np.ndarray) -> pd.Da
     starts = np.flatnonzero(np.r_[True, conn[1:] != conn[:-1]]) if n else np.zeros(0, np.int64)
     if n:
         seen = np.bitwise_or.reduceat(np.left_shift(np.uint16(1), state, dtype=np.uint16), starts)
-        repeated = (np.bitwise_count(seen) != np.diff(np.r_[starts, n])).any()
+        repeated = (_BITS[seen & 0xFF] + _BITS[seen >> 8] != np.diff(np.r_[starts, n])).any()
     if n and repeated:  # sum the repeats: rows by (connection, state)
         key = (np.cumsum(np.r_[True, conn[1:] != conn[:-1]]) - 1) * 16 + state.astype(np.int64)
         order = np.argsort(key, kind="stable")

@@ -61,15 +61,14 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     ids, st, en = seg.ids, seg.starts, seg.ends
     n = len(ids)
     old, new = seg.old, seg.new
-    lport = np.maximum.reduceat(seg.sorted_column("sport"), st) if n else np.zeros(0, np.uint16)
-    rport = np.maximum.reduceat(seg.sorted_column("dport"), st) if n else np.zeros(0, np.uint16)
     last_r = seg.table_rows(en)
-    # the addresses, family, netns, uid and byte counts of each last transition, and the state
-    # paths, on a second thread (numpy and Arrow release the GIL) while this one does the rest
+    # the addresses, family, netns, uid and byte counts of each last transition, how each
+    # connection ended and its state path, on a second thread (numpy and Arrow release the
+    # GIL) while this one does the rest
     pool = ThreadPoolExecutor(1)
     last = pool.submit(_last_values, col, last_r)
-    paths = pool.submit(_paths, old, new, st, en)
-    pool.shutdown(wait=False)  # (the thread ends when both are done)
+    lport = np.maximum.reduceat(seg.sorted_column("sport"), st) if n else np.zeros(0, np.uint16)
+    rport = np.maximum.reduceat(seg.sorted_column("dport"), st) if n else np.zeros(0, np.uint16)
 
     # role: a birth fixes it; otherwise the last transition that tells
     fo, fn = old[st], new[st]
@@ -89,6 +88,9 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     closed = new[en] == S.CLOSE
     birth_seen = birth >= 0
+    ended = pool.submit(_endings, col, events, seg, role, closed, mono_to_wall_ns)
+    paths = pool.submit(_paths, old, new, st, en)
+    pool.shutdown(wait=False)  # (the thread ends when the three are done)
     start_ns, end_ns = seg.times(st), seg.times(en)
 
     # owners, strongest source first
@@ -132,46 +134,9 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     pid = np.zeros(n, np.uint32)
     pid[has_owner] = at_owner("pid")
 
-    # how it ended, from the events around the CLOSE
-    before = np.where(closed, old[en], 0)
-    rr = np.isin(ids, events(EventKind.RECV_RESET)[1])
-    rs_rows, rs_gen = events(EventKind.SEND_RESET)
-    rst_sent = np.full(n, -1, dtype=np.int32)
-    pos, v = _per_conn(ids, rs_gen, col.at("value", rs_rows, ascending=True), last=True)
-    rst_sent[pos] = v
-    er_rows, er_gen = events(EventKind.ERROR)
-    errno = np.full(n, -1, dtype=np.int32)
-    pos, v = _per_conn(ids, er_gen, col.at("value", er_rows, ascending=True), last=True)
-    errno[pos] = v
-    # the order of analysis.lifecycle.classify_end
-    rules = [
-        (role == _ROLE["listener"], "listener_closed"),
-        (~closed, "open"),
-        ((rr | (errno == ECONNREFUSED)) & (before == S.SYN_SENT), "refused"),
-        (rr | (errno == ECONNREFUSED), "reset_by_peer"),
-        (errno == ETIMEDOUT, "timeout"),
-        (rst_sent >= 0, "local_abort"),
-        ((errno == ECONNRESET) | (errno == EPIPE), "reset_by_peer"),
-        (before == S.LAST_ACK, "passive_close"),
-        ((before == S.FIN_WAIT2) | (before == S.CLOSING), "active_close"),
-        ((before == S.SYN_SENT) | (before == S.SYN_RECV), "local_abort"),
-    ]
-    reason = np.select([cond for cond, _ in rules], [_END[name] for _, name in rules],
-                       default=_END["unknown"]).astype(np.int8)
-
-    eof_rows, eof_gen = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
-    eof_ns = np.full(n, -1, dtype=np.int64)
-    pos, v = _per_conn(ids, eof_gen, col.at("ts_ns", eof_rows, ascending=True).view(np.int64))
-    eof_ns[pos] = v
-
-    # missed events: a transition whose old state is not where the previous one led
-    gap = np.r_[False, new[:-1] != old[1:]] if len(old) else np.zeros(0, bool)
-    gap[st] = False
-    incomplete = np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)
-
     owner_comm = decoded(at_owner, "comm", dec.comm).take(np.where(has_owner, np.cumsum(has_owner) - 1, -1),
                                                           allow_fill=True)
-    last = last.result()
+    last, end = last.result(), ended.result()
     to_time = lambda v, ok: wall_times(np.where(ok, v + mono_to_wall_ns, NAT))  # noqa: E731
     frame = pd.DataFrame(copy=False, data={
         "conn_id": ids.astype(np.uint64),
@@ -189,17 +154,60 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "comm": owner_comm,
         "owner_source": pd.Categorical.from_codes(src, SOURCES),
         "uid": last["uid"],
-        "end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
-        "rst_sent_reason": _named(rst_sent, lambda v: RST_REASONS.get(v, str(v))),
-        "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
-        "time_wait": reason == _END["active_close"],
+        "end_reason": end["end_reason"],
+        "rst_sent_reason": end["rst_sent_reason"],
+        "errno": end["errno"],
+        "time_wait": end["time_wait"],
         "tx_b": last["tx_b"],
         "rx_b": last["rx_b"],
-        "eof_seen": to_time(eof_ns, eof_ns >= 0),
-        "incomplete": incomplete,
+        "eof_seen": end["eof_seen"],
+        "incomplete": end["incomplete"],
         "path": paths.result(),
     })
     return frame
+
+
+def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, mono_to_wall_ns: int) -> dict:
+    """How each connection ended, from the events around its CLOSE (the order of
+    analysis.lifecycle.classify_end), its first EOF, and whether events are missing."""
+    ids, st, en, old, new = seg.ids, seg.starts, seg.ends, seg.old, seg.new
+    n = len(ids)
+    before = np.where(closed, old[en], 0)
+    rr = np.isin(ids, events(EventKind.RECV_RESET)[1])
+    rs_rows, rs_gen = events(EventKind.SEND_RESET)
+    rst_sent = np.full(n, -1, dtype=np.int32)
+    pos, v = _per_conn(ids, rs_gen, col.at("value", rs_rows, ascending=True), last=True)
+    rst_sent[pos] = v
+    er_rows, er_gen = events(EventKind.ERROR)
+    errno = np.full(n, -1, dtype=np.int32)
+    pos, v = _per_conn(ids, er_gen, col.at("value", er_rows, ascending=True), last=True)
+    errno[pos] = v
+    rules = [
+        (role == _ROLE["listener"], "listener_closed"),
+        (~closed, "open"),
+        ((rr | (errno == ECONNREFUSED)) & (before == S.SYN_SENT), "refused"),
+        (rr | (errno == ECONNREFUSED), "reset_by_peer"),
+        (errno == ETIMEDOUT, "timeout"),
+        (rst_sent >= 0, "local_abort"),
+        ((errno == ECONNRESET) | (errno == EPIPE), "reset_by_peer"),
+        (before == S.LAST_ACK, "passive_close"),
+        ((before == S.FIN_WAIT2) | (before == S.CLOSING), "active_close"),
+        ((before == S.SYN_SENT) | (before == S.SYN_RECV), "local_abort"),
+    ]
+    reason = np.select([cond for cond, _ in rules], [_END[name] for _, name in rules],
+                       default=_END["unknown"]).astype(np.int8)
+    eof_rows, eof_gen = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
+    eof_ns = np.full(n, NAT, dtype=np.int64)
+    pos, v = _per_conn(ids, eof_gen, col.at("ts_ns", eof_rows, ascending=True).view(np.int64))
+    eof_ns[pos] = v + mono_to_wall_ns
+    # missed events: a transition whose old state is not where the previous one led
+    gap = np.r_[False, new[:-1] != old[1:]] if len(old) else np.zeros(0, bool)
+    gap[st] = False
+    return {"end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
+            "rst_sent_reason": _named(rst_sent, lambda v: RST_REASONS.get(v, str(v))),
+            "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
+            "time_wait": reason == _END["active_close"], "eof_seen": wall_times(eof_ns),
+            "incomplete": np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)}
 
 
 def _last_values(col: Columns, last_r: np.ndarray) -> dict:

@@ -97,7 +97,7 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
                    + (", ".join(f"{k} {v}" for k, v in socks["state"].value_counts().items()) or "no sockets"))
     ends = lc.end_reason.value_counts()
     out.append(f"{len(lc)} connections, {len(tr)} transitions; ended: "
-               + ", ".join(f"{k} {v}" for k, v in ends.items() if v))
+               + (", ".join(f"{k} {v}" for k, v in ends.items() if v) or "none"))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         if len(f["summary"]):
             out.append("\ntime in state (seconds; count = connections that spent time there)")

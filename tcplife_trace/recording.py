@@ -42,6 +42,8 @@ _ARROW_TYPES = {
     "seq": pa.uint16(),
 }
 assert list(_ARROW_TYPES) == [n for n in EVENT_DTYPE.names]
+assert all(EVENT_DTYPE[n].itemsize == (t.byte_width if pa.types.is_fixed_size_binary(t) else t.bit_width // 8)
+           for n, t in _ARROW_TYPES.items())  # each column's bytes are its Arrow values
 
 
 class RecordingError(Exception):
@@ -54,16 +56,12 @@ def _schema(header: dict) -> pa.Schema:
 
 
 def _batch(schema: pa.Schema, blob: bytes) -> pa.RecordBatch:
-    """Packed struct tlt_event records -> one Arrow batch, column by column from numpy."""
+    """Packed struct tlt_event records -> one Arrow batch, each column's bytes handed to Arrow
+    as they are (pa.array() would import pandas, a second's stall of a live trace)."""
     arr = np.frombuffer(blob, dtype=EVENT_DTYPE)
     n = len(arr)
-    cols = []
-    for name, typ in _ARROW_TYPES.items():
-        if pa.types.is_fixed_size_binary(typ):
-            buf = np.ascontiguousarray(arr[name]).tobytes()
-            cols.append(pa.FixedSizeBinaryArray.from_buffers(typ, n, [None, pa.py_buffer(buf)]))
-        else:
-            cols.append(pa.array(np.ascontiguousarray(arr[name]), type=typ))
+    cols = [pa.Array.from_buffers(typ, n, [None, pa.py_buffer(np.ascontiguousarray(arr[name]))])
+            for name, typ in _ARROW_TYPES.items()]
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 

@@ -202,3 +202,17 @@ def test_several_files_load_as_one(tmp_path):
     first_a = t[t.conn_id == 1].time.iloc[0]
     first_b = t[t.conn_id == (1 << 48) + 1].time.iloc[0]
     assert (first_b - first_a) == pd.Timedelta(seconds=1)  # each file on its own wall clock
+
+
+def test_writing_a_recording_does_not_import_pandas(tmp_path):
+    """pa.array() imports pandas (a second or more): mid-trace, at the first flush, that
+    stalled the consumer and the kernel dropped events. The writer hands Arrow raw buffers."""
+    import subprocess
+    import sys
+    code = (f"import sys; from tcplife_trace import recording; "
+            f"w = recording.RecordingWriter({str(tmp_path / 'r.arrow')!r}, recording.header('none', 0)); "
+            f"w._pending.append(bytes(recording.EVENT_SIZE * 3)); w.events = 3; w.flush(); w.close(); "
+            f"print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert load(str(tmp_path / "r.arrow")).events.num_rows == 3

@@ -187,6 +187,12 @@ class LiveSession:
         self.program.close()
         if self.recorder is not None:
             self.recorder.close({k: v for k, v in self.report.items() if k != "state_times"})
+            try:
+                size = os.path.getsize(self.recorder.path)
+            except OSError:
+                size = None
+            self.report["recording"] = {"path": self.recorder.path, "events": self.recorder.events,
+                                        "socket_snapshots": self.recorder.snapshots, "bytes": size}
         return self.report
 
     def recording(self):

@@ -210,4 +210,9 @@ def summary_text(report: dict) -> str:
         lines.append(f"  findings: {len(r['findings'])}" + ("" if r["findings"] else " (healthy)"))
         for f in r["findings"]:
             lines.append(f"    {f['severity'].upper()} {f['kind']}: {f['summary']}")
+    rec = r.get("recording")
+    if rec:
+        size = "" if rec["bytes"] is None else f", {rec['bytes'] / 2**20:.1f} MiB"
+        lines.append(f"  recorded {rec['events']} events and {rec['socket_snapshots']} socket snapshots to "
+                     f"{rec['path']}{size}; read it with: tcplife-trace analyze {rec['path']}")
     return "\n".join(lines)

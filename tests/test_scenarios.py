@@ -222,6 +222,7 @@ def test_recording_holds_the_socket_snapshots(pair, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "2.5", "--poll-interval", "1",
                         "--record", str(path), "-L", "7011"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert f"socket snapshots to {path}" in r.stderr and f"tcplife-trace analyze {path}" in r.stderr
     rec = load(str(path))
     assert rec.end["snapshots"] >= 3 and not rec.warnings  # the seed, the polls, the last look
     sn = rec.snapshots()

@@ -86,11 +86,19 @@ def _quantiles(v: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def grouped(lc: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Connections per group: how many, how many still open, lifetimes, how they ended."""
-    g = lc.groupby(keys, observed=True, dropna=False)
-    out = pd.DataFrame({"connections": g.size(), "open": g.end_reason.apply(lambda s: (s == "open").sum()),
-                        "median_s": g.duration_s.median(), "max_s": g.duration_s.max()})
-    ends = pd.crosstab([lc[k] for k in keys], lc.end_reason, dropna=False) if len(lc) else None
-    if ends is not None:
-        out = out.join(ends.loc[:, (ends != 0).any()], how="left")
-    return out.sort_values("connections", ascending=False)
+    """Connections per group (the groups present only): how many, how many still open, median
+    and longest lifetime, and one column per way the others ended, most connections first."""
+    g = lc.groupby(keys, observed=True, dropna=False, sort=False)
+    still = (lc["end_reason"] == "open").groupby([lc[k] for k in keys], observed=True, dropna=False, sort=False)
+    out = pd.DataFrame({"connections": g.size(), "open": still.sum(),
+                        "median_s": g["duration_s"].median(), "max_s": g["duration_s"].max()})
+    # (a crosstab would make every combination of the keys' categories: 65k peers x 65k ports)
+    ends = lc.groupby([*keys, "end_reason"], observed=True, dropna=False, sort=False).size()
+    if len(ends):
+        ends = ends.unstack("end_reason", fill_value=0)
+        order = getattr(lc["end_reason"], "cat", None)
+        if order is not None:  # the vocabulary's order, not the order they first appear in
+            ends = ends[[c for c in order.categories if c in ends.columns]]
+        ends = ends.drop(columns=["open"], errors="ignore")  # (the `open` column already says it)
+        out = out.join(ends, how="left")
+    return out.sort_values("connections", ascending=False, kind="stable")

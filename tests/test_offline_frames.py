@@ -115,3 +115,32 @@ def test_summary_equals_pandas_quantiles():
     want = want.loc[got.index]
     assert list(got.index) == ["ESTABLISHED", "TIME_WAIT", "SYN_SENT", "CLOSE_WAIT"]
     np.testing.assert_allclose(got.to_numpy(dtype=float), want.to_numpy(dtype=float), rtol=1e-12)
+
+
+def test_groupings_by_peer_port_and_process(tmp_path):
+    rec = load(_write(tmp_path / "r.arrow", _events(), 7))
+    lc = rec.lifecycles()
+    port = rec.by_local_port()
+    assert port.loc[8080, "connections"] == (lc.lport == 8080).sum() == 3  # listener, child, born-before
+    assert port.connections.sum() == len(lc)  # a connection whose port was never known is a group too
+    proc = rec.by_process()
+    assert proc.loc[(100, "p100"), "connections"] == (lc.pid == 100).sum()
+    peer = rec.by_peer()
+    assert list(peer.columns[:4]) == ["connections", "open", "median_s", "max_s"]
+    ends = [c for c in peer.columns[4:]]
+    assert ends == [c for c in lc.end_reason.cat.categories if c in ends]  # in the vocabulary's order
+    assert peer[ends].to_numpy().sum() + peer.open.sum() == peer.connections.sum()
+    assert peer.open.sum() == (lc.end_reason == "open").sum() >= 1
+
+
+def test_groupings_do_not_multiply_categories():
+    """Only the groups present: a crosstab over 40k peer addresses x 40k ports asked for 130 GiB."""
+    from tcplife_trace.connections import grouped
+    n = 40_000
+    lc = pd.DataFrame({"raddr": pd.Categorical([f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(n)]),
+                       "rport": pd.array(np.arange(n) % 60000 + 1024, dtype="UInt16"),
+                       "end_reason": pd.Categorical(["active_close", "open"] * (n // 2)),
+                       "duration_s": np.linspace(0, 1, n)})
+    g = grouped(lc, ["raddr", "rport"])
+    assert len(g) == n and g.connections.sum() == n and g.open.sum() == n // 2
+    assert list(g.columns[4:]) == ["active_close"]

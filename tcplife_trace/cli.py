@@ -312,6 +312,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     if not as_json and not quiet:
         _out(view.lifecycle_header() if lifecycles else view.transition_header())
     deadline = time.monotonic() + duration if duration else None
+    said = {"recording": False}
     try:
         while not stop.requested:
             timeout = 100
@@ -322,6 +323,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 timeout = max(1, min(timeout, int(left * 1000)))
             session.poll(timeout)
             flush()
+            if recorder is not None and recorder.failed and not said["recording"]:
+                said["recording"] = True  # once, at once; tracing goes on
+                click.echo(f"tcplife-trace: error: {recorder.failed}; free space or record elsewhere", err=True)
             if watch is not None and time.monotonic() >= next_poll:
                 t_poll = time.monotonic()
                 for f in watch.poll():
@@ -365,6 +369,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     if strict and session.degraded():
         click.echo("tcplife-trace: --strict: events were lost or connections went untracked "
                    "(see the summary above)", err=True)
+        return EXIT_DEGRADED
+    if recorder is not None and recorder.failed:
+        click.echo(f"tcplife-trace: error: {recorder.failed}", err=True)
         return EXIT_DEGRADED
     return EXIT_OK
 

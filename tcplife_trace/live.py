@@ -191,8 +191,9 @@ class LiveSession:
                 size = os.path.getsize(self.recorder.path)
             except OSError:
                 size = None
-            self.report["recording"] = {"path": self.recorder.path, "events": self.recorder.events,
-                                        "socket_snapshots": self.recorder.snapshots, "bytes": size}
+            self.report["recording"] = {"path": self.recorder.path, "events": self.recorder.written,
+                                        "socket_snapshots": self.recorder.snapshots, "bytes": size,
+                                        "failed": self.recorder.failed}
         return self.report
 
     def recording(self):

@@ -99,12 +99,17 @@ class RecordingWriter:
         self._writer = ipc.new_stream(self._file, self._schema)
         self._pending: list[bytes] = []
         self._last_flush = time.monotonic()
-        self.events = 0
+        self.events = 0             # events given to it
+        self.written = 0            # events in the file, fsynced
+        self._unsynced = 0
         self.snapshots = 0
         self.closed = False
+        self.failed: str | None = None  # why writing stopped (disk full, ...): one line, the file named
 
     def add(self, events: list) -> None:
         """Events as `Ev`-ordered tuples; written at least once a second."""
+        if self.failed:
+            return
         if events:
             self._pending.append(_packed(events))
             self.events += len(events)
@@ -116,7 +121,7 @@ class RecordingWriter:
         """A sock_diag snapshot: its sockets frame (analysis.leaks.SOCKET_COLUMNS), when it was
         taken (CLOCK_MONOTONIC ns), whether it holds every state; extra: per-namespace counters,
         sysctls, names. Written and fsynced at once, after the events before it."""
-        if self.closed:
+        if self.closed or self.failed:
             return
         table = pa.Table.from_pandas(sockets, preserve_index=False)
         sink = pa.BufferOutputStream()
@@ -124,31 +129,54 @@ class RecordingWriter:
             w.write_table(table)
         meta = json.dumps({"taken_ns": int(taken_ns), "complete": bool(complete), **(extra or {})}, default=str)
         self.flush()
-        self._writer.write_batch(_batch(self._schema, b""), custom_metadata={
-            SNAP_KEY: sink.getvalue().to_pybytes(), SNAP_META_KEY: meta})
-        self.snapshots += 1
-        self.flush()
+        if self._writing(lambda: self._writer.write_batch(_batch(self._schema, b""), custom_metadata={
+                SNAP_KEY: sink.getvalue().to_pybytes(), SNAP_META_KEY: meta})):
+            self.snapshots += 1
+            self.flush()
 
     def flush(self) -> None:
+        if self.failed:
+            return
         if self._pending:
-            self._writer.write_batch(_batch(self._schema, b"".join(self._pending)))
+            blob = b"".join(self._pending)
             self._pending.clear()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._last_flush = time.monotonic()
+            if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
+                return
+            self._unsynced += len(blob) // EVENT_SIZE
+        if self._writing(lambda: (self._file.flush(), os.fsync(self._file.fileno()))):
+            self.written += self._unsynced  # on the disk now
+            self._unsynced = 0
+            self._last_flush = time.monotonic()
+
+    def _writing(self, write) -> bool:
+        """Run a write; on an OS error (disk full, I/O error) stop recording for good, keeping
+        the file as it is (every batch written before loads), and say why in `failed`."""
+        try:
+            write()
+            return True
+        except OSError as e:
+            n = self.written
+            self.failed = (f"{self.path}: recording stopped: {e.strerror or e}; the file keeps the "
+                           f"{n} event{'' if n == 1 else 's'} written before (analyze reads it as cut off)")
+            self.closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            return False
 
     def close(self, summary: dict | None = None) -> None:
         if self.closed:
             return
         self.flush()
-        end = {"stop_wall": time.time(), "events": self.events, "snapshots": self.snapshots, **(summary or {})}
+        if self.failed:
+            return
+        end = {"stop_wall": time.time(), "events": self.written, "snapshots": self.snapshots, **(summary or {})}
         empty = _batch(self._schema, b"")
-        self._writer.write_batch(empty, custom_metadata={END_KEY: json.dumps(end)})
-        self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self.closed = True
+        if self._writing(lambda: (self._writer.write_batch(empty, custom_metadata={END_KEY: json.dumps(end)}),
+                                  self._writer.close(), self._file.flush(), os.fsync(self._file.fileno()),
+                                  self._file.close())):
+            self.closed = True
 
 
 def read_header(path: str) -> dict:

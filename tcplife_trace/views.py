@@ -213,6 +213,9 @@ def summary_text(report: dict) -> str:
     rec = r.get("recording")
     if rec:
         size = "" if rec["bytes"] is None else f", {rec['bytes'] / 2**20:.1f} MiB"
-        lines.append(f"  recorded {rec['events']} events and {rec['socket_snapshots']} socket snapshots to "
+        lines.append(f"  recorded {rec['events']} event{'' if rec['events'] == 1 else 's'} and "
+                     f"{rec['socket_snapshots']} socket snapshot{'' if rec['socket_snapshots'] == 1 else 's'} to "
                      f"{rec['path']}{size}; read it with: tcplife-trace analyze {rec['path']}")
+        if rec.get("failed"):
+            lines.append(f"  RECORDING INCOMPLETE: {rec['failed']}")
     return "\n".join(lines)

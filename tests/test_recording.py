@@ -163,9 +163,9 @@ def test_foreign_arrow_and_newer_schema(tmp_path):
 def valid_bytes(tmp_path_factory):
     from test_recorded_snapshots import SEED
     p = tmp_path_factory.mktemp("fuzz") / "r.arrow"
-    w = write(p, stream(ROWS[:20]), close=False)
+    w = write(p, stream(ROWS[:5]), close=False)
     w.add_snapshot(5_000_000, True, SEED, {"mibs": {4026531833: {"ListenOverflows": 1}}})  # mangled too
-    w.add(stream(ROWS[20:]))
+    w.add(stream(ROWS[5:]))
     w.close()
     return p.read_bytes()
 
@@ -216,3 +216,24 @@ def test_writing_a_recording_does_not_import_pandas(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     assert load(str(tmp_path / "r.arrow")).events.num_rows == 3
+
+
+def test_a_full_disk_stops_the_recording_not_the_tracer(tmp_path):
+    """Writes failing (ENOSPC: the file's descriptor pointed at /dev/full) stop the recording
+    for good with one line naming the file; no exception reaches the live loop, and what was
+    written before still loads."""
+    p = tmp_path / "r.arrow"
+    w = RecordingWriter(str(p), recording.header("none", 0))
+    w.add(stream(ROWS[:5]))
+    w.flush()
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, w._file.fileno())
+    os.close(full)
+    w.add(stream(ROWS[5:]))
+    w.flush()
+    assert w.failed and w.failed.startswith(f"{p}: recording stopped: ")  # ENOSPC, or EINVAL from fsync
+    assert "the 5 events written before" in w.failed and w.written == 5
+    w.add(stream(ROWS))  # ignored from now on
+    w.close()
+    rec = load(str(p))
+    assert rec.events.num_rows == 5 and rec.warnings

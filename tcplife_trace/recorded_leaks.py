@@ -56,21 +56,25 @@ def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
     open_rows = _sockets(open_, open_["path"].astype(str).str.rsplit(" ", n=1).str[-1], inode=1, timer="?",
                          age=(now - since).dt.total_seconds(), lower=~open_["birth_seen"].astype(bool),
                          eof_age=(now - open_["eof_seen"]).dt.total_seconds())
-    tw = lc[lc["time_wait"] & (lc["end"] > now - pd.Timedelta(seconds=leaks.TIME_WAIT_S))].reset_index(drop=True)
-    tw_rows = _sockets(tw, "TIME_WAIT", inode=0, timer="timewait", age=(now - tw["end"]).dt.total_seconds(),
-                       lower=False, eof_age=np.nan)
+    tw_rows = _time_wait(lc, now)
     sockets = pd.concat([open_rows, tw_rows], ignore_index=True) if len(tw_rows) else open_rows
-    done = lc[lc["end"].notna()]
-    ended = pd.DataFrame({**_endpoints(done), "role": done["role"].astype(str),
-                          "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool)},
-                         columns=list(leaks.ENDED_COLUMNS))
+    ended = _ended(lc)
     new_lis = pd.DataFrame(_endpoints(open_[(open_["role"] == "listener") & open_["birth_seen"]]))
     duration = max((now - t0).total_seconds(), 1e-3)
     sysctls = {int(ns): {"ip_local_port_range": port_range} for ns in pd.unique(lc["netns"].dropna())}
     return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True)
 
 
+def _time_wait(lc: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
+    """TIME_WAIT rows of the detectors' sockets frame: the active closes of the minute before now."""
+    tw = lc[lc["time_wait"] & (lc["end"] <= now) & (lc["end"] > now - pd.Timedelta(seconds=leaks.TIME_WAIT_S))]
+    tw = tw.reset_index(drop=True)
+    return _sockets(tw, "TIME_WAIT", inode=0, timer="timewait", age=(now - tw["end"]).dt.total_seconds(),
+                    lower=False, eof_age=np.nan)
+
+
 def _ended(lc: pd.DataFrame) -> pd.DataFrame:
+    """The detectors' endings frame: one row per connection that ended."""
     done = lc[lc["end"].notna()]
     return pd.DataFrame({**_endpoints(done), "role": done["role"].astype(str),
                          "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool)},
@@ -87,12 +91,9 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     lc = lifecycles.reset_index(drop=True)
     sockets = leaks.sockets_matching(socks, filters)
     if not meta["complete"]:  # the periodic kind skips TIME_WAIT: the trace's active closes of the last minute
-        tw = lc[lc["time_wait"] & (lc["end"] <= now) & (lc["end"] > now - pd.Timedelta(seconds=leaks.TIME_WAIT_S))]
-        tw = tw.reset_index(drop=True)
+        tw = _time_wait(lc, now)
         if len(tw):
-            sockets = pd.concat([sockets, _sockets(tw, "TIME_WAIT", inode=0, timer="timewait",
-                                                   age=(now - tw["end"]).dt.total_seconds(), lower=False,
-                                                   eof_age=np.nan)], ignore_index=True)
+            sockets = pd.concat([sockets, tw], ignore_index=True)
     deltas = {}
     for ns, counters in meta.get("mibs", {}).items():
         before = first.get("mibs", {}).get(ns, {}) if len(snapshots) > 1 else counters

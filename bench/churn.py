@@ -1,21 +1,30 @@
-"""Churn benchmark: short loopback connections, untraced and under each tracer, side by side.
+"""Churn benchmark: sustained loopback connection churn, untraced and under each tracer, side by side.
 
-    sudo ./run.sh bench [--conns N] [--workers W] [--rounds R]
+    sudo ./run.sh bench [--seconds 30] [--rounds 3] [--clients 2] [--only NAME,...]
 
-Every connection makes exactly 10 state changes (client: CLOSE>SYN_SENT>ESTABLISHED>
-FIN_WAIT1>FIN_WAIT2>CLOSE; server child: LISTEN>SYN_RECV>ESTABLISHED>CLOSE_WAIT>LAST_ACK>CLOSE).
-For each configuration the same bounded workload runs on a fresh port and we report:
-  rate kept       connections/s under the tracer / connections/s untraced (same run)
-  captured        lines the tracer printed for the workload's port / lines expected (a client
-                  still in FIN_WAIT1 when the namespace is deleted never makes its last two
-                  changes: up to 0.1% of them; tcplife-trace's own received/sent is exact)
-  startup s       exec to the tracer's ready line
+The load is native (bench/loadgen.c, built here with gcc): C clients that connect, write a
+byte, read to EOF and close, against C servers that read the byte and close first: the
+highest churn this machine makes (Python reaches about half). Every connection makes
+exactly 10 state changes. Each round runs every configuration for --seconds on the same
+load in a fresh network namespace (an empty TIME_WAIT table), untraced first; the table
+gives medians over the rounds:
+  conn/s          connections/s under the tracer
+  kept            / untraced in the same round
+  of floor        / a bpftrace probe that only counts the tracepoint's hits (the cost of
+                  the tracepoint itself), same round
+  lost            events the tracer counted as lost (ours; from its report)
+  captured        lines printed for the workload's port / lines expected (10 per connection
+                  for per-transition views, 2 for per-connection ones); for ours with no
+                  text output, events received / sent from the report
+  CPU us/change   the tracer's CPU time (user + system, /proc) while the load ran and it
+                  caught up, per state change of the load
   peak RSS MB     the tracer process's VmHWM
 Loopback only; every step is bounded in count and time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -114,10 +123,57 @@ def churn_in_netns(conns: int, workers: int) -> tuple[int, float, int]:
     return int(port), float(rate), int(made)
 
 
+LOADGEN_SRC = os.path.join(HERE, "loadgen.c")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def build_loadgen(tmp: str) -> str:
+    exe = os.path.join(tmp, "loadgen")
+    subprocess.run(["gcc", "-O2", "-o", exe, LOADGEN_SRC], check=True)
+    return exe
+
+
+def native_churn_in_netns(loadgen: str, seconds: float, clients: int, servers: int,
+                          max_conns: int = 10_000_000) -> tuple[int, float, int]:
+    """The native load for `seconds` in a network namespace of its own, deleted after;
+    returns (port, connections/s, connections made)."""
+    _netns_counter[0] += 1
+    name = f"tltbench{os.getpid()}_{_netns_counter[0]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", name, "sh", "-c",
+             f'ip link set lo up && exec "{loadgen}" {seconds} {max_conns} {clients} {servers}'],
+            check=True, capture_output=True, text=True, timeout=seconds + 60).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+    port, rate, made, _elapsed = out.split()
+    return int(port), float(rate), int(made)
+
+
+def cpu_s(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Tool:
-    def __init__(self, name, argv, ready, per_conn, ready_stream="stdout", count="lines"):
+    """A configuration: argv, the ready pattern and stream, where its output goes, how to count."""
+    def __init__(self, name, argv, ready, per_conn, ready_stream="stdout", count="lines", stdout="file"):
         self.name, self.argv, self.ready, self.per_conn = name, argv, re.compile(ready), per_conn
-        self.ready_stream, self.count = ready_stream, count
+        self.ready_stream, self.count, self.stdout = ready_stream, count, stdout
+
+    def ours(self) -> bool:
+        return self.argv[0] == TRACER
 
     def available(self) -> bool:
         exe = self.argv[2] if self.argv[0] == "stdbuf" else self.argv[0]
@@ -125,16 +181,20 @@ class Tool:
 
 
 def tools() -> list[Tool]:
-    tr = TRACER
+    tr, ready = TRACER, r"tracing TCP state changes"
     return [
         Tool("bpftrace count (kernel floor)", ["bpftrace", "-e",
              "tracepoint:sock:inet_sock_set_state { @n = count(); }"], r"Attaching", None,
              count="bpftrace"),
-        Tool("tcplife-trace", [tr], r"tracing TCP state changes", 10, ready_stream="stderr"),
-        Tool("tcplife-trace --lifecycles", [tr, "--lifecycles"], r"tracing TCP state changes", 2,
-             ready_stream="stderr"),  # kernel aggregation: one record per connection
-        Tool("tcplife-trace --lifecycles stream", [tr, "--lifecycles", "--kernel-mode", "stream"],
-             r"tracing TCP state changes", 2, ready_stream="stderr"),
+        Tool("tcplife-trace", [tr], ready, 10, ready_stream="stderr"),
+        Tool("tcplife-trace --json >/dev/null", [tr, "--json"], ready, 10, ready_stream="stderr",
+             count="report", stdout="null"),
+        Tool("tcplife-trace --json >file", [tr, "--json"], ready, 10, ready_stream="stderr", count="json"),
+        Tool("tcplife-trace --record", [tr, "--record", "{tmp}/rec.arrow"], ready, 10,
+             ready_stream="stderr", count="report", stdout="null"),
+        Tool("tcplife-trace --lifecycles", [tr, "--lifecycles"], ready, 2, ready_stream="stderr"),
+        Tool("tcplife-trace serve", [tr, "serve", "--metrics-port", "{port}"], ready, 10,
+             ready_stream="stderr", count="report", stdout="null"),
         Tool("bcc tcpstates-bpfcc", ["stdbuf", "-oL", "tcpstates-bpfcc"], r"SKADDR", 10),
         Tool("bcc tcplife-bpfcc", ["stdbuf", "-oL", "tcplife-bpfcc"], r"PID", 2),
         Tool("libbpf-tools tcpstates", ["stdbuf", "-oL", "/usr/sbin/tcpstates"], r"SKADDR", 10),
@@ -165,15 +225,29 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def run_tool(tool: Tool, conns: int, workers: int, tmp: str) -> dict:
+def _count_lines(path: str, pattern: str) -> int:
+    """Lines of a (possibly GB-sized) output file that match: grep, not Python."""
+    r = subprocess.run(["grep", "-c", "-E", pattern, path], capture_output=True, text=True)
+    return int(r.stdout.strip() or 0)
+
+
+def _argv(tool: Tool, tmp: str, report: str) -> list[str]:
+    argv = [a.format(tmp=tmp, port=free_port()) for a in tool.argv]
+    if tool.ours():
+        argv += ["--report", report]
+    return argv
+
+
+def run_tool(tool: Tool, load, tmp: str) -> dict:
+    """Start the tool, run the load under it, stop it; what it cost and what it caught."""
     out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
     report = os.path.join(tmp, "report.json")
-    if os.path.exists(report):
-        os.remove(report)
-    argv = tool.argv + (["--report", report] if tool.argv[0] == TRACER else [])
-    with open(out, "w") as fo, open(err, "w") as fe:
+    for leftover in (report, os.path.join(tmp, "rec.arrow")):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    with open(out if tool.stdout == "file" else os.devnull, "w") as fo, open(err, "w") as fe:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=fo, stderr=fe, start_new_session=True,
+        proc = subprocess.Popen(_argv(tool, tmp, report), stdout=fo, stderr=fe, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if not wait_ready(out if tool.ready_stream == "stdout" else err, tool.ready, proc):
             proc.kill()
@@ -181,39 +255,84 @@ def run_tool(tool: Tool, conns: int, workers: int, tmp: str) -> dict:
             return {"tool": tool.name, "error": open(err).read().strip()[-200:] or "did not start"}
         startup = time.monotonic() - t0
         time.sleep(0.3)
-        port, rate, made = churn_in_netns(conns, workers)
+        cpu0 = cpu_s(proc.pid)
+        port, rate, made = load()
         time.sleep(3.0)  # let the tracer catch up, and the last FINs retransmitted after an RTO land
+        cpu1 = cpu_s(proc.pid)
         rss = peak_rss_mb(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    text = open(out, errors="replace").read()
-    res = {"tool": tool.name, "rate": rate, "startup_s": startup, "rss_mb": rss}
+    res = {"tool": tool.name, "rate": rate, "startup_s": startup, "rss_mb": rss, "made": made,
+           "cpu_us": None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) * 1e6 / (10 * made)}
     if tool.count == "bpftrace":
-        m = re.search(r"@n: (\d+)", text)
+        m = re.search(r"@n: (\d+)", open(out, errors="replace").read())
         res["captured"] = int(m.group(1)) / (10 * made) if m else None  # counts every TCP change
+    elif tool.count == "lines":
+        res["captured"] = _count_lines(out, rf"(^|\s){port}(\s|$)") / (tool.per_conn * made)
+    elif tool.count == "json":
+        res["captured"] = _count_lines(out, rf'"[lr]port":{port}[,}}]') / (tool.per_conn * made)
     else:
-        p = str(port)
-        lines = sum(1 for ln in text.splitlines() if p in ln.split())
-        res["captured"] = lines / (tool.per_conn * made)
+        res["captured"] = None
+    if os.path.exists(out) and tool.stdout == "file":
+        os.remove(out)  # up to a GB of text per run
     if os.path.exists(report):
-        import json
         with open(report) as f:
             r = json.load(f)
-        res["lost"] = r["events_lost"] + r["conn_map_full"]
+        res["lost"] = r["events_lost"] + r.get("conn_map_full", 0)
         res["delivered"] = r["events_received"] / max(1, r["events_emitted_by_kernel"])
+    elif tool.ours():
+        res["error"] = "no report: " + (open(err).read().strip()[-200:] or "exit %s" % proc.returncode)
     return res
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else spec % v
+
+
+def table(results: dict[str, list[dict]], untraced: list[float]) -> str:
+    """One row per configuration: medians over the rounds; ratios within each round."""
+    floor_runs = next((runs for name, runs in results.items() if "floor" in name), None)
+    lines = ["%-34s %8s %6s %8s %9s %9s %13s %9s %11s" % (
+        "tracer", "conn/s", "kept", "of floor", "lost", "captured", "CPU us/change", "startup s", "peak RSS MB")]
+    for name, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            lines.append("%-34s failed: %s" % (name, runs[0]["error"] if runs else "not run"))
+            continue
+        kept = _median([r["rate"] / untraced[i] for i, r in enumerate(runs) if "error" not in r])
+        of_floor = None
+        if floor_runs is not None:
+            of_floor = _median([r["rate"] / f["rate"] for r, f in zip(runs, floor_runs)
+                                if "error" not in r and "error" not in f])
+        cap = _median([r.get("captured") if r.get("captured") is not None else r.get("delivered") for r in ok])
+        lost = [r["lost"] for r in ok if "lost" in r]
+        lines.append("%-34s %8.0f %6.2f %8s %9s %9s %13s %9.2f %11s" % (
+            name, _median([r["rate"] for r in ok]), kept, _fmt(of_floor, "%.2f"),
+            "-" if not lost else ",".join(str(x) for x in lost), _fmt(cap, "%.4f"),
+            _fmt(_median([r["cpu_us"] for r in ok]), "%.2f"), _median([r["startup_s"] for r in ok]),
+            _fmt(_median([r["rss_mb"] for r in ok]), "%.0f"))
+            + ("" if len(ok) == len(runs) else f"   ({len(runs) - len(ok)} of {len(runs)} runs failed)"))
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--conns", type=int, default=30000, help="connections per configuration")
-    ap.add_argument("--workers", type=int, default=2, help="client (and server) processes")
+    ap.add_argument("--seconds", type=float, default=30.0, help="sustained load per configuration")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians")
+    ap.add_argument("--clients", type=int, default=2, help="client processes of the native load")
+    ap.add_argument("--servers", type=int, default=2, help="server processes of the native load")
     ap.add_argument("--only", help="comma list of tool name substrings to run")
-    ap.add_argument("--load", type=int, help=argparse.SUPPRESS)  # internal: run one churn here
+    ap.add_argument("--load", type=int, help=argparse.SUPPRESS)  # internal: the Python churn, here
+    ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load:
         print(*churn(args.load, args.workers))
@@ -221,36 +340,32 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root (sudo ./run.sh bench)", file=sys.stderr)
         return 2
+    if not 1 <= args.seconds <= 600 or not 1 <= args.rounds <= 20:
+        print("bench: --seconds 1-600, --rounds 1-20", file=sys.stderr)
+        return 2
     selected = [t for t in tools() if t.available()
-                and (not args.only or any(s in t.name for s in args.only.split(",")))]
+                and (not args.only or "floor" in t.name or any(s in t.name for s in args.only.split(",")))]
     missing = [t.name for t in tools() if not t.available()]
-    results = []
-    base = []
-    with tempfile.TemporaryDirectory() as tmp:
-        _, rate, _ = churn_in_netns(args.conns, args.workers)
-        base.append(rate)
-        for tool in selected:
-            print(f"bench: {tool.name} ...", file=sys.stderr, flush=True)
-            results.append(run_tool(tool, args.conns, args.workers, tmp))
-        _, rate, _ = churn_in_netns(args.conns, args.workers)
-        base.append(rate)
-    untraced = statistics.mean(base)
-    print(f"\nchurn: {args.conns} connections x 10 state changes, {args.workers} client + "
-          f"{args.workers} server processes, loopback of a fresh netns per run, {os.cpu_count()} CPUs, "
+    results: dict[str, list[dict]] = {t.name: [] for t in selected}
+    untraced: list[float] = []
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        loadgen = build_loadgen(tmp)
+
+        def load():
+            return native_churn_in_netns(loadgen, args.seconds, args.clients, args.servers)
+        for rnd in range(args.rounds):
+            print(f"bench: round {rnd + 1}/{args.rounds}: untraced ...", file=sys.stderr, flush=True)
+            untraced.append(load()[1])
+            for tool in selected:
+                print(f"bench: round {rnd + 1}/{args.rounds}: {tool.name} ...", file=sys.stderr, flush=True)
+                results[tool.name].append(run_tool(tool, load, tmp))
+    print(f"\nchurn: native load ({args.clients} client + {args.servers} server processes, C), "
+          f"{args.seconds:g} s sustained per configuration, {args.rounds} rounds (medians), 10 state "
+          f"changes per connection, loopback of a fresh netns per run, {os.cpu_count()} CPUs, "
           f"kernel {os.uname().release}")
-    print(f"untraced: {untraced:,.0f} conn/s (before {base[0]:,.0f}, after {base[1]:,.0f})\n")
-    floor = next((r["rate"] for r in results if "floor" in r["tool"] and "rate" in r), None)
-    print("%-34s %8s %9s %9s %9s %9s %11s" % ("tracer", "conn/s", "rate kept", "of floor", "captured",
-                                              "startup s", "peak RSS MB"))
-    for r in results:
-        if "error" in r:
-            print("%-34s failed: %s" % (r["tool"], r["error"]))
-            continue
-        cap = "-" if r["captured"] is None else "%.3f" % r["captured"]
-        print("%-34s %8.0f %9.2f %9s %9s %9.2f %11s" % (
-            r["tool"], r["rate"], r["rate"] / untraced, "-" if floor is None else "%.2f" % (r["rate"] / floor),
-            cap, r["startup_s"], "-" if r["rss_mb"] is None else "%.0f" % r["rss_mb"])
-            + (f"   (lost in kernel: {r['lost']}; received/sent {r['delivered']:.6f})" if "lost" in r else ""))
+    print("untraced: %s conn/s (median; rounds: %s)\n" % (
+        f"{statistics.median(untraced):,.0f}", ", ".join(f"{u:,.0f}" for u in untraced)))
+    print(table(results, untraced))
     if missing:
         print("\nnot installed, not measured: " + ", ".join(missing))
     return 0

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The two commands of the README (and the benchmark):
 #   sudo ./run.sh trace [tcplife-trace flags]   set up if needed, then trace live
-#   sudo ./run.sh test  [pytest args]           set up if needed, then run every test, privileged included
+#   sudo ./run.sh test  [pytest args]           set up if needed (with the test tools: promtool), then run every test, privileged included
 #   sudo ./run.sh bench [bench flags]           set up with peer tools, then run bench/churn.py
 set -eu
 ROOT=$(cd "$(dirname "$0")" && pwd)
@@ -13,7 +13,7 @@ case "$cmd" in
         "$ROOT/scripts/provision.sh"
         exec "$VENV/bin/tcplife-trace" "$@" ;;
     test)
-        "$ROOT/scripts/provision.sh"
+        "$ROOT/scripts/provision.sh" --test-tools
         cd "$ROOT"
         # privileged tests fail (not skip) if they cannot load the real BPF program
         TCPLIFE_TRACE_REQUIRE_PRIVILEGED=1 exec "$VENV/bin/python" -m pytest -p no:cacheprovider tests "$@" ;;

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import bisect
 import os
+import socket
+import sys
+import threading
+import time
 from collections import Counter
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
@@ -165,9 +171,56 @@ def _gauge(name: str, doc: str, by_labels: dict) -> GaugeMetricFamily:
     return g
 
 
-def serve(metrics: Metrics, port: int, addr: str = "127.0.0.1"):
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - no line per request in the journal
+        pass
+
+
+class ClientErrors:
+    """What a scraper did wrong (went away mid-response, sent garbage): one line on stderr, at
+    most one per `every_s`, with the count of those folded into it. A long-running agent's
+    journal must not fill with tracebacks of clients' mistakes."""
+
+    def __init__(self, every_s: float = 60.0, out=None):
+        self.every_s = every_s
+        self.out = out
+        self.total = 0
+        self._since = 0  # errors not yet said
+        self._last = -every_s
+        self._lock = threading.Lock()
+
+    def __call__(self, client, exc: BaseException | None) -> None:
+        with self._lock:
+            self.total += 1
+            self._since += 1
+            now = time.monotonic()
+            if now - self._last < self.every_s:
+                return
+            n, self._since, self._last = self._since, 0, now
+        what = type(exc).__name__ if exc is not None else "error"
+        detail = str(exc).splitlines()[0][:80] if exc is not None and str(exc) else ""
+        peer = f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) >= 2 else str(client)
+        more = f"; {n - 1} more client errors since the last such line" if n > 1 else ""
+        print(f"tcplife-trace: notice: metrics client {peer}: {what}{': ' + detail if detail else ''} "
+              f"(request dropped; at most one such line a minute){more}", file=self.out or sys.stderr, flush=True)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold the exit up
+    client_errors: ClientErrors
+
+    def handle_error(self, request, client_address):
+        self.client_errors(client_address, sys.exc_info()[1])
+
+
+def serve(metrics: Metrics, port: int, addr: str = "127.0.0.1", client_errors: ClientErrors | None = None):
     """Start the /metrics endpoint in a background thread; returns the server."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsServer", (_Server,), {"address_family": family,
+                                                       "client_errors": client_errors or ClientErrors()})
+    server = make_server(sockaddr[0], port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="tcplife-metrics", daemon=True).start()
     return server

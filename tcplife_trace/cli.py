@@ -70,7 +70,29 @@ def _out(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+_EXAMPLES = """\b
+examples:
+    tcplife-trace                    # every TCP state change, until Ctrl-C
+    tcplife-trace -T --duration 10   # with wall time, for 10 s
+    tcplife-trace --lifecycles -w    # one line per finished connection, wide
+    tcplife-trace -p 181 -L 80,443   # owned by PID 181, local ports 80 and 443
+    tcplife-trace -D 5432 -6         # IPv6 connections to remote port 5432
+    tcplife-trace --json --lifecycles > conns.jsonl   # JSON Lines, summary as JSON on stderr
+    tcplife-trace --record /var/tmp/t.arrow           # also record for offline analysis
+    tcplife-trace analyze /var/tmp/t.arrow            # ... and analyse the recording
+    tcplife-trace doctor --duration 30                # snapshot, trace 30 s, report leaks
+    tcplife-trace serve --metrics-port 9470           # agent: Prometheus metrics, findings
+
+\b
+thresholds (--threshold NAME=VALUE):
+    close_wait_age_s fin_wait1_age_s fin_wait2_age_s last_ack_age_s closing_age_s
+    pile_warning pile_critical syn_sent_failures syn_sent_age_s fanout_destinations
+    syn_recv_per_listener time_wait_use time_wait_rate idle_established_s peer_connections
+"""
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=_EXAMPLES)
 @click.option("-T", "--time", "hms", is_flag=True, help="Prefix lines with HH:MM:SS wall time.")
 @click.option("-t", "--timestamp", "seconds", is_flag=True, help="Prefix lines with seconds since start.")
 @click.option("-w", "--wide", is_flag=True, help="Wide columns (IPv6 addresses, 16-char COMM).")

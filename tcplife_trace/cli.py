@@ -298,6 +298,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     if metrics is not None:
         from . import metrics as metrics_mod
         session.close_watchers.append(metrics.on_close)
+        metrics.attach(session, metrics_port, metrics_addr)
         try:
             metrics_mod.serve(metrics, metrics_port, metrics_addr)
         except OSError as e:
@@ -353,6 +354,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 for f in watch.poll():
                     click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
                 poll_s.append(time.monotonic() - t_poll)
+                if metrics is not None:
+                    metrics.on_socket_poll(poll_s[-1])
                 next_poll = time.monotonic() + poll_interval
             if metrics is not None and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + 1.0

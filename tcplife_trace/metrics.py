@@ -17,7 +17,7 @@ from collections import Counter
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
@@ -27,6 +27,7 @@ from .probes.tcp_states import state_name
 # time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
 BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600)
 _BUCKETS_NS = [int(b * 1e9) for b in BUCKETS_S]
+POLL_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 OPT_IN_LABELS = ("port", "comm")
 OTHER = "other"
 
@@ -64,6 +65,14 @@ class Metrics:
         self.session_report: dict = {}    # refreshed by the main loop (kernel counters)
         self.sockets: dict[str, int] = {}  # state -> sockets now, from the last sock_diag snapshot
         self.findings: Counter[tuple[str, str]] = Counter()
+        # the endpoint's own sockets (its listener, the scrapes it accepts): not the host's traffic
+        self._own_port = 0
+        self._own_addr: str | None = None  # None: any local address
+        self._own_netns: int | None = None
+        self.own_connections = 0
+        self.session = None  # a LiveSession, for the tracer's own health (ring, map, consumer)
+        self._consumer_tid: int | None = None
+        self._poll_hist = [0] * (len(POLL_BUCKETS_S) + 2)  # sock_diag looks: buckets, +Inf, sum s
 
     # -- hot path (the tracer's callbacks) -----------------------------------------------
     def _extra(self, lc: Lifecycle) -> tuple:
@@ -76,7 +85,15 @@ class Metrics:
                 out.append(self.capped["comm"](lc.owner_comm))
         return tuple(out)
 
+    def _own(self, lc: Lifecycle) -> bool:
+        return (lc.role != "active" and lc.lport == self._own_port and lc.netns in (None, self._own_netns)
+                and (self._own_addr is None or lc.laddr == self._own_addr))
+
     def on_transition(self, t: Transition) -> None:
+        if self._own_port and t.lc.lport == self._own_port and self._own(t.lc):
+            if (t.oldstate, t.newstate) in BIRTHS and t.lc.role == "passive":
+                self.own_connections += 1
+            return
         self.transitions[(t.oldstate, t.newstate)] += 1
         if t.dur_ns is not None:
             h = self.hist.get(t.oldstate)
@@ -88,9 +105,31 @@ class Metrics:
             self.opened[(t.lc.role, *self._extra(t.lc)) if self.labels else (t.lc.role,)] += 1
 
     def on_close(self, lc: Lifecycle) -> None:
+        if self._own_port and lc.lport == self._own_port and self._own(lc):
+            return
         self.closed[(lc.role, lc.end_reason, *self._extra(lc)) if self.labels else (lc.role, lc.end_reason)] += 1
 
     # -- slow path (main loop, about once a second) --------------------------------------
+    def attach(self, session, port: int | None = None, addr: str | None = None) -> None:
+        """Follow `session`'s health, from the thread that polls it (the consumer); leave the
+        connections of an endpoint on `port` (bound to `addr`) out of the counters."""
+        self.session = session
+        self._consumer_tid = threading.get_native_id()
+        if port:
+            self._own_port = port
+            self._own_addr = None if addr in (None, "", "0.0.0.0", "::") else socket.getaddrinfo(
+                addr, port, type=socket.SOCK_STREAM)[0][4][0]
+            try:
+                self._own_netns = os.stat("/proc/self/ns/net").st_ino
+            except OSError:
+                self._own_netns = None
+
+    def on_socket_poll(self, seconds: float) -> None:
+        """One sock_diag look took this long (the consumer waited for it)."""
+        h = self._poll_hist
+        h[bisect.bisect_left(POLL_BUCKETS_S, seconds)] += 1
+        h[-1] += seconds
+
     def update(self, report: dict, snapshot_counts: dict[str, int] | None = None, findings=None) -> None:
         self.session_report = report
         if snapshot_counts is not None:
@@ -151,6 +190,58 @@ class Metrics:
                        r.get("conn_map_full", 0))
         yield _counter("tcplife_label_overflow", "Label values folded into \"other\" by the cap.",
                        sum(cl.overflowed for cl in self.capped.values()))
+        yield from self._health()
+
+    def _health(self):
+        """The tracer's own health, read when scraped."""
+        yield _counter("tcplife_metrics_connections", "Connections to this metrics endpoint (left out of "
+                       "the connection counters).", self.own_connections)
+        h = HistogramMetricFamily("tcplife_socket_poll_duration_seconds", "How long each sock_diag look at "
+                                  "every socket held the consumer up.")
+        cum, buckets = 0, []
+        for bound, n in zip(POLL_BUCKETS_S, self._poll_hist[:-2]):
+            cum += n
+            buckets.append((_fmt(bound), cum))
+        buckets.append(("+Inf", cum + self._poll_hist[-2]))
+        h.add_metric([], buckets, self._poll_hist[-1])
+        yield h
+        cpu = _thread_cpu_s(self._consumer_tid) if self._consumer_tid else None
+        if cpu is not None:
+            yield _counter("tcplife_consumer_cpu_seconds", "CPU time of the consumer thread (reads the ring, "
+                           "follows the connections), user and system.", cpu)
+        s = self.session
+        if s is None or s.report is not None:  # not attached, or stopped: the kernel side is gone
+            return
+        reader = s.stream.reader
+        yield _gauge1("tcplife_ring_buffer_size_bytes", "Size of the BPF ring buffer.", reader.data_size)
+        yield _gauge1("tcplife_ring_buffer_peak_fill_ratio", "Largest share of the ring buffer seen waiting "
+                      "since the start (1: full, events are then lost).", reader.peak_fill / reader.data_size)
+        yield _gauge1("tcplife_tracked_connections", "Open connections the consumer follows now.",
+                      len(s.tracker.live))
+        yield _gauge1("tcplife_conn_map_capacity", "Entries the kernel connection map can hold (--max-conns).",
+                      s.settings.max_conns)
+        from .probes.map_count import count_entries
+        try:
+            n = count_entries(s.program.bpf[b"conns"])
+        except Exception:  # noqa: BLE001 - bcc raises Exception; the map may be closing
+            n = None
+        if n is not None:
+            yield _gauge1("tcplife_conn_map_entries", "Entries in the kernel connection map now.", n)
+
+
+def _thread_cpu_s(tid: int) -> float | None:
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _gauge1(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
 
 
 def _fmt(bound: float) -> str:
@@ -217,6 +308,10 @@ def serve(metrics: Metrics, port: int, addr: str = "127.0.0.1", client_errors: C
     """Start the /metrics endpoint in a background thread; returns the server."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
+    # process_* (CPU, memory, fds, start time) and python_* as every client library exports them
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
                                                    flags=socket.AI_PASSIVE)[0]
     server_class = type("MetricsServer", (_Server,), {"address_family": family,

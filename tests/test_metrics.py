@@ -1,5 +1,7 @@
 """Prometheus metrics: counters and histograms from synthetic streams, the label cap, and a
 scrape of the real endpoint while the real tracer follows a known loopback workload."""
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,6 +74,52 @@ def test_opt_in_labels_are_capped():
         Metrics(("peer",))
 
 
+def promtool() -> str:
+    """promtool from the venv (scripts/provision.sh --test-tools puts it there) or PATH: never skipped."""
+    found = shutil.which("promtool", path=os.path.dirname(sys.executable)) or shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool is missing: run `sudo scripts/provision.sh --test-tools` (./run.sh test does)")
+    return found
+
+
+def promtool_check_metrics(text: str) -> str:
+    """promtool's lint of an exposition: '' when it has nothing to say."""
+    r = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    return (r.stdout + r.stderr).strip() + ("" if r.returncode == 0 else f" (exit {r.returncode})")
+
+
+def test_promtool_lints_what_it_should():
+    # the check can fail: a counter without _total and a unit not in base form are reported
+    bad = "# HELP x_ms Time.\n# TYPE x_ms counter\nx_ms 1\n"
+    assert "x_ms" in promtool_check_metrics(bad)
+
+
+def test_the_endpoints_own_connections_are_not_counted():
+    own = os.stat("/proc/self/ns/net").st_ino
+    m = Metrics(("port",), label_cap=2)
+    m.attach(None, 9470, "127.0.0.1")
+
+    def passive(gen, lport, t0, netns=own):
+        rows = [(t0, "S", gen, "LISTEN", "SYN_RECV", 10, lport, 50000 + gen),
+                (t0 + 0.1, "S", gen, "SYN_RECV", "ESTABLISHED", 10, lport, 50000 + gen),
+                (t0 + 1, "S", gen, "ESTABLISHED", "FIN_WAIT1", 10, lport, 50000 + gen),
+                (t0 + 2, "S", gen, "FIN_WAIT1", "FIN_WAIT2", 10, lport, 50000 + gen),
+                (t0 + 3, "S", gen, "FIN_WAIT2", "CLOSE", 10, lport, 50000 + gen)]
+        return [ev(*r, netns=netns) for r in rows]
+    t = Tracker(on_transition=m.on_transition, on_close=m.on_close)
+    t.feed_all([ev(0, "S", 1, "CLOSE", "LISTEN", 10, 9470, 0, netns=own)]  # the endpoint's listener
+               + passive(2, 9470, 1) + passive(3, 9470, 5)                  # two scrapes
+               + passive(4, 9470, 10, netns=own + 1)                         # port 9470 of a container
+               + passive(5, 8080, 15))                                       # the host's own service
+    t.finish()
+    s = scrape(m)
+    opened = {k[1]: v for k, v in s.items() if k[0] == "tcplife_connections_opened_total"}
+    assert opened == {(("port", "9470"), ("role", "passive")): 1, (("port", "8080"), ("role", "passive")): 1}
+    assert s[("tcplife_metrics_connections_total", ())] == 2
+    assert sum(v for k, v in s.items() if k[0] == "tcplife_transitions_total") == 10  # two connections' five
+    assert s[("tcplife_label_overflow_total", ())] == 0  # the scrapes took no capped port slot
+
+
 @pytest.mark.privileged
 def test_scrape_during_a_real_traced_workload():
     with socket.socket() as probe:  # a free port for the endpoint
@@ -106,11 +154,15 @@ def test_scrape_during_a_real_traced_workload():
                                                   ("role", "passive"))): n,
         }
         deadline = time.monotonic() + 10
+        scrapes = 0
         while True:
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
-                s = samples(r.read().decode())
+                text = r.read().decode()
+                s = samples(text)
+            scrapes += 1
             settled = (s.get(("tcplife_events_received_total", ()), 0) > 0  # refreshed once a second
-                       and s.get(("tcplife_sockets", (("state", "TIME_WAIT"),)), 0) >= n)  # next sock_diag look
+                       and s.get(("tcplife_sockets", (("state", "TIME_WAIT"),)), 0) >= n  # next sock_diag look
+                       and s.get(("tcplife_socket_poll_duration_seconds_count", ()), 0) >= 1)
             if (settled and all(s.get(k) == v for k, v in want.items())) or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
@@ -121,6 +173,21 @@ def test_scrape_during_a_real_traced_workload():
                                          ("version", __import__("tcplife_trace").__version__)))] == 1
         # sock_diag counts: our TIME_WAIT sockets are there (the poll reads them from sockstat)
         assert s.get(("tcplife_sockets", (("state", "TIME_WAIT"),)), 0) >= n
+        # the exposition as promtool wants it, every name, unit and type (no warning at all)
+        assert promtool_check_metrics(text) == ""
+        # the endpoint's own side of the scrapes is not in the connection counters
+        assert not [k for k in s if k[0].startswith("tcplife_connections_") and ("port", str(mport)) in k[1]
+                    and dict(k[1])["role"] != "active"]
+        assert s[("tcplife_metrics_connections_total", ())] >= scrapes - 1
+        # the tracer's own health
+        assert s[("tcplife_ring_buffer_size_bytes", ())] == 4096 * 4096
+        assert 0 < s[("tcplife_ring_buffer_peak_fill_ratio", ())] < 1
+        assert s[("tcplife_conn_map_capacity", ())] == 65536
+        assert 0 <= s[("tcplife_conn_map_entries", ())] <= 65536
+        assert s[("tcplife_consumer_cpu_seconds_total", ())] > 0
+        assert s[("tcplife_socket_poll_duration_seconds_count", ())] >= 1
+        assert s[("process_cpu_seconds_total", ())] >= s[("tcplife_consumer_cpu_seconds_total", ())]
+        assert s[("process_resident_memory_bytes", ())] > 0
     finally:
         agent.terminate()
         agent.wait(timeout=20)

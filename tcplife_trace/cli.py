@@ -115,7 +115,7 @@ thresholds (--threshold NAME=VALUE):
               help="Scheduling priority of the consumer: above the traced workload so that, when the "
                    "CPUs are saturated, the tracer keeps up instead of losing events.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Also write every event to FILE (Arrow stream, mode 0600, flushed every second) "
+              help="Also write every event to FILE (Arrow stream, mode 0600, on the disk within a second) "
                    "for offline analysis with tcplife_trace.load(FILE).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
@@ -239,8 +239,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
           quiet: bool = False, metrics=None, metrics_port: int | None = None,
           metrics_addr: str = "127.0.0.1") -> int:
     if report_path:
-        try:
-            open(report_path, "a").close()  # fail now, not after the incident was traced
+        from . import private_files
+        try:  # fail now, not after the incident was traced; the file is made at the end
+            private_files.check_replaceable(report_path)
         except OSError as e:
             raise UserError(f"cannot write report {report_path}: {e.strerror}") from None
     stop = _Stop()
@@ -291,8 +292,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                               recorder=recorder, wall_offset_ns=wall_offset)
     except BaseException:
         if recorder is not None:  # nothing was recorded: leave no empty file behind
-            recorder.close()
-            os.unlink(record_path)
+            recorder.discard()
         raise
     holder["s"] = session
     if metrics is not None:
@@ -314,21 +314,24 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     watch = None
     poll_s: list[float] = []  # how long each look at the sockets held the consumer up
     if poll_interval > 0:
-        from . import findings_view
-        from .diagnosis import Watch
-        from .probes import sock_diag
-        poll_states = sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED) if metrics else sock_diag.POLL_STATES
-        watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states,
-                      open_lifecycles=session.open_lifecycles)
-        session.close_watchers.append(watch.closed)
-        if recorder is not None:  # the sockets each look saw go into the recording too
-            watch.on_snapshot = lambda snap, frame: recorder.add_snapshot(
-                snap.taken_ns, snap.complete, frame,
-                {"mibs": snap.mibs, "sysctls": snap.sysctls, "netns_names": snap.netns_names,
-                 "sockstat": snap.sockstat})
-        watch.take_seed()
-        seed_counts = watch.latest_counts
-        next_poll = time.monotonic() + poll_interval
+        # the detectors' import and the first look at every socket take a second or two: the
+        # recording goes on meanwhile (session.pumping), so a SIGKILL loses at most the last second
+        with session.pumping():
+            from . import findings_view
+            from .diagnosis import Watch
+            from .probes import sock_diag
+            poll_states = sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED) if metrics else sock_diag.POLL_STATES
+            watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states,
+                          open_lifecycles=session.open_lifecycles)
+            session.close_watchers.append(watch.closed)
+            if recorder is not None:  # the sockets each look saw go into the recording too
+                watch.on_snapshot = lambda snap, frame: recorder.add_snapshot(
+                    snap.taken_ns, snap.complete, frame,
+                    {"mibs": snap.mibs, "sysctls": snap.sysctls, "netns_names": snap.netns_names,
+                     "sockstat": snap.sockstat})
+            watch.take_seed()
+            seed_counts = watch.latest_counts
+            next_poll = time.monotonic() + poll_interval
     for notice in session.notices:
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
     next_metrics = 0.0
@@ -351,7 +354,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 click.echo(f"tcplife-trace: error: {recorder.failed}; free space or record elsewhere", err=True)
             if watch is not None and time.monotonic() >= next_poll:
                 t_poll = time.monotonic()
-                for f in watch.poll():
+                with session.pumping():
+                    found = watch.poll()
+                for f in found:
                     click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
                 poll_s.append(time.monotonic() - t_poll)
                 if metrics is not None:
@@ -365,7 +370,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         findings = None
         if watch is not None:
             session.poll(0)
-            findings = watch.final(full=False)
+            with session.pumping():
+                findings = watch.final(full=False)
         report = session.stop()
         if findings is not None:
             report["socket_polls"] = len(poll_s)
@@ -385,9 +391,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     if as_json:
         click.echo(json.dumps({"type": "summary", **report}), err=True)
     if report_path:
-        try:
-            with open(report_path, "w") as f:
-                json.dump(report, f, indent=1)
+        try:  # a new 0600 file renamed over the name: a planted symlink is replaced, not followed
+            private_files.replace(report_path, json.dumps(report, indent=1).encode())
         except OSError as e:
             click.echo(f"tcplife-trace: error: cannot write report {report_path}: {e.strerror}", err=True)
             return EXIT_ERROR

@@ -8,8 +8,10 @@ Usable from a notebook or a test as well as from the CLI:
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import threading
 import time
 from collections import Counter
 from typing import Callable
@@ -91,8 +93,8 @@ class LiveSession:
             self._check_losses(now)
         return len(events)
 
-    def _consume(self, events: list) -> None:
-        if self.recorder is not None:
+    def _consume(self, events: list, recorded: bool = False) -> None:
+        if self.recorder is not None and not recorded:
             self.recorder.add(events)
         if self.kept is not None:
             self.kept += events
@@ -101,6 +103,41 @@ class LiveSession:
             return
         self.tracker.feed_all([e for e in events if e[13] != _LIFE])
         self.agg_tracker.feed_all([e for e in events if e[13] == _LIFE or e[16] & _F_AGG])
+
+    @contextlib.contextmanager
+    def pumping(self):
+        """While the body holds the caller up (the detectors' import, a look at every socket),
+        a thread goes on reading the kernel's buffers into the recording, so that it stays
+        within a second of the kernel (the README's promise to a SIGKILL); the tracker gets
+        those events afterwards, in order, as if they had waited in the ring. Without a
+        recorder the events simply wait in the ring."""
+        if self.recorder is None:
+            yield
+            return
+        backlog: list[list] = []
+        failed: list[BaseException] = []
+        done = threading.Event()
+
+        def pump():
+            try:
+                while not done.is_set():
+                    events = self.stream.poll(50)
+                    if events:
+                        self.recorder.add(events)
+                        backlog.append(events)
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                failed.append(e)
+        thread = threading.Thread(target=pump, name="tcplife-pump", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            for events in backlog:
+                self._consume(events, recorded=True)
+        if failed:
+            raise failed[0]
 
     def _lost(self, kernel: dict) -> int:
         """Events that never reached user space: refused by both the ring and the overflow buffer."""

@@ -1,8 +1,10 @@
 """Recordings: every event that reached user space, in an Arrow IPC stream.
 
 The stream format survives a crash: it is a sequence of record batches, each
-complete on its own, flushed (and fsynced) at least once a second, so a file cut
-by SIGKILL or power loss still loads up to its last flushed batch. A clean stop
+complete on its own. The schema (with the header) is on the disk from the file's
+creation, and every event is flushed and fsynced within half a second of reaching
+the writer, by a thread of the writer's own, so a file cut by SIGKILL or power loss
+still loads up to its last flushed batch. A clean stop
 appends one empty batch whose metadata holds the exit summary. Files are created
 mode 0600 (they hold addresses and process names) and never overwritten.
 """
@@ -12,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 
 import numpy as np
@@ -29,7 +32,10 @@ END_KEY = "tcplife_trace.end"   # metadata of the closing batch: the exit summar
 # (an Arrow IPC stream, zstd) and its time, namespaces' counters and sysctls (JSON)
 SNAP_KEY = "tcplife_trace.snapshot"
 SNAP_META_KEY = "tcplife_trace.snapshot_meta"
-FLUSH_SECONDS = 1.0
+# an event given to the writer is on the disk (fsynced) within FLUSH_SECONDS; the flusher
+# thread looks every FLUSH_TICK, and writes early once FLUSH_EVENTS are pending
+FLUSH_SECONDS = 0.5
+FLUSH_TICK = 0.05
 FLUSH_EVENTS = 65536
 
 # Arrow columns, in `Ev` order; addresses and comm stay raw fixed-size binary.
@@ -85,10 +91,14 @@ def header(filters: str, wall_offset_ns: int, extra: dict | None = None) -> dict
 
 
 class RecordingWriter:
+    """Writes events as they come; a thread of its own flushes and fsyncs them, so that what
+    is on the disk trails the consumer by at most FLUSH_SECONDS whatever the caller is busy
+    with (a look at every socket, the detectors' start-up)."""
+
     def __init__(self, path: str, head: dict):
         self.path = path
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise RecordingError(f"{path}: already exists; recordings are never overwritten, "
                                  "choose another name") from None
@@ -97,25 +107,52 @@ class RecordingWriter:
         self._file = os.fdopen(fd, "wb")
         self._schema = _schema(head)
         self._writer = ipc.new_stream(self._file, self._schema)
+        self._lock = threading.Lock()   # the pending events (the consumer appends, the flusher takes)
+        self._io = threading.RLock()    # the file
         self._pending: list[bytes] = []
-        self._last_flush = time.monotonic()
+        self._pending_bytes = 0
+        self._oldest = 0.0              # when the oldest pending event was given (monotonic)
         self.events = 0             # events given to it
         self.written = 0            # events in the file, fsynced
         self._unsynced = 0
         self.snapshots = 0
         self.closed = False
         self.failed: str | None = None  # why writing stopped (disk full, ...): one line, the file named
+        # the schema (and so the header) on the disk at once: a file cut before its first events
+        # still opens as a recording, with nothing in it, instead of as 0 bytes
+        if not (self._writing(lambda: self._writer.write_batch(_batch(self._schema, b""))) and self._sync()):
+            why = self.failed
+            _unlink_quietly(path)
+            raise RecordingError(why)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._flusher = threading.Thread(target=self._flush_loop, name="tcplife-recording", daemon=True)
+        self._flusher.start()
 
     def add(self, events: list) -> None:
-        """Events as `Ev`-ordered tuples; written at least once a second."""
-        if self.failed:
+        """Events as `Ev`-ordered tuples; on the disk within FLUSH_SECONDS (the flusher thread)."""
+        if self.failed or not events:
             return
-        if events:
-            self._pending.append(_packed(events))
+        blob = _packed(events)
+        with self._lock:
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.append(blob)
+            self._pending_bytes += len(blob)
             self.events += len(events)
-        if self._pending and (time.monotonic() - self._last_flush >= FLUSH_SECONDS
-                              or sum(map(len, self._pending)) >= FLUSH_EVENTS * EVENT_SIZE):
-            self.flush()
+            big = self._pending_bytes >= FLUSH_EVENTS * EVENT_SIZE
+        if big:
+            self._wake.set()
+
+    def _flush_loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(FLUSH_TICK)
+            self._wake.clear()
+            with self._lock:
+                due = self._pending and (time.monotonic() - self._oldest >= FLUSH_SECONDS - FLUSH_TICK
+                                         or self._pending_bytes >= FLUSH_EVENTS * EVENT_SIZE)
+            if due and not self._stopping:
+                self.flush()
 
     def add_snapshot(self, taken_ns: int, complete: bool, sockets, extra: dict | None = None) -> None:
         """A sock_diag snapshot: its sockets frame (analysis.leaks.SOCKET_COLUMNS), when it was
@@ -128,25 +165,38 @@ class RecordingWriter:
         with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as w:
             w.write_table(table)
         meta = json.dumps({"taken_ns": int(taken_ns), "complete": bool(complete), **(extra or {})}, default=str)
-        self.flush()
-        if self._writing(lambda: self._writer.write_batch(_batch(self._schema, b""), custom_metadata={
-                SNAP_KEY: sink.getvalue().to_pybytes(), SNAP_META_KEY: meta})):
-            self.snapshots += 1
-            self.flush()
+        blob = sink.getvalue().to_pybytes()
+        with self._io:
+            if self.closed or self.failed or not self._write_pending():
+                return
+            if self._writing(lambda: self._writer.write_batch(_batch(self._schema, b""), custom_metadata={
+                    SNAP_KEY: blob, SNAP_META_KEY: meta})):
+                self.snapshots += 1
+                self._sync()
 
     def flush(self) -> None:
-        if self.failed:
-            return
-        if self._pending:
-            blob = b"".join(self._pending)
-            self._pending.clear()
-            if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
-                return
-            self._unsynced += len(blob) // EVENT_SIZE
+        """Write and fsync every pending event now."""
+        with self._io:
+            if not self.closed and not self.failed and self._write_pending():
+                self._sync()
+
+    def _write_pending(self) -> bool:
+        with self._lock:
+            blobs, self._pending, self._pending_bytes = self._pending, [], 0
+        if not blobs:
+            return True
+        blob = b"".join(blobs)
+        if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
+            return False
+        self._unsynced += len(blob) // EVENT_SIZE
+        return True
+
+    def _sync(self) -> bool:
         if self._writing(lambda: (self._file.flush(), os.fsync(self._file.fileno()))):
             self.written += self._unsynced  # on the disk now
             self._unsynced = 0
-            self._last_flush = time.monotonic()
+            return True
+        return False
 
     def _writing(self, write) -> bool:
         """Run a write; on an OS error (disk full, I/O error) stop recording for good, keeping
@@ -165,18 +215,46 @@ class RecordingWriter:
                 pass
             return False
 
+    def _stop_flusher(self) -> None:
+        flusher = getattr(self, "_flusher", None)
+        if flusher is not None and flusher is not threading.current_thread():
+            self._stopping = True
+            self._wake.set()
+            flusher.join()
+
     def close(self, summary: dict | None = None) -> None:
-        if self.closed:
-            return
-        self.flush()
-        if self.failed:
-            return
-        end = {"stop_wall": time.time(), "events": self.written, "snapshots": self.snapshots, **(summary or {})}
-        empty = _batch(self._schema, b"")
-        if self._writing(lambda: (self._writer.write_batch(empty, custom_metadata={END_KEY: json.dumps(end)}),
-                                  self._writer.close(), self._file.flush(), os.fsync(self._file.fileno()),
-                                  self._file.close())):
-            self.closed = True
+        self._stop_flusher()
+        with self._io:
+            if self.closed:
+                return
+            self.flush()
+            if self.failed:
+                return
+            end = {"stop_wall": time.time(), "events": self.written, "snapshots": self.snapshots, **(summary or {})}
+            empty = _batch(self._schema, b"")
+            if self._writing(lambda: (self._writer.write_batch(empty, custom_metadata={END_KEY: json.dumps(end)}),
+                                      self._writer.close(), self._file.flush(), os.fsync(self._file.fileno()),
+                                      self._file.close())):
+                self.closed = True
+
+    def discard(self) -> None:
+        """Close and remove the file: nothing was traced (the start was refused)."""
+        self._stop_flusher()
+        with self._io:
+            if not self.closed:
+                self.closed = True
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def read_header(path: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 
 FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -22,8 +23,8 @@ def check_replaceable(path: str) -> None:
     """OSError (with strerror) now if replace(path) would fail for want of a directory or the
     right to write into it; creates nothing."""
     d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise FileNotFoundError(2, "no such directory", d)
+    if not stat.S_ISDIR(os.stat(d).st_mode):  # (os.stat says why: ENOENT, EACCES, ENOTDIR)
+        raise NotADirectoryError(20, f"{d} is not a directory", d)
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(21, "is a directory", path)
     if not os.access(d, os.W_OK | os.X_OK):

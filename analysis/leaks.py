@@ -1,4 +1,5 @@
-"""Leak and pile detectors: the playbook of docs/tcp-troubleshooting.md, as code.
+"""Leak and pile detectors: the playbook of docs/tcp-troubleshooting.md, as code (that file
+puts each detector's rule and thresholds next to the playbook row it automates).
 
 Input is plain data, whatever it came from (a live trace joined to sock_diag
 snapshots, or a recording): `Evidence` holds
@@ -21,7 +22,9 @@ SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 SOCKET_COLUMNS = ("netns", "state", "laddr", "lport", "raddr", "rport", "inode", "timer",
                   "rqueue", "wqueue", "idle_recv_s", "idle_sent_s", "owner_pid", "owner_comm",
-                  "owner_fd", "age_s", "age_lower_bound", "eof_age_s")
+                  "owner_fd", "age_s", "age_lower_bound", "eof_age_s", "age_source")
+# recordings made before age_source existed hold these
+SOCKET_COLUMNS_V1 = SOCKET_COLUMNS[:-1]
 ENDED_COLUMNS = ("netns", "role", "laddr", "lport", "raddr", "rport", "owner_pid", "owner_comm",
                  "end_reason", "time_wait")
 TIME_WAIT_S = 60.0  # TCP_TIMEWAIT_LEN: fixed in Linux
@@ -67,6 +70,10 @@ class Finding:
     age_lower_bound: bool = False
     samples: list[str] = field(default_factory=list)
     evidence: dict = field(default_factory=dict)
+    # a finding of a run with several looks (live, doctor): when a look first showed it, and
+    # when a later look no longer did (ISO-8601 UTC; None: still there at the last look)
+    first_seen_at: str | None = None
+    resolved_at: str | None = None
 
     def key(self) -> tuple:
         return (self.kind, self.netns, self.owner_pid, self.local, self.peer)
@@ -79,6 +86,7 @@ class Finding:
 
 
 _FINDING_FIELDS = fields(Finding)
+_RUN_FIELDS = ("first_seen_at", "resolved_at")  # not in the leaks() frame: a recording is judged once
 
 
 @dataclass
@@ -92,11 +100,17 @@ class Evidence:
     # (netns, listener port) -> (SYN-ACK retransmits, distinct request sockets), from the trace
     synack: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     complete_snapshot: bool = True               # sockets include ESTABLISHED and TIME_WAIT
+    # netns -> every listener there ("addr:port"): the per-namespace counters are theirs together
+    counter_scope: dict[int, list[str]] = field(default_factory=dict)
 
 
 def sockets_frame(rows: list) -> pd.DataFrame:
     """Rows (tuples in SOCKET_COLUMNS order, or dicts) as the `sockets` frame, with its dtypes."""
+    if isinstance(rows, pd.DataFrame) and "age_source" not in rows:
+        rows = rows.assign(age_source=None)  # a recording from before the column
     df = pd.DataFrame(rows, columns=list(SOCKET_COLUMNS))
+    src = df["age_source"].astype(object)
+    df["age_source"] = src.where(src.notna(), None)
     for c in ("idle_recv_s", "idle_sent_s", "age_s", "eof_age_s"):
         df[c] = df[c].astype("float64")
     for c in ("owner_pid", "owner_fd"):
@@ -120,6 +134,35 @@ def sockets_matching(df: pd.DataFrame, filters=None) -> pd.DataFrame:
     if f.pids:
         keep &= df["owner_pid"].isin(f.pids).fillna(False).astype(bool)
     return df[keep.to_numpy(dtype=bool)]
+
+
+def scoped_synack(synack: dict, kept: pd.DataFrame, filters=None) -> dict:
+    """The SYN-ACK retransmit counts ((netns, listener port) -> counts) that the filters keep:
+    those of listeners still in the filtered sockets frame `kept` (-p: the listener's owner,
+    -L, -4/-6); none under -D, a listener having no remote port."""
+    if filters is None or not filters.active():
+        return synack
+    if filters.rports:
+        return {}
+    lis = kept[kept["state"] == "LISTEN"]
+    ours = {(int(n), int(p)) for n, p in zip(lis["netns"], lis["lport"])}
+    return {k: v for k, v in synack.items() if (k[0], k[1]) in ours}
+
+
+def scoped_counters(deltas: dict, everything: pd.DataFrame, kept: pd.DataFrame,
+                    filters=None) -> tuple[dict, dict]:
+    """(counter deltas the filters keep, netns -> the listeners those counters cover).
+    A namespace's TcpExt counters cannot be split by port or process: under a filter they
+    count only for a namespace where a listener passes it (none under -D), and a finding
+    built on them names every listener of the namespace."""
+    lis = everything[everything["state"] == "LISTEN"]
+    scope = {int(ns): sorted(set(endpoints(g["laddr"], g["lport"]))) for ns, g in lis.groupby("netns")}
+    if filters is None or not filters.active():
+        return deltas, scope
+    if filters.rports:
+        return {}, scope
+    ours = {int(n) for n in kept.loc[kept["state"] == "LISTEN", "netns"]}
+    return {ns: d for ns, d in deltas.items() if int(ns) in ours}, scope
 
 
 def empty_sockets() -> pd.DataFrame:
@@ -175,6 +218,13 @@ def _samples(rows: pd.DataFrame, limit: int = 5) -> list[str]:
     return out
 
 
+def _oldest(g: pd.DataFrame) -> tuple[float, bool, str | None]:
+    """The oldest socket's age, whether it is only a lower bound, and where it came from."""
+    i = g["age_s"].idxmax()
+    src = g.loc[i, "age_source"] if "age_source" in g else None
+    return g.loc[i, "age_s"], bool(g.loc[i, "age_lower_bound"]), None if pd.isna(src) else str(src)
+
+
 def _owner_key(df: pd.DataFrame) -> pd.DataFrame:
     """Group keys that keep unknown owners together instead of dropping them."""
     df = df.copy()
@@ -209,8 +259,7 @@ def close_wait_leaks(ev: Evidence, t: Thresholds) -> list[Finding]:
     for (ns, pid, comm, local, peer), g in cw.groupby(["netns", "_pid", "_comm", "_local", "_peer"],
                                                       dropna=False, sort=False):
         n = len(g)
-        oldest = g["age_s"].max()
-        lower = bool(g.loc[g["age_s"].idxmax(), "age_lower_bound"])
+        oldest, lower, source = _oldest(g)
         seen_eof = int(g["eof_age_s"].notna().sum())
         who = f"pid {pid} ({comm})" if pid >= 0 else "an unknown process"
         what = f"connections accepted on {local}" if isinstance(local, str) else f"connections to {peer}"
@@ -226,7 +275,8 @@ def close_wait_leaks(ev: Evidence, t: Thresholds) -> list[Finding]:
             netns=_int(ns), owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
             local=local if isinstance(local, str) else None, peer=peer if isinstance(peer, str) else None,
             oldest_age_s=_float(oldest), age_lower_bound=lower, samples=_samples(g),
-            evidence={"eof_read": seen_eof, "fds": sorted(int(x) for x in g["owner_fd"].dropna())[:20]}))
+            evidence={"eof_read": seen_eof, "fds": sorted(int(x) for x in g["owner_fd"].dropna())[:20],
+                      "age_source": source}))
     return out
 
 
@@ -262,8 +312,7 @@ def close_piles(ev: Evidence, t: Thresholds) -> list[Finding]:
             n = len(g)
             ports = sorted({int(p) for p in g["rport"]})
             peer = raddr if len(ports) > 3 else ", ".join(endpoint(raddr, p) for p in ports)
-            oldest = g["age_s"].max()
-            lower = bool(g.loc[g["age_s"].idxmax(), "age_lower_bound"])
+            oldest, lower, source = _oldest(g)
             summary = (f"{state}: {n} socket{'s' if n > 1 else ''} where " + text.format(peer=peer)
                        + f"; oldest {'>=' if lower else ''}{oldest:.1f}s")
             orphans = int((g["inode"] == 0).sum())
@@ -271,7 +320,7 @@ def close_piles(ev: Evidence, t: Thresholds) -> list[Finding]:
                 kind, _pile_severity(n, t), n, summary, advice, netns=_int(ns),
                 owner_pid=pid if pid >= 0 else None, owner_comm=comm if pid >= 0 else None,
                 peer=peer, oldest_age_s=_float(oldest), age_lower_bound=lower, samples=_samples(g),
-                evidence={"orphaned": orphans}))
+                evidence={"orphaned": orphans, "age_source": source}))
     return out
 
 
@@ -285,13 +334,15 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
                       "outcome": ended["end_reason"].astype(str), "age_s": np.nan, "n": _weights(ended)}),
         pd.DataFrame({"netns": stuck["netns"], "raddr": stuck["raddr"], "rport": stuck["rport"],
                       "owner_pid": stuck["owner_pid"], "owner_comm": stuck["owner_comm"],
-                      "outcome": "pending", "age_s": stuck["age_s"], "n": 1}),
+                      "outcome": "pending", "age_s": stuck["age_s"], "n": 1,
+                      "lower": stuck["age_lower_bound"].astype(bool),
+                      "source": stuck["age_source"].astype(object)}),
     ], ignore_index=True)
     if rows.empty:
         return []
     rows = _owner_key(rows)
     rows["_dest"] = endpoints(rows["raddr"], rows["rport"])
-    rows["_ns"] = pd.to_numeric(rows["netns"]).fillna(-1).astype("int64")  # (an unknown netns is a group too)
+    rows["_ns"] = pd.to_numeric(rows["netns"]).astype("Int64").fillna(-1).astype("int64")  # (an unknown netns is a group too; UInt32 holds no -1)
     out = []
     fanned = set()
     for (ns, pid, comm), g in rows.groupby(["_ns", "_pid", "_comm"], sort=False):  # per process
@@ -320,6 +371,10 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
     per = rows.groupby(dest + ["outcome"], sort=False)["n"].sum().unstack(fill_value=0)
     per = per.reindex(columns=["refused", "timeout", "pending"], fill_value=0)
     per["oldest"] = rows.groupby(dest, sort=False)["age_s"].max()
+    aged = rows[rows["age_s"].notna()].sort_values("age_s", ascending=False, kind="stable").drop_duplicates(dest)
+    aged = aged.set_index(dest)
+    oldest_lower = aged["lower"].astype(bool).to_dict() if len(aged) else {}
+    oldest_source = aged["source"].to_dict() if len(aged) else {}
     owners = (rows.groupby(dest + ["_pid", "_comm"])["n"].sum().reset_index()  # ties: lowest pid first
               .sort_values("n", ascending=False, kind="stable"))
     per["owners"] = owners.groupby(dest, sort=False).size()
@@ -348,8 +403,9 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
             "(exponential retry with jitter) instead of hammering a dead endpoint.",
             netns=int(ns) if ns >= 0 else None, owner_pid=int(pid) if pid >= 0 else None,
             owner_comm=comm if pid >= 0 else None, peer=dest_, rate_per_s=None if rate is None else round(rate, 3),
-            oldest_age_s=_float(oldest), evidence={"refused": refused, "timed_out": timeout,
-                                                    "pending": pending, "processes": processes}))
+            oldest_age_s=_float(oldest), age_lower_bound=bool(oldest_lower.get((ns, dest_), False)),
+            evidence={"refused": refused, "timed_out": timeout, "pending": pending, "processes": processes,
+                      "age_source": oldest_source.get((ns, dest_))}))
     return out
 
 
@@ -388,8 +444,9 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
             summary += f" ({len(g)} pending now, from {sources} source{'s' if sources != 1 else ''})"
         if retrans:
             summary += f", {retrans} SYN-ACK retransmits"
+        cover = ev.counter_scope.get(ns, [])
         if dropped:
-            summary += "; kernel " + ", ".join(f"{k} +{v}" for k, v in dropped.items())
+            summary += "; kernel " + ", ".join(f"{k} +{v}" for k, v in dropped.items()) + _shared(cover)
         out.append(Finding(
             "syn_flood", sev, half_open, summary,
             "Keep net.ipv4.tcp_syncookies=1, lower net.ipv4.tcp_synack_retries to shorten the 30 s - "
@@ -401,6 +458,7 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
                      else endpoint(r.raddr, r.rport) for r in g.head(5).itertuples()],
             evidence={"half_open": half_open, "pending_now": len(g), "distinct_sources": sources,
                       "synack_retransmits": retrans, "backlog": backlog, "counters": dropped,
+                      "counters_cover": cover[:20] if dropped else [],
                       "sysctls": {k: v for k, v in ev.sysctls.get(ns, {}).items()
                                   if k in ("tcp_syncookies", "tcp_synack_retries", "tcp_max_syn_backlog",
                                            "somaxconn")}}))
@@ -410,6 +468,7 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
         if not dropped or ns in flagged_ns:
             continue
         full = lis[(lis["netns"] == ns) & (lis["rqueue"] > 0) & (lis["rqueue"] >= lis["wqueue"])]
+        cover = ev.counter_scope.get(int(ns), [])
         if full.empty and not any(k.startswith(("Syncookies", "TCPReqQ")) for k in dropped):
             local = None
             summary = "listen queue overflows: " + ", ".join(f"{k} +{v}" for k, v in dropped.items())
@@ -417,14 +476,33 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
             local = ", ".join(endpoint(a, p) for a, p in zip(full["laddr"], full["lport"])) or None
             summary = ("listen queue overflow" + (f" on {local}" if local else "") + ": "
                        + ", ".join(f"{k} +{v}" for k, v in dropped.items()))
+        summary += _shared(cover)
+        # the owner: of the listener whose queue is full now, else of the namespace's (filtered) listeners
+        suspects = full if len(full) else lis[lis["netns"] == ns]
+        known = suspects[suspects["owner_pid"].notna()]
+        pid = comm = None
+        if len(known) and known["owner_pid"].nunique() == 1:
+            pid, comm = int(known["owner_pid"].iloc[0]), known["owner_comm"].iloc[0]
         out.append(Finding(
             "listen_overflow", "critical" if sum(dropped.values()) >= t.pile_critical else "warning",
             int(sum(dropped.values())), summary,
             "Connections were dropped or answered with SYN cookies because an accept or SYN queue was "
             "full: the application does not accept() fast enough, or the backlog is too small "
             "(listen() backlog, net.core.somaxconn), or this is a SYN flood.",
-            netns=int(ns), local=local, evidence={"counters": dropped}))
+            netns=int(ns), owner_pid=pid, owner_comm=comm, local=local,
+            samples=[f"{endpoint(r.laddr, r.lport)} LISTEN queue={int(r.rqueue)}/{int(r.wqueue)}"
+                     + ("" if pd.isna(r.owner_pid) else f" pid={int(r.owner_pid)} ({r.owner_comm})")
+                     for r in suspects.head(5).itertuples()],
+            evidence={"counters": dropped, "counters_cover": cover[:20]}))
     return out
+
+
+def _shared(cover: list[str]) -> str:
+    """What per-namespace counters cover, when more than one listener shares them."""
+    if len(cover) <= 1:
+        return ""
+    names = ", ".join(cover[:3]) + (", ..." if len(cover) > 3 else "")
+    return f" (counters of the whole network namespace, shared by its {len(cover)} listeners: {names})"
 
 
 def _time_wait_rows(ev: Evidence) -> pd.DataFrame:
@@ -553,14 +631,18 @@ def idle_established(ev: Evidence, t: Thresholds) -> list[Finding]:
         inbound = inbound[np.array([k in big for k in zip(inbound["netns"], inbound["raddr"])], dtype=bool)]
         for (ns, raddr), g in inbound.groupby(["netns", "raddr"], sort=False):
             cw = int((g["state"] == "CLOSE_WAIT").sum())
+            owners = g["owner_pid"].dropna()
+            pid = int(owners.mode().iloc[0]) if len(owners) else None  # the process serving most of them
+            comm = g.loc[g["owner_pid"] == pid, "owner_comm"].iloc[0] if pid is not None else None
             out.append(Finding(
                 "peer_connection_pile", "warning", len(g),
                 f"{raddr} holds {len(g)} connections to our listeners ({cw} in CLOSE_WAIT): "
                 "a client in a reconnect loop, or a connection-pool leak on its side",
                 "Find the client and why it opens new connections without closing old ones; cap "
                 "connections per source (the service's own limit, or a firewall connlimit).",
-                netns=_int(ns), peer=str(raddr), samples=_samples(g),
-                evidence={"established": len(g) - cw, "close_wait": cw}))
+                netns=_int(ns), owner_pid=pid, owner_comm=comm, peer=str(raddr), samples=_samples(g),
+                evidence={"established": len(g) - cw, "close_wait": cw,
+                          "processes": int(owners.nunique())}))
     return out
 
 
@@ -596,12 +678,13 @@ def find(ev: Evidence, thresholds: Thresholds | None = None) -> list[Finding]:
     return out
 
 
-FRAME_COLUMNS = [f.name for f in fields(Finding)]
+FRAME_COLUMNS = [f.name for f in fields(Finding) if f.name not in _RUN_FIELDS]
 
 
 def frame(findings: list[Finding]) -> pd.DataFrame:
     """Findings as a DataFrame (the `.leaks()` schema)."""
-    df = pd.DataFrame([f.as_dict() for f in findings], columns=FRAME_COLUMNS)
+    df = pd.DataFrame([{k: v for k, v in f.as_dict().items() if k in FRAME_COLUMNS} for f in findings],
+                      columns=FRAME_COLUMNS)
     df["severity"] = pd.Categorical(df["severity"], categories=SEVERITIES, ordered=True)
     for c in ("count", "netns", "owner_pid"):
         df[c] = df[c].astype("Int64")

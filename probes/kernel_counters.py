@@ -2,7 +2,8 @@
 
 The MIBs cover what no tracepoint shows: SYN cookies, listen queue overflows and
 drops, request-queue-full drops, embryonic resets (kernel-facts §4). The sysctls
-bound TIME_WAIT pressure: the ephemeral port range and the reuse settings.
+bound TIME_WAIT pressure (the ephemeral port range and the reuse settings) and give the
+timer rules the socket ages follow. A sysctl this kernel does not have is left out.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ SYSCTLS = {
     "somaxconn": "/proc/sys/net/core/somaxconn",
     "tcp_fin_timeout": "/proc/sys/net/ipv4/tcp_fin_timeout",
     "tcp_synack_retries": "/proc/sys/net/ipv4/tcp_synack_retries",
+    # the SYN retransmission schedule, for the ages of SYN_SENT sockets (probes/socket_age.py)
+    "tcp_syn_linear_timeouts": "/proc/sys/net/ipv4/tcp_syn_linear_timeouts",
+    "tcp_rto_max_ms": "/proc/sys/net/ipv4/tcp_rto_max_ms",
 }
 
 

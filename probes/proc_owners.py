@@ -24,8 +24,10 @@ def _comm(pid: str) -> str:
         return "?"
 
 
-def holders(inodes: set[int] | None = None) -> dict[int, list[Holder]]:
-    """{inode: [Holder, ...]} for socket inodes (all, or only those asked for)."""
+def holders(inodes: set[int] | None = None, unreadable: list[int] | None = None) -> dict[int, list[Holder]]:
+    """{inode: [Holder, ...]} for socket inodes (all, or only those asked for). The pids whose
+    descriptors we may not read (no CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH) go into `unreadable`:
+    their sockets have no owner here, and the caller says so."""
     found: dict[int, list[Holder]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -33,8 +35,14 @@ def holders(inodes: set[int] | None = None) -> dict[int, list[Holder]]:
         pid = entry.name
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # gone
+        except PermissionError:
+            if unreadable is not None:
+                unreadable.append(int(pid))
+            continue
         except OSError:
-            continue  # gone, or a kernel thread
+            continue
         comm = None
         for fd in fds:
             try:

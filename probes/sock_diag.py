@@ -40,7 +40,9 @@ class Sock(NamedTuple):
     rqueue: int          # LISTEN: accept queue length; else bytes unread
     wqueue: int          # LISTEN: backlog limit; else bytes unsent
     idle_recv_ms: int | None   # tcp_info last_data_recv (full sockets past SYN_SENT)
-    idle_sent_ms: int | None
+    idle_sent_ms: int | None   # tcp_info last_data_sent
+    ack_recv_ms: int | None = None  # tcp_info last_ack_recv (full sockets but listeners)
+    rto_ms: float | None = None     # tcp_info rto: the retransmission timeout now, backoff included
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -54,14 +56,17 @@ def _record(ns_inode: int, m) -> Sock:
     state = m["idiag_state"]
     laddr, fam = _addr(m["idiag_src"])
     raddr, _ = _addr(m["idiag_dst"])
-    idle_r = idle_s = None
+    idle_r = idle_s = ack_r = rto = None
     info = m.get_attr("INET_DIAG_INFO")
-    if info is not None and state not in (S.SYN_SENT, S.LISTEN):
-        idle_r, idle_s = info.get("tcpi_last_data_recv"), info.get("tcpi_last_data_sent")
+    if info is not None and state != S.LISTEN:
+        # (probes/socket_age.py says which of these bound the time in which state)
+        ack_r, rto = info.get("tcpi_last_ack_recv"), info.get("tcpi_rto", 0) / 1000
+        if state != S.SYN_SENT:
+            idle_r, idle_s = info.get("tcpi_last_data_recv"), info.get("tcpi_last_data_sent")
     return Sock(ns_inode, fam, state, laddr, m["idiag_sport"], raddr, m["idiag_dport"],
                 m["idiag_inode"], m["idiag_uid"], TIMERS.get(m["idiag_timer"], str(m["idiag_timer"])),
                 m["idiag_expires"], m["idiag_retrans"], m["idiag_rqueue"], m["idiag_wqueue"],
-                idle_r, idle_s)
+                idle_r, idle_s, ack_r, rto)
 
 
 def dump_here(ns_inode: int, states: int = ALL_STATES, info: bool = True) -> list[Sock]:

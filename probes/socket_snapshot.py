@@ -1,8 +1,12 @@
 """One look at every TCP socket on the host: sock_diag in each namespace, owners, counters."""
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass, field
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from . import kernel_counters, netns, proc_owners, sock_diag
 
@@ -17,29 +21,59 @@ class Snapshot:
     netns_names: dict[int, str]
     complete: bool                                  # all states (else the periodic subset)
     sockstat: dict[int, dict[str, int]] = field(default_factory=dict)  # netns -> /proc/net/sockstat TCP
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)      # what could not be read, one line each
     took_s: float = 0.0
+    states: int = sock_diag.ALL_STATES              # the states asked for (a bit per state)
+
+
+def _gone(ns: netns.Netns) -> bool:
+    """The namespace went away while we looked: its path no longer leads to it (the process
+    exited, `ip netns del`). Anything else that fails is an error to report."""
+    try:
+        return os.stat(ns.path).st_ino != ns.inode
+    except OSError:
+        return True
+
+
+def _where(ns: netns.Netns) -> str:
+    return f"network namespace {ns.name} (inode {ns.inode})"
 
 
 def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool = True) -> Snapshot:
+    """Every namespace is read; one that could not be (setns refused, sock_diag or /proc/net
+    failed) is named in `errors` with why, never skipped silently. Only a namespace that
+    vanished while we looked is left out without a word."""
     t0 = time.monotonic()
     taken = time.monotonic_ns()
     sockets: list[sock_diag.Sock] = []
     mibs, sysctls, names, errors, sockstat = {}, {}, {}, [], {}
     for ns in netns.list_all():
+        step = "setns"
         try:
             with netns.entered(ns):
-                sockets += sock_diag.dump_here(ns.inode, states, info)
-                mibs[ns.inode] = kernel_counters.mibs_here()
-                sysctls[ns.inode] = kernel_counters.sysctls_here()
-                sockstat[ns.inode] = kernel_counters.sockstat_here()
-            names[ns.inode] = ns.name
-        except OSError as e:  # the namespace went away while we looked: not an error
-            if ns.name == "host":
-                errors.append(f"sock_diag in our own network namespace failed: {e}")
+                step = "sock_diag"
+                found = sock_diag.dump_here(ns.inode, states, info)
+                step = "its counters (/proc/net)"
+                counters = kernel_counters.mibs_here()
+                ctl = kernel_counters.sysctls_here()
+                stat = kernel_counters.sockstat_here()
+        except (OSError, NetlinkError) as e:
+            if not _gone(ns):
+                code = getattr(e, "errno", None) or getattr(e, "code", None)
+                fix = " (needs CAP_SYS_ADMIN: run as root)" if step == "setns" and code == errno.EPERM else ""
+                errors.append(f"{_where(ns)}: {step} failed: {getattr(e, 'strerror', None) or e}{fix}")
+            continue
+        sockets += found
+        mibs[ns.inode], sysctls[ns.inode], sockstat[ns.inode] = counters, ctl, stat
+        names[ns.inode] = ns.name
     holders = {}
     if owners:
         wanted = {s.inode for s in sockets if s.inode}
-        holders = proc_owners.holders(wanted) if wanted else {}
+        unreadable: list[int] = []
+        holders = proc_owners.holders(wanted, unreadable) if wanted else {}
+        if unreadable:
+            # one wording whatever the count, so that a live trace says it once
+            errors.append("owners: the descriptors (/proc/PID/fd) of some processes could not be read "
+                          "(permission denied): their sockets show no owner; run as root")
     return Snapshot(taken, sockets, holders, mibs, sysctls, names, complete=states == sock_diag.ALL_STATES,
-                    sockstat=sockstat, errors=errors, took_s=time.monotonic() - t0)
+                    sockstat=sockstat, errors=errors, took_s=time.monotonic() - t0, states=states)

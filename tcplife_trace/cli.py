@@ -362,6 +362,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 if metrics is not None:
                     metrics.on_socket_poll(poll_s[-1])
                 next_poll = time.monotonic() + poll_interval
+    for e in watch.new_errors() if watch is not None else ():
+        click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
             if metrics is not None and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + 1.0
                 metrics.update(session.counts_now(),
@@ -377,7 +379,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             report["socket_polls"] = len(poll_s)
             report["socket_poll_max_s"] = round(max(poll_s, default=0.0), 3)
             report["sockets_at_start"] = seed_counts
-            report["findings"] = [f.as_dict() for f in findings]
+            # every finding of the run: those resolved before the end too, with resolved_at
+            report["findings"] = [f.as_dict() for f in watch.all_findings()]
+            report["snapshot_errors"] = list(watch.errors)
         if lifecycles:
             for lc in session.still_open:
                 add(dumps(lifecycle_record(lc, session.clock, still_open=True)) if as_json
@@ -386,6 +390,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, still summarise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                for e in watch.new_errors():  # a namespace (or owners) the look could not read
+                    click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
         report = session.stop()
     click.echo(summary_text(report), err=True)
     if as_json:
@@ -530,15 +536,16 @@ _THRESHOLD_HELP = ("Change a detector threshold, e.g. close_wait_age_s=30 (repea
 
 @cli.command("doctor")
 @click.option("--duration", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="S",
-              help="How long to trace after the first snapshot.")
+              help="How long to trace after the first snapshot (0: judge that one snapshot at once).")
 @click.option("--interval", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="S",
               help="Snapshot every S seconds while tracing (0: only at start and end).")
 @click.option("--fail-on", type=click.Choice(["info", "warning", "critical"]), default="warning",
-              show_default=True, help="Exit 1 when a finding is at least this severe.")
+              show_default=True, help="Exit 1 when a finding still present at the end is at least this severe.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE", help=_THRESHOLD_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
-def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json):
+def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, localport, remoteport, ipv4,
+               ipv6):
     """Snapshot every TCP socket (all namespaces), trace for a while, report leaks and piles.
 
     Exit status: 0 healthy, 1 findings at or above --fail-on, 2 could not run.
@@ -551,10 +558,11 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json):
         click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
 
     def ready():  # once attached: a run that cannot start says only why
-        click.echo(f"tcplife-trace doctor: snapshot taken, tracing for {duration:g} s", err=True)
-    report = doctor.run(duration_s=duration, interval_s=interval, thresholds=thresholds,
-                        on_finding=None if as_json else announce, should_stop=lambda: stop.requested,
-                        on_ready=ready)
+        click.echo("tcplife-trace doctor: snapshot taken, " + (f"tracing for {duration:g} s" if duration
+                                                                 else "judged at once (--duration 0)"), err=True)
+    report = doctor.run(prog.Settings(filters, mode="aggregate"), duration_s=duration, interval_s=interval,
+                        thresholds=thresholds, on_finding=None if as_json else announce,
+                        should_stop=lambda: stop.requested, on_ready=ready, filters=filters)
     _out(findings_view.report_json(report) if as_json else findings_view.report_text(report))
     ctx.exit(doctor.exit_status(report["findings"], fail_on))
 
@@ -577,3 +585,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+@_filter_options
+    filters = _filters(pid, localport, remoteport, ipv4, ipv6)

@@ -2,15 +2,19 @@
 
 A `Watch` seeds from a full snapshot at start (sockets opened before the trace,
 TIME_WAIT, half-open request sockets), polls a cheaper snapshot every few seconds
-(no ESTABLISHED, no TIME_WAIT: the trace follows those), and keeps the recent
-connection endings the trace reports. Sockets are matched to traced connections
-by namespace + 4-tuple; a traced connection gives the exact time in its state,
-an untraced one the time since first seen, marked as a lower bound.
+(no ESTABLISHED, no TIME_WAIT: the trace follows those; ESTABLISHED is looked at once a
+minute at most, slower when that look is dear), and keeps the recent connection endings
+the trace reports. Sockets are matched to traced connections by namespace + 4-tuple; a
+traced connection gives the exact time in its state, an untraced one a lower bound: the
+larger of what the kernel's clocks prove (probes/socket_age.py) and the time it has been
+seen in that state. Every finding of every look is kept: one that a later look no longer
+shows is marked resolved, with when.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
@@ -18,12 +22,17 @@ import pandas as pd
 
 from .analysis import leaks
 from .analysis.lifecycle import Lifecycle
-from .probes import sock_diag, socket_snapshot
+from .probes import sock_diag, socket_age, socket_snapshot
 from .probes.socket_snapshot import Snapshot
 from .probes.tcp_states import state_name
 
 ENDED_WINDOW_NS = 60_000_000_000  # rates are over the last minute at most
 SLOT_NS = 5_000_000_000           # endings are counted in 5-second slots, per endpoint and owner
+ESTABLISHED_EVERY_S = 60.0        # ESTABLISHED (idle connections, peer piles) at most this often...
+ESTABLISHED_COST_SHARE = 0.01     # ...and no more than 1% of the time: a look that took T waits 100 T
+_ESTABLISHED = 1 << sock_diag.S.ESTABLISHED
+# the detectors whose findings come from ESTABLISHED sockets: a look without them judges nothing there
+_NEEDS_ESTABLISHED = {"idle_established", "peer_connection_pile"}
 
 
 def _sock_key(s) -> tuple:
@@ -33,7 +42,8 @@ def _sock_key(s) -> tuple:
 class Watch:
     def __init__(self, thresholds: leaks.Thresholds | None = None, *, tracker=None, filters=None,
                  poll_states: int = sock_diag.POLL_STATES,
-                 open_lifecycles: Callable[[], list[Lifecycle]] | None = None):
+                 open_lifecycles: Callable[[], list[Lifecycle]] | None = None,
+                 established_every_s: float | None = ESTABLISHED_EVERY_S):
         self.thresholds = thresholds or leaks.Thresholds()
         self.filters = filters                  # probes.filters.Filters: findings obey -p/-L/-D/-4/-6
         self.poll_states = poll_states
@@ -52,6 +62,12 @@ class Watch:
         self.owner_at: dict[tuple, tuple] = {}  # (netns, addr, port) -> (pid, comm) of the latest ending
         self.synack_seed: dict[tuple, tuple[int, int]] = {}
         self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
+        self.history: dict[tuple, leaks.Finding] = {}  # every finding of the run, by key (latest version)
+        self.established_every_s = established_every_s  # None: periodic looks skip ESTABLISHED
+        self._established_due = 0.0             # monotonic s when a periodic look takes ESTABLISHED again
+        self.errors: list[str] = []             # what the looks could not read, each once
+        self._errors_told = 0
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self.started_ns = time.monotonic_ns()
         self.on_snapshot: Callable[[Snapshot, pd.DataFrame], None] | None = None  # e.g. a recording
 
@@ -93,6 +109,9 @@ class Watch:
 
     def _take(self, states: int) -> Snapshot:
         snap = socket_snapshot.take(states)
+        for e in snap.errors:
+            if e not in self.errors:
+                self.errors.append(e)
         for s in snap.sockets:
             self.first_seen.setdefault(_sock_key(s), snap.taken_ns)
         live = {_sock_key(s) for s in snap.sockets}
@@ -115,40 +134,44 @@ class Watch:
                 for lc in lcs if lc.state in states}
 
     def sockets_frame(self, snap: Snapshot) -> pd.DataFrame:
+        """The detectors' sockets frame of a snapshot: each socket with its owner (who holds
+        it open, else the trace's owner, else for a socket with no file accepted on one of
+        our listeners the listener's owner) and its age in its state with where that came from."""
         traced = self._traced({s.state for s in snap.sockets})
         rows = []
         now = snap.taken_ns
         for s in snap.sockets:
             st = state_name(s.state)
-            lc = traced.get((s.netns, s.state, s.laddr, s.lport, s.raddr, s.rport))
+            key = _sock_key(s)
+            lc = traced.get(key)
             holders = snap.holders.get(s.inode, []) if s.inode else []
             pid = comm = fd = None
             eof_age = None
-            if lc is not None:
-                age, lower = (now - lc.state_enter_ns) / 1e9, False  # the trace saw it enter
+            if lc is not None and lc.state_enter_ns is not None:
+                # the trace saw it enter this state: exact
+                age, lower, source = (now - lc.state_enter_ns) / 1e9, False, socket_age.TRACE
                 if lc.eof_ns is not None:
                     eof_age = (now - lc.eof_ns) / 1e9
                 pid, comm = lc.owner_pid, lc.owner_comm
-            elif s.timer == "timewait":  # a minisocket: its age follows from the timer
-                if st == "TIME_WAIT":
-                    age = leaks.TIME_WAIT_S - s.expires_ms / 1000
-                else:  # an orphan's FIN_WAIT2 lives tcp_fin_timeout
-                    age = snap.sysctls.get(s.netns, {}).get("tcp_fin_timeout", 60) - s.expires_ms / 1000
-                lower = False
-                owner = self.owner_at.get((s.netns, s.raddr, s.rport)) or \
-                    self.owner_at.get((s.netns, s.laddr, s.lport))
-                if owner is not None:
-                    pid, comm = owner
             else:
-                age, lower = (now - self.first_seen.get(_sock_key(s), now)) / 1e9, True
+                seen = (now - self.first_seen.get(key, now)) / 1e9
+                age, source = socket_age.age(s, snap.sysctls.get(s.netns), seen)
+                lower = True
+                if lc is not None:
+                    pid, comm = lc.owner_pid, lc.owner_comm
+                elif s.timer == "timewait":  # a minisocket: the owner of the connection that became it
+                    owner = self.owner_at.get((s.netns, s.raddr, s.rport)) or \
+                        self.owner_at.get((s.netns, s.laddr, s.lport))
+                    if owner is not None:
+                        pid, comm = owner
             if holders:  # authoritative: who has it open now
                 h = next((h for h in holders if h.pid == pid), holders[0])
                 pid, comm, fd = h.pid, h.comm, h.fd
             rows.append((s.netns, st, s.laddr, s.lport, s.raddr, s.rport, s.inode, s.timer, s.rqueue,
                          s.wqueue, None if s.idle_recv_ms is None else s.idle_recv_ms / 1000,
                          None if s.idle_sent_ms is None else s.idle_sent_ms / 1000, pid, comm, fd,
-                         max(age, 0.0), lower, eof_age))
-        return leaks.sockets_frame(rows)
+                         max(age, 0.0), lower, eof_age, source))
+        return _listener_owners(leaks.sockets_frame(rows))
 
     def ended_frame(self, now_ns: int) -> pd.DataFrame:
         """Endings of the last minute, one row per key with its count in `n`."""
@@ -177,8 +200,9 @@ class Watch:
             for ns, now in snap.mibs.items():
                 before = self.seed.mibs.get(ns, {})
                 deltas[ns] = {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0) > 0}
+        deltas, scope = leaks.scoped_counters(deltas, frame, sockets, self.filters)
         new_lis = None
-        if self.seed is not None:
+        if self.seed is not None and snap is not self.seed:
             seeded = {_sock_key(s) for s in self.seed.sockets if s.state == sock_diag.S.LISTEN}
             lis = sockets[sockets["state"] == "LISTEN"]
             keys = [(n, int(sock_diag.S.LISTEN), a, p, r, rp) for n, a, p, r, rp in
@@ -189,21 +213,61 @@ class Watch:
             n0, r0 = self.synack_seed.get(key, (0, 0))
             if n > n0 and key[0] is not None:
                 synack[key] = (n - n0, reqs if not r0 else max(reqs - r0, 1))
-        if self.filters is not None and self.filters.lports:
-            synack = {k: v for k, v in synack.items() if k[1] in self.filters.lports}
+        synack = leaks.scoped_synack(synack, sockets, self.filters)
         span = min(snap.taken_ns - self.started_ns, ENDED_WINDOW_NS) / 1e9
         return leaks.Evidence(sockets, self._filtered(self.ended_frame(snap.taken_ns)), max(span, 1e-3), deltas,
-                              snap.sysctls, new_lis, synack=synack, complete_snapshot=snap.complete)
+                              snap.sysctls, new_lis, synack=synack, complete_snapshot=snap.complete,
+                              counter_scope=scope)
 
     # -- outputs -------------------------------------------------------------------------
-    def _judge(self, states: int) -> list[leaks.Finding]:
-        self.current = leaks.find(self.evidence(self._take(states)), self.thresholds)
+    def _iso(self, mono_ns: int) -> str:
+        t = datetime.fromtimestamp((mono_ns + self._wall_offset_ns) / 1e9, tz=timezone.utc)
+        return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    def judge(self, snap: Snapshot) -> list[leaks.Finding]:
+        """The findings this snapshot supports (kept in the run's history)."""
+        found = leaks.find(self.evidence(snap), self.thresholds)
+        when = self._iso(snap.taken_ns)
+        looked_established = bool(snap.states & _ESTABLISHED)
+        keys = set()
+        for f in found:
+            keys.add(f.key())
+            before = self.history.get(f.key())
+            f.first_seen_at = before.first_seen_at if before is not None and before.resolved_at is None else when
+            self.history[f.key()] = f
+        carried = []
+        for k, f in self.history.items():
+            if k in keys or f.resolved_at is not None:
+                continue
+            if f.kind in _NEEDS_ESTABLISHED and not looked_established:
+                carried.append(f)  # this look could not have seen it: it stands as it was
+            else:
+                f.resolved_at = when
+                self.reported.pop(k, None)  # should it come back, it is news again
+        self.current = found + carried
         return self.current
+
+    def _judge(self, states: int) -> list[leaks.Finding]:
+        t0 = time.monotonic()
+        found = self.judge(self._take(states))
+        if states & _ESTABLISHED and self.established_every_s is not None:
+            took = time.monotonic() - t0
+            self._established_due = time.monotonic() + max(self.established_every_s,
+                                                            took / ESTABLISHED_COST_SHARE)
+        return found
+
+    def _poll_states(self) -> int:
+        """The periodic look's states: ESTABLISHED too when it is due (see ESTABLISHED_EVERY_S)."""
+        states = self.poll_states
+        if self.established_every_s is not None and not states & _ESTABLISHED \
+                and time.monotonic() >= self._established_due:
+            states |= _ESTABLISHED
+        return states
 
     def poll(self) -> list[leaks.Finding]:
         """A periodic look; returns findings not announced before (or now more severe)."""
         fresh = []
-        for f in self._judge(self.poll_states):
+        for f in self._judge(self._poll_states()):
             prev = self.reported.get(f.key())
             if prev is None or leaks.SEVERITY_RANK[f.severity] > leaks.SEVERITY_RANK[prev]:
                 self.reported[f.key()] = f.severity
@@ -212,8 +276,45 @@ class Watch:
 
     def final(self, full: bool = True) -> list[leaks.Finding]:
         """Every finding a last snapshot supports: a full one (every TIME_WAIT socket: the
-        doctor), or the periodic kind (a live trace ending after heavy churn)."""
-        return self._judge(sock_diag.ALL_STATES if full else self.poll_states)
+        doctor), or the periodic kind with ESTABLISHED (a live trace ending after heavy churn)."""
+        return self._judge(sock_diag.ALL_STATES if full else self.poll_states | _ESTABLISHED)
+
+    def all_findings(self) -> list[leaks.Finding]:
+        """Every finding of the run: those of the last look (most severe first), then those that
+        resolved before it (resolved_at says when), most recent first."""
+        current = {f.key() for f in self.current}
+        gone = [f for k, f in self.history.items() if k not in current and f.resolved_at is not None]
+        gone.sort(key=lambda f: f.resolved_at, reverse=True)
+        return list(self.current) + gone
+
+    def new_errors(self) -> list[str]:
+        """What the looks could not read, not told before (a live trace says each once)."""
+        out = self.errors[self._errors_told:]
+        self._errors_told = len(self.errors)
+        return out
+
+
+def _listener_owners(df: pd.DataFrame) -> pd.DataFrame:
+    """A socket with no file and no owner (a request socket, an orphan, a minisocket) that was
+    accepted on one of our listeners belongs to that listener's owner."""
+    if df.empty:
+        return df
+    lis = df[(df["state"] == "LISTEN") & df["owner_pid"].notna()]
+    orphan = (df["owner_pid"].isna() & (df["inode"] == 0) & (df["state"] != "LISTEN")).to_numpy()
+    if lis.empty or not orphan.any():
+        return df
+    owner = {(ns, a, p): (int(pid), comm) for ns, a, p, pid, comm in
+             zip(lis["netns"], lis["laddr"], lis["lport"], lis["owner_pid"], lis["owner_comm"])}
+    sub = df[orphan]
+    hits = [owner.get((n, a, p)) or owner.get((n, "0.0.0.0", p)) or owner.get((n, "::", p))
+            for n, a, p in zip(sub["netns"], sub["laddr"], sub["lport"])]
+    if not any(hits):
+        return df
+    df = df.copy()
+    rows = df.index[orphan]
+    df.loc[rows, "owner_pid"] = pd.array([h[0] if h else pd.NA for h in hits], dtype="Int64")
+    df.loc[rows, "owner_comm"] = [h[1] if h else None for h in hits]
+    return df
 
 
 def state_counts(snap: Snapshot) -> dict[str, int]:

@@ -12,6 +12,7 @@ from .analysis import leaks
 from .diagnosis import Watch
 from .live import LiveSession
 from .probes import program as prog
+from .probes.filters import Filters
 
 DEFAULT_DURATION_S = 10.0
 DEFAULT_INTERVAL_S = 2.0
@@ -21,14 +22,22 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
         interval_s: float = DEFAULT_INTERVAL_S, thresholds: leaks.Thresholds | None = None,
         on_finding: Callable[[leaks.Finding], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        on_ready: Callable[[], None] | None = None) -> dict:
+        on_ready: Callable[[], None] | None = None, filters: Filters | None = None) -> dict:
     """Attach the tracer, seed from a full snapshot, trace for duration_s polling every
     interval_s, then judge on a final full snapshot. Returns a report dict.
-    on_ready runs once tracing and the first snapshot are in place (tests start workloads there)."""
+    duration_s == 0: one full snapshot judged at once, no tracer (owners from /proc, ages from
+    the kernel's clocks). filters (or settings.filters): the findings and the trace obey
+    -p/-L/-D/-4/-6. on_ready runs once tracing and the first snapshot are in place (tests start
+    workloads there)."""
+    if filters is None:
+        filters = settings.filters if settings is not None else Filters()
+    if duration_s <= 0:
+        return _instant(thresholds, filters, on_ready)
     # the doctor wants endings and open connections, never single transitions: the kernel
     # folds each connection and the traced machine pays the least
-    with LiveSession(settings or prog.Settings(mode="aggregate")) as session:
-        watch = Watch(thresholds, tracker=session.tracker, open_lifecycles=session.open_lifecycles)
+    with LiveSession(settings or prog.Settings(filters, mode="aggregate")) as session:
+        watch = Watch(thresholds, tracker=session.tracker, filters=filters,
+                      open_lifecycles=session.open_lifecycles)
         session.close_watchers.append(watch.closed)
         seed = watch.take_seed()  # after attaching: nothing falls between snapshot and trace
         seed_counts = watch.latest_counts
@@ -48,22 +57,39 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
                         on_finding(f)
         session.poll(0)
         session.tracker.advance(time.monotonic_ns() + session.tracker.hold_ns)
-        findings = watch.final()
-        final = watch.latest
+        watch.final()
         trace_report = session.stop()
+    return _report(watch, seed, seed_counts, trace_report)
+
+
+def _instant(thresholds, filters: Filters, on_ready) -> dict:
+    """`--duration 0`: what one full snapshot shows, judged at once."""
+    watch = Watch(thresholds, filters=filters)
+    seed = watch.take_seed()
+    watch.judge(seed)
+    if on_ready:
+        on_ready()
+    return _report(watch, seed, watch.latest_counts, None)
+
+
+def _report(watch: Watch, seed, seed_counts: dict, trace_report: dict | None) -> dict:
+    final = watch.latest
     return {
-        "findings": findings,
+        # the last look's findings, then those an earlier look showed and the last no longer did
+        "findings": watch.all_findings(),
         "sockets_at_start": seed_counts,
         "sockets_at_end": watch.latest_counts,
         "namespaces": len(final.netns_names),
         "netns_names": final.netns_names,
         "snapshot_s": round(seed.took_s, 3),
-        "snapshot_errors": seed.errors + final.errors,
-        "trace": trace_report,
+        "snapshot_errors": list(watch.errors),  # namespaces (or owners) that could not be read
+        "filters": watch.filters.describe() if watch.filters is not None else "none",
+        "trace": trace_report,                  # None for --duration 0: no tracer
     }
 
 
 def exit_status(findings: list[leaks.Finding], fail_on: str) -> int:
-    """0 healthy, 1 when a finding is at or above fail_on."""
+    """0 healthy, 1 when a finding still present at the end is at or above fail_on (one that
+    resolved during the look is reported, not counted)."""
     bar = leaks.SEVERITY_RANK[fail_on]
-    return 1 if any(leaks.SEVERITY_RANK[f.severity] >= bar for f in findings) else 0
+    return 1 if any(leaks.SEVERITY_RANK[f.severity] >= bar for f in findings if f.resolved_at is None) else 0

@@ -7,12 +7,19 @@ from .analysis.leaks import Finding
 
 
 def one_line(f: Finding) -> str:
-    return f"{f.severity.upper()} {f.kind}: {f.summary}"
+    return f"{f.severity.upper()} {f.kind}{_resolved(f)}: {f.summary}"
+
+
+def _resolved(f: Finding) -> str:
+    """' (resolved at HH:MM:SS)' for a finding an earlier look showed and the last no longer did."""
+    if not f.resolved_at:
+        return ""
+    return f" (resolved at {f.resolved_at[11:19]} UTC)"
 
 
 def block(f: Finding, names: dict[int, str] | None = None) -> str:
     names = names or {}
-    head = f"{f.severity.upper():8} {f.kind}  x{f.count}"
+    head = f"{f.severity.upper():8} {f.kind}{_resolved(f)}  x{f.count}"
     where = []
     if f.netns is not None:
         where.append(f"netns {names.get(f.netns, f.netns)}")
@@ -35,14 +42,23 @@ def report_text(report: dict) -> str:
     counts = report["sockets_at_start"]
     total = sum(counts.values())
     lines = [(f"sockets at start: {total} in {report['namespaces']} network namespace(s): "
-              + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none")),
-             f"traced {tr['duration_s']:.1f} s: {tr['connections_seen']} connections, "
-             f"{tr['closed']} closed, {tr['events_received']} events, {tr['events_lost']} lost"]
+              + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))]
+    for e in report.get("snapshot_errors") or []:
+        lines.append(f"NOT READ: {e}")
+    if tr is None:
+        lines.append("one snapshot, not traced (--duration 0): ages are those the kernel's clocks prove")
+    else:
+        lines.append(f"traced {tr['duration_s']:.1f} s: {tr['connections_seen']} connections, "
+                     f"{tr['closed']} closed, {tr['events_received']} events, {tr['events_lost']} lost")
+    if report.get("filters", "none") != "none":
+        lines.append(f"filters: {report['filters']}")
     findings = report["findings"]
+    resolved = sum(1 for f in findings if f.resolved_at)
     if not findings:
         lines.append("no findings: healthy")
     else:
-        lines.append(f"{len(findings)} finding(s), most severe first:")
+        lines.append(f"{len(findings)} finding(s)" + (f" ({resolved} resolved before the end)" if resolved else "")
+                     + ", most severe first:")
         lines += [block(f, report.get("netns_names")) for f in findings]
     return "\n".join(lines)
 

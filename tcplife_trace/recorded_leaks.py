@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import leaks
+from .probes import socket_age
 
 DEFAULT_PORT_RANGE = (32768, 60999)
 
@@ -27,12 +28,14 @@ def _endpoints(lc: pd.DataFrame) -> dict:
             "owner_pid": lc["pid"].astype("Int64"), "owner_comm": lc["comm"].astype(object)}
 
 
-def _sockets(lc: pd.DataFrame, state, *, inode: int, timer: str, age, lower, eof_age) -> pd.DataFrame:
+def _sockets(lc: pd.DataFrame, state, *, inode: int, timer: str, age, lower, eof_age,
+             source: str = socket_age.TRACE) -> pd.DataFrame:
     """Lifecycles as rows of the detectors' `sockets` frame (no sock_diag: no queues, idle times, fd)."""
     return pd.DataFrame({**_endpoints(lc), "state": state, "inode": inode, "timer": timer, "rqueue": 0,
                          "wqueue": 0, "idle_recv_s": np.nan, "idle_sent_s": np.nan,
                          "owner_fd": pd.array([pd.NA] * len(lc), "Int64"), "age_s": age,
-                         "age_lower_bound": lower, "eof_age_s": eof_age}, columns=list(leaks.SOCKET_COLUMNS))
+                         "age_lower_bound": lower, "eof_age_s": eof_age, "age_source": source},
+                        columns=list(leaks.SOCKET_COLUMNS))
 
 
 def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
@@ -98,6 +101,7 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     for ns, counters in meta.get("mibs", {}).items():
         before = first.get("mibs", {}).get(ns, {}) if len(snapshots) > 1 else counters
         deltas[ns] = {k: v - before.get(k, 0) for k, v in counters.items() if v - before.get(k, 0) > 0}
+    deltas, scope = leaks.scoped_counters(deltas, socks, sockets, filters)
     key = ["netns", "laddr", "lport"]
     lis = sockets[sockets["state"] == "LISTEN"]
     seen = first_socks[first_socks["state"] == "LISTEN"][key].drop_duplicates() if len(snapshots) > 1 else lis[key]
@@ -106,7 +110,7 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     t0 = transitions["time"].min() if len(transitions) else now
     duration = max((now - min(t0, pd.Timestamp(t_first, unit="ns", tz="UTC"))).total_seconds(), 1e-3)
     return leaks.Evidence(sockets, _ended(lc[lc["end"] <= now]), duration, deltas, meta.get("sysctls", {}),
-                          new_lis, complete_snapshot=bool(meta["complete"]))
+                          new_lis, complete_snapshot=bool(meta["complete"]), counter_scope=scope)
 
 
 def stopped_at(ends: list) -> pd.Timestamp | None:

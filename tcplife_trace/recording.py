@@ -369,7 +369,7 @@ def _snapshot(custom) -> tuple:
     for k in ("mibs", "sysctls", "netns_names", "sockstat"):
         meta[k] = {int(ns): v for ns, v in (meta.get(k) or {}).items()}
     table = ipc.open_stream(pa.py_buffer(custom[SNAP_KEY.encode()])).read_all()
-    if table.column_names != list(leaks.SOCKET_COLUMNS):
+    if table.column_names not in (list(leaks.SOCKET_COLUMNS), list(leaks.SOCKET_COLUMNS_V1)):
         raise ValueError("snapshot with other columns")
     return meta, leaks.sockets_frame(table.to_pandas())
 

@@ -207,9 +207,14 @@ def summary_text(report: dict) -> str:
         lines.append("  sockets at start (all namespaces): "
                      + ", ".join(f"{k} {v}" for k, v in r["sockets_at_start"].items()))
     if "findings" in r:
-        lines.append(f"  findings: {len(r['findings'])}" + ("" if r["findings"] else " (healthy)"))
+        resolved = sum(1 for f in r["findings"] if f.get("resolved_at"))
+        lines.append(f"  findings: {len(r['findings'])}" + ("" if r["findings"] else " (healthy)")
+                     + (f" ({resolved} resolved before the end)" if resolved else ""))
         for f in r["findings"]:
-            lines.append(f"    {f['severity'].upper()} {f['kind']}: {f['summary']}")
+            when = f" (resolved at {f['resolved_at'][11:19]} UTC)" if f.get("resolved_at") else ""
+            lines.append(f"    {f['severity'].upper()} {f['kind']}{when}: {f['summary']}")
+    for e in r.get("snapshot_errors") or []:
+        lines.append(f"  sockets not read: {e}")
     rec = r.get("recording")
     if rec:
         size = "" if rec["bytes"] is None else f", {rec['bytes'] / 2**20:.1f} MiB"

@@ -129,30 +129,114 @@ class BTF:
         return total
 
 
-def _cache_path(release: str, st: os.stat_result) -> str:
-    key = hashlib.sha1(f"{release}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    base = os.environ.get("TCPLIFE_TRACE_CACHE", "/run/tcplife-trace")
-    return os.path.join(base, f"btf-offsets-{key}.json")
+MAX_OFFSET = 1 << 16  # no field this program reads lies farther into its struct (tcp_sock: ~2.3 KB)
+
+
+class CacheInvalid(Exception):
+    """A cached entry that is not trusted; the message says why."""
+
+
+def build_id(notes_path: str = "/sys/kernel/notes") -> str | None:
+    """The running kernel's GNU build id (hex), from its ELF notes; None if unreadable."""
+    try:
+        with open(notes_path, "rb") as f:
+            blob = f.read(1 << 16)
+    except OSError:
+        return None
+    pos = 0
+    while pos + 12 <= len(blob):
+        namesz, descsz, kind = struct.unpack_from("<III", blob, pos)
+        name_at = pos + 12
+        desc_at = name_at + (namesz + 3) // 4 * 4
+        end = desc_at + (descsz + 3) // 4 * 4
+        if end > len(blob):
+            return None
+        if kind == 3 and blob[name_at:name_at + namesz].rstrip(b"\0") == b"GNU":  # NT_GNU_BUILD_ID
+            return blob[desc_at:desc_at + descsz].hex()
+        pos = end
+    return None
+
+
+def cache_key(st: os.stat_result) -> dict:
+    """What a cached entry must match: this kernel's build (build id, release) and its BTF (size)."""
+    return {"release": os.uname().release, "build_id": build_id(), "btf_size": st.st_size}
+
+
+def cache_dir() -> str:
+    return os.environ.get("TCPLIFE_TRACE_CACHE", "/run/tcplife-trace")
+
+
+def _cache_path(key: dict) -> str:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"btf-offsets-{digest}.json")
+
+
+def _trusted_place(*paths: str) -> None:
+    """CacheInvalid unless these (the cache's directory, its file) belong to us and only we can
+    write them: whoever can write there chooses the offsets compiled into a program the kernel runs."""
+    me = os.geteuid()
+    for p in paths:
+        st = os.lstat(p)
+        if st.st_uid != me or st.st_mode & 0o022:
+            raise CacheInvalid(f"{p} is owned by uid {st.st_uid}, mode {st.st_mode & 0o7777:o} "
+                               f"(want uid {me}, not writable by group or others)")
+
+
+def read_cache(path: str, key: dict) -> tuple[dict[str, int], list[str]]:
+    """(offsets, notes) of a cached entry after checking every value; CacheInvalid otherwise,
+    FileNotFoundError when there is none. The values are pasted into the BPF program's text:
+    only known names with integers in range get through."""
+    _trusted_place(os.path.dirname(path), path)
+    with open(path, "rb") as f:
+        raw = f.read(1 << 16)
+    try:
+        saved = json.loads(raw)
+    except ValueError:
+        raise CacheInvalid("not JSON") from None
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        raise CacheInvalid("made for another kernel build or BTF (key differs)")
+    offsets, notes = saved.get("offsets"), saved.get("notes")
+    if not isinstance(offsets, dict) or not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise CacheInvalid("malformed entry")
+    for name, value in offsets.items():
+        if name not in FIELDS:
+            raise CacheInvalid(f"unknown field {name!r}")
+        if type(value) is not int or not 0 <= value < MAX_OFFSET:
+            raise CacheInvalid(f"{name} is {value!r}, not an offset in [0, {MAX_OFFSET})")
+    return offsets, notes
+
+
+def forget_cache(path: str = VMLINUX_BTF) -> None:
+    """Remove the cached entry for this kernel (the next kernel_offsets() reads BTF again)."""
+    try:
+        os.unlink(_cache_path(cache_key(os.stat(path))))
+    except OSError:
+        pass
 
 
 def kernel_offsets(path: str = VMLINUX_BTF, use_cache: bool = True) -> tuple[dict[str, int], list[str]]:
     """Offsets for FIELDS from the kernel's BTF, and notes on what is missing.
 
     Missing fields are left out (the BPF side then reports them as unknown);
-    they are never guessed. Results are cached per kernel build in /run.
+    they are never guessed. Results are cached per kernel build in /run, and a
+    cached entry is used only if every value checks out (read_cache); one that
+    does not is replaced, with a note saying so. The tracer also checks at start
+    what the offsets read (probes/offset_check.py).
     """
     try:
         st = os.stat(path)
     except OSError:
         return {}, [f"no kernel BTF at {path}: netns, uid and byte counts will be unknown"]
-    cache = _cache_path(os.uname().release, st) if use_cache else None
+    key = cache_key(st)
+    cache = _cache_path(key) if use_cache else None
+    distrusted = None
     if cache:
         try:
-            with open(cache) as f:
-                saved = json.load(f)
-            return saved["offsets"], saved["notes"]
-        except (OSError, ValueError, KeyError):
+            return read_cache(cache, key)
+        except FileNotFoundError:
             pass
+        except (OSError, CacheInvalid) as e:
+            distrusted = f"the BTF offset cache {cache} was not used ({e}): offsets read again from {path}"
     try:
         with open(path, "rb") as f:
             btf = BTF(f.read())
@@ -165,12 +249,25 @@ def kernel_offsets(path: str = VMLINUX_BTF, use_cache: bool = True) -> tuple[dic
         except BTFError as e:
             notes.append(f"{e}: the field it feeds will be unknown")
     if cache:
+        _write_cache(cache, {"key": key, "offsets": offsets, "notes": notes})
+    return offsets, notes + ([distrusted] if distrusted else [])
+
+
+def _write_cache(cache: str, entry: dict) -> None:
+    try:
+        d = os.path.dirname(cache)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        _trusted_place(d)
+    except (OSError, CacheInvalid):
+        return  # a place others can write to is not used at all
+    tmp = f"{cache}.{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, cache)
+    except OSError:
         try:
-            os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
-            tmp = f"{cache}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"offsets": offsets, "notes": notes}, f)
-            os.replace(tmp, cache)
+            os.unlink(tmp)
         except OSError:
             pass
-    return offsets, notes

@@ -19,7 +19,7 @@ from typing import Callable
 from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
 from .analysis.summary import StateTimes
 from .probes import program as prog
-from .probes import conn_map
+from .probes import btf, conn_map, offset_check
 from .probes.event_layout import EventKind, Flag
 from .probes.stream import EventStream
 
@@ -42,6 +42,9 @@ class LiveSession:
         self.startup_s = time.monotonic() - t0
         self.notices = list(self.program.source.notices)
         self.stream = EventStream(self.program)
+        self._early: list = []  # events read while the offsets were checked, consumed first
+        self._check_offsets()
+        self.startup_s = time.monotonic() - t0
         self.state_times = StateTimes()
         self.end_reasons: Counter[str] = Counter()
         self._user_on_close = on_close
@@ -81,9 +84,43 @@ class LiveSession:
         for watcher in self.close_watchers:
             watcher(lc)
 
+    def _check_offsets(self) -> None:
+        """What the BTF offsets read on the tracer's own connection (probes/offset_check.py).
+        Offsets from the cache in /run that read wrong (or, when a filter hides that
+        connection, differ from the BTF itself) are rebuilt from BTF, the program is loaded
+        again, and a notice says so."""
+        used, _ = btf.kernel_offsets()  # what the program was built with (the cache, by now)
+        if not used:
+            return
+        wrong = None
+        if offset_check.possible(self.settings.filters):
+            self._early, wrong = offset_check.check(self.stream, set(used), self.settings.filters.family)
+            if wrong is None:
+                return
+        fresh, _ = btf.kernel_offsets(use_cache=False)
+        if fresh == used:
+            if wrong:
+                self.notices.append(f"the struct offsets from the kernel's BTF read wrong values on the "
+                                    f"tracer's own connection ({wrong}): netns, uid and byte counts may be wrong")
+            return
+        dropped = len(self._early)
+        btf.forget_cache()
+        self.stream.close()
+        self.program.close()
+        self.program = prog.load(self.settings)  # the offsets read again from BTF, cached afresh
+        self.stream = EventStream(self.program)
+        self._early = []
+        self.notices.append(
+            f"the BTF offset cache in {btf.cache_dir()} held offsets that "
+            + (f"read wrong values ({wrong})" if wrong else "differ from the kernel's BTF")
+            + f": rebuilt from {btf.VMLINUX_BTF} and the program loaded again"
+            + (f" ({dropped} events of the first program, read meanwhile, left out)" if dropped else ""))
+
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         events = self.stream.poll(timeout_ms)
+        if self._early:
+            events, self._early = self._early + events, []
         self._consume(events)
         now = time.monotonic_ns()
         self.tracker.advance(now)
@@ -181,7 +218,8 @@ class LiveSession:
         if self.report is not None:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
-        self._consume(self.stream.drain())
+        early, self._early = self._early, []
+        self._consume(early + self.stream.drain())
         self.still_open = self.tracker.finish()
         folded = [lc for lc in self._folding() if self.tracker.kept(lc)]  # still in the kernel map
         self._folded_open = len(folded)

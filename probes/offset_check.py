@@ -1,0 +1,88 @@
+"""Do the BTF offsets compiled into the program read what they should? Checked at start on
+the tracer's own loopback connection, whose answers the process knows: the netns inode
+(/proc/self/ns/net), the socket's uid (our euid) and the bytes it sent and received.
+
+Offsets come from the kernel's BTF, cached in /run (probes/btf.py); a cache that was
+tampered with, or stale in a way its key does not catch, would otherwise give wrong netns,
+uids and byte counts with no sign of it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from .event_layout import EventKind
+
+PAYLOAD = 1500            # bytes the client sends, the server reads and echoes
+WAIT_S = 1.0              # for the events of our own connection to come back
+_STATE, _LIFE = int(EventKind.STATE), int(EventKind.LIFE)
+# Ev fields: 3 tx_b, 4 rx_b, 5 netns, 8 uid, 10 sport, 11 dport, 13 kind, 15 newstate
+_TX, _RX, _NETNS, _UID, _SPORT, _DPORT, _KIND, _NEW = 3, 4, 5, 8, 10, 11, 13, 15
+_CLOSE = 7
+
+
+def possible(filters) -> bool:
+    """Whether a kernel filter would hide our own connection (-p, -L, -D do; -4/-6 do not:
+    the connection takes the family traced)."""
+    return not (filters.pids or filters.lports or filters.rports)
+
+
+def _connection(family: int) -> tuple[set[int], int]:
+    """A loopback connection of our own, ended: (its two ports, bytes each way)."""
+    af, host = (socket.AF_INET6, "::1") if family == 6 else (socket.AF_INET, "127.0.0.1")
+    with socket.socket(af, socket.SOCK_STREAM) as ls:
+        ls.bind((host, 0))
+        ls.listen(1)
+        port = ls.getsockname()[1]
+        with socket.create_connection((host, port), timeout=2) as c:
+            a, _ = ls.accept()
+            with a:
+                a.settimeout(2)
+                c.sendall(b"x" * PAYLOAD)
+                got = 0
+                while got < PAYLOAD:
+                    got += len(a.recv(PAYLOAD - got) or b"")
+                a.sendall(b"y" * PAYLOAD)
+                got = 0
+                while got < PAYLOAD:
+                    got += len(c.recv(PAYLOAD - got) or b"")
+                cport = c.getsockname()[1]
+    return {port, cport}, PAYLOAD
+
+
+def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[list, str | None]:
+    """Make the connection, read its events back from `stream`; returns (the other events
+    read meanwhile, to be consumed as usual; what read wrong, or None). Our own events are
+    not passed on: they are the tracer's, not the workload's."""
+    ports, n = _connection(6 if family == 6 else 4)
+    others, mine = [], []
+    deadline = time.monotonic() + WAIT_S
+    closes = 0
+    while time.monotonic() < deadline and closes < 3:  # both ends and the listener
+        for ev in stream.poll(20):
+            # (a SYN_SENT socket has no local port yet, a listener no remote one)
+            if {ev[_SPORT], ev[_DPORT]} <= ports | {0} and (ev[_SPORT] in ports or ev[_DPORT] in ports):
+                mine.append(ev)
+                closes += ev[_KIND] == _LIFE or (ev[_KIND] == _STATE and ev[_NEW] == _CLOSE)
+            else:
+                others.append(ev)
+    if not mine:
+        return others, None  # nothing came back (say, a kernel that filters): nothing judged
+    netns = os.stat("/proc/self/ns/net").st_ino
+    wrong = []
+    if {"OFF_SKC_NET", "OFF_NET_NS_INUM"} <= offsets_known:
+        bad = {ev[_NETNS] for ev in mine} - {netns}
+        if bad:
+            wrong.append(f"netns {sorted(bad)[0]} for our own socket, not {netns} (/proc/self/ns/net)")
+    if "OFF_SK_UID" in offsets_known:
+        bad = {ev[_UID] for ev in mine} - {os.geteuid()}
+        if bad:
+            wrong.append(f"uid {sorted(bad)[0]} for our own socket, not {os.geteuid()}")
+    if {"OFF_TP_BYTES_ACKED", "OFF_TP_BYTES_RECEIVED"} <= offsets_known:
+        # at CLOSE each side has sent and received the payload, plus its SYN and FIN at most
+        ends = [ev for ev in mine if ev[_DPORT] and (ev[_KIND] == _LIFE or (ev[_KIND] == _STATE and ev[_NEW] == _CLOSE))]  # (not the listener's)
+        bad = [(ev[_TX], ev[_RX]) for ev in ends if not (n <= ev[_TX] <= n + 2 and n <= ev[_RX] <= n + 2)]
+        if bad:
+            wrong.append(f"{bad[0][0]} bytes sent and {bad[0][1]} received at CLOSE, not {n} each")
+    return others, "; ".join(wrong) or None

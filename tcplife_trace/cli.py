@@ -334,6 +334,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             next_poll = time.monotonic() + poll_interval
     for notice in session.notices:
         click.echo(f"tcplife-trace: notice: {notice}", err=True)
+    for e in watch.new_errors() if watch is not None else ():
+        click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
     next_metrics = 0.0
     if not as_json and not quiet:
         _out(view.lifecycle_header() if lifecycles else view.transition_header())
@@ -358,12 +360,12 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                     found = watch.poll()
                 for f in found:
                     click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+                for e in watch.new_errors():  # a namespace (or owners) the look could not read
+                    click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
                 poll_s.append(time.monotonic() - t_poll)
                 if metrics is not None:
                     metrics.on_socket_poll(poll_s[-1])
                 next_poll = time.monotonic() + poll_interval
-    for e in watch.new_errors() if watch is not None else ():
-        click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
             if metrics is not None and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + 1.0
                 metrics.update(session.counts_now(),
@@ -390,8 +392,6 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, still summarise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                for e in watch.new_errors():  # a namespace (or owners) the look could not read
-                    click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
         report = session.stop()
     click.echo(summary_text(report), err=True)
     if as_json:
@@ -543,6 +543,7 @@ _THRESHOLD_HELP = ("Change a detector threshold, e.g. close_wait_age_s=30 (repea
               show_default=True, help="Exit 1 when a finding still present at the end is at least this severe.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE", help=_THRESHOLD_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@_filter_options
 @click.pass_context
 def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, localport, remoteport, ipv4,
                ipv6):
@@ -551,6 +552,7 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
     Exit status: 0 healthy, 1 findings at or above --fail-on, 2 could not run.
     """
     from . import doctor, findings_view
+    filters = _filters(pid, localport, remoteport, ipv4, ipv6)
     thresholds = _thresholds(threshold_pairs)
     stop = _Stop()
 
@@ -585,5 +587,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-@_filter_options
-    filters = _filters(pid, localport, remoteport, ipv4, ipv6)

@@ -105,7 +105,11 @@ fi
 # bcc comes from the distribution: PyPI's `bcc` is an unrelated package.
 PKGS="python3 python3-venv python3-bpfcc gcc libc6-dev iproute2 util-linux"
 [ "$peers" = 1 ] && PKGS="$PKGS bpfcc-tools libbpf-tools bpftrace"
-[ "$testtools" = 1 ] && PKGS="$PKGS man-db"  # the man page test renders it with man/groff
+# the tests render the man page (man/groff), verify the unit (systemd-analyze), check capability
+# names and run the tracer under capability sets (capsh, setpriv)
+[ "$testtools" = 1 ] && PKGS="$PKGS man-db systemd libcap2-bin"
+# the HTML report's tests open the page in a real headless browser: Debian's chromium
+[ "$testtools" = 1 ] && PKGS="$PKGS chromium"
 if ! command -v apt-get >/dev/null 2>&1; then
     # no apt: go on if what the tool needs is already there, else say what to install
     need=""

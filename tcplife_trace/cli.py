@@ -213,14 +213,27 @@ DEFAULT_METRICS_PORT = 9470
               help="Also record every event to FILE.")
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=-5, show_default=True,
               help="Scheduling priority of the consumer.")
+@click.option("--max-conns", type=click.IntRange(1024, 4_194_304), default=prog.DEFAULT_MAX_CONNS,
+              show_default=True, help="Size of the kernel connection map.")
+@click.option("--ring-pages", type=click.IntRange(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
+              show_default=True, help="Ring buffer size in pages (a power of two).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the exit summary as JSON to FILE.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
 @click.pass_context
 def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, poll_interval,
-              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, duration, record_path, niceness):
+              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, duration, record_path, niceness,
+              max_conns, ring_pages, report_path, strict):
     """Long-running agent: trace without printing events, serve Prometheus metrics, print
-    leak findings to stderr (the journal) as they appear. Stops on SIGTERM."""
-    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6))
+    leak findings to stderr (the journal) as they appear. Stops on SIGTERM.
+
+    Under systemd (JOURNAL_STREAM names stderr) each line carries its syslog priority, so
+    `journalctl -u tcplife-trace -p warning` shows the warnings, errors and findings."""
+    from . import journal
+    journal.use_priorities()
+    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages)
     ctx.exit(trace(settings, niceness=niceness, hms=False, seconds=False, wide=False, duration=duration,
-                   lifecycles=False, as_json=False, strict=False, record_path=record_path,
+                   lifecycles=False, as_json=False, strict=strict, report_path=report_path, record_path=record_path,
                    poll_interval=poll_interval, thresholds=_thresholds(threshold_pairs), quiet=True,
                    **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
 

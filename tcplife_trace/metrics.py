@@ -205,6 +205,10 @@ class Metrics:
         buckets.append(("+Inf", cum + self._poll_hist[-2]))
         h.add_metric([], buckets, self._poll_hist[-1])
         yield h
+        ports = _ephemeral_ports()
+        if ports is not None:
+            yield _gauge1("tcplife_ephemeral_ports", "Size of net.ipv4.ip_local_port_range of the tracer's "
+                          "namespace: the ports one destination's outgoing connections can use.", ports)
         cpu = _thread_cpu_s(self._consumer_tid) if self._consumer_tid else None
         if cpu is not None:
             yield _counter("tcplife_consumer_cpu_seconds", "CPU time of the consumer thread (reads the ring, "
@@ -227,6 +231,15 @@ class Metrics:
             n = None
         if n is not None:
             yield _gauge1("tcplife_conn_map_entries", "Entries in the kernel connection map now.", n)
+
+
+def _ephemeral_ports() -> int | None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+    except (OSError, ValueError):
+        return None
+    return hi - lo + 1
 
 
 def _thread_cpu_s(tid: int) -> float | None:

@@ -57,7 +57,7 @@ def main() -> int:
             t0 = time.perf_counter()
             results[engine] = fleet.analyze(tmp, engine, workers=args.workers)
             times[engine] = time.perf_counter() - t0
-        for name in ("lifecycles", "state_durations", "leaks", "summary"):
+        for name in ("lifecycles", "state_durations", "leaks", "snapshots", "summary"):
             pd.testing.assert_frame_equal(results["pandas"][name], results["dask"][name], obj=name)
     print(f"{args.hosts} hosts, {n:,} transitions, {len(results['pandas']['lifecycles']):,} connections; "
           f"{os.cpu_count()} CPUs, Dask local cluster of {args.workers} worker processes")

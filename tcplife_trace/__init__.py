@@ -2,7 +2,8 @@
 __version__ = "0.1.0"
 
 
-def load(path):
-    """Load a recording made with `tcplife-trace --record FILE` (pandas and pyarrow load on demand)."""
+def load(path, text_import=None):
+    """Load a recording made with `tcplife-trace --record FILE` (pandas and pyarrow load on demand);
+    text_import: the day, time zone and host of tcpstates text (tcpstates_import.TextImport)."""
     from .recording import load as _load
-    return _load(path)
+    return _load(path, text_import)

@@ -1,12 +1,13 @@
 """What `tcplife-trace analyze` shows: frames of a recording, filtered, as tables or data."""
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 
 import pandas as pd
 
 from .analysis import leaks
+from .frame_schema import conform, to_arrow
 from .probes.filters import Filters
 from .recording import Recording
 
@@ -60,20 +61,33 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
         sockets = sockets[sockets.time >= since]
     if until is not None:
         sockets = sockets[sockets.time <= until]
-    return {"lifecycles": lc, "transitions": tr, "state_durations": durations,
-            "summary": summary(durations).reset_index(),
-            "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=filters),
-            "snapshots": leaks.sockets_matching(sockets, filters).reset_index(drop=True)}
+    out = {"lifecycles": lc, "transitions": tr, "state_durations": durations,
+           "summary": summary(durations).reset_index(),
+           "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=filters),
+           "snapshots": leaks.sockets_matching(sockets, filters).reset_index(drop=True)}
+    return {name: conform(name, df) for name, df in out.items()}
 
 
-def export(frames_: dict[str, pd.DataFrame], directory: str) -> list[str]:
-    os.makedirs(directory, exist_ok=True)
+def export(frames_: dict[str, pd.DataFrame], directory: str, host: bool = False) -> list[str]:
+    """Each frame as DIR/<name>.parquet in its declared schema (frame_schema), created mode
+    0600 like the recording (they hold the same addresses and process names), each written
+    whole under a temporary name first (an earlier export of the same name is replaced only
+    by a complete file). host: fleet frames, a `host` column first."""
+    import pyarrow.parquet as pq
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700)
     written = []
     for name, df in frames_.items():
+        table = to_arrow(name, df, host=host and name != "summary")
         path = os.path.join(directory, f"{name}.parquet")
-        if name == "leaks":  # free-form evidence: as JSON text, so every finding fits one schema
-            df = df.assign(evidence=df["evidence"].map(json.dumps))
-        df.to_parquet(path, index=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".parquet", dir=directory)  # (mode 0600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pq.write_table(table, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         written.append(path)
     return written
 
@@ -83,7 +97,11 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
     out = []
     for h, e in zip(rec.headers, rec.ends, strict=True):
         if h.get("imported_from"):
-            out.append(f"imported from {h['imported_from']}: {h.get('source')}")
+            cap = h.get("capture") or {}
+            out.append(f"imported from {h['imported_from']}: {h.get('source')}; host "
+                       + (h.get("host") or "unknown (--host)")
+                       + (f"; first line on {cap['first_day']} ({cap['day_from']}), times in {cap['tz']} "
+                          f"({cap['tz_from']})" if cap else ""))
             continue
         lost = "?" if e is None else e.get("events_lost", "?")
         out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), filters {h.get('filters')}: "

@@ -117,6 +117,9 @@ thresholds (--threshold NAME=VALUE):
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write every event to FILE (Arrow stream, mode 0600, on the disk within a second) "
                    "for offline analysis with tcplife_trace.load(FILE).")
+@click.option("--host", "record_host", metavar="NAME",
+              help="The host name the recording's header gives (analyze and fleet analysis know it by "
+                   "it; default: this machine's hostname). Needs --record.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
 @click.option("--poll-interval", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="S",
@@ -141,7 +144,7 @@ thresholds (--threshold NAME=VALUE):
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
-        as_json, strict, max_conns, ring_pages, niceness, record_path, report_path, poll_interval,
+        as_json, strict, max_conns, ring_pages, niceness, record_path, record_host, report_path, poll_interval,
         threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, kernel_mode, print_ebpf):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
@@ -158,7 +161,8 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
         return
     ctx.exit(trace(settings, niceness=niceness, hms=hms, seconds=seconds, wide=wide, duration=duration,
                    lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path,
-                   record_path=record_path, poll_interval=poll_interval,
+                   record_path=record_path, record_host=_record_host(record_host, record_path),
+                   poll_interval=poll_interval,
                    thresholds=_thresholds(threshold_pairs),
                    **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
 
@@ -211,6 +215,9 @@ DEFAULT_METRICS_PORT = 9470
               help="Stop after S seconds (default: until SIGTERM).")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also record every event to FILE.")
+@click.option("--host", "record_host", metavar="NAME",
+              help="The host name the recording's header gives (analyze and fleet analysis know it by "
+                   "it; default: this machine's hostname). Needs --record.")
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=-5, show_default=True,
               help="Scheduling priority of the consumer.")
 @click.option("--max-conns", type=click.IntRange(1024, 4_194_304), default=prog.DEFAULT_MAX_CONNS,
@@ -222,7 +229,7 @@ DEFAULT_METRICS_PORT = 9470
 @click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
 @click.pass_context
 def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, poll_interval,
-              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, duration, record_path, niceness,
+              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, duration, record_path, record_host, niceness,
               max_conns, ring_pages, report_path, strict):
     """Long-running agent: trace without printing events, serve Prometheus metrics, print
     leak findings to stderr (the journal) as they appear. Stops on SIGTERM.
@@ -234,8 +241,16 @@ def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap
     settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages)
     ctx.exit(trace(settings, niceness=niceness, hms=False, seconds=False, wide=False, duration=duration,
                    lifecycles=False, as_json=False, strict=strict, report_path=report_path, record_path=record_path,
+                   record_host=_record_host(record_host, record_path),
                    poll_interval=poll_interval, thresholds=_thresholds(threshold_pairs), quiet=True,
                    **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
+
+
+def _record_host(name: str | None, record_path: str | None) -> str | None:
+    """--host: the name a recording's header gives its host (analyze tells hosts apart by it)."""
+    if name is not None and not record_path:
+        raise click.UsageError("--host names the host in a recording's header: it needs --record FILE")
+    return _host_name(name, "--host")
 
 
 def _set_priority(niceness: int) -> None:
@@ -248,7 +263,8 @@ def _set_priority(niceness: int) -> None:
 
 def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: bool, wide: bool, duration: float | None,
           lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None,
-          record_path: str | None = None, poll_interval: float = 0.0, thresholds=None,
+          record_path: str | None = None, record_host: str | None = None, poll_interval: float = 0.0,
+          thresholds=None,
           quiet: bool = False, metrics=None, metrics_port: int | None = None,
           metrics_addr: str = "127.0.0.1") -> int:
     if report_path:
@@ -286,7 +302,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         from . import recording  # pyarrow only when recording
         try:
             recorder = recording.RecordingWriter(
-                record_path, recording.header(settings.filters.describe(), wall_offset))
+                record_path, recording.header(settings.filters.describe(), wall_offset, host=record_host))
         except recording.RecordingError as e:
             raise UserError(str(e)) from None
     shown = None if lifecycles or quiet else on_transition
@@ -442,8 +458,16 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
 @click.option("--scheduler", metavar="ADDRESS", help="An existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
 @click.option("--workers", type=click.IntRange(1, 1024), metavar="N",
               help="Worker processes of the local Dask cluster (default: one per CPU).")
+@click.option("--date", "capture_date", metavar="YYYY-MM-DD",
+              help="tcpstates text: the day of the capture's first line (default: the day of the file's "
+                   "modification time, said in a warning).")
+@click.option("--tz", "capture_tz", metavar="ZONE",
+              help="tcpstates text: the time zone of its HH:MM:SS, e.g. UTC, Europe/Paris, +05:30 "
+                   "(default: this machine's, said in a warning).")
+@click.option("--host", "capture_host", metavar="NAME",
+              help="tcpstates text: the host it was captured on (default: unknown).")
 def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until, threshold_pairs,
-            engine, scheduler, workers):
+            engine, scheduler, workers, capture_date, capture_tz, capture_host):
     """Analyse recordings made with --record FILE.
 
     FILES are recordings, directories (searched for *.arrow) or globs. Files of one host are
@@ -468,17 +492,24 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     thresholds = _thresholds(threshold_pairs)
     if scheduler and engine != "dask":
         raise click.UsageError("--scheduler needs --engine dask")
+    text_import = _text_import(capture_date, capture_tz, capture_host)
     from . import fleet
     try:
         paths = fleet.expand(files)
-        if engine == "dask" or len(fleet.hosts(paths)) > 1:
+        if text_import is not None:
+            from .tcpstates_import import looks_like_tcpstates
+            if not any(looks_like_tcpstates(p) for p in paths):
+                raise click.UsageError("--date, --tz and --host describe a tcpstates text capture, and none "
+                                       "of the files is one")
+        if engine == "dask" or len(fleet.hosts(paths, text_import)) > 1:
             out = fleet.analyze(paths, engine, scheduler=scheduler, thresholds=thresholds, filters=filters,
-                                since=start, until=stop, workers=workers)
+                                since=start, until=stop, workers=workers, transitions=bool(export_dir),
+                                text_import=text_import)
             for w in out["warnings"]:
                 click.echo(f"tcplife-trace: warning: {w}", err=True)
             _fleet_output(out, fmt, export_dir)
             return
-        rec = load(paths)
+        rec = load(paths, text_import)
         for w in rec.warnings:
             click.echo(f"tcplife-trace: warning: {w}", err=True)
         frames = analysis_report.frames(rec, filters, start, stop, thresholds)
@@ -498,11 +529,39 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
         _out(_json_object(docs))
 
 
+def _text_import(date: str | None, tz: str | None, host: str | None):
+    """analyze --date/--tz/--host as a tcpstates_import.TextImport; None when none is given."""
+    if date is None and tz is None and host is None:
+        return None
+    import datetime as dt
+
+    from .tcpstates_import import TextImport
+    try:
+        day = dt.date.fromisoformat(date) if date is not None else None
+    except ValueError:
+        raise click.BadParameter(f"{date!r} is not a day: give YYYY-MM-DD", param_hint="--date") from None
+    try:
+        zone = TextImport.zone(tz) if tz is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tz") from None
+    return TextImport(day, zone, _host_name(host, "--host"))
+
+
+def _host_name(name: str | None, flag: str) -> str | None:
+    if name is None:
+        return None
+    name = name.strip()
+    if not name or len(name) > 255 or not name.isprintable():
+        raise click.BadParameter(f"{name!r} is not a host name (1-255 printable characters)", param_hint=flag)
+    return name
+
+
 def _fleet_output(out: dict, fmt: str, export_dir: str | None) -> None:
     from . import analysis_report, fleet
     frames = {k: out[k] for k in (*fleet.FRAMES, "summary")}
     if export_dir:
-        for path in analysis_report.export(frames, export_dir):
+        for path in analysis_report.export({**frames, **{k: out[k] for k in fleet.ALL_FRAMES if k in out}},
+                                           export_dir, host=True):
             click.echo(f"tcplife-trace: wrote {path}", err=True)
     if fmt == "table":
         _out(fleet.text(out))

@@ -186,6 +186,9 @@ def dask_frames(client, paths: list[str], **args) -> tuple[dict, list]:
     return ddfs, [client.submit(_pick, f, "warnings", pure=False) for f in futures]
 
 
+SCHEDULER_TIMEOUT_S = 5
+
+
 class _client:
     """A Dask client: on `scheduler`, or on a local cluster of worker processes made for the call."""
 
@@ -211,7 +214,12 @@ class _client:
         import logging
         logging.getLogger("distributed").setLevel(logging.ERROR)
         if self.scheduler:
-            self.client = Client(self.scheduler)
+            try:  # a wrong address is said in one line after a few seconds, not a 30 s hang and a traceback
+                self.client = Client(self.scheduler, timeout=SCHEDULER_TIMEOUT_S)
+            except (OSError, ValueError, TimeoutError) as e:
+                raise RecordingError(f"cannot use the Dask scheduler {self.scheduler}: {str(e).splitlines()[0]}; "
+                                     "check --scheduler (e.g. tcp://HOST:8786) or leave it out for a local "
+                                     "cluster") from None
         else:
             self.cluster = LocalCluster(n_workers=self.workers or os.cpu_count() or 1, threads_per_worker=1,
                                         processes=True, dashboard_address=None)

@@ -81,10 +81,12 @@ def _table(events: list, head: dict) -> pa.Table:
     return pa.Table.from_batches([_batch(_schema(head), _packed(events))])
 
 
-def header(filters: str, wall_offset_ns: int, extra: dict | None = None) -> dict:
+def header(filters: str, wall_offset_ns: int, extra: dict | None = None, host: str | None = None) -> dict:
+    """A recording's header; host: the name analyze and fleet analysis know it by (--host;
+    this machine's hostname by default)."""
     return {
         "schema_version": SCHEMA_VERSION, "tool": "tcplife-trace", "tool_version": __version__,
-        "host": socket.gethostname(), "kernel": os.uname().release,
+        "host": host or socket.gethostname(), "kernel": os.uname().release,
         "start_wall": time.time(), "mono_to_wall_ns": wall_offset_ns, "filters": filters,
         "event_size": EVENT_SIZE, **(extra or {}),
     }
@@ -257,14 +259,17 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def read_header(path: str) -> dict:
-    """Only the header of a recording (a tcpstates text import has none: {})."""
-    try:
-        with open(path, "rb") as f:
-            meta = ipc.open_stream(f).schema.metadata or {}
-        return json.loads(meta.get(KEY, b"{}"))
-    except (OSError, pa.ArrowException, ValueError):
-        return {}
+def read_header(path: str, text_import=None) -> dict:
+    """Only the header of a recording; for tcpstates text, what its import will say (the host
+    is text_import.host, None when not given: unknown). RecordingError (one line naming the
+    file and the problem) when it is neither."""
+    from . import tcpstates_import
+    f, size = _open(path)
+    with f:
+        if tcpstates_import.looks_like_tcpstates(path):
+            return {"imported_from": "tcpstates text", "source": path,
+                    "host": getattr(text_import, "host", None)}
+        return _checked_stream(f, path, size)[1]
 
 
 def _checked_stream(f, path: str, size: int):
@@ -379,11 +384,12 @@ class Recording:
     from them. Several files are analysed as one: their clocks are aligned on the first
     file's wall clock and connection ids are made unique per file."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, text_import=None):
+        """text_import: a tcpstates_import.TextImport (day, host, time zone of text captures)."""
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not self.paths:
             raise RecordingError("no recording given")
-        self._combine([_read_any(str(p)) for p in self.paths])
+        self._combine([_read_any(str(p), text_import) for p in self.paths])
 
     @classmethod
     def from_events(cls, events: list, head: dict, end: dict | None = None) -> "Recording":
@@ -397,6 +403,9 @@ class Recording:
         self.headers = [h for h, _, _, _, _ in loaded]
         self.ends = [e for _, _, e, _, _ in loaded]
         self.warnings = [w for _, _, _, ws, _ in loaded for w in ws]
+        if len(loaded) > 1:
+            self.warnings += _one_host_notes(self.paths or ["in memory"] * len(loaded), self.headers,
+                                             [_span(h, t) for h, t, _, _, _ in loaded])
         # (wall time ns, meta, sockets frame) of every snapshot, each on its own file's clock
         self.snapshot_list = sorted(((m["taken_ns"] + int(h.get("mono_to_wall_ns", 0)), m, df)
                                      for h, (_, _, _, _, snaps) in zip(self.headers, loaded)
@@ -443,8 +452,9 @@ class Recording:
     def lifecycles(self):
         """One row per connection (see README, "Recordings")."""
         from .lifecycle_frame import lifecycles
+        from .frame_schema import conform
         if not hasattr(self, "_lifecycles"):
-            self._lifecycles = lifecycles(self.events, self.mono_to_wall_ns, self.columns())
+            self._lifecycles = conform("lifecycles", lifecycles(self.events, self.mono_to_wall_ns, self.columns()))
         return self._lifecycles
 
     def state_durations(self):
@@ -467,18 +477,19 @@ class Recording:
         from .analysis import leaks
         parts = [df.assign(time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
                  for t, m, df in self.snapshot_list]
+        from .frame_schema import conform
         cols = ["time", "complete", *leaks.SOCKET_COLUMNS]
-        if not parts:
-            return leaks.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"),
-                                                complete=pd.Series([], dtype=bool))[cols]
-        return pd.concat(parts, ignore_index=True)[cols]
+        if not parts:  # (typed all the same: an empty frame has the full schema)
+            parts = [leaks.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"), complete=False)]
+        return conform("snapshots", pd.concat(parts, ignore_index=True)[cols])
 
     def leaks(self, thresholds=None, port_range=None):
         """Leak and pile findings from what the recording shows (see README, "Findings");
         one row per finding, most severe first."""
+        from .frame_schema import conform
         from .recorded_leaks import DEFAULT_PORT_RANGE, findings, stopped_at
-        return findings(self.lifecycles(), self.transitions, thresholds, port_range or DEFAULT_PORT_RANGE,
-                        stopped_at(self.ends), self.snapshot_list)
+        return conform("leaks", findings(self.lifecycles(), self.transitions, thresholds,
+                                         port_range or DEFAULT_PORT_RANGE, stopped_at(self.ends), self.snapshot_list))
 
     def _group(self, keys: list[str]):
         from .connections import grouped
@@ -499,15 +510,57 @@ class Recording:
                 f"{clean}/{len(self.ends)} closed cleanly>")
 
 
-def _read_any(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
+def _read_any(path: str, text_import=None) -> tuple[dict, pa.Table, dict | None, list[str], list]:
     """A recording, or text captured with tcpstates -T -w (imported, with what it lacks said)."""
     from . import tcpstates_import
     if os.path.isfile(path) and tcpstates_import.looks_like_tcpstates(path):
-        events, offset, warnings = tcpstates_import.parse(path)
-        head = header("imported", offset, {"imported_from": "tcpstates text", "source": path})
+        events, offset, warnings, assumed = tcpstates_import.parse(path, text_import)
+        # what the capture does not say is given, assumed (and said) or unknown: never taken
+        # from the machine that analyses it
+        head = header("imported", offset, {"imported_from": "tcpstates text", "source": path, "kernel": None,
+                                           "host": getattr(text_import, "host", None), "capture": assumed,
+                                           "start_wall": events[0][0] / 1e9 if events else None})
         return head, _table(events, head), None, warnings, []
     return read(path)
 
 
-def load(path_or_paths) -> Recording:
-    return Recording(path_or_paths)
+def _span(head: dict, table: pa.Table):
+    """(first, last) event of a file, wall-clock ns; None without events."""
+    if not table.num_rows:
+        return None
+    import pyarrow.compute as pc
+    mm = pc.min_max(table["ts_ns"])
+    off = int(head.get("mono_to_wall_ns", 0))
+    return int(mm["min"].as_py()) + off, int(mm["max"].as_py()) + off
+
+
+def load(path_or_paths, text_import=None) -> Recording:
+    return Recording(path_or_paths, text_import)
+
+
+def _one_host_notes(paths: list[str], headers: list[dict], spans: list) -> list[str]:
+    """What loading several files as one timeline means, said: consecutive recordings of one
+    host are one timeline (the gaps between them unrecorded); overlapping ones count the
+    connections of the overlap once per file; files of several hosts are mixed."""
+    def when(ns):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+    hosts = sorted({h.get("host") or "unknown host" for h in headers})
+    if len(hosts) > 1:
+        return [f"recordings of {len(hosts)} hosts ({', '.join(hosts)}) analysed as one timeline; "
+                "tcplife_trace.fleet.analyze (or tcplife-trace analyze) keeps each host apart"]
+    timed = sorted(((sp, p, h) for p, h, sp in zip(paths, headers, spans, strict=True) if sp is not None),
+                   key=lambda x: x[0])
+    out = [f"{hosts[0]}: {len(paths)} recordings of this host analysed as one timeline, in time order: "
+           + ", ".join(f"{p} ({when(a)} to {when(b)})" for (a, b), p, _ in timed)
+           + "".join(f", {p} (no events)" for p, sp in zip(paths, spans) if sp is None)]
+    for ((_, a1), pa_, ha), ((b0, b1), pb, hb) in zip(timed, timed[1:]):
+        if b0 <= a1:
+            out.append(f"{hosts[0]}: {pa_} and {pb} overlap for {(min(a1, b1) - b0) / 1e9:.1f} s: the "
+                       "connections both recorded then are counted twice (once per file); analyse them one "
+                       "at a time, unless their filters split the traffic (here "
+                       f"{ha.get('filters')!r} and {hb.get('filters')!r})")
+        else:
+            out.append(f"{hosts[0]}: the {(b0 - a1) / 1e9:.1f} s between {pa_} and {pb} were not recorded "
+                       "(a connection open across the gap shows as one open at the end of the first and one "
+                       "born before the second)")
+    return out

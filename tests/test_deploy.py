@@ -296,3 +296,27 @@ def test_serve_under_the_journal_gives_each_line_its_priority():
     r = run(sys.executable, "-m", "tcplife_trace.cli", "serve", "--metrics-port", str(mport), "--duration", "1",
             "--poll-interval", "0", env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, cwd=ROOT)
     assert r.returncode == 0 and r.stderr.startswith("tcplife-trace: tracing"), r.stderr
+
+
+# -- recordings of many nodes (a DaemonSet's) to a Dask scheduler ------------------------------------
+
+def test_a_wrong_scheduler_is_one_line_and_exit_2_within_seconds(tmp_path):
+    from test_fleet import client, write
+    d = tmp_path / "nodes"
+    d.mkdir()
+    for i, host in enumerate(("node1", "node2")):
+        write(d / f"{host}.arrow", host, [r for g in range(2, 5) for r in client(g, g * 10)],
+              1_800_000_000 * 10**9 + i)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    for address, says in ((dead, "Timed out trying to connect"), ("nonsense://x", "unknown address scheme"),
+                          ("localhost", "missing port number")):
+        t0 = time.monotonic()
+        r = run(sys.executable, "-m", "tcplife_trace.cli", "analyze", "--engine", "dask", "--scheduler", address,
+                str(d), cwd=ROOT)
+        took = time.monotonic() - t0
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"tcplife-trace: error: cannot use the Dask scheduler {address}: ") and says in r.stderr
+        assert took < 20, took  # was a 30 s connect timeout, then a traceback

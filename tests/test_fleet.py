@@ -1,12 +1,14 @@
 """Fleet analysis: recordings of several hosts, per-host partitions, pandas and Dask engines
 giving the same frames."""
+import os
+
 import pandas as pd
 import pytest
 
 from synthetic import ev
 from tcplife_trace import fleet, load
 from tcplife_trace.cli import main
-from tcplife_trace.recording import RecordingError, RecordingWriter, header
+from tcplife_trace.recording import RecordingError, RecordingWriter, header, read_header
 
 
 def client(gen, ms, port=8080, raddr="10.0.0.2"):
@@ -95,10 +97,21 @@ def test_analyze_cli_on_a_fleet_directory(fleet_dir, capsys):
 
 
 def test_dask_engine_on_an_existing_scheduler(fleet_dir):
+    """The per-host work ran on that scheduler's worker: its scheduler saw one host_frames
+    task per file computed (a cluster of the call's own would have its own scheduler), in a
+    worker process that is not this one; and the cluster is still up after."""
+    import os
+
     from distributed import LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert "host_frames" not in cluster.scheduler.task_prefixes
         d = fleet.analyze(fleet_dir, "dask", scheduler=cluster.scheduler_address)
-        assert len(cluster.scheduler.workers) == 1  # it ran there, and left the cluster up
+        done = cluster.scheduler.task_prefixes["host_frames"]
+        assert done.state_counts["memory"] == len(d["files"]) == 3  # each file's task finished there
+        assert done.all_durations["compute"] > 0                    # computed, by a worker that reported it
+        (worker,) = cluster.scheduler.workers.values()
+        assert worker.pid != os.getpid()
+        assert len(cluster.scheduler.workers) == 1  # left up
     p = fleet.analyze(fleet_dir, "pandas")
     pd.testing.assert_frame_equal(p["lifecycles"], d["lifecycles"])
 
@@ -108,3 +121,102 @@ def test_a_bad_file_in_a_fleet_is_one_line_before_any_worker_starts(fleet_dir, c
     assert main(["analyze", str(fleet_dir), "--engine", "dask", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "renamed.arrow: not a tcplife-trace recording" in err[0]
+
+
+@pytest.mark.parametrize("engine", ["pandas", "dask"])
+def test_multi_host_export_writes_every_frame_per_host(fleet_dir, tmp_path, capsys, engine):
+    """summary.parquet lost its state column (the index) and transitions and snapshots were not
+    written for a fleet; each frame read back from Parquet is the frame analyze computed."""
+    import pyarrow.parquet as pq
+    out = tmp_path / "out"
+    assert main(["analyze", str(fleet_dir), "--export", str(out), "--engine", engine, "--workers", "1",
+                 "--format", "csv"]) == 0
+    capsys.readouterr()
+    names = sorted(f for f in os.listdir(out))
+    assert names == ["leaks.parquet", "lifecycles.parquet", "snapshots.parquet", "state_durations.parquet",
+                     "summary.parquet", "transitions.parquet"]
+    want = fleet.analyze(fleet_dir, "pandas", transitions=True)
+    sm = pd.read_parquet(out / "summary.parquet")
+    assert list(sm.columns)[:2] == ["state", "count"] and sm.state.notna().all()
+    assert dict(zip(sm.state.astype(str), sm["count"])) == want["summary"]["count"].rename(str).to_dict()
+    tr = pd.read_parquet(out / "transitions.parquet")
+    per_host = tr.groupby("host").size().to_dict()
+    assert per_host == {h: len(load(f).transitions) for h, f in zip(["web1", "web2", "db1"], want["files"])}
+    assert tr.conn_id.is_unique is False and tr[["host", "conn_id"]].drop_duplicates().shape[0] == \
+        len(want["lifecycles"])  # every connection's transitions, ids as in the lifecycles
+    lc = pd.read_parquet(out / "lifecycles.parquet")
+    assert set(tr.conn_id) == set(lc.conn_id)
+    sn = pq.read_table(out / "snapshots.parquet")
+    assert sn.schema.names[0] == "host" and sn.num_rows == 0  # (these recordings hold none)
+    for name in ("lifecycles", "state_durations", "leaks", "snapshots", "transitions"):
+        t = pq.read_table(out / f"{name}.parquet")
+        assert t.schema.names[0] == "host" and str(t.schema.field("host").type) == "string", name
+        assert (os.stat(out / f"{name}.parquet").st_mode & 0o777) == 0o600
+
+
+def test_unreadable_header_is_one_line_not_a_host(fleet_dir, capsys):
+    """read_header returned {} on any error: the file counted as host "" and switched analyze
+    into fleet mode."""
+    bad = fleet_dir / "dc1" / "web1-cut.arrow"
+    bad.write_bytes(open(fleet_dir / "dc1" / "web1.arrow", "rb").read()[:40])  # cut inside the schema
+    with pytest.raises(RecordingError, match="web1-cut.arrow"):
+        fleet.hosts([str(bad)])
+    with pytest.raises(RecordingError, match="web1-cut.arrow"):
+        read_header(str(bad))
+    assert main(["analyze", str(fleet_dir / "dc1" / "web1.arrow"), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_a_text_capture_of_unknown_host_is_not_this_machine(fleet_dir, tmp_path, capsys):
+    import shutil
+    import socket
+    cap = tmp_path / "edge.txt"
+    shutil.copy(os.path.join(os.path.dirname(__file__), "data", "tcpstates-bpfcc-T-w.txt"), cap)
+    assert fleet.hosts([str(cap)]) == {"unknown (edge.txt)"}
+    from tcplife_trace.tcpstates_import import TextImport
+    assert fleet.hosts([str(cap)], TextImport(host="edge1")) == {"edge1"}
+    web1 = str(fleet_dir / "dc1" / "web1.arrow")
+    assert main(["analyze", web1, str(cap)]) == 0
+    out = capsys.readouterr().out
+    assert "2 recordings from 2 hosts" in out and "unknown (edge.txt)" in out and socket.gethostname() not in out
+
+
+def _client_recording(path, host, first_ms, offset=1_800_000_000 * 10**9):
+    write(path, host, [r for g in range(2, 5) for r in client(g, first_ms + g * 10)], offset)
+    return str(path)
+
+
+def test_consecutive_recordings_of_one_host_are_one_timeline_and_said(tmp_path, capsys):
+    a = _client_recording(tmp_path / "a.arrow", "web1", 0)
+    b = _client_recording(tmp_path / "b.arrow", "web1", 5000)  # 4.97 s after a's last event
+    assert main(["analyze", b, a]) == 0
+    io = capsys.readouterr()
+    said = [ln for ln in io.err.splitlines() if "web1:" in ln]
+    assert len(said) == 2
+    assert "2 recordings of this host analysed as one timeline, in time order: " + a in said[0]
+    assert said[0].index(a) < said[0].index(b)
+    assert "the 5.0 s between " + a + " and " + b + " were not recorded" in said[1]
+    assert "6 connections" in io.out
+
+
+def test_overlapping_recordings_of_one_host_are_said(tmp_path, capsys):
+    a = _client_recording(tmp_path / "a.arrow", "web1", 0)
+    b = _client_recording(tmp_path / "b.arrow", "web1", 15)  # the same seconds, recorded twice
+    assert main(["analyze", a, b]) == 0
+    err = capsys.readouterr().err
+    assert f"web1: {a} and {b} overlap for " in err and "counted twice (once per file)" in err
+
+
+@pytest.mark.privileged
+def test_a_live_recording_is_named_by_host(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "r.arrow"
+    r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "0.5", "--poll-interval", "0",
+                        "--record", str(path), "--host", "web9"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert read_header(str(path))["host"] == "web9" and fleet.hosts([str(path)]) == {"web9"}
+    r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "0.5", "--host", "web9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "needs --record" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,10 +1,11 @@
 """Recordings from many hosts, analysed per host file and put together, on pandas or Dask.
 
-Each file is one partition: its lifecycles, state durations and leak findings are
-computed on its own (listeners, clocks and namespaces are per host), connection ids
-get the file's index in their top 16 bits (as `load()` does for several files), and a
-`host` column comes from the file's header. The per-state summary is then computed
-over all hosts. The pandas engine runs the partitions one after the other in this
+Each file is one partition: its lifecycles, state durations, leak findings, socket
+snapshots (and, asked for, transitions) are computed on its own (listeners, clocks and
+namespaces are per host), connection ids get the file's index in their top 16 bits (as
+`load()` does for several files), and a `host` column comes from the file's header. The
+per-state summary is then computed over all hosts. Every frame has the declared schema
+of tcplife_trace.frame_schema, a `host` column first. The pandas engine runs the partitions one after the other in this
 process; the Dask engine runs them as a Dask DataFrame on a local cluster (or on
 `scheduler`), and its results are the same frames.
 """
@@ -16,12 +17,14 @@ import os
 import numpy as np
 import pandas as pd
 
+from . import frame_schema
 from .connections import summary
 from .recording import Recording, RecordingError
 
 ENGINES = ("pandas", "dask")
 RECORDING_SUFFIXES = (".arrow", ".tlt")
-FRAMES = ("lifecycles", "state_durations", "leaks")
+FRAMES = ("lifecycles", "state_durations", "leaks", "snapshots")
+ALL_FRAMES = (*FRAMES, "transitions")  # the transitions (10 rows a connection) only when asked for
 _TAG_SHIFT = 48
 
 
@@ -45,10 +48,18 @@ def expand(inputs) -> list[str]:
     return sorted(dict.fromkeys(out))
 
 
-def hosts(paths: list[str]) -> set[str]:
-    """The host names in the files' headers (reads only the headers)."""
+def hosts(paths: list[str], text_import=None) -> set[str]:
+    """The hosts of the files, as host_label names them (reads only the headers; an
+    unreadable one is a RecordingError naming the file)."""
     from .recording import read_header
-    return {str(read_header(p).get("host", "")) for p in paths}
+    return {host_label(read_header(p, text_import), p) for p in paths}
+
+
+def host_label(head: dict, path: str) -> str:
+    """The host a file's header names; a capture of unknown host (a tcpstates text imported
+    without --host) is a host of its own, named after the file."""
+    host = head.get("host")
+    return str(host) if host else f"unknown ({os.path.basename(path)})"
 
 
 def text(out: dict) -> str:
@@ -73,23 +84,25 @@ def text(out: dict) -> str:
     return "\n".join(lines)
 
 
-def host_frames(index: int, path: str, thresholds=None, filters=None, since=None, until=None) -> dict:
-    """One host file's frames, ids tagged with the file index, a `host` column first."""
+def host_frames(index: int, path: str, thresholds=None, filters=None, since=None, until=None,
+                names=FRAMES, text_import=None) -> dict:
+    """One host file's frames (`names`), ids tagged with the file index, a `host` column first."""
     from .analysis_report import frames
     from .probes.filters import Filters
-    rec = Recording(path)
+    rec = Recording(path, text_import=text_import)
     f = frames(rec, filters or Filters(), since, until, thresholds)
-    host = str(rec.header.get("host", os.path.basename(path)))
+    host = host_label(rec.header, path)
     tag = np.uint64(index << _TAG_SHIFT)
     out = {}
-    for name in FRAMES:
+    for name in names:
         df = f[name].reset_index(drop=True)
         if "conn_id" in df and index:
             ids = df["conn_id"].to_numpy(dtype=np.uint64, na_value=0)
             df["conn_id"] = pd.Series(np.where(ids == 0, ids, ids + tag)).astype(df["conn_id"].dtype)
         if name == "leaks":
             df = df.assign(evidence=df["evidence"].map(_json).astype(object))
-        df = df.sort_values(_SORT[name], kind="stable").reset_index(drop=True)
+        if name in _SORT:
+            df = df.sort_values(_SORT[name], kind="stable").reset_index(drop=True)
         df.insert(0, "host", pd.Categorical([host] * len(df)))
         for col, dtype in df.dtypes.items():  # one categories dtype everywhere, so partitions concatenate
             if isinstance(dtype, pd.CategoricalDtype) and dtype.categories.dtype != "str":
@@ -105,10 +118,7 @@ def _json(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-_FIXED_CATEGORIES = ("state", "severity", "role", "end_reason", "owner_source")
-
-
-def _categorical_like(meta: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+def _categorical_like(name: str, meta: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     """Columns categorical in the per-host frames are categorical in the whole, whatever
     concatenation did to them: closed vocabularies keep theirs, the others (addresses,
     commands, paths, hosts) get the sorted values present."""
@@ -119,7 +129,7 @@ def _categorical_like(meta: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
             continue
         if not isinstance(df[col].dtype, pd.CategoricalDtype):
             df[col] = pd.Categorical(df[col])
-        if col in _FIXED_CATEGORIES:
+        if isinstance(dict(frame_schema.FRAMES[name]).get(col), frame_schema.Vocab):
             cats = list(dtype.categories)
         else:
             cats = sorted(df[col].cat.remove_unused_categories().cat.categories, key=str)
@@ -138,48 +148,57 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 # each host's frames are sorted by these; hosts concatenate in file order, which is conn_id order
+# (transitions and snapshots stay in time order)
 _SORT = {"lifecycles": ["conn_id"], "state_durations": ["conn_id", "state"], "leaks": ["kind", "summary"]}
 
 
 def _finish(meta: dict[str, pd.DataFrame], whole: dict[str, pd.DataFrame]) -> dict:
-    out = {name: _categorical_like(meta[name], whole[name].reset_index(drop=True)) for name in FRAMES}
+    out = {name: frame_schema.conform(name, _categorical_like(name, meta[name], df.reset_index(drop=True)),
+                                      host=True)
+           for name, df in whole.items()}
     out["summary"] = summary(out["state_durations"][["state", "seconds"]])
     return out
 
 
 def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thresholds=None,
-            filters=None, since=None, until=None, workers: int | None = None) -> dict:
-    """{"lifecycles", "state_durations", "leaks", "summary", "files", "warnings"} over many host
-    recordings. engine="dask" runs on a local Dask cluster, or the one at `scheduler`."""
+            filters=None, since=None, until=None, workers: int | None = None, transitions: bool = False,
+            text_import=None) -> dict:
+    """{"lifecycles", "state_durations", "leaks", "snapshots", "summary", "files", "warnings"}
+    over many host recordings (and "transitions" with transitions=True). engine="dask" runs on
+    a local Dask cluster, or the one at `scheduler`. text_import: a tcpstates_import.TextImport
+    (date, host, time zone of tcpstates text captures)."""
     paths = expand(inputs)
     from .recording import check
     for p in paths:  # here, before any worker: a bad file is one line naming it, not a remote traceback
         check(p)
-    args = {"thresholds": thresholds, "filters": filters, "since": since, "until": until}
+    names = ALL_FRAMES if transitions else FRAMES
+    args = {"thresholds": thresholds, "filters": filters, "since": since, "until": until, "names": names,
+            "text_import": text_import}
     if engine == "pandas":
         results = [host_frames(i, p, **args) for i, p in enumerate(paths)]
-        parts = {n: [r[n] for r in results] for n in FRAMES}
+        parts = {n: [r[n] for r in results] for n in names}
         warnings = [w for r in results for w in r["warnings"]]
     elif engine == "dask":
         with _client(scheduler, workers) as client:
             ddfs, warn_futures = dask_frames(client, paths, **args)
-            parts = {n: client.gather(client.compute(ddfs[n].to_delayed())) for n in FRAMES}
+            parts = {n: client.gather(client.compute(ddfs[n].to_delayed())) for n in names}
             warnings = [w for ws in client.gather(warn_futures) for w in ws]
     else:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    out = _finish({n: parts[n][0].iloc[:0] for n in FRAMES}, {n: _concat(parts[n]) for n in FRAMES})
+    out = _finish({n: parts[n][0].iloc[:0] for n in names}, {n: _concat(parts[n]) for n in names})
     out["files"] = paths
     out["warnings"] = warnings
     return out
 
 
 def dask_frames(client, paths: list[str], **args) -> tuple[dict, list]:
-    """Lazy Dask DataFrames of the per-host frames, one partition per host file (for use in a
-    notebook with your own client); and futures of each file's warnings."""
+    """Lazy Dask DataFrames of the per-host frames (args["names"], FRAMES by default), one
+    partition per host file (for use in a notebook with your own client); and futures of
+    each file's warnings."""
     import dask.dataframe as dd
     futures = client.map(host_frames, range(len(paths)), paths, pure=False, **args)
     ddfs = {}
-    for name in FRAMES:
+    for name in args.get("names", FRAMES):
         pieces = [client.submit(_pick, f, name, pure=False) for f in futures]
         meta = client.submit(_empty, pieces[0], pure=False).result()
         ddfs[name] = dd.from_delayed(pieces, meta=meta, verify_meta=False)

@@ -144,3 +144,31 @@ def test_groupings_do_not_multiply_categories():
     g = grouped(lc, ["raddr", "rport"])
     assert len(g) == n and g.connections.sum() == n and g.open.sum() == n // 2
     assert list(g.columns[4:]) == ["active_close"]
+
+
+def test_empty_frames_have_the_dtypes_of_full_ones(tmp_path):
+    """A recording with no snapshots and no findings gives frames of no rows with the same
+    dtypes as one with both (leaks() and snapshots() of an empty recording had object and
+    int64 columns where a full one has categoricals and nullable integers), and a key column
+    has one dtype in every frame that holds it."""
+    from test_recorded_snapshots import _write as with_snapshots
+
+    from tcplife_trace import frame_schema
+    full = load(with_snapshots(tmp_path / "full.arrow"))
+    bare = load(_write(tmp_path / "bare.arrow", stream(ROWS[8:13]), 100))  # one active close: no finding
+    got = {}
+    for rec in (full, bare):
+        lk, sn = rec.leaks(), rec.snapshots()
+        got[rec is full] = lk, sn
+        for name, df in (("leaks", lk), ("snapshots", sn)):
+            assert list(df.columns) == [c for c, _ in frame_schema.columns(name)]
+    (lk_full, sn_full), (lk_bare, sn_bare) = got[True], got[False]
+    assert len(lk_full) and len(sn_full) and not len(lk_bare) and not len(sn_bare)
+    for a, b in ((lk_full, lk_bare), (sn_full, sn_bare)):
+        assert {c: str(t) for c, t in a.dtypes.items()} == {c: str(t) for c, t in b.dtypes.items()}
+    frames = {"lifecycles": full.lifecycles(), "transitions": full.transitions, "leaks": lk_full,
+              "snapshots": sn_full, "state_durations": full.state_durations()}
+    for key in ("conn_id", "netns", "laddr", "lport", "raddr", "rport", "owner_pid", "state"):
+        seen = {name: str(df[key].dtype) for name, df in frames.items() if key in df}
+        assert len(set(seen.values())) == 1, (key, seen)
+    assert str(sn_full.lport.dtype) == "UInt16" and str(lk_full.owner_pid.dtype) == "UInt32"

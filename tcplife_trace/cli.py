@@ -106,6 +106,8 @@ thresholds (--threshold NAME=VALUE):
               help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
 @click.option("--lifecycles", is_flag=True, help="One line per finished connection instead of per state change.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines of the same records on stdout.")
+@click.option("-s", "--csv", "as_csv", is_flag=True, help="Comma-separated values of the same records on "
+              "stdout, a header line first (bcc tcplife's -s).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
 @click.option("--max-conns", type=click.IntRange(1024, 4_194_304), default=prog.DEFAULT_MAX_CONNS,
               show_default=True, help="Size of the kernel connection map.")
@@ -145,7 +147,8 @@ thresholds (--threshold NAME=VALUE):
 @click.pass_context
 def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
         as_json, strict, max_conns, ring_pages, niceness, record_path, record_host, report_path, poll_interval,
-        threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, kernel_mode, print_ebpf):
+        threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, kernel_mode, print_ebpf,
+        as_csv):
     """Trace TCP connection lifecycles: every state change, with owners and time in each state.
 
     Run as root. Ctrl-C, SIGTERM or --duration ends the trace and prints a summary to stderr.
@@ -160,7 +163,7 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
         _out("/* cflags: " + " ".join(src.cflags) + " */")
         return
     ctx.exit(trace(settings, niceness=niceness, hms=hms, seconds=seconds, wide=wide, duration=duration,
-                   lifecycles=lifecycles, as_json=as_json, strict=strict, report_path=report_path,
+                   lifecycles=lifecycles, as_json=as_json, as_csv=as_csv, strict=strict, report_path=report_path,
                    record_path=record_path, record_host=_record_host(record_host, record_path),
                    poll_interval=poll_interval,
                    thresholds=_thresholds(threshold_pairs),
@@ -262,7 +265,7 @@ def _set_priority(niceness: int) -> None:
 
 
 def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: bool, wide: bool, duration: float | None,
-          lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None,
+          lifecycles: bool, as_json: bool, strict: bool, report_path: str | None = None, as_csv: bool = False,
           record_path: str | None = None, record_host: str | None = None, poll_interval: float = 0.0,
           thresholds=None,
           quiet: bool = False, metrics=None, metrics_port: int | None = None,
@@ -273,6 +276,14 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             private_files.check_replaceable(report_path)
         except OSError as e:
             raise UserError(f"cannot write report {report_path}: {e.strerror}") from None
+    if as_json and as_csv:
+        raise click.UsageError("--json and -s/--csv exclude each other")
+    records = as_json or as_csv  # records on stdout instead of the text view
+    if as_csv:
+        from .csv_view import CsvRows
+        fmt = CsvRows()
+    else:
+        fmt = dumps
     stop = _Stop()
     view: TextView | None = None
     holder: dict = {}
@@ -280,10 +291,10 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     add = pending.append
 
     def on_transition(t):
-        add(dumps(transition_record(t, holder["s"].clock)) if as_json else view.transition(t))
+        add(fmt(transition_record(t, holder["s"].clock)) if records else view.transition(t))
 
     def on_close(lc):
-        add(dumps(lifecycle_record(lc, holder["s"].clock)) if as_json else view.lifecycle(lc))
+        add(fmt(lifecycle_record(lc, holder["s"].clock)) if records else view.lifecycle(lc))
 
     def flush():
         if pending:
@@ -366,7 +377,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     for e in watch.new_errors() if watch is not None else ():
         click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
     next_metrics = 0.0
-    if not as_json and not quiet:
+    if not records and not quiet:
         _out(view.lifecycle_header() if lifecycles else view.transition_header())
     deadline = time.monotonic() + duration if duration else None
     said = {"recording": False}
@@ -415,7 +426,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             report["snapshot_errors"] = list(watch.errors)
         if lifecycles:
             for lc in session.still_open:
-                add(dumps(lifecycle_record(lc, session.clock, still_open=True)) if as_json
+                add(fmt(lifecycle_record(lc, session.clock, still_open=True)) if records
                     else view.lifecycle(lc, still_open=True))
         flush()
     except BrokenPipeError:

@@ -5,6 +5,7 @@ import datetime as dt
 import errno as errno_mod
 import json
 
+from . import invocation
 from .analysis.lifecycle import Lifecycle, Transition
 from .probes.tcp_states import TcpState as S
 from .probes.tcp_states import state_name
@@ -220,7 +221,7 @@ def summary_text(report: dict) -> str:
         size = "" if rec["bytes"] is None else f", {rec['bytes'] / 2**20:.1f} MiB"
         lines.append(f"  recorded {rec['events']} event{'' if rec['events'] == 1 else 's'} and "
                      f"{rec['socket_snapshots']} socket snapshot{'' if rec['socket_snapshots'] == 1 else 's'} to "
-                     f"{rec['path']}{size}; read it with: tcplife-trace analyze {rec['path']}")
+                     f"{rec['path']}{size}; read it with: {invocation.command()} analyze {rec['path']}")
         if rec.get("failed"):
             lines.append(f"  RECORDING INCOMPLETE: {rec['failed']}")
     return "\n".join(lines)

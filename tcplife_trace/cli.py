@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -22,6 +23,28 @@ EXIT_OK, EXIT_DEGRADED, EXIT_ERROR = 0, 1, 2
 
 class UserError(Exception):
     """Something the user can fix; printed as one line, exit 2."""
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds: click's FloatRange lets inf and nan through (`doctor --duration nan`
+    never ended, `--duration inf` was an OverflowError)."""
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
+
+class PowerOfTwo(click.IntRange):
+    name = "power of two"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv & (rv - 1):
+            self.fail(f"{rv} is not a power of two", param, ctx)
+        return rv
 
 
 def _int_list(value: str | None, what: str, lo: int, hi: int) -> tuple[int, ...]:
@@ -102,7 +125,7 @@ thresholds (--threshold NAME=VALUE):
 @click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
 @click.option("-4", "--ipv4", is_flag=True, help="IPv4 only (v4-mapped IPv6 counts as IPv4).")
 @click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+@click.option("--duration", type=Seconds(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
 @click.option("--lifecycles", is_flag=True, help="One line per finished connection instead of per state change.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines of the same records on stdout.")
@@ -111,7 +134,7 @@ thresholds (--threshold NAME=VALUE):
 @click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
 @click.option("--max-conns", type=click.IntRange(1024, 4_194_304), default=prog.DEFAULT_MAX_CONNS,
               show_default=True, help="Size of the kernel connection map.")
-@click.option("--ring-pages", type=click.IntRange(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
+@click.option("--ring-pages", type=PowerOfTwo(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
               show_default=True, help="Ring buffer size in pages (a power of two).")
 @click.option("--nice", "niceness", type=click.IntRange(-20, 19), default=-5, show_default=True,
               help="Scheduling priority of the consumer: above the traced workload so that, when the "
@@ -124,7 +147,7 @@ thresholds (--threshold NAME=VALUE):
                    "it; default: this machine's hostname). Needs --record.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
-@click.option("--poll-interval", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="S",
+@click.option("--poll-interval", type=Seconds(min=0), default=5.0, show_default=True, metavar="S",
               help="Look at every socket (sock_diag, all namespaces) every S seconds and print leak "
                    "findings as they appear; 0 turns the detectors off.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
@@ -209,12 +232,12 @@ DEFAULT_METRICS_PORT = 9470
 @click.option("--metrics-labels", default="", metavar="port,comm", help="Opt-in labels (capped).")
 @click.option("--metrics-label-cap", type=click.IntRange(1, 100_000), default=50, show_default=True,
               help="Distinct values kept per opt-in label.")
-@click.option("--poll-interval", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="S",
+@click.option("--poll-interval", type=Seconds(min=0), default=5.0, show_default=True, metavar="S",
               help="sock_diag look every S seconds: socket counts per state and leak findings (0: off).")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
               help="Change a detector threshold (repeatable).")
 @_filter_options
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="S",
+@click.option("--duration", type=Seconds(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: until SIGTERM).")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also record every event to FILE.")
@@ -225,7 +248,7 @@ DEFAULT_METRICS_PORT = 9470
               help="Scheduling priority of the consumer.")
 @click.option("--max-conns", type=click.IntRange(1024, 4_194_304), default=prog.DEFAULT_MAX_CONNS,
               show_default=True, help="Size of the kernel connection map.")
-@click.option("--ring-pages", type=click.IntRange(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
+@click.option("--ring-pages", type=PowerOfTwo(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
               show_default=True, help="Ring buffer size in pages (a power of two).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write the exit summary as JSON to FILE.")
@@ -527,8 +550,7 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     except RecordingError as e:
         raise UserError(str(e)) from None
     if export_dir:
-        for path in analysis_report.export(frames, export_dir):
-            click.echo(f"tcplife-trace: wrote {path}", err=True)
+        _export(frames, export_dir)
     if fmt == "table":
         _out(analysis_report.text(rec, frames))
     elif fmt == "csv":
@@ -567,13 +589,24 @@ def _host_name(name: str | None, flag: str) -> str | None:
     return name
 
 
+def _export(frames: dict, export_dir: str, **kw) -> None:
+    """analyze --export: each frame as Parquet into export_dir; a directory that cannot be made
+    or written is one line (exit 2), not a traceback."""
+    from . import analysis_report
+    try:
+        for path in analysis_report.export(frames, export_dir, **kw):
+            click.echo(f"tcplife-trace: wrote {path}", err=True)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename and e.filename != export_dir else ""
+        raise UserError(f"cannot export into {export_dir}: {where}{e.strerror or e}; "
+                        "give --export a directory you can write") from None
+
+
 def _fleet_output(out: dict, fmt: str, export_dir: str | None) -> None:
     from . import analysis_report, fleet
     frames = {k: out[k] for k in (*fleet.FRAMES, "summary")}
     if export_dir:
-        for path in analysis_report.export({**frames, **{k: out[k] for k in fleet.ALL_FRAMES if k in out}},
-                                           export_dir, host=True):
-            click.echo(f"tcplife-trace: wrote {path}", err=True)
+        _export({**frames, **{k: out[k] for k in fleet.ALL_FRAMES if k in out}}, export_dir, host=True)
     if fmt == "table":
         _out(fleet.text(out))
     elif fmt == "csv":
@@ -606,10 +639,14 @@ def _thresholds(pairs: tuple[str, ...]):
                                      param_hint="--threshold")
         kind = type(getattr(t, name))
         try:
-            setattr(t, name, kind(value))
+            v = kind(value)
         except ValueError:
             raise click.BadParameter(f"{pair!r}: {name} takes a {kind.__name__}",
                                      param_hint="--threshold") from None
+        if not math.isfinite(v) or v < 0:  # (every threshold is an age, a count or a rate)
+            raise click.BadParameter(f"{pair!r}: {name} takes a finite {kind.__name__} >= 0",
+                                     param_hint="--threshold")
+        setattr(t, name, v)
     return t
 
 
@@ -618,9 +655,9 @@ _THRESHOLD_HELP = ("Change a detector threshold, e.g. close_wait_age_s=30 (repea
 
 
 @cli.command("doctor")
-@click.option("--duration", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="S",
+@click.option("--duration", type=Seconds(min=0), default=10.0, show_default=True, metavar="S",
               help="How long to trace after the first snapshot (0: judge that one snapshot at once).")
-@click.option("--interval", type=click.FloatRange(min=0), default=2.0, show_default=True, metavar="S",
+@click.option("--interval", type=Seconds(min=0), default=2.0, show_default=True, metavar="S",
               help="Snapshot every S seconds while tracing (0: only at start and end).")
 @click.option("--fail-on", type=click.Choice(["info", "warning", "critical"]), default="warning",
               show_default=True, help="Exit 1 when a finding still present at the end is at least this severe.")

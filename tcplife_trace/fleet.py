@@ -31,10 +31,14 @@ _TAG_SHIFT = 48
 def expand(inputs) -> list[str]:
     """Files, directories (searched recursively for *.arrow) and globs -> sorted file list."""
     out: list[str] = []
-    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+
+    def unreadable(e: OSError):  # os.walk skips what it cannot list: say it instead
+        raise RecordingError(f"{e.filename}: cannot read the directory ({e.strerror})")
+    for item in inputs:
         item = str(item)
         if os.path.isdir(item):
-            for root, _dirs, files in os.walk(item):
+            for root, _dirs, files in os.walk(item, onerror=unreadable):
                 out += [os.path.join(root, f) for f in files if f.endswith(RECORDING_SUFFIXES)]
         elif any(c in item for c in "*?["):
             matched = glob.glob(item, recursive=True)

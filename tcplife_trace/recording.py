@@ -11,6 +11,7 @@ mode 0600 (they hold addresses and process names) and never overwritten.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -272,6 +273,26 @@ def read_header(path: str, text_import=None) -> dict:
         return _checked_stream(f, path, size)[1]
 
 
+# what the frames compute with: a mangled value must stop at the door, not deep in a frame
+_CLOCK_LIMIT = 1 << 62  # ns: about 146 years either way
+
+
+def _header_problem(head) -> str | None:
+    """Why a recording's header (already JSON, with a schema_version) cannot be used; None if it can."""
+    if not isinstance(head, dict):
+        return f"a JSON {type(head).__name__}, not an object"
+    mono = head.get("mono_to_wall_ns", 0)
+    if type(mono) is not int or not -_CLOCK_LIMIT < mono < _CLOCK_LIMIT:
+        return f"mono_to_wall_ns is {str(mono)[:40]!r}, not a clock offset in ns"
+    start = head.get("start_wall", 0.0)
+    if type(start) not in (int, float) or not math.isfinite(start):
+        return f"start_wall is {str(start)[:40]!r}, not a time"
+    for name in ("host", "kernel", "filters", "tool_version"):
+        if name in head and head[name] is not None and not isinstance(head[name], str):
+            return f"{name} is not a string"
+    return None
+
+
 def _checked_stream(f, path: str, size: int):
     """(Arrow stream reader, header) of an open recording; RecordingError if it is not one we read."""
     if size == 0:
@@ -289,6 +310,9 @@ def _checked_stream(f, path: str, size: int):
         version = int(head["schema_version"])
     except (ValueError, KeyError, TypeError):
         raise RecordingError(f"{path}: corrupt recording header") from None
+    problem = _header_problem(head)
+    if problem:
+        raise RecordingError(f"{path}: corrupt recording header ({problem})")
     if version > SCHEMA_VERSION:
         raise RecordingError(f"{path}: written by a newer tcplife-trace (schema {version}, this "
                              f"one reads up to {SCHEMA_VERSION}): upgrade tcplife-trace")
@@ -350,7 +374,7 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
             if custom and SNAP_KEY.encode() in custom:
                 try:
                     snaps.append(_snapshot(custom))
-                except (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError):
+                except (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError, MemoryError):
                     warnings.append(f"{path}: an unreadable socket snapshot (skipped)")
             if custom and END_KEY.encode() in custom:
                 try:
@@ -358,6 +382,11 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
                 except ValueError:
                     warnings.append(f"{path}: unreadable exit summary")
             if len(batch):
+                try:
+                    batch.validate()  # buffer sizes against the length: nothing read out of bounds
+                except pa.ArrowException:
+                    warnings.append(f"{path}: a corrupt batch of events (skipped)")
+                    continue
                 batches.append(batch)
         if end is None and not warnings:
             warnings.append(f"{path}: recording was not closed cleanly (no exit summary); "
@@ -367,6 +396,8 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
 
 def _snapshot(custom) -> tuple:
     """(meta, sockets frame) of a snapshot batch's metadata; namespace keys back to integers."""
+    import pandas as pd
+
     from .analysis import leaks
     meta = json.loads(custom[SNAP_META_KEY.encode()])
     if not isinstance(meta, dict) or not isinstance(meta.get("taken_ns"), int):
@@ -374,9 +405,16 @@ def _snapshot(custom) -> tuple:
     for k in ("mibs", "sysctls", "netns_names", "sockstat"):
         meta[k] = {int(ns): v for ns, v in (meta.get(k) or {}).items()}
     table = ipc.open_stream(pa.py_buffer(custom[SNAP_KEY.encode()])).read_all()
+    # every offset and length checked before pandas reads a byte: a flipped byte in a string
+    # column's offsets made to_pandas read outside the buffers (a segfault)
+    table.validate(full=True)
     if table.column_names not in (list(leaks.SOCKET_COLUMNS), list(leaks.SOCKET_COLUMNS_V1)):
         raise ValueError("snapshot with other columns")
-    return meta, leaks.sockets_frame(table.to_pandas())
+    frame = leaks.sockets_frame(table.to_pandas())
+    # values each column's type can hold (a flipped byte made a port 70000): TypeError otherwise
+    from .frame_schema import conform
+    conform("snapshots", frame.assign(time=pd.Timestamp(0, tz="UTC"), complete=False))
+    return meta, frame
 
 
 class Recording:

@@ -14,6 +14,7 @@ LISTEN->SYN_RECV), so a reused socket address does not merge two connections.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import socket
@@ -123,12 +124,28 @@ def _line(tok: list[str], has_ip: bool, clock: _Clock) -> dict:
         raise ValueError("no HH:MM:SS time (capture with -T)")
     laddr = tok[i - 5]
     hms = dt.time.fromisoformat(tok[0])
-    return {"old": tok[i - 1], "new": tok[i + 1], "ms": float(tok[i + 2]),
-            "laddr": laddr, "lport": int(tok[i - 4]), "raddr": tok[i - 3], "rport": int(tok[i - 2]),
-            "skaddr": tok[1], "pid": int(tok[2]),
-            "comm": " ".join(tok[3:i - 6 if has_ip else i - 5]),
-            "family": int(tok[i - 6]) if has_ip else (6 if ":" in laddr else 4),
-            "day": clock.day_of(hms), "hms": hms}
+    rec = {"old": tok[i - 1], "new": tok[i + 1], "ms": float(tok[i + 2]),
+           "laddr": laddr, "lport": int(tok[i - 4]), "raddr": tok[i - 3], "rport": int(tok[i - 2]),
+           "skaddr": tok[1], "pid": int(tok[2]),
+           "comm": " ".join(tok[3:i - 6 if has_ip else i - 5]),
+           "family": int(tok[i - 6]) if has_ip else (6 if ":" in laddr else 4),
+           "day": clock.day_of(hms), "hms": hms}
+    # every value as the event's field will hold it, or the line is not understood (ValueError):
+    # a SKADDR that is not hex, an address that is not one, port 70000, MS nan
+    rec["sk"] = int(rec["skaddr"], 16)
+    if not 0 <= rec["sk"] < 1 << 64 or not 0 <= rec["pid"] < 1 << 32:
+        raise ValueError("SKADDR or PID out of range")
+    if not (0 <= rec["lport"] <= 65535 and 0 <= rec["rport"] <= 65535):
+        raise ValueError("port out of range")
+    if not (math.isfinite(rec["ms"]) and 0 <= rec["ms"] < 1e12):
+        raise ValueError("MS is not a duration")
+    if rec["family"] not in (4, 6):
+        raise ValueError("IP is neither 4 nor 6")
+    try:
+        rec["lraw"], rec["rraw"] = _raw(rec["family"], laddr), _raw(rec["family"], rec["raddr"])
+    except OSError:
+        raise ValueError("an address that is not one") from None
+    return rec
 
 
 def _chains(lines: list[dict]) -> list[list[dict]]:
@@ -192,10 +209,10 @@ def parse(path: str, opts: TextImport | None = None) -> tuple[list[tuple], int, 
                     ts += int(ln["ms"] * 1e6)
                 flags = 0 if born or seq else int(Flag.BIRTH_UNSEEN)
                 fam = ln["family"]
-                events.append((ts, int(ln["skaddr"], 16), gen, 0, 0, 0, ln["pid"], ln["pid"], 0, 0,
+                events.append((ts, ln["sk"], gen, 0, 0, 0, ln["pid"], ln["pid"], 0, 0,
                                ln["lport"], ln["rport"], socket.AF_INET if fam == 4 else socket.AF_INET6,
                                int(EventKind.STATE), _STATES[ln["old"]], _STATES[ln["new"]], flags,
-                               _raw(fam, ln["laddr"]), _raw(fam, ln["raddr"]),
+                               ln["lraw"], ln["rraw"],
                                ln["comm"].encode()[:16].ljust(16, b"\0"), seq % 65536))
     events.sort(key=lambda ev: ev[0])
     warnings = []

@@ -591,6 +591,7 @@ def _one_host_notes(paths: list[str], headers: list[dict], spans: list) -> list[
     out = [f"{hosts[0]}: {len(paths)} recordings of this host analysed as one timeline, in time order: "
            + ", ".join(f"{p} ({when(a)} to {when(b)})" for (a, b), p, _ in timed)
            + "".join(f", {p} (no events)" for p, sp in zip(paths, spans) if sp is None)]
+    gaps = []
     for ((_, a1), pa_, ha), ((b0, b1), pb, hb) in zip(timed, timed[1:]):
         if b0 <= a1:
             out.append(f"{hosts[0]}: {pa_} and {pb} overlap for {(min(a1, b1) - b0) / 1e9:.1f} s: the "
@@ -598,7 +599,13 @@ def _one_host_notes(paths: list[str], headers: list[dict], spans: list) -> list[
                        "at a time, unless their filters split the traffic (here "
                        f"{ha.get('filters')!r} and {hb.get('filters')!r})")
         else:
-            out.append(f"{hosts[0]}: the {(b0 - a1) / 1e9:.1f} s between {pa_} and {pb} were not recorded "
-                       "(a connection open across the gap shows as one open at the end of the first and one "
-                       "born before the second)")
+            gaps.append(((b0 - a1) / 1e9, pa_, pb))
+    why = ("(a connection open across a gap shows as one open at the end of the file before and one born "
+           "before the file after)")
+    if len(gaps) <= 2:
+        out += [f"{hosts[0]}: the {g:.1f} s between {a} and {b} were not recorded {why}" for g, a, b in gaps]
+    else:  # (a rotated recording: one line, not one per file)
+        g, a, b = max(gaps)
+        out.append(f"{hosts[0]}: {len(gaps)} gaps between the files were not recorded, {sum(x[0] for x in gaps):.1f} s "
+                   f"in all, the longest {g:.1f} s between {a} and {b} {why}")
     return out

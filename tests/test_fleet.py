@@ -220,3 +220,10 @@ def test_a_live_recording_is_named_by_host(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "0.5", "--host", "web9"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs --record" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_rotated_recording_is_one_line_of_gaps(tmp_path):
+    files = [_client_recording(tmp_path / f"r{i}.arrow", "web1", i * 2000) for i in range(4)]
+    notes = [w for w in load(files).warnings if w.startswith("web1:")]
+    assert len(notes) == 2 and "4 recordings of this host analysed as one timeline" in notes[0]
+    assert "3 gaps between the files were not recorded, 5.9 s in all, the longest 2.0 s between" in notes[1]

@@ -481,6 +481,11 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
               show_default=True, help="table: a report; json: every frame; csv: the lifecycles.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write each frame as Parquet into DIR.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the report as one self-contained HTML page (plots inline, nothing fetched "
+                   "when opened; one section per host).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also write the report's plots into DIR as PNG and SVG files.")
 @_filter_options
 @click.option("--since", metavar="TIME", help="Only from this ISO-8601 time on (e.g. 2026-11-22T19:00:00Z).")
 @click.option("--until", metavar="TIME", help="Only up to this ISO-8601 time.")
@@ -501,7 +506,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
 @click.option("--host", "capture_host", metavar="NAME",
               help="tcpstates text: the host it was captured on (default: unknown).")
 def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until, threshold_pairs,
-            engine, scheduler, workers, capture_date, capture_tz, capture_host):
+            engine, scheduler, workers, capture_date, capture_tz, capture_host, html_path=None, plots_dir=None):
     """Analyse recordings made with --record FILE.
 
     FILES are recordings, directories (searched for *.arrow) or globs. Files of one host are
@@ -541,12 +546,16 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
                                 text_import=text_import)
             for w in out["warnings"]:
                 click.echo(f"tcplife-trace: warning: {w}", err=True)
+            _visual_reports(paths, html_path, plots_dir, filters=filters, since=start, until=stop,
+                            thresholds=thresholds, text_import=text_import)
             _fleet_output(out, fmt, export_dir)
             return
         rec = load(paths, text_import)
         for w in rec.warnings:
             click.echo(f"tcplife-trace: warning: {w}", err=True)
         frames = analysis_report.frames(rec, filters, start, stop, thresholds)
+        _visual_reports(paths, html_path, plots_dir, rec=rec, frames=frames, filters=filters, since=start,
+                        until=stop, thresholds=thresholds)
     except RecordingError as e:
         raise UserError(str(e)) from None
     if export_dir:
@@ -587,6 +596,36 @@ def _host_name(name: str | None, flag: str) -> str | None:
     if not name or len(name) > 255 or not name.isprintable():
         raise click.BadParameter(f"{name!r} is not a host name (1-255 printable characters)", param_hint=flag)
     return name
+
+
+def _visual_reports(paths, html_path, plots_dir, rec=None, frames=None, **kw) -> None:
+    """--html and --plots: the report page, the plots as files (report_html). With rec and
+    frames (one host), from those; else each host's files loaded in turn."""
+    if not html_path and not plots_dir:
+        return
+    try:
+        from . import report_html
+    except ImportError as e:
+        raise UserError(f"--html and --plots need matplotlib ({e}): pip install matplotlib") from None
+    written: list[str] = []
+    try:  # (with both, the plots are drawn once, for the page and the files)
+        if html_path:
+            page = (report_html.render(rec, frames, plots_dir=plots_dir, written=written, **kw) if rec is not None
+                    else report_html.render_paths(paths, plots_dir=plots_dir, written=written, **kw))
+        else:
+            written = (report_html.plots(rec, plots_dir, frames, **kw) if rec is not None
+                       else report_html.plots_paths(paths, plots_dir, **kw))
+    except OSError as e:
+        raise UserError(f"cannot write plots into {plots_dir}: {e.strerror}; give another --plots DIR") from None
+    if html_path:
+        try:
+            report_html.write(html_path, page)
+        except OSError as e:
+            raise UserError(f"cannot write {html_path}: {e.strerror}; give another --html FILE") from None
+        click.echo(f"tcplife-trace: wrote {html_path}", err=True)
+    if plots_dir:
+        click.echo(f"tcplife-trace: wrote {len(written)} plot files (PNG and SVG) to {plots_dir}" if written
+                   else f"tcplife-trace: no connections to plot: nothing written to {plots_dir}", err=True)
 
 
 def _export(frames: dict, export_dir: str, **kw) -> None:

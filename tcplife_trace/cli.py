@@ -704,8 +704,10 @@ _THRESHOLD_HELP = ("Change a detector threshold, e.g. close_wait_age_s=30 (repea
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @_filter_options
 @click.pass_context
+@click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also record every event and snapshot to FILE, for `tcplife-trace analyze FILE` later.")
 def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, localport, remoteport, ipv4,
-               ipv6):
+               ipv6, record_path):
     """Snapshot every TCP socket (all namespaces), trace for a while, report leaks and piles.
 
     Exit status: 0 healthy, 1 findings at or above --fail-on, 2 could not run.
@@ -721,10 +723,33 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
     def ready():  # once attached: a run that cannot start says only why
         click.echo("tcplife-trace doctor: snapshot taken, " + (f"tracing for {duration:g} s" if duration
                                                                  else "judged at once (--duration 0)"), err=True)
-    report = doctor.run(prog.Settings(filters, mode="aggregate"), duration_s=duration, interval_s=interval,
-                        thresholds=thresholds, on_finding=None if as_json else announce,
-                        should_stop=lambda: stop.requested, on_ready=ready, filters=filters)
+    recorder, wall_offset = None, time.time_ns() - time.monotonic_ns()
+    if record_path:
+        if not duration:
+            raise click.UsageError("--record needs a trace: give --duration S (more than 0)")
+        from . import recording
+        try:
+            recorder = recording.RecordingWriter(record_path, recording.header(filters.describe(), wall_offset))
+        except recording.RecordingError as e:
+            raise UserError(str(e)) from None
+    try:  # a recording needs every transition; without one the kernel folds each connection
+        report = doctor.run(prog.Settings(filters, mode="stream" if recorder else "aggregate"), duration_s=duration,
+                            interval_s=interval, thresholds=thresholds, on_finding=None if as_json else announce,
+                            should_stop=lambda: stop.requested, on_ready=ready, filters=filters,
+                            recorder=recorder, wall_offset_ns=wall_offset)
+    except BaseException:
+        if recorder is not None and not recorder.written:
+            recorder.discard()  # it never started: leave no empty file behind
+        raise
     _out(findings_view.report_json(report) if as_json else findings_view.report_text(report))
+    rec = (report.get("trace") or {}).get("recording")
+    if rec:
+        from . import invocation
+        click.echo(f"tcplife-trace doctor: recorded {rec['events']} events and {rec['socket_snapshots']} socket "
+                   f"snapshots to {rec['path']}; read it with: {invocation.command()} analyze {rec['path']}",
+                   err=True)
+        if rec.get("failed"):
+            click.echo(f"tcplife-trace: error: {rec['failed']}", err=True)
     ctx.exit(doctor.exit_status(report["findings"], fail_on))
 
 

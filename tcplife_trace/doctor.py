@@ -22,23 +22,31 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
         interval_s: float = DEFAULT_INTERVAL_S, thresholds: leaks.Thresholds | None = None,
         on_finding: Callable[[leaks.Finding], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        on_ready: Callable[[], None] | None = None, filters: Filters | None = None) -> dict:
+        on_ready: Callable[[], None] | None = None, filters: Filters | None = None,
+        recorder=None, wall_offset_ns: int | None = None) -> dict:
     """Attach the tracer, seed from a full snapshot, trace for duration_s polling every
     interval_s, then judge on a final full snapshot. Returns a report dict.
     duration_s == 0: one full snapshot judged at once, no tracer (owners from /proc, ages from
     the kernel's clocks). filters (or settings.filters): the findings and the trace obey
     -p/-L/-D/-4/-6. on_ready runs once tracing and the first snapshot are in place (tests start
-    workloads there)."""
+    workloads there). recorder: a recording.RecordingWriter (settings in mode "stream") gets every
+    event and every snapshot, for `analyze` later."""
     if filters is None:
         filters = settings.filters if settings is not None else Filters()
     if duration_s <= 0:
         return _instant(thresholds, filters, on_ready)
     # the doctor wants endings and open connections, never single transitions: the kernel
     # folds each connection and the traced machine pays the least
-    with LiveSession(settings or prog.Settings(filters, mode="aggregate")) as session:
+    with LiveSession(settings or prog.Settings(filters, mode="aggregate"), recorder=recorder,
+                     wall_offset_ns=wall_offset_ns) as session:
         watch = Watch(thresholds, tracker=session.tracker, filters=filters,
                       open_lifecycles=session.open_lifecycles)
         session.close_watchers.append(watch.closed)
+        if recorder is not None:  # the snapshots go into the recording too, the seed first
+            watch.on_snapshot = lambda snap, frame: recorder.add_snapshot(
+                snap.taken_ns, snap.complete, frame,
+                {"mibs": snap.mibs, "sysctls": snap.sysctls, "netns_names": snap.netns_names,
+                 "sockstat": snap.sockstat})
         seed = watch.take_seed()  # after attaching: nothing falls between snapshot and trace
         seed_counts = watch.latest_counts
         if on_ready:
@@ -82,6 +90,7 @@ def _report(watch: Watch, seed, seed_counts: dict, trace_report: dict | None) ->
         "namespaces": len(final.netns_names),
         "netns_names": final.netns_names,
         "snapshot_s": round(seed.took_s, 3),
+        "last_look_at": watch.iso(final.taken_ns),  # when the snapshot the findings judge was taken
         "snapshot_errors": list(watch.errors),  # namespaces (or owners) that could not be read
         "filters": watch.filters.describe() if watch.filters is not None else "none",
         "trace": trace_report,                  # None for --duration 0: no tracer

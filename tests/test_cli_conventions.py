@@ -88,3 +88,27 @@ def test_the_recordings_hint_is_a_command_that_works(tmp_path):
         assert a.returncode == 0, (hint, a.stderr)
         assert "connections" in a.stdout
         rec.unlink()
+
+
+@pytest.mark.privileged
+def test_doctor_records_what_it_traced(tmp_path):
+    rec = tmp_path / "doctor.arrow"
+    proc = subprocess.Popen([EXE, "doctor", "--duration", "3", "--interval", "1", "--record", str(rec), "-4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while "snapshot taken" not in (line := proc.stderr.readline()):
+        assert line, "doctor ended before tracing"
+    srv, cpid = one_connection()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 1), err
+    (hint,) = [ln for ln in err.splitlines() if ln.startswith("tcplife-trace doctor: recorded ")]
+    assert "socket snapshots to" in hint and str(rec) in hint
+    a = subprocess.run(shlex.split(hint.split("read it with: ", 1)[1]) + ["--format", "csv", "-D", str(srv.port)],
+                       capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    rows = [r for r in csv.DictReader(a.stdout.splitlines()) if r["pid"] == str(cpid)]
+    assert len(rows) == 1 and rows[0]["end_reason"] == "active_close", a.stdout
+    from tcplife_trace.recording import load
+    assert len(load([str(rec)]).snapshots()) >= 2  # the seed and the looks every second
+    r = run_cli(["doctor", "--duration", "0", "--record", str(tmp_path / "x.arrow")])
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--record needs a trace" in r.stderr
+    assert not (tmp_path / "x.arrow").exists()

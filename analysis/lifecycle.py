@@ -12,21 +12,17 @@ from typing import Callable
 
 from ..probes import decode as dec
 from ..probes.decode import Ev, as_ev
+from . import end_rules
+from .end_rules import ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, RST_REASONS  # noqa: F401
 from ..probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
 from ..probes.filters import Filters
 from ..probes.tcp_states import TcpState as S
 
 ROLES = ("active", "passive", "listener", "unknown")
-END_REASONS = ("active_close", "passive_close", "reset_by_peer", "local_abort", "refused",
-               "timeout", "listener_closed", "unknown")
 # owner sources, strongest first
 OWNER_SOURCES = ("connect", "listen", "io", "close", "listener", "none")
 _RANK = {s: i for i, s in enumerate(OWNER_SOURCES)}
 
-ECONNRESET, EPIPE, ETIMEDOUT, ECONNREFUSED = 104, 32, 110, 111
-# enum sk_rst_reason values worth naming (include/net/rstreason.h)
-RST_REASONS = {1: "no_socket", 11: "abort_on_close", 12: "abort_on_linger", 13: "abort_on_memory",
-               14: "tcp_state", 15: "keepalive_timeout", 16: "abort_on_data"}
 
 BIRTHS = {(int(S.CLOSE), int(S.SYN_SENT)): "active", (int(S.CLOSE), int(S.LISTEN)): "listener",
            (int(S.LISTEN), int(S.SYN_RECV)): "passive"}
@@ -127,6 +123,62 @@ class Transition:
         return dec.comm(self.cur_comm_raw)
 
 
+ENTRYLESS_BASE = 1 << 63  # ids of connections without a kernel generation (these count up from 1)
+ENTRYLESS_NOTE = "kernel connection map full: followed from its events (reads and writes not attributed while it had no entry)"
+
+
+class EntrylessIds:
+    """Connection ids for sockets the kernel's connection map had no entry for (generation 0:
+    the map was full when they were born). Their events name only the socket address, and an
+    address is one connection from one birth to the next: each gets ENTRYLESS_BASE + n, in
+    recorded order. When the map has room again, such a socket gets an entry mid-life; its
+    first event with a generation carries BIRTH_UNSEEN, and `adopt` hands over the id it had
+    so that its events (or the kernel's fold from then on) continue the same connection.
+    The live Tracker and the offline frames (tcplife_trace/by_connection.py) both number
+    connections with this class, fed the same events in the same order."""
+
+    def __init__(self):
+        self.at: dict[int, list] = {}  # skaddr -> [id, CLOSE seen]
+        self.made = 0
+
+    def _make(self, skaddr: int, closed: bool) -> int:
+        self.made += 1
+        cid = ENTRYLESS_BASE + self.made
+        self.at[skaddr] = [cid, closed]
+        return cid
+
+    def state(self, skaddr: int, old: int, new: int) -> tuple[int, int | None]:
+        """The id of an entry-less transition, and the id of an open connection that it ends
+        without a CLOSE (its address was born again), if any."""
+        cur = self.at.get(skaddr)
+        if cur is not None and not cur[1] and (old, new) not in BIRTHS:
+            cur[1] = new == _CLOSE
+            return cur[0], None
+        return self._make(skaddr, new == _CLOSE), (cur[0] if cur is not None and not cur[1] else None)
+
+    def born(self, skaddr: int) -> int | None:
+        """A socket with a generation is born at this address: the open entry-less connection
+        that was there (freed without a CLOSE), if any."""
+        cur = self.at.pop(skaddr, None)
+        return cur[0] if cur is not None and not cur[1] else None
+
+    def other(self, skaddr: int, create: bool) -> int | None:
+        """The id for another entry-less event (a reset) at this address."""
+        cur = self.at.get(skaddr)
+        if cur is not None:
+            return cur[0]
+        return self._make(skaddr, False) if create else None
+
+    def adopt(self, skaddr: int) -> int | None:
+        """The socket at this address got a map entry mid-life: the id of its open entry-less
+        connection, which continues under the generation from now on."""
+        cur = self.at.get(skaddr)
+        if cur is None or cur[1]:
+            return None
+        del self.at[skaddr]
+        return cur[0]
+
+
 class Counters:
     def __init__(self):
         self.events = 0
@@ -158,6 +210,7 @@ class Tracker:
         self.listeners: dict[tuple, Lifecycle] = {}
         self.pending: deque[Lifecycle] = deque()      # closed, waiting for trailing events
         self.pending_ports: dict[tuple, Lifecycle] = {}
+        self.entryless = EntrylessIds()
         self.counters = Counters()
         # (netns, listener port) -> [SYN-ACK retransmits, {request sockets}] (the set is capped)
         self.synack: dict[tuple, list] = {}
@@ -200,17 +253,34 @@ class Tracker:
         return [lc for lc in self.live.values() if not lc.closed]
 
     # -- helpers -----------------------------------------------------------
-    @staticmethod
-    def _key(ev: Ev):
-        # without a generation (connection map full) the best key left is the address
-        return ev.gen if ev.gen else ("skaddr", ev.skaddr)
+    def _key(self, ev: Ev, create: bool = False):
+        # without a generation (connection map full) the address says which connection
+        if ev.gen:
+            return ev.gen
+        return self.entryless.other(ev.skaddr, create) if ev.skaddr else None
 
-    def _new(self, ev: Ev, role: str, birth_seen: bool) -> Lifecycle:
-        ev = as_ev(ev)
-        lc = Lifecycle(self._key(ev), ev.skaddr, role, ev.ts_ns, birth_seen)
-        if not ev.gen:
-            lc.incomplete.append("no generation: kernel connection map full")
+    def _new(self, key, skaddr: int, ts_ns: int, role: str, birth_seen: bool) -> Lifecycle:
+        lc = Lifecycle(key, skaddr, role, ts_ns, birth_seen)
+        if key >= ENTRYLESS_BASE:
+            lc.incomplete.append(ENTRYLESS_NOTE)
         return self._add(lc)
+
+    def _adopt(self, gen: int, skaddr: int) -> Lifecycle | None:
+        """An entry-less connection at skaddr got a map entry: it goes on under gen."""
+        old = self.entryless.adopt(skaddr)
+        lc = self.live.pop(old, None) if old is not None else None
+        if lc is not None:
+            lc.conn_id = gen
+            self.live[gen] = lc
+        return lc
+
+    def _reborn(self, cid, ts_ns: int) -> None:
+        """The address of an open entry-less connection was born again: it ended unseen."""
+        lc = self.live.get(cid)
+        if lc is not None and not lc.closed:
+            lc.incomplete.append(_gone_note(lc.state, reused=True))
+            lc.closed, lc.end_ns = True, ts_ns
+            self._finish(lc)
 
     def _add(self, lc: Lifecycle) -> Lifecycle:
         """Follow a new lifecycle (the oldest open one makes room at the cap)."""
@@ -229,9 +299,13 @@ class Tracker:
                 return
 
     def _get(self, ev: Ev) -> Lifecycle:
-        lc = self.live.get(self._key(ev))
+        key = self._key(ev, create=True)
+        lc = self.live.get(key)
         if lc is None:
-            lc = self._new(ev, "unknown", birth_seen=False)
+            if ev.gen and ev.flags & _F_BIRTH_UNSEEN and self.entryless.at:
+                lc = self._adopt(ev.gen, ev.skaddr)
+            if lc is None:
+                lc = self._new(key, ev.skaddr, ev.ts_ns, "unknown", birth_seen=False)
         return lc
 
     def _tuple_from(self, lc: Lifecycle, ev: Ev) -> None:
@@ -280,14 +354,25 @@ class Tracker:
         (ts, skaddr, gen, _tx, _rx, _netns, pid, _tid, _uid, _value, sport, dport, _af, _kind,
          old, new, flags, _sa, _da, comm_raw, _seq) = ev
         role = BIRTHS.get((old, new))
-        if role:
-            lc = self._new(ev, role, birth_seen=True)
-        else:
-            lc = self.live.get(gen or ("skaddr", skaddr))
+        if not gen:
+            key, ended = self.entryless.state(skaddr, old, new)
+            if ended is not None:
+                self._reborn(ended, ts)
+            lc = self.live.get(key) if not role else None
             if lc is None:
-                lc = self._new(ev, "unknown", birth_seen=False)
-            if flags & _F_BIRTH_UNSEEN or lc.role == "unknown":
-                lc.role = _guess_role(old, new, lc.role)
+                lc = self._new(key, skaddr, ts, role or "unknown", birth_seen=role is not None)
+        elif role:
+            if self.entryless.at and (ended := self.entryless.born(skaddr)) is not None:
+                self._reborn(ended, ts)
+            lc = self._new(gen, skaddr, ts, role, birth_seen=True)
+        else:
+            lc = self.live.get(gen)
+            if lc is None and flags & _F_BIRTH_UNSEEN and self.entryless.at:
+                lc = self._adopt(gen, skaddr)
+            if lc is None:
+                lc = self._new(gen, skaddr, ts, "unknown", birth_seen=False)
+        if lc.role == "unknown":
+            lc.role = _guess_role(old, new, lc.role)
         if lc.family is None or sport != lc.lport or (dport and dport != lc.rport):
             self._tuple_from(lc, ev)
         dur = None
@@ -338,6 +423,10 @@ class Tracker:
     def _destroy(self, ev: Ev) -> None:
         lc = self.live.get(self._key(ev))
         if lc is None:
+            return
+        if not lc.path:  # read or written, never a state change: never connected (send() before
+            del self.live[lc.conn_id]  # connect(), a failed one): not a connection that ended
+            self.counters.connections -= 1
             return
         if not lc.closed:
             lc.incomplete.append(_gone_note(lc.state, reused=ev.value == 1))
@@ -402,10 +491,20 @@ class Tracker:
     def _life(self, rec: tuple) -> None:
         """A whole connection folded by the kernel (aggregated mode): the lifecycle that
         `_state` and the other handlers would have built from its events, rule for rule."""
-        lc = self._add(self.from_fold(rec))
+        if rec[_I_LFLAGS] & _L_DESTROYED and not rec[_I_PATH_LEN]:
+            return  # never a state change (as _destroy)
+        lc = None
+        if rec[16] & _F_BIRTH_UNSEEN and self.entryless.at:  # flags
+            lc = self._adopt(rec[2], rec[1])
+        if lc is not None:  # its start came as events (the map was full), the rest folded
+            times = join_fold(lc, self.from_fold(rec), rec)
+            self.counters.sequence_gaps += times is None  # (as the stream counts it)
+        else:
+            lc = self._add(self.from_fold(rec))
+            times = lc.state_ns.items()
         self.counters.sequence_gaps += rec[_I_GAPS]  # gaps
         if self.on_state_time:
-            for s, ns in lc.state_ns.items():
+            for s, ns in times or ():
                 self.on_state_time(s, ns)
         # the closing event's fields, by their decode.Ev positions
         lc.closed = True
@@ -422,6 +521,24 @@ class Tracker:
         self.pending.append(lc)
         self.pending_ports[(lc.lport, lc.rport)] = lc
 
+    def open_folds(self, recs: list[tuple]) -> tuple[list[Lifecycle], set]:
+        """Lifecycles of the connections the kernel is folding (conn_map.open_folds), and the
+        ids of the entry-less lifecycles they continue (those are not open twice). Nothing
+        here is changed: the records may be read again, and the connections go on."""
+        out, replaced = [], set()
+        for rec in recs:
+            fold = self.from_fold(rec)
+            cur = self.entryless.at.get(rec[1]) if rec[16] & _F_BIRTH_UNSEEN and self.entryless.at else None
+            start = self.live.get(cur[0]) if cur is not None and not cur[1] else None
+            if start is not None:
+                replaced.add(start.conn_id)
+                lc = copy_lifecycle(start)
+                lc.conn_id = fold.conn_id
+                join_fold(lc, fold, rec)
+                fold = lc
+            out.append(fold)
+        return out, replaced
+
     def from_fold(self, rec: tuple) -> Lifecycle:
         """A Lifecycle (not registered, not closed) from a struct tlt_life tuple: a LIFE
         record, or an open connection's map entry.
@@ -432,10 +549,7 @@ class Tracker:
         path = list(rec[_I_PATH][:path_len] if path_len <= PATH_MAX else rec[_I_PATH])
         birth = BIRTHS.get((path[0], path[1])) if len(path) >= 2 else None
         birth_seen = birth is not None and not flags & _F_BIRTH_UNSEEN
-        lc = Lifecycle(gen or ("skaddr", skaddr), skaddr, birth if birth_seen else "unknown", rec[_I_START],
-                       birth_seen)
-        if not gen:
-            lc.incomplete.append("no generation: kernel connection map full")
+        lc = Lifecycle(gen, skaddr, birth if birth_seen else "unknown", rec[_I_START], birth_seen)
         if not birth_seen:
             role = "unknown"
             for old, new in zip(path, path[1:]):
@@ -502,7 +616,7 @@ class Tracker:
             del self.pending_ports[(lc.lport, lc.rport)]
         if lc.role == "unknown" and lc.path:
             lc.role = _guess_role(lc.path[0], lc.path[1] if len(lc.path) > 1 else lc.path[0], "unknown")
-        lc.end_reason, lc.end_detail = classify_end(lc)
+        lc.end_reason, lc.end_detail, lc.errno = classify_end(lc)
         if lc.end_reason != "active_close":
             lc.time_wait = False
         if self._filtering and not self.matches(lc):
@@ -511,6 +625,68 @@ class Tracker:
         self.counters.closed += 1
         if self.on_close:
             self.on_close(lc)
+
+
+def copy_lifecycle(lc: Lifecycle) -> Lifecycle:
+    out = Lifecycle.__new__(Lifecycle)
+    for name in Lifecycle.__slots__:
+        v = getattr(lc, name)
+        setattr(out, name, v.copy() if isinstance(v, (list, dict, set)) else v)
+    return out
+
+
+def join_fold(lc: Lifecycle, fold: Lifecycle, rec: tuple):
+    """Continue lc (built from the events of a connection the kernel map had no entry for)
+    with the kernel's fold from the moment it had one, as its events would have continued
+    it; returns the (state, ns) dwells that the fold adds, or None if they do not join (a
+    state change is missing between the two)."""
+    times: dict[int, int] = {}
+    joined = True
+    if fold.path:
+        if lc.state is not None and fold.path[0] != lc.state:
+            lc.incomplete.append(f"missed events between {S(lc.state).name} and {S(fold.path[0]).name}")
+            joined = False
+            path = fold.path
+        else:
+            path = fold.path[1:] if lc.path else fold.path
+            if lc.state_enter_ns is not None and not rec[_I_GAPS]:
+                # the fold's first transition left lc's state; the fold's dwells are contiguous
+                # up to its last transition, so that one's time is the last less their sum
+                left = rec[_I_ENTER] - sum(fold.state_ns.values())
+                times[lc.state] = left - lc.state_enter_ns
+        for st, ns in fold.state_ns.items():
+            times[st] = times.get(st, 0) + ns
+        for st, ns in times.items():
+            lc.state_ns[st] = lc.state_ns.get(st, 0) + ns
+        lc.path.extend(path)
+        lc.state, lc.state_enter_ns = fold.state, fold.state_enter_ns
+    if rec[_I_LAST]:
+        lc.last_ns = rec[_I_LAST]
+    if fold.lport:
+        lc.lport = fold.lport
+    if fold.rport:
+        lc.rport = fold.rport
+    if fold.laddr not in (None, "0.0.0.0", "::"):
+        lc.laddr = fold.laddr
+    if fold.raddr not in (None, "0.0.0.0", "::"):
+        lc.raddr = fold.raddr
+    if lc.family is None:
+        lc.family = fold.family
+    if lc.netns is None:
+        lc.netns = fold.netns
+    if lc.uid is None:
+        lc.uid = fold.uid
+    if fold.owner_source not in ("none", "listener"):
+        lc.set_owner(fold.owner_pid, fold.owner_comm, fold.owner_source)
+    lc.pids |= fold.pids
+    lc.rst_received = lc.rst_received or fold.rst_received
+    lc.rst_sent = fold.rst_sent or lc.rst_sent
+    if lc.eof_ns is None:
+        lc.eof_ns = fold.eof_ns
+    lc.incomplete += [note for note in fold.incomplete if note not in lc.incomplete]
+    if lc.role == "unknown":
+        lc.role = fold.role
+    return times.items() if joined else None
 
 
 def _gone_note(state: int | None, reused: bool) -> str:
@@ -530,34 +706,11 @@ def _guess_role(old: int, new: int, current: str) -> str:
     return current
 
 
-def classify_end(lc: Lifecycle) -> tuple[str, str | None]:
-    """(end_reason, detail) from the last transition and the events around it."""
+def classify_end(lc: Lifecycle) -> tuple[str, str | None, int | None]:
+    """(end_reason, detail, the errno its owner saw): analysis/end_rules.py on what the
+    lifecycle saw around its CLOSE."""
     before = lc.last_state_before_close
-    rst_reason = RST_REASONS.get(lc.rst_sent[0], str(lc.rst_sent[0])) if lc.rst_sent else None
-    if lc.role == "listener":
-        return "listener_closed", None
-    if before is None:
-        return "unknown", "close not seen" if not lc.closed else None
-    if lc.rst_received or lc.errno == ECONNREFUSED:
-        if before == S.SYN_SENT:
-            return "refused", "ECONNREFUSED"
-        return "reset_by_peer", f"RST received in {S(before).name}"
-    if lc.errno == ETIMEDOUT:
-        if before == S.SYN_SENT:
-            return "timeout", "connect timeout (SYN retries exhausted)"
-        if rst_reason == "keepalive_timeout":
-            return "timeout", "keepalive probes unanswered"
-        return "timeout", f"retransmissions unanswered in {S(before).name}"
-    if lc.rst_sent:  # before ECONNRESET: an abort (tcp_disconnect) reports ECONNRESET to itself
-        return "local_abort", f"RST sent ({rst_reason}) in {S(before).name}"
-    if lc.errno in (ECONNRESET, EPIPE):
-        return "reset_by_peer", f"RST received in {S(before).name}"
-    if before == S.LAST_ACK:
-        return "passive_close", None
-    if before in _TIME_WAIT_FROM:
-        return "active_close", "TIME_WAIT (not traced: the kernel swaps in a timewait socket)"
-    if before == S.SYN_SENT:
-        return "local_abort", "closed while connecting"
-    if before == S.SYN_RECV:
-        return "local_abort", "closed during handshake"
-    return "unknown", f"{S(before).name} -> CLOSE with no reset or error seen"
+    rst = lc.rst_sent
+    return end_rules.classify(end_rules.Ends(
+        lc.role == "listener", not lc.closed, before or 0, lc.rst_received, -1 if lc.errno is None else lc.errno,
+        rst is not None, rst[0] if rst else -1))

@@ -293,7 +293,13 @@ static __always_inline void ev_conn(struct tlt_event *e, u64 skaddr, struct conn
 		e->seq = c->seq++;
 		c->emitted = 1;
 	} else {
-		e->flags |= TLT_F_NO_ENTRY;
+		/* the map is full: what an entry would hold, read for this event (the netns
+		 * groups the detectors' findings) */
+		e->flags |= TLT_F_NO_ENTRY | read_netns(skaddr, &e->netns);
+#ifdef OFF_SK_UID
+		if (bpf_probe_read_kernel(&e->uid, sizeof(e->uid), (void *)skaddr + OFF_SK_UID) == 0)
+			e->flags |= TLT_F_UID;
+#endif
 	}
 }
 

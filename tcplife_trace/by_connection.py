@@ -13,7 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .probes.event_layout import EventKind
+from .analysis.lifecycle import BIRTHS, EntrylessIds
+from .probes.event_layout import EventKind, Flag
+
+_STATE, _RR, _RS = int(EventKind.STATE), int(EventKind.RECV_RESET), int(EventKind.SEND_RESET)
+_ADOPTERS = (int(EventKind.STATE), int(EventKind.RECV_RESET), int(EventKind.IO_OWNER), int(EventKind.EOF))
 
 
 def _dropped(cols, gen: np.ndarray) -> np.ndarray | None:
@@ -26,6 +30,51 @@ def _dropped(cols, gen: np.ndarray) -> np.ndarray | None:
     return np.isin(gen, filtered) if len(filtered) else None
 
 
+def entryless_ids(cols) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connection ids for a recording whose kernel connection map was full at times: each
+    table row's id (the generation, or the one analysis.lifecycle.EntrylessIds gives an event
+    without one, fed the same events in the same order as the live Tracker), and the entry-less
+    connections that ended without a CLOSE (their address was born again): (ids, times ns)."""
+    kind, gen = cols["kind"], cols["gen"]
+    ids = gen.astype(np.uint64, copy=True)
+    skaddr = cols["skaddr"]
+    flags = cols["flags"]
+    genless = (gen == 0) & (skaddr != 0) & ((kind == _STATE) | (kind == _RR) | (kind == _RS))
+    old, new = cols["oldstate"], cols["newstate"]
+    born = np.zeros(len(kind), bool)
+    for a, b in BIRTHS:
+        born |= (old == a) & (new == b)
+    born &= (kind == _STATE) & (gen != 0) & np.isin(skaddr, skaddr[genless])
+    adopter = (gen != 0) & ((flags & int(Flag.BIRTH_UNSEEN)) != 0) & np.isin(kind, _ADOPTERS)
+    resolver, relabel, ended, ended_ts = EntrylessIds(), {}, [], []
+    ts = cols["ts_ns"]
+    for r in np.flatnonzero(genless | born | adopter).tolist():
+        k, sk = int(kind[r]), int(skaddr[r])
+        if gen[r]:
+            if born[r]:
+                gone = resolver.born(sk)
+            else:
+                gone = None
+                if resolver.at and (was := resolver.adopt(sk)) is not None:
+                    relabel[was] = int(gen[r])
+            if gone is not None:
+                ended.append(gone)
+                ended_ts.append(int(ts[r]))
+            continue
+        if k == _STATE:
+            cid, gone = resolver.state(sk, int(old[r]), int(new[r]))
+            if gone is not None:
+                ended.append(gone)
+                ended_ts.append(int(ts[r]))
+        else:
+            cid = resolver.other(sk, k == _RR) or 0
+        ids[r] = cid
+    if relabel:  # adopted: their rows go on under the generation they got
+        hit = np.flatnonzero(np.isin(ids, np.array(list(relabel), dtype=np.uint64)))
+        ids[hit] = [relabel[int(v)] for v in ids[hit].tolist()]
+    return ids, np.array(ended, dtype=np.uint64), np.array(ended_ts, dtype=np.int64)
+
+
 def _narrow(index: np.ndarray, bound: int) -> np.ndarray:
     """Positions below `bound` as int32 when they fit (numpy indexes with them without a copy)."""
     return index.astype(np.int32) if bound < 2**31 else index
@@ -35,15 +84,24 @@ class ByConnection:
     """The state changes of a recording (kind STATE, not dropped by a kernel filter).
 
     In recorded order: `frame_rows` (table rows; the transitions frame's rows). Sorted by
-    connection (ids without a generation, 0, left out), per position: `old`, `new` (uint8),
+    connection (rows with no id, 0, left out), per position: `old`, `new` (uint8),
     `number` (the connection's position in `ids`) and `order` (the position in `frame_rows`;
     `ts_frame` holds the times in recorded order). Per connection: `ids`, `starts`, `ends`.
+    A connection's id is its generation, or for one the kernel's map had no entry for, the
+    id `entryless_ids` gives (`all_ids`: every table row's id, None when none is needed);
+    `entryless_ends`: such connections that ended without a CLOSE, (ids, times ns).
     """
 
     def __init__(self, cols):
         kind = cols["kind"]
         rows = np.flatnonzero(kind == EventKind.STATE)
         gen = cols.at("gen", rows, ascending=True)
+        self.all_ids = None
+        self.entryless_ends = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        if len(gen) and not gen.all() and (cols.at("skaddr", rows[gen == 0], ascending=True) != 0).any():
+            self.all_ids, *ends = entryless_ids(cols)
+            self.entryless_ends = tuple(ends)
+            gen = self.all_ids[rows]
         dropped = _dropped(cols, gen)
         if dropped is not None:
             rows, gen = rows[~dropped], gen[~dropped]
@@ -77,6 +135,10 @@ class ByConnection:
             del c, brk
             self.number = np.repeat(np.arange(len(self.ids), dtype=np.int32), self.ends - self.starts + 1)
             self.old, self.new = moved.result()
+
+    def ids_of(self, rows: np.ndarray, gen: np.ndarray) -> np.ndarray:
+        """The connection ids of these table rows, whose generations are `gen`."""
+        return gen if self.all_ids is None else self.all_ids[rows]
 
     def table_rows(self, positions: np.ndarray) -> np.ndarray:
         """The table rows at these sorted positions."""

@@ -215,7 +215,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     flags = col("flags")
     sport, dport = col("sport"), col("dport")
     frame = pd.DataFrame(copy=False, data={
-        "conn_id": pd.array(col("gen"), dtype="UInt64"),
+        "conn_id": pd.array(by.ids_of(rows, col("gen")), dtype="UInt64"),  # (map full: by_connection)
         "time": wall_times(ts + mono_to_wall_ns),
         "ts_ns": ts.copy(),  # (ts is the shared by-connection cache)
         "oldstate": _states(col("oldstate")),

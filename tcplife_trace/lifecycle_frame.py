@@ -2,7 +2,7 @@
 
 The rules are those of the live state machine (analysis/lifecycle.py): owners only
 from process-context transitions, strongest source first; how it ended from the
-events around the CLOSE. Rows are sorted by connection once; every per-connection
+events around the CLOSE, by the same table (analysis/end_rules.py). Rows are sorted by connection once; every per-connection
 value is then a first/last/any over a contiguous segment. A test replays a real
 trace both ways and checks they agree connection by connection.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .analysis.lifecycle import (ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, OWNER_SOURCES,
-                                 ROLES, RST_REASONS)
+from .analysis import end_rules
+from .analysis.lifecycle import DEFAULT_HOLD_NS, END_REASONS, OWNER_SOURCES, ROLES
 from .frames import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
 from .probes import decode as dec
 from .probes.event_layout import EventKind
@@ -55,7 +55,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         if flag:
             m &= (col["flags"] & flag) != 0
         r = np.flatnonzero(m)
-        g = col.at("gen", r, ascending=True)
+        g = seg.ids_of(r, col.at("gen", r, ascending=True))
         return r[g != 0], g[g != 0]
     seg = col.by_connection()                            # state changes, sorted by connection
     ids, st, en = seg.ids, seg.starts, seg.ends
@@ -88,10 +88,21 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     closed = new[en] == S.CLOSE
     birth_seen = birth >= 0
-    ended = pool.submit(_endings, col, events, seg, role, closed, mono_to_wall_ns)
+    start_ns, end_ns = seg.times(st), seg.times(en)
+    # ended without a CLOSE: destroyed, or (map full) its address born again, as the Tracker ends them
+    d_rows, d_ids = events(EventKind.DESTROY)
+    gone_ids = np.r_[d_ids.astype(np.uint64), seg.entryless_ends[0]]
+    gone_ts = np.r_[col.at("ts_ns", d_rows, ascending=True).view(np.int64), seg.entryless_ends[1]]
+    gone = np.zeros(n, bool)
+    pos, v = _per_conn(ids, gone_ids, gone_ts)
+    take = ~closed[pos]
+    gone[pos[take]] = True
+    end_ns = end_ns.copy()
+    end_ns[pos[take]] = v[take]
+    closed = closed | gone
+    ended = pool.submit(_endings, col, events, seg, role, closed, gone, end_ns, lport, rport, mono_to_wall_ns)
     paths = pool.submit(_paths, old, new, st, en)
     pool.shutdown(wait=False)  # (the thread ends when the three are done)
-    start_ns, end_ns = seg.times(st), seg.times(en)
 
     # owners, strongest source first
     src = np.full(n, _SRC["none"], dtype=np.int8)
@@ -155,6 +166,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "owner_source": pd.Categorical.from_codes(src, SOURCES),
         "uid": last["uid"],
         "end_reason": end["end_reason"],
+        "end_detail": end["end_detail"],
         "rst_sent_reason": end["rst_sent_reason"],
         "errno": end["errno"],
         "time_wait": end["time_wait"],
@@ -167,35 +179,23 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     return frame
 
 
-def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, mono_to_wall_ns: int) -> dict:
-    """How each connection ended, from the events around its CLOSE (the order of
-    analysis.lifecycle.classify_end), its first EOF, and whether events are missing."""
+def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, gone: np.ndarray,
+             end_ns: np.ndarray, lport: np.ndarray, rport: np.ndarray, mono_to_wall_ns: int) -> dict:
+    """How each connection ended (analysis/end_rules.py on what the events around its CLOSE
+    say), its first EOF, and whether events are missing."""
     ids, st, en, old, new = seg.ids, seg.starts, seg.ends, seg.old, seg.new
     n = len(ids)
-    before = np.where(closed, old[en], 0)
+    before = np.where(closed & ~gone, old[en], 0)
     rr = np.isin(ids, events(EventKind.RECV_RESET)[1])
     rs_rows, rs_gen = events(EventKind.SEND_RESET)
-    rst_sent = np.full(n, -1, dtype=np.int32)
+    rst_sent = np.isin(ids, rs_gen)
+    rst_reason = np.full(n, -1, dtype=np.int32)
     pos, v = _per_conn(ids, rs_gen, col.at("value", rs_rows, ascending=True), last=True)
-    rst_sent[pos] = v
-    er_rows, er_gen = events(EventKind.ERROR)
-    errno = np.full(n, -1, dtype=np.int32)
-    pos, v = _per_conn(ids, er_gen, col.at("value", er_rows, ascending=True), last=True)
-    errno[pos] = v
-    rules = [
-        (role == _ROLE["listener"], "listener_closed"),
-        (~closed, "open"),
-        ((rr | (errno == ECONNREFUSED)) & (before == S.SYN_SENT), "refused"),
-        (rr | (errno == ECONNREFUSED), "reset_by_peer"),
-        (errno == ETIMEDOUT, "timeout"),
-        (rst_sent >= 0, "local_abort"),
-        ((errno == ECONNRESET) | (errno == EPIPE), "reset_by_peer"),
-        (before == S.LAST_ACK, "passive_close"),
-        ((before == S.FIN_WAIT2) | (before == S.CLOSING), "active_close"),
-        ((before == S.SYN_SENT) | (before == S.SYN_RECV), "local_abort"),
-    ]
-    reason = np.select([cond for cond, _ in rules], [_END[name] for _, name in rules],
-                       default=_END["unknown"]).astype(np.int8)
+    rst_reason[pos] = v
+    errno = _errnos(col, events, ids, closed & ~gone, end_ns, lport, rport)
+    rule, detail, details, errno = end_rules.classify_columns(end_rules.Ends(
+        role == _ROLE["listener"], ~closed, before, rr, errno, rst_sent, rst_reason))
+    reason = np.array([_END[r] for r in end_rules.REASON_OF_RULE], dtype=np.int8)[rule]
     eof_rows, eof_gen = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
     eof_ns = np.full(n, NAT, dtype=np.int64)
     pos, v = _per_conn(ids, eof_gen, col.at("ts_ns", eof_rows, ascending=True).view(np.int64))
@@ -204,10 +204,41 @@ def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, mo
     gap = np.r_[False, new[:-1] != old[1:]] if len(old) else np.zeros(0, bool)
     gap[st] = False
     return {"end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
-            "rst_sent_reason": _named(rst_sent, lambda v: RST_REASONS.get(v, str(v))),
+            "end_detail": pd.Categorical.from_codes(detail, categories=pd.Index(details, dtype=object)),
+            "rst_sent_reason": _named(np.where(rst_sent, rst_reason, -1), end_rules.rst_reason_name),
             "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
             "time_wait": reason == _END["active_close"], "eof_seen": wall_times(eof_ns),
-            "incomplete": np.logical_or.reduceat(gap, st) if n else np.zeros(0, bool)}
+            "incomplete": (np.logical_or.reduceat(gap, st) | gone) if n else np.zeros(0, bool)}
+
+
+def _errnos(col: Columns, events, ids, closed, end_ns, lport, rport) -> np.ndarray:
+    """The last errno reported on each connection (-1: none). A report without a connection
+    id (the kernel could not tell the socket: connection map full) belongs, as in the live
+    Tracker, to the connection that closed last with those ports within the hold time."""
+    n = len(ids)
+    kind = col["kind"]
+    er_rows = np.flatnonzero(kind == EventKind.ERROR)
+    g_rows, g_ids = events(EventKind.ERROR)
+    pos = np.minimum(np.searchsorted(ids, g_ids), max(n - 1, 0))
+    known = (ids[pos] == g_ids) if n else np.zeros(len(g_ids), bool)
+    rows, conn = [g_rows[known]], [pos[known]]
+    loose = np.setdiff1d(er_rows, g_rows, assume_unique=True)
+    if len(loose) and closed.any():
+        at = col.gather(loose, ascending=True)
+        errs = pd.DataFrame({"t": at("ts_ns").view(np.int64), "k": at("sport").astype(np.int64) * 65536 + at("dport"),
+                             "row": loose}).sort_values("t", kind="stable")
+        shut = np.flatnonzero(closed)
+        conns = pd.DataFrame({"t": end_ns[shut], "k": lport[shut].astype(np.int64) * 65536 + rport[shut],
+                              "pos": shut}).sort_values("t", kind="stable")
+        m = pd.merge_asof(errs, conns, on="t", by="k", tolerance=DEFAULT_HOLD_NS - 1).dropna(subset=["pos"])
+        rows.append(m.row.to_numpy(dtype=np.int64))
+        conn.append(m.pos.to_numpy(dtype=np.int64))
+    rows, conn = np.concatenate(rows), np.concatenate(conn)
+    order = np.argsort(rows, kind="stable")                # recorded order: the last one wins
+    rows, conn = rows[order], conn[order]
+    errno = np.full(n, -1, dtype=np.int32)
+    errno[conn] = col.at("value", rows, ascending=True)    # (numpy: the last write wins)
+    return errno
 
 
 def _last_values(col: Columns, last_r: np.ndarray) -> dict:

@@ -36,7 +36,7 @@ class LiveSession:
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
         t0 = time.monotonic()
         self.settings = settings or prog.Settings()
-        if self.settings.mode != "stream" and (recorder is not None or keep_events):
+        if (self.settings.mode != "stream" and recorder is not None) or (self.settings.mode == "aggregate" and keep_events):
             raise ValueError("recording needs every transition: use mode='stream'")
         self.program = prog.load(self.settings)
         self.startup_s = time.monotonic() - t0
@@ -134,7 +134,8 @@ class LiveSession:
         if self.recorder is not None and not recorded:
             self.recorder.add(events)
         if self.kept is not None:
-            self.kept += events
+            # mode "both" keeps the stream's events (the equivalence tests' offline view)
+            self.kept += events if self.agg_tracker is None else [e for e in events if e[13] != _LIFE]
         if self.agg_tracker is None:
             self.tracker.feed_all(events)
             return
@@ -204,14 +205,21 @@ class LiveSession:
         """Connections open right now (only those in `states`, if given). In the aggregated
         mode the kernel holds them: they are read from its connection map (listeners and
         map-full strays come as events)."""
-        out = [lc for lc in self.tracker.live.values() if not lc.closed and (states is None or lc.state in states)]
-        return out + self._folding(states)
+        folded, replaced = self._folding(states)
+        out = [lc for lc in self.tracker.live.values()
+               if not lc.closed and lc.conn_id not in replaced and (states is None or lc.state in states)]
+        return out + folded
 
-    def _folding(self, states: set[int] | None = None) -> list[Lifecycle]:
-        """The open connections the kernel is folding (aggregated mode; none otherwise)."""
+    def _folding(self, states: set[int] | None = None) -> tuple[list[Lifecycle], set]:
+        """The open connections the kernel is folding (aggregated mode; none otherwise), and
+        the ids of the tracker's lifecycles they continue (born while the map was full)."""
         if self.settings.mode != "aggregate":
-            return []
-        return list(map(self.tracker.from_fold, conn_map.open_folds(self.program.bpf, states)))
+            return [], set()
+        entryless = bool(self.tracker.entryless.at)  # their folds may be in any state: read all
+        folded, replaced = self.tracker.open_folds(conn_map.open_folds(self.program.bpf, None if entryless else states))
+        if entryless and states is not None:
+            folded = [lc for lc in folded if lc.state in states]
+        return folded, replaced
 
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""
@@ -221,7 +229,9 @@ class LiveSession:
         early, self._early = self._early, []
         self._consume(early + self.stream.drain())
         self.still_open = self.tracker.finish()
-        folded = [lc for lc in self._folding() if self.tracker.kept(lc)]  # still in the kernel map
+        folded, replaced = self._folding()
+        folded = [lc for lc in folded if self.tracker.kept(lc)]  # still in the kernel map
+        self.still_open = [lc for lc in self.still_open if lc.conn_id not in replaced]
         self._folded_open = len(folded)
         self.still_open += folded
         if self.agg_tracker is not None:

@@ -1,17 +1,24 @@
 """A mixed TCP workload on loopback, for the kernel-aggregation tests.
 
     agg_workload.py ROUNDS WORKERS
+    agg_workload.py hold N
 
 WORKERS processes, each with its own IPv4 and IPv6 listener, each run ROUNDS of: client closes first,
 server closes first, a refused connect, an abort (SO_LINGER 0) from either side, a
 half-close with data both ways, an accepted socket read by a forked child (another
 owner), and a short burst of plain connects. Prints "DONE" (or "FAILED").
+`hold N`: N connections to one listener held open at once (more than a small kernel
+connection map holds), then closed, the clients first for even ones, the server first for
+odd ones: the last third born first (the map still full: no entry to their end), then the
+first third (which had the entries), then the middle third (born without an entry, they get
+one as they close); prints the listener's port, then "DONE".
 Every socket has a timeout and every loop a fixed count.
 """
 import os
 import socket
 import struct
 import sys
+import time
 
 TIMEOUT = 10
 
@@ -109,7 +116,34 @@ def listeners():
     return l4, l6
 
 
+def hold(n):
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(n)
+    ls.settimeout(TIMEOUT)
+    print(ls.getsockname()[1], flush=True)
+    held = []
+    for i in range(n):
+        held.append(pair(ls, socket.AF_INET, "127.0.0.1"))
+        if i % 50 == 49:
+            time.sleep(0.005)  # the tracer's consumer shares 2 CPUs with this: no burst losses
+    third = n // 3
+    for k, i in enumerate([*range(2 * third, n), *range(third), *range(third, 2 * third)]):
+        if k % 50 == 49:
+            time.sleep(0.005)
+        c, a = held[i]
+        first, second = (c, a) if i % 2 == 0 else (a, c)
+        first.close()
+        second.recv(10)
+        second.close()
+    ls.close()
+    print("DONE", flush=True)
+
+
 def main():
+    if sys.argv[1] == "hold":
+        hold(int(sys.argv[2]))
+        return
     rounds, workers = int(sys.argv[1]), int(sys.argv[2])
     probe = socket.socket()                 # a port nobody listens on
     probe.bind(("127.0.0.1", 0))

@@ -173,7 +173,8 @@ def test_abort_reporting_econnreset_to_itself_is_still_local():
         (5.002, "E", 1, 104, 40000, 0),
     ])
     lc = only(closed)
-    assert (lc.end_reason, lc.errno) == ("local_abort", 104)
+    # the ECONNRESET went to the aborting socket itself, which its owner had closed: nobody saw it
+    assert (lc.end_reason, lc.errno) == ("local_abort", None)
 
 
 def test_close_is_held_for_trailing_events_then_released_by_advance():
@@ -299,3 +300,77 @@ def test_first_read_that_is_eof_gives_owner_and_eof_in_one_event():
     ])
     lc = only(closed)
     assert (lc.owner_pid, lc.owner_source, lc.eof_ns) == (WORKER, "io", 1_500_000)
+
+
+@pytest.mark.parametrize("rows,want", [
+    # the kernel gave up on the SYN; the application, woken on another CPU, read the error
+    # before the tracepoint did (it then reports 0)
+    ([(3070.01, "E", 1, 0, 40000, 80)], ("timeout", 110, "connect timeout (SYN retries exhausted)")),
+    ([(3069.9, "RR", 1), (3070.01, "E", 1, 0, 40000, 80)], ("refused", 111, "ECONNREFUSED")),
+    ([(3070.01, "E", 1, 113, 40000, 80)], ("timeout", 113, "connect failed: destination unreachable "
+                                                       "(an ICMP error; errno says which)")),
+    # the application gave up waiting for the connect (poll, select, SO_SNDTIMEO) and closed
+    ([], ("timeout", None, "connect abandoned: the application closed it in SYN_SENT before any answer "
+                           "(its own connect timeout); the kernel reported no error")),
+])
+def test_connect_failures_however_the_application_waited(rows, want):
+    closed, _, _, _ = run([(0, "S", 1, "CLOSE", "SYN_SENT", CLIENT, 40000, 80),
+                           (3070, "S", 1, "SYN_SENT", "CLOSE", CLIENT, 40000, 80), *rows])
+    lc = only(closed)
+    assert (lc.end_reason, lc.errno, lc.end_detail) == want
+
+
+def test_end_rules_agree_on_scalars_and_columns():
+    """The one table, run both ways (live: one connection; offline: columns), on every
+    combination of what the rules read."""
+    import itertools
+
+    import numpy as np
+
+    from tcplife_trace.analysis import end_rules as er
+    combos = list(itertools.product([False, True], [False, True], [0, *range(1, 12)], [False, True],
+                                    [-1, 0, 32, 104, 110, 111, 113], [False, True], [-1, 11, 14, 15]))
+    cols = er.Ends(*(np.array(c) for c in zip(*combos)))
+    rule, detail, names, errno = er.classify_columns(cols)
+    for i, combo in enumerate(combos):
+        reason, text, shown = er.classify(er.Ends(*combo))
+        assert (reason, text, shown) == (er.REASON_OF_RULE[rule[i]], names[detail[i]] if detail[i] >= 0 else None,
+                                         None if errno[i] < 0 else int(errno[i])), combo
+
+
+def test_map_full_connections_end_at_their_close_with_their_roles():
+    """No generation (the kernel map was full): named by address, each birth a new
+    connection; a closed one waiting for its trailing events is not lost when its address
+    is born again; one that gets an entry mid-life goes on under its generation."""
+    a, b = {"skaddr": 0xA1}, {"skaddr": 0xB1}
+    closed, still_open, _, t = run([
+        (0, "S", 0, "CLOSE", "SYN_SENT", CLIENT, 0, 80, a),
+        (1, "S", 0, "SYN_SENT", "ESTABLISHED", CLIENT, 40000, 80, a),
+        (2, "S", 0, "ESTABLISHED", "FIN_WAIT1", CLIENT, 40000, 80, a),
+        (3, "S", 0, "FIN_WAIT1", "FIN_WAIT2", OTHER, 40000, 80, a),
+        (4, "S", 0, "FIN_WAIT2", "CLOSE", OTHER, 40000, 80, a),
+        (4.001, "S", 0, "CLOSE", "SYN_SENT", CLIENT, 0, 81, a),         # born again at once
+        (4.5, "S", 0, "SYN_SENT", "CLOSE", CLIENT, 40001, 81, a),
+        (4.6, "E", 0, 111, 40001, 81),                                   # joined on ports
+        (5, "S", 0, "LISTEN", "SYN_RECV", CLIENT, 8080, 5555, b),
+        (5.1, "S", 0, "SYN_RECV", "ESTABLISHED", CLIENT, 8080, 5555, b),
+        (6, "IO", 9, WORKER, {**b, "unseen": True}),                     # the map had room again
+        (7, "S", 9, "ESTABLISHED", "CLOSE_WAIT", CLIENT, 8080, 5555, b),
+        (8, "S", 9, "CLOSE_WAIT", "LAST_ACK", WORKER, 8080, 5555, b),
+        (8.1, "S", 9, "LAST_ACK", "CLOSE", CLIENT, 8080, 5555, b),
+    ])
+    assert not still_open and t.counters.unmatched_errors == 0
+    first, second, third = sorted(closed, key=lambda lc: lc.start_ns)
+    assert (first.role, first.end_reason, first.time_wait) == ("active", "active_close", True)
+    assert (second.role, second.end_reason, second.errno) == ("active", "refused", 111)
+    assert first.conn_id != second.conn_id and min(first.conn_id, second.conn_id) > 2**63
+    assert (third.conn_id, third.role, third.end_reason, third.owner_pid) == (9, "passive", "passive_close", WORKER)
+    assert names(third) == ["LISTEN", "SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    assert sum(third.state_ns.values()) == third.duration_ns == 3_100_000
+    assert t.counters.connections == 3
+
+
+def test_a_socket_that_never_changed_state_is_not_a_connection():
+    """send() on a socket never connected, then close(): I/O and a destroy, no transition."""
+    closed, still_open, _, t = run([(0, "IO", 5, CLIENT, {"unseen": True}), (1, "D", 5)])
+    assert closed == [] and still_open == [] and t.counters.connections == 0

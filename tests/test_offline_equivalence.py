@@ -59,6 +59,47 @@ ROWS = [
 ]
 
 
+# the kernel's connection map full: events without a generation (gen 0), named by the socket
+# address; some sockets get an entry later (the map had room again) and go on with a generation
+A, B, P, Q, R = ({"skaddr": 0xA000 + i} for i in range(5))
+MAP_FULL_ROWS = [
+    (0.0, "S", 1, "CLOSE", "LISTEN", SRV, 8080, 0),
+    # refused, no entry at all: the errno report has no generation either (joined on ports)
+    (1.0, "S", 0, "CLOSE", "SYN_SENT", C, 0, 81, A),
+    (1.5, "RR", 0, A),
+    (1.6, "S", 0, "SYN_SENT", "CLOSE", C, 40001, 81, A),
+    (1.7, "E", 0, 111, 40001, 81),
+    # the same address born again: a new connection, still without an entry; a connect timeout
+    (2.0, "S", 0, "CLOSE", "SYN_SENT", C, 0, 82, A),
+    (3002.0, "S", 0, "SYN_SENT", "CLOSE", 0, 40002, 82, A),
+    (3002.01, "E", 0, 110, 40002, 82),
+    # a client born without an entry that gets one in ESTABLISHED, then closes first
+    (5.0, "S", 0, "CLOSE", "SYN_SENT", C, 0, 8080, B),
+    (5.1, "S", 0, "SYN_SENT", "ESTABLISHED", C, 40003, 8080, B),
+    (7.0, "S", 50, "ESTABLISHED", "FIN_WAIT1", C, 40003, 8080, {**B, "unseen": True}),
+    (7.1, "S", 50, "FIN_WAIT1", "FIN_WAIT2", X, 40003, 8080, B),
+    (7.2, "S", 50, "FIN_WAIT2", "CLOSE", X, 40003, 8080, B),
+    # its accepted half: no entry until the worker's first read
+    (5.1, "S", 0, "LISTEN", "SYN_RECV", C, 8080, 40003, P),
+    (5.2, "S", 0, "SYN_RECV", "ESTABLISHED", C, 8080, 40003, P),
+    (6.0, "IO", 51, W, {**P, "unseen": True}),
+    (7.1, "S", 51, "ESTABLISHED", "CLOSE_WAIT", C, 8080, 40003, P),
+    (7.5, "S", 51, "CLOSE_WAIT", "LAST_ACK", W, 8080, 40003, P),
+    (7.6, "S", 51, "LAST_ACK", "CLOSE", X, 8080, 40003, P),
+    # aborted with SO_LINGER 0, never an entry
+    (8.0, "S", 0, "CLOSE", "SYN_SENT", C, 0, 83, Q),
+    (8.1, "S", 0, "SYN_SENT", "ESTABLISHED", C, 40004, 83, Q),
+    (9.0, "S", 0, "ESTABLISHED", "CLOSE", C, 40004, 83, Q),
+    (9.001, "RS", 0, 14, "CLOSE", Q),
+    (9.002, "E", 0, 104, 40004, 0),
+    # open without an entry, then its address is born again (with a generation): it ended unseen
+    (10.0, "S", 0, "CLOSE", "SYN_SENT", C, 0, 84, R),
+    (10.1, "S", 0, "SYN_SENT", "ESTABLISHED", C, 40005, 84, R),
+    (20.0, "S", 60, "CLOSE", "SYN_SENT", C, 0, 85, R),
+    (30.0, "S", 1, "LISTEN", "CLOSE", SRV, 8080, 0),
+]
+
+
 def live_view(events):
     closed = []
     t = Tracker(on_close=closed.append)
@@ -76,6 +117,7 @@ def compare(frame, closed, still_open):
         assert (None if pd.isna(r.pid) else r.pid) == lc.owner_pid, cid
         assert r.owner_source == lc.owner_source, cid
         assert r.end_reason == lc.end_reason, cid
+        assert (None if pd.isna(r.end_detail) else r.end_detail) == lc.end_detail, cid
         assert (r.errno if isinstance(r.errno, str) else None) == errno_name(lc.errno), cid
         assert bool(r.time_wait) == lc.time_wait, cid
         lp = None if pd.isna(r.listener_pid) else r.listener_pid
@@ -104,6 +146,33 @@ def test_synthetic_scenarios_agree(tmp_path):
     rec = load(str(p))
     compare(rec.lifecycles(), closed, still)
     compare_durations(rec.state_durations(), closed)
+
+
+def test_map_full_connections_agree(tmp_path):
+    """Connections the kernel had no map entry for end at their CLOSE, with their roles, live
+    and offline alike; one that got an entry mid-life is one connection, not two."""
+    events = stream(MAP_FULL_ROWS)
+    closed, still = live_view(events)
+    p = tmp_path / "r.arrow"
+    w = RecordingWriter(str(p), recording.header("none", 0))
+    w.add(events)
+    w.close()
+    rec = load(str(p))
+    frame = rec.lifecycles()
+    compare(frame, closed, still)
+    compare_durations(rec.state_durations(), closed)
+    got = {(lc.role, lc.end_reason, lc.errno) for lc in closed.values()}
+    assert got == {("listener", "listener_closed", None), ("active", "refused", 111), ("active", "timeout", 110),
+                   ("active", "active_close", None), ("passive", "passive_close", None),
+                   ("active", "local_abort", None), ("active", "unknown", None)}
+    assert [lc.conn_id for lc in still.values()] == [60]
+    joined = closed[50]
+    assert [S(x).name for x in joined.path] == ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    assert joined.duration_ns == sum(joined.state_ns.values()) == 2_200_000
+    assert (closed[51].owner_pid, closed[51].owner_source, closed[51].listener_pid) == (W, "io", SRV)
+    assert frame.conn_id.isin([50, 51]).sum() == 2
+    trans = rec.transitions
+    assert set(trans.conn_id) == set(frame.conn_id)  # every state change belongs to its connection
 
 
 @pytest.mark.privileged

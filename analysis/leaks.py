@@ -152,17 +152,27 @@ def scoped_synack(synack: dict, kept: pd.DataFrame, filters=None) -> dict:
 def scoped_counters(deltas: dict, everything: pd.DataFrame, kept: pd.DataFrame,
                     filters=None) -> tuple[dict, dict]:
     """(counter deltas the filters keep, netns -> the listeners those counters cover).
-    A namespace's TcpExt counters cannot be split by port or process: under a filter they
-    count only for a namespace where a listener passes it (none under -D), and a finding
-    built on them names every listener of the namespace."""
+    A namespace's TcpExt counters cannot be split by port or process. Under a filter they
+    count for a namespace only when they can be the kept listeners': every listener there
+    passes the filter, or one that passes shows the trouble itself (its accept queue full now,
+    or half-open request sockets); none under -D. A finding built on them names every listener
+    of the namespace."""
     lis = everything[everything["state"] == "LISTEN"]
     scope = {int(ns): sorted(set(endpoints(g["laddr"], g["lport"]))) for ns, g in lis.groupby("netns")}
     if filters is None or not filters.active():
         return deltas, scope
     if filters.rports:
         return {}, scope
-    ours = {int(n) for n in kept.loc[kept["state"] == "LISTEN", "netns"]}
-    return {ns: d for ns, d in deltas.items() if int(ns) in ours}, scope
+    mine = kept[kept["state"] == "LISTEN"]
+    everyone = lis.groupby("netns").size()
+    ours = mine.groupby("netns").size()
+    whole = {int(ns) for ns, n in ours.items() if n == everyone.get(ns, 0)}
+    full = mine[(mine["rqueue"] > 0) & (mine["rqueue"] >= mine["wqueue"])]
+    reqs = kept[(kept["state"] == "SYN_RECV") & (kept["inode"] == 0)]
+    mine_ports = set(zip(mine["netns"], mine["lport"]))
+    shows = {int(n) for n in full["netns"]} | {int(n) for n, p in zip(reqs["netns"], reqs["lport"])
+                                              if (n, p) in mine_ports}
+    return {ns: d for ns, d in deltas.items() if int(ns) in whole | shows}, scope
 
 
 def empty_sockets() -> pd.DataFrame:
@@ -396,14 +406,16 @@ def syn_sent_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
                  else "no answer: destination down, filtered or unroutable")
         n = refused + timeout + pending
         sev = "critical" if n >= t.pile_critical or (rate or 0) >= 10 else "warning"
+        lower = bool(oldest_lower.get((ns, dest_), False))
+        age = f"; oldest {'>=' if lower else ''}{oldest:.1f}s" if pending and not pd.isna(oldest) else ""
         out.append(Finding(
             "syn_sent_storm", sev, n,
-            f"SYN_SENT storm to {dest_}: {', '.join(parts)}; {cause}",
+            f"SYN_SENT storm to {dest_}: {', '.join(parts)}{age}; {cause}",
             "Check the destination service and the route/firewall to it; make clients back off "
             "(exponential retry with jitter) instead of hammering a dead endpoint.",
             netns=int(ns) if ns >= 0 else None, owner_pid=int(pid) if pid >= 0 else None,
             owner_comm=comm if pid >= 0 else None, peer=dest_, rate_per_s=None if rate is None else round(rate, 3),
-            oldest_age_s=_float(oldest), age_lower_bound=bool(oldest_lower.get((ns, dest_), False)),
+            oldest_age_s=_float(oldest), age_lower_bound=lower,
             evidence={"refused": refused, "timed_out": timeout, "pending": pending, "processes": processes,
                       "age_source": oldest_source.get((ns, dest_))}))
     return out
@@ -477,8 +489,9 @@ def syn_floods(ev: Evidence, t: Thresholds) -> list[Finding]:
             summary = ("listen queue overflow" + (f" on {local}" if local else "") + ": "
                        + ", ".join(f"{k} +{v}" for k, v in dropped.items()))
         summary += _shared(cover)
-        # the owner: of the listener whose queue is full now, else of the namespace's (filtered) listeners
-        suspects = full if len(full) else lis[lis["netns"] == ns]
+        # the owner: of the listener whose queue is full now, else of the namespace's only listener
+        # (with several, the counters cannot say whose they are)
+        suspects = full if len(full) or len(cover) > 1 else lis[lis["netns"] == ns]
         known = suspects[suspects["owner_pid"].notna()]
         pid = comm = None
         if len(known) and known["owner_pid"].nunique() == 1:

@@ -33,9 +33,10 @@ def current_inode() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-def list_all() -> list[Netns]:
+def list_all(errors: list[str] | None = None) -> list[Netns]:
     """Every namespace reachable: named ones (`ip netns`) and those of running processes.
-    One entry per inode; ours (named "host") first."""
+    One entry per inode; ours (named "host") first. Processes whose namespace we may not even
+    look at (no CAP_SYS_PTRACE) are said in `errors`, once, not skipped in silence."""
     found: dict[int, Netns] = {}
     own = f"/proc/{os.getpid()}/ns/net"
     found[_inode(own)] = Netns(_inode(own), own, "host")
@@ -45,13 +46,30 @@ def list_all() -> list[Netns]:
             ino = _inode(path)
             if ino is not None and ino not in found:
                 found[ino] = Netns(ino, path, name)
+    hidden: list[int] = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             path = f"/proc/{entry.name}/ns/net"
-            ino = _inode(path)
-            if ino is not None and ino not in found:
+            try:
+                ino = os.stat(path).st_ino
+            except PermissionError:
+                hidden.append(int(entry.name))
+                continue
+            except OSError:
+                continue  # exited
+            if ino not in found:
                 found[ino] = Netns(ino, path, f"pid {entry.name}")
+    if hidden and errors is not None:
+        errors.append(f"the network namespace of {_some(hidden)} could not be looked at (/proc/PID/ns/net: "
+                      "permission denied): sockets in a namespace only they use are not in the snapshot")
     return list(found.values())
+
+
+def _some(pids: list[int]) -> str:
+    """'pid 1' or 'pids 1, 7, ...': a wording that stays the same from one look to the next as
+    long as the lowest ones do (a live trace says each such line once)."""
+    pids = sorted(pids)
+    return f"pid {pids[0]}" if len(pids) == 1 else "pids " + ", ".join(map(str, pids[:3])) + (", ..." if len(pids) > 3 else "")
 
 
 def _setns(fd: int) -> None:

@@ -116,10 +116,14 @@ def kernel_bound(s, sysctls: dict | None = None) -> tuple[float | None, str | No
     return max(bound - JIFFY_S, 0.0), source
 
 
-def age(s, sysctls: dict | None, seen_s: float) -> tuple[float, str]:
+def age(s, sysctls: dict | None, seen_s: float, late_s: float = 0.0) -> tuple[float, str]:
     """(seconds, source) for a socket the trace did not see enter its state: the larger of the
-    kernel's bound and the time it has been seen in that state (both lower bounds)."""
+    kernel's bound and the time it has been seen in that state (both lower bounds), as of the
+    snapshot's time. late_s: how much later than that the kernel may have read its clocks (the
+    namespace's dump ended then), taken off the kernel's bound."""
     bound, source = kernel_bound(s, sysctls)
+    if bound is not None:
+        bound = max(bound - max(late_s, 0.0), 0.0)
     if bound is None or bound < seen_s:
         return max(seen_s, 0.0), SEEN
     return bound, source

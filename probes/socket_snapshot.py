@@ -24,6 +24,9 @@ class Snapshot:
     errors: list[str] = field(default_factory=list)      # what could not be read, one line each
     took_s: float = 0.0
     states: int = sock_diag.ALL_STATES              # the states asked for (a bit per state)
+    # netns -> CLOCK_MONOTONIC ns when its dump ended: the kernel's clocks in tcp_info and the
+    # timers were read up to then, later than taken_ns (probes/socket_age.age corrects for it)
+    dumped_ns: dict[int, int] = field(default_factory=dict)
 
 
 def _gone(ns: netns.Netns) -> bool:
@@ -46,13 +49,14 @@ def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool 
     t0 = time.monotonic()
     taken = time.monotonic_ns()
     sockets: list[sock_diag.Sock] = []
-    mibs, sysctls, names, errors, sockstat = {}, {}, {}, [], {}
-    for ns in netns.list_all():
+    mibs, sysctls, names, errors, sockstat, dumped = {}, {}, {}, [], {}, {}
+    for ns in netns.list_all(errors):
         step = "setns"
         try:
             with netns.entered(ns):
                 step = "sock_diag"
                 found = sock_diag.dump_here(ns.inode, states, info)
+                dumped[ns.inode] = time.monotonic_ns()
                 step = "its counters (/proc/net)"
                 counters = kernel_counters.mibs_here()
                 ctl = kernel_counters.sysctls_here()
@@ -72,8 +76,8 @@ def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool 
         unreadable: list[int] = []
         holders = proc_owners.holders(wanted, unreadable) if wanted else {}
         if unreadable:
-            # one wording whatever the count, so that a live trace says it once
-            errors.append("owners: the descriptors (/proc/PID/fd) of some processes could not be read "
-                          "(permission denied): their sockets show no owner; run as root")
+            errors.append(f"owners: the descriptors (/proc/PID/fd) of {netns._some(unreadable)} could not be "
+                          "read (permission denied): the sockets only they hold show no owner")
     return Snapshot(taken, sockets, holders, mibs, sysctls, names, complete=states == sock_diag.ALL_STATES,
-                    sockstat=sockstat, errors=errors, took_s=time.monotonic() - t0, states=states)
+                    sockstat=sockstat, errors=errors, took_s=time.monotonic() - t0, states=states,
+                    dumped_ns=dumped)

@@ -155,7 +155,8 @@ class Watch:
                 pid, comm = lc.owner_pid, lc.owner_comm
             else:
                 seen = (now - self.first_seen.get(key, now)) / 1e9
-                age, source = socket_age.age(s, snap.sysctls.get(s.netns), seen)
+                late = (snap.dumped_ns.get(s.netns, now) - now) / 1e9
+                age, source = socket_age.age(s, snap.sysctls.get(s.netns), seen, late)
                 lower = True
                 if lc is not None:
                     pid, comm = lc.owner_pid, lc.owner_comm
@@ -220,14 +221,15 @@ class Watch:
                               counter_scope=scope)
 
     # -- outputs -------------------------------------------------------------------------
-    def _iso(self, mono_ns: int) -> str:
+    def iso(self, mono_ns: int) -> str:
+        """A CLOCK_MONOTONIC time (a snapshot's) as ISO-8601 UTC with milliseconds."""
         t = datetime.fromtimestamp((mono_ns + self._wall_offset_ns) / 1e9, tz=timezone.utc)
         return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def judge(self, snap: Snapshot) -> list[leaks.Finding]:
         """The findings this snapshot supports (kept in the run's history)."""
         found = leaks.find(self.evidence(snap), self.thresholds)
-        when = self._iso(snap.taken_ns)
+        when = self.iso(snap.taken_ns)
         looked_established = bool(snap.states & _ESTABLISHED)
         keys = set()
         for f in found:

@@ -3,7 +3,8 @@
 Each role prints "ready" once its sockets are in place, then holds them until
 killed (or exits when it has nothing to hold). Every loop is bounded in count.
 
-  serve PORT [--backlog N] [--no-close]   accept; on EOF close (or never, --no-close)
+  serve PORT [--backlog N] [--no-close | --close-on-stdin]
+                                          accept; on EOF close (never; or when a line comes on stdin)
   connect HOST PORT N [--then close|shutdown|hold] [--wait-stdin]
   connect-nb HOST PORT N                  non-blocking connects left pending
   refused HOST PORT N                     connects expected to be refused
@@ -42,10 +43,19 @@ def serve(a):
     sel = selectors.DefaultSelector()
     sel.register(srv, selectors.EVENT_READ)
     kept = []
+    if a.close_on_stdin:
+        sel.register(sys.stdin, selectors.EVENT_READ)
     ready()
     deadline = time.monotonic() + HOLD_S
     while time.monotonic() < deadline:
         for key, _ in sel.select(1.0):
+            if key.fileobj is sys.stdin:
+                sys.stdin.readline()
+                for s in kept:
+                    s.close()
+                kept.clear()
+                print("closed", flush=True)
+                continue
             if key.fileobj is srv:
                 conn, _ = srv.accept()
                 sel.register(conn, selectors.EVENT_READ)
@@ -53,7 +63,7 @@ def serve(a):
             data = key.fileobj.recv(4096)
             if not data:  # EOF: the peer closed
                 sel.unregister(key.fileobj)
-                if a.no_close:
+                if a.no_close or a.close_on_stdin:
                     kept.append(key.fileobj)
                 else:
                     key.fileobj.close()
@@ -142,6 +152,7 @@ def main():
     s.add_argument("--backlog", type=int, default=128)
     s.add_argument("--no-close", action="store_true")
     s.add_argument("--no-accept", action="store_true")
+    s.add_argument("--close-on-stdin", action="store_true")
     for name in ("connect", "connect-nb", "refused", "churn", "synflood"):
         c = sub.add_parser(name)
         c.add_argument("host")

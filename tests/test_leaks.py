@@ -197,3 +197,69 @@ def test_leaks_from_a_recording():
     assert cw.evidence["eof_read"] == 1 and not cw.age_lower_bound
     assert got["syn_sent_storm"].evidence["refused"] == 4 and got["syn_sent_storm"].peer == "10.0.0.5:443"
     assert str(lk.severity.dtype) == "category" and lk.iloc[0].severity == "warning"
+
+
+def test_counters_and_synack_obey_the_filters_and_say_what_they_cover():
+    from tcplife_trace.probes.filters import Filters
+    lis = [("LISTEN", "0.0.0.0", 80, "0.0.0.0", 0, 100.0, 40, {"wqueue": 4}),
+           ("LISTEN", "0.0.0.0", 81, "0.0.0.0", 0, 100.0, 41, {"wqueue": 4})]
+    reqs = [("SYN_RECV", "10.0.0.1", 80, f"10.9.0.{i}", 3000 + i, 1.0, 40, {"inode": 0}) for i in range(3)]
+    everything = sockets(*lis, *reqs)
+    deltas = {NS: {"SyncookiesSent": 7}}
+    synack = {(NS, 80): (30, 20)}  # the SYN-ACKs re-sent were port 80's
+
+    def judge(f, frame=everything):
+        kept = leaks.sockets_matching(frame, f)
+        d, scope = leaks.scoped_counters(deltas, frame, kept, f)
+        assert scope == {NS: ["0.0.0.0:80", "0.0.0.0:81"]}
+        return {x.kind: x for x in find(evidence(kept, counter_deltas=d, synack=leaks.scoped_synack(synack, kept, f),
+                                                 counter_scope=scope))}
+
+    for f in (None, Filters(pids=(40,)), Filters(lports=(80,))):
+        got = judge(f)
+        assert set(got) == {"syn_flood"} and got["syn_flood"].owner_pid == 40
+        assert got["syn_flood"].severity == "critical"  # the namespace sent cookies while port 80 was flooded
+        assert "shared by its 2 listeners: 0.0.0.0:80, 0.0.0.0:81" in got["syn_flood"].summary
+        assert got["syn_flood"].evidence["counters_cover"] == ["0.0.0.0:80", "0.0.0.0:81"]
+    # port 81's process shows no trouble of its own: neither port 80's SYN-ACKs nor the
+    # namespace's counters make a finding for it
+    assert judge(Filters(pids=(41,))) == {} and judge(Filters(lports=(81,))) == {}
+    assert judge(Filters(rports=(443,))) == {}  # a listener has no remote port: nothing passes -D
+    # ... unless its own queue is full now: then the counters may well be its own, said as shared
+    full = sockets(lis[0], ("LISTEN", "0.0.0.0", 81, "0.0.0.0", 0, 100.0, 41, {"wqueue": 4, "rqueue": 4}))
+    o = judge(Filters(pids=(41,)), full)["listen_overflow"]
+    assert o.owner_pid == 41 and o.local == "0.0.0.0:81" and "shared by its 2 listeners" in o.summary
+    alone = sockets(lis[0])
+    d, scope = leaks.scoped_counters(deltas, alone, alone, None)
+    (o,) = find(evidence(alone, counter_deltas=d, counter_scope=scope))
+    assert o.kind == "listen_overflow" and o.owner_pid == 40 and "shared" not in o.summary  # the only listener
+
+
+def test_ages_shown_without_the_lower_bound_mark_are_exact():
+    """A pile whose oldest age is a lower bound says '>='; the storm's too (it said nothing)."""
+    s = sockets(("CLOSE_WAIT", "10.0.0.1", 41000, "10.0.0.5", 5432, 30.0, 11,
+                 {"age_lower_bound": True, "age_source": "tcp_info last_ack_recv"}),
+                *[("SYN_SENT", "10.0.0.1", 42000 + i, "10.0.0.7", 80, 9.0, 21,
+                   {"age_lower_bound": True, "age_source": "SYN retransmits"}) for i in range(3)])
+    got = {f.kind: f for f in find(evidence(s))}
+    cw, storm = got["close_wait_leak"], got["syn_sent_storm"]
+    assert cw.age_lower_bound and "oldest >=30.0s" in cw.summary and cw.evidence["age_source"] == "tcp_info last_ack_recv"
+    assert storm.age_lower_bound and storm.evidence["age_source"] == "SYN retransmits"
+
+
+def test_the_playbook_names_every_detector_and_threshold():
+    """docs/tcp-troubleshooting.md (the README cites it) puts each detector's rule and thresholds
+    next to its playbook row: none may be missing, none invented."""
+    import inspect
+    import os
+    import re
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "tcp-troubleshooting.md")).read()
+    src = inspect.getsource(leaks)
+    kinds = set(re.findall(r'Finding\(\s*"([a-z_0-9]+)"', src)) | {k for k, *_ in leaks._PILES.values()}
+    assert kinds >= {"close_wait_leak", "syn_flood", "listen_overflow", "new_listener"}
+    for kind in kinds:
+        assert f"**`{kind}`**" in doc, kind
+    for name in Thresholds.names():
+        default = getattr(Thresholds(), name)
+        assert re.search(rf"`{name}` \({default:g}( s)?\)", doc), (name, default)
+    assert set(re.findall(r"\*\*`([a-z_0-9]+)`\*\*", doc)) == kinds

@@ -3,10 +3,22 @@ namespaces (tests/netpair.py), diagnosed by `doctor.run` with the real tracer an
 
 Each test asserts the finding, its owner PID and endpoints, and that nothing else in the
 test's namespaces is reported. Thresholds are lowered so that each scenario takes seconds.
+Piles older than the doctor are judged by short looks (`--duration 0`: one snapshot) as
+well as long ones, and their ages are checked against the time the test made them.
 """
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 from netpair import A_ADDR, B_ADDR, GHOST, NetPair
 from tcplife_trace.analysis.leaks import Thresholds
+from tcplife_trace.diagnosis import Watch
+from tcplife_trace.probes import socket_age
+from tcplife_trace.probes.filters import Filters
 
 from tcplife_trace import doctor
 
@@ -22,11 +34,17 @@ def pair(request):
         yield p
 
 
-def diagnose(pair, on_ready=None, duration=2.5, **thresholds):
+def diagnose(pair, on_ready=None, duration=2.5, filters=None, **thresholds):
     report = doctor.run(duration_s=duration, interval_s=1.0, thresholds=Thresholds(**{**FAST, **thresholds}),
-                        on_ready=on_ready)
+                        on_ready=on_ready, filters=filters)
     ours = {pair.inode(pair.a), pair.inode(pair.b)}
     return [f for f in report["findings"] if f.netns in ours], report
+
+
+def looked_at(report) -> float:
+    """When the snapshot the report's findings judge was taken (wall clock, seconds)."""
+    from datetime import datetime
+    return datetime.fromisoformat(report["last_look_at"].replace("Z", "+00:00")).timestamp()
 
 
 def only(findings, kind):
@@ -57,14 +75,24 @@ def test_close_wait_leak_during_trace(pair):
     assert only(findings, "new_listener").owner_pid == procs["srv"].pid
 
 
-def test_close_wait_opened_before_the_trace(pair):
+@pytest.mark.parametrize("duration", [0, 2.5])
+def test_close_wait_opened_before_the_trace(pair, duration):
     srv = pair.start(pair.b, "serve", "7002", "--no-close")
-    pair.start(pair.a, "connect", B_ADDR, "7002", "2", "--then", "close")
-    findings, report = diagnose(pair)
+    cli = pair.start(pair.a, "connect", B_ADDR, "7002", "2", "--then", "close")
+    assert cli.stdout.readline().strip() == "done"
+    closed = time.time()
+    time.sleep(3)
+    findings, report = diagnose(pair, duration=duration)
     f = only(findings, "close_wait_leak")
     assert f.owner_pid == srv.pid and f.count == 2 and f.local == f"{B_ADDR}:7002"
     assert f.age_lower_bound  # born before the trace: its age is only known to be at least this
+    # ... but from the kernel's clock (the last ACK received was the peer's FIN), not from when
+    # the doctor first saw it: within a second of the truth however short the look
+    truth = looked_at(report) - closed
+    assert truth - 1.0 <= f.oldest_age_s <= truth
+    assert f.evidence["age_source"] == socket_age.ACK_RECV
     assert report["sockets_at_start"]["CLOSE_WAIT"] >= 2
+    assert (report["trace"] is None) == (duration == 0)  # a 0 s look attaches no tracer
 
 
 def test_syn_sent_storm_to_blackholed_address(pair):
@@ -126,7 +154,7 @@ def test_last_ack_when_the_peer_vanishes(pair):
     findings, _ = diagnose(pair, workload)
     f = only(findings, "last_ack_pile")
     assert f.netns == pair.inode(pair.b) and f.count == 2 and f.peer.startswith(A_ADDR)
-    assert f.owner_pid is None or f.owner_pid == srv.pid  # closed: no fd left, owner from the trace
+    assert f.owner_pid == srv.pid  # closed: no fd left, the owner comes from the trace
     assert not f.age_lower_bound
 
 
@@ -147,6 +175,8 @@ def test_fin_wait2_with_a_peer_that_never_closes(pair):
 
 def test_syn_flood_on_a_listener_with_a_tiny_backlog(pair):
     srv = pair.start(pair.b, "serve", "7007", "--backlog", "4", "--no-accept")
+    for i in range(40):  # the spoofed sources resolve (to nobody): a SYN-ACK that cannot be sent drops its request
+        pair.blackhole(pair.b, f"10.78.0.{100 + i}")
 
     def workload():
         pair.start(pair.a, "synflood", B_ADDR, "7007", "40")
@@ -158,6 +188,18 @@ def test_syn_flood_on_a_listener_with_a_tiny_backlog(pair):
     assert f.evidence["pending_now"] >= 2 and f.evidence["distinct_sources"] >= 2
     # the tracer saw the listener re-send SYN-ACKs for the half-open requests (1 s, then backoff)
     assert f.evidence["synack_retransmits"] >= f.evidence["pending_now"]
+    # the same flood judged for another process (-p): neither its SYN-ACK retransmits nor the
+    # namespace's counters may make a finding for a listener that is not that process's
+    other = pair.start(pair.b, "serve", "7017")
+    findings, _ = diagnose(pair, lambda: pair.start(pair.a, "synflood", B_ADDR, "7007", "40"),
+                           filters=Filters(pids=(other.pid,)))
+    assert not [x for x in findings if x.kind in ("syn_flood", "listen_overflow")], findings
+    # and for the flooded listener's owner, the counters say what they cover: both listeners
+    findings, _ = diagnose(pair, lambda: pair.start(pair.a, "synflood", B_ADDR, "7007", "40"),
+                           filters=Filters(pids=(srv.pid,)))
+    f = only(findings, "syn_flood")
+    assert f.owner_pid == srv.pid and "shared by its 2 listeners" in f.summary
+    assert sorted(f.evidence["counters_cover"]) == ["0.0.0.0:7007", "0.0.0.0:7017"]
 
 
 def test_healthy_workload_has_no_findings(pair):
@@ -172,24 +214,30 @@ def test_healthy_workload_has_no_findings(pair):
     assert report["trace"]["connections_seen"] >= 33
 
 
-def test_doctor_cli_json_and_exit_status(pair):
-    import json
-    import subprocess
-    import sys
+@pytest.mark.parametrize("duration", ["0", "1.5"])
+def test_doctor_cli_json_and_exit_status(pair, duration):
     srv = pair.start(pair.b, "serve", "7009", "--no-close")
     pair.start(pair.a, "connect", B_ADDR, "7009", "1", "--then", "close")
-    cmd = [sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", "1.5", "--json",
+    time.sleep(1)
+    # -L 7009: only this scenario's sockets, whatever else the host holds: one warning, nothing else
+    cmd = [sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", duration, "--json", "-L", "7009",
            "--threshold", "close_wait_age_s=0.5", "--threshold", "fin_wait2_age_s=0.5"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr  # a warning, and --fail-on defaults to warning
     doc = json.loads(r.stdout)
-    mine = [f for f in doc["findings"] if f["netns"] == pair.inode(pair.b)]
-    assert [(f["kind"], f["owner_pid"], f["local"]) for f in mine] == [
-        ("close_wait_leak", srv.pid, f"{B_ADDR}:7009")]
-    assert doc["sockets_at_start"]["CLOSE_WAIT"] >= 1 and doc["trace"]["events_lost"] == 0
+    assert [(f["kind"], f["severity"], f["owner_pid"], f["local"], f["netns"]) for f in doc["findings"]] == [
+        ("close_wait_leak", "warning", srv.pid, f"{B_ADDR}:7009", pair.inode(pair.b))]
+    assert doc["findings"][0]["age_lower_bound"] and doc["findings"][0]["oldest_age_s"] >= 0.9
+    assert doc["sockets_at_start"]["CLOSE_WAIT"] >= 1 and doc["filters"] == "lport 7009"
+    if duration == "0":
+        assert doc["trace"] is None
+    else:
+        assert doc["trace"]["connections_seen"] >= 0 and "events_lost" in doc["trace"]
     r = subprocess.run(cmd + ["--fail-on", "critical"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == (1 if any(f["severity"] == "critical" for f in json.loads(r.stdout)["findings"])
-                            else 0)
+    assert r.returncode == 0, r.stderr  # the only finding is a warning
+    bad = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", "0", "-L", "99999"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "99999" in bad.stderr
 
 
 def test_live_mode_prints_findings_as_they_appear(pair):
@@ -234,3 +282,130 @@ def test_recording_holds_the_socket_snapshots(pair, tmp_path):
     got = rec.leaks(Thresholds(**FAST))
     cw = got[(got.kind == "close_wait_leak") & (got.netns == pair.inode(pair.b))]
     assert len(cw) == 1 and cw.iloc[0]["count"] == 2 and cw.iloc[0].owner_pid == srv.pid
+
+
+def test_ages_of_sockets_older_than_the_look(pair):
+    """Sockets in every state the detectors judge, made ~20 s before one snapshot: each age is
+    a lower bound from the kernel's clocks, within a second of the time the test made it."""
+    born = {}
+    v6 = socket.socket(socket.AF_INET6)  # IPv6 too, on loopback in our own namespace
+    v6.bind(("::1", 0))
+    v6.listen()
+    v6c = socket.create_connection(("::1", v6.getsockname()[1]))
+    v6s, _ = v6.accept()
+    v6c.close()
+    born["v6 CLOSE_WAIT"] = time.monotonic()
+    wall = time.time() - time.monotonic()
+    srv = pair.start(pair.b, "serve", "7101", "--no-close")
+    c = pair.start(pair.a, "connect", B_ADDR, "7101", "2", "--then", "close")
+    c.stdout.readline()
+    born["CLOSE_WAIT"] = born["FIN_WAIT2 orphan"] = time.monotonic()
+    c = pair.start(pair.a, "connect", B_ADDR, "7101", "1", "--then", "shutdown", "--wait-stdin")
+    pair.tell(c)
+    born["FIN_WAIT2"] = time.monotonic()
+    pair.blackhole(pair.a, GHOST)
+    pair.start(pair.a, "connect-nb", GHOST, "80", "2")
+    born["SYN_SENT"] = time.monotonic()
+    pair.start(pair.b, "serve", "7102")
+    pair.start(pair.a, "churn", B_ADDR, "7102", "3")
+    born["TIME_WAIT"] = time.monotonic()
+    pair.start(pair.a, "connect", B_ADDR, "7102", "1", "--then", "hold")
+    born["ESTABLISHED"] = time.monotonic()
+    pair.start(pair.b, "serve", "7105", "--backlog", "4", "--no-accept")
+    for i in range(3):  # the spoofed sources resolve (to nobody): a SYN-ACK that cannot be sent drops its request
+        pair.blackhole(pair.b, f"10.78.0.{100 + i}")
+    pair.start(pair.a, "synflood", B_ADDR, "7105", "3")
+    born["SYN_RECV"] = time.monotonic()
+    pair.start(pair.b, "serve", "7103")
+    c = pair.start(pair.a, "connect", B_ADDR, "7103", "1", "--wait-stdin")
+    pair.blackhole(pair.b, A_ADDR)  # from now on nothing b sends reaches a: no ACK of a's FIN, none of b's
+    pair.tell(c)
+    born["FIN_WAIT1"] = born["LAST_ACK"] = time.monotonic()
+    time.sleep(max(0.0, born["v6 CLOSE_WAIT"] + 20 - time.monotonic()))
+
+    w = Watch()
+    snap = w.take_seed()
+    df = w.sockets_frame(snap)
+    now = snap.taken_ns / 1e9
+    a, b = pair.inode(pair.a), pair.inode(pair.b)
+    host = os.stat("/proc/self/ns/net").st_ino
+    port = v6.getsockname()[1]
+    where = {  # name -> (netns, state, local port, remote port, the clock that must have bounded it)
+        "v6 CLOSE_WAIT": (host, "CLOSE_WAIT", port, None, socket_age.ACK_RECV),
+        "CLOSE_WAIT": (b, "CLOSE_WAIT", 7101, None, socket_age.ACK_RECV),
+        "FIN_WAIT2 orphan": (a, "FIN_WAIT2", None, 7101, socket_age.FIN_WAIT2_TIMER),
+        "FIN_WAIT2": (a, "FIN_WAIT2", None, 7101, socket_age.ACK_RECV),
+        "SYN_SENT": (a, "SYN_SENT", None, 80, socket_age.SYN_RETRANS),
+        "TIME_WAIT": (a, "TIME_WAIT", None, 7102, socket_age.TIME_WAIT_TIMER),
+        "ESTABLISHED": (a, "ESTABLISHED", None, 7102, socket_age.LAST_EVENT),
+        "SYN_RECV": (b, "SYN_RECV", 7105, None, socket_age.REQ_TIMER),
+        "FIN_WAIT1": (a, "FIN_WAIT1", None, 7103, socket_age.FIN_RETRANS),
+        "LAST_ACK": (b, "LAST_ACK", 7103, None, socket_age.FIN_RETRANS),
+    }
+    for name, (ns, state, lport, rport, source) in where.items():
+        rows = df[(df.netns == ns) & (df.state == state) & (df.age_source == source)]
+        rows = rows[rows.lport == lport] if lport else rows[rows.rport == rport]
+        assert len(rows), (name, df[(df.netns == ns) & (df.state == state)].to_dict("records"))
+        truth = now - born[name]
+        for r in rows.itertuples():
+            assert r.age_lower_bound, name
+            assert truth - 1.0 <= r.age_s <= truth + 0.05, (name, r.age_s, truth)
+    # and the doctor's first look, 0 s long, finds the pile with its owner and that age
+    report = doctor.run(duration_s=0, thresholds=Thresholds(**FAST), filters=Filters(lports=(7101,)))
+    f = only(report["findings"], "close_wait_leak")
+    truth = looked_at(report) - wall - born["CLOSE_WAIT"]
+    assert f.owner_pid == srv.pid and f.count == 3 and truth - 1.0 <= f.oldest_age_s <= truth
+    assert f.age_lower_bound and f"oldest >={f.oldest_age_s:.1f}s" in f.summary
+    v6s.close()
+    v6.close()
+
+
+def test_live_finding_that_resolves_stays_in_the_summary(pair, tmp_path):
+    """A CLOSE_WAIT leak announced while tracing, then closed by its server before the end:
+    the exit summary and --report keep it, marked resolved and when."""
+    import signal
+    srv = pair.start(pair.b, "serve", "7012", "--close-on-stdin")
+    pair.start(pair.a, "connect", B_ADDR, "7012", "2", "--then", "close")
+    report = tmp_path / "report.json"
+    p = subprocess.Popen([sys.executable, "-m", "tcplife_trace.cli", "--duration", "60", "--poll-interval", "1",
+                          "--threshold", "close_wait_age_s=0.5", "-L", "7012", "--json", "--report", str(report)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            seen.append(line)
+            if line.startswith("tcplife-trace: WARNING close_wait_leak"):
+                break
+        assert seen[-1].startswith("tcplife-trace: WARNING close_wait_leak") and f"pid {srv.pid}" in seen[-1], seen
+        pair.tell(srv, "closed")  # the server closes them: the leak is over
+        time.sleep(1.5)           # a periodic look after that
+        p.send_signal(signal.SIGTERM)
+        err = p.stderr.read()
+        assert p.wait(timeout=30) == 0, err
+    finally:
+        p.kill()
+    assert "findings: 1 (1 resolved before the end)" in err, err
+    assert "WARNING close_wait_leak (resolved at " in err
+    for doc in (json.loads(err.splitlines()[-1]), json.loads(report.read_text())):
+        (f,) = doc["findings"]
+        assert (f["kind"], f["owner_pid"], f["count"]) == ("close_wait_leak", srv.pid, 2)
+        assert f["first_seen_at"] < f["resolved_at"]
+
+
+def test_namespaces_that_cannot_be_read_are_reported(pair):
+    """Without CAP_SYS_ADMIN, setns into the test's namespaces fails (EPERM): the doctor says
+    which, instead of treating them as gone."""
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                        sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", "0", "--json"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode in (0, 1), r.stderr
+    errors = json.loads(r.stdout)["snapshot_errors"]
+    for ns in (pair.a, pair.b):
+        assert any(f"network namespace {ns} " in e and "setns failed" in e and "CAP_SYS_ADMIN" in e
+                   for e in errors), errors
+    text = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                           sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", "0"],
+                          capture_output=True, text=True, timeout=60, cwd="/").stdout
+    assert f"NOT READ: network namespace {pair.a} " in text

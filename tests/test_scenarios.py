@@ -409,3 +409,18 @@ def test_namespaces_that_cannot_be_read_are_reported(pair):
                            sys.executable, "-m", "tcplife_trace.cli", "doctor", "--duration", "0"],
                           capture_output=True, text=True, timeout=60, cwd="/").stdout
     assert f"NOT READ: network namespace {pair.a} " in text
+
+
+def test_live_mode_judges_established_connections(pair):
+    """The periodic looks skip ESTABLISHED, but not all of them: a plain live trace finds an
+    idle connection with keepalive off (it never could: no look took ESTABLISHED)."""
+    srv = pair.start(pair.b, "serve", "7013")
+    pair.start(pair.a, "connect", B_ADDR, "7013", "1", "--then", "hold")
+    time.sleep(2.5)  # no data either way since
+    r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "2", "--poll-interval", "1",
+                        "--threshold", "idle_established_s=2", "-L", "7013", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    found = [f for f in json.loads(r.stderr.splitlines()[-1])["findings"] if f["kind"] == "idle_established"]
+    assert [(f["peer"], f["owner_pid"], f["count"]) for f in found] == [(A_ADDR, srv.pid, 1)], found
+    assert any(ln.startswith("tcplife-trace: INFO idle_established") for ln in r.stderr.splitlines())

@@ -263,3 +263,51 @@ def test_the_playbook_names_every_detector_and_threshold():
         default = getattr(Thresholds(), name)
         assert re.search(rf"`{name}` \({default:g}( s)?\)", doc), (name, default)
     assert set(re.findall(r"\*\*`([a-z_0-9]+)`\*\*", doc)) == kinds
+
+
+def _sock(state, **kw):
+    from tcplife_trace.probes.sock_diag import Sock
+    base = dict(netns=NS, family=4, state=int(state), laddr="10.0.0.1", lport=40000, raddr="10.0.0.2", rport=80,
+                inode=1, uid=0, timer="off", expires_ms=0, retrans=0, rqueue=0, wqueue=0, idle_recv_ms=None,
+                idle_sent_ms=None, ack_recv_ms=None, rto_ms=None)
+    return Sock(**{**base, **kw})
+
+
+def test_kernel_age_bounds_use_only_clocks_that_start_with_the_state():
+    """probes/socket_age.py on the kernel's numbers: which clock bounds which state."""
+    from tcplife_trace.probes import socket_age as sa
+    from tcplife_trace.probes.tcp_states import TcpState as S
+    j = sa.JIFFY_S
+    # CLOSE_WAIT: data came 50 s ago, the FIN (with its ACK) 3 s ago: 3 s, never the 50
+    assert sa.kernel_bound(_sock(S.CLOSE_WAIT, idle_recv_ms=50_000, idle_sent_ms=60_000, ack_recv_ms=3000)) == \
+        (pytest.approx(3 - j), sa.ACK_RECV)
+    # FIN_WAIT1: data was sent 1 s ago and is still unacknowledged with the FIN: nothing bounds it
+    assert sa.kernel_bound(_sock(S.FIN_WAIT1, idle_sent_ms=1000, ack_recv_ms=9000, timer="on", retrans=3,
+                                 wqueue=1201, rto_ms=1600.0, expires_ms=500)) == (None, None)
+    # ... only the FIN outstanding, re-sent 3 times (RTO 0.2 doubling to 1.6 s, 0.5 s left):
+    # 0.2 + 0.4 + 0.8 + (1.6 - 0.5) s since the series began
+    b, src = sa.kernel_bound(_sock(S.LAST_ACK, timer="on", retrans=3, wqueue=1, rto_ms=1600.0, expires_ms=500))
+    assert src == sa.FIN_RETRANS and b == pytest.approx(2.5 - j)
+    # ... but not before a first RTO: the timer may be a tail-loss probe
+    assert sa.kernel_bound(_sock(S.FIN_WAIT1, timer="on", retrans=0, wqueue=1, rto_ms=200.0,
+                                 expires_ms=10)) == (None, None)
+    # SYN_SENT with 4 linear retransmissions, then doubling: 8 retransmits, RTO 16 s, 15 s left = 20 s
+    b, src = sa.kernel_bound(_sock(S.SYN_SENT, timer="on", retrans=8, rto_ms=16_000.0, expires_ms=15_000),
+                             {"tcp_syn_linear_timeouts": 4})
+    assert src == sa.SYN_RETRANS and b == pytest.approx(20 - j)
+    # request socket: 4 expiries (1+2+4+8 s), armed for 16 s with 11 s left = 20 s
+    b, src = sa.kernel_bound(_sock(S.SYN_RECV, inode=0, timer="on", retrans=4, expires_ms=11_000))
+    assert src == sa.REQ_TIMER and b == pytest.approx(20 - j)
+    # ESTABLISHED: the latest of three clocks that all start at the handshake
+    assert sa.kernel_bound(_sock(S.ESTABLISHED, idle_recv_ms=7000, idle_sent_ms=9000, ack_recv_ms=7000))[0] == \
+        pytest.approx(9 - j)
+    # minisockets: TIME_WAIT's 60 s, an orphan's FIN_WAIT2 tcp_fin_timeout
+    assert sa.kernel_bound(_sock(S.TIME_WAIT, inode=0, timer="timewait", expires_ms=45_000))[0] == \
+        pytest.approx(15 - j)
+    assert sa.kernel_bound(_sock(S.FIN_WAIT2, inode=0, timer="timewait", expires_ms=25_000),
+                           {"tcp_fin_timeout": 30})[0] == pytest.approx(5 - j)
+    assert sa.kernel_bound(_sock(S.LISTEN)) == (None, None)
+    # the larger of the kernel's bound and the time seen, less how late the dump read the clocks
+    assert sa.age(_sock(S.CLOSE_WAIT, ack_recv_ms=3000), None, 1.0, late_s=0.5) == \
+        (pytest.approx(2.5 - j), sa.ACK_RECV)
+    assert sa.age(_sock(S.CLOSE_WAIT, ack_recv_ms=3000), None, 4.0) == (4.0, sa.SEEN)

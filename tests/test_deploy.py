@@ -320,3 +320,109 @@ def test_a_wrong_scheduler_is_one_line_and_exit_2_within_seconds(tmp_path):
         assert r.stderr.splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith(f"tcplife-trace: error: cannot use the Dask scheduler {address}: ") and says in r.stderr
         assert took < 20, took  # was a 30 s connect timeout, then a traceback
+
+
+# -- container image and Kubernetes --------------------------------------------------------------
+# No container engine and no cluster here: the files are checked, not run. The Kubernetes
+# objects are validated against the API's own schema as the `kubernetes` client's models carry
+# it (pydantic, unknown fields forbidden, types and required fields checked); the
+# ServiceMonitor (a CRD) against the few fields the Prometheus Operator needs. Not checked: that
+# the image builds, that a kubelet admits the pod (PodSecurity, seccomp), that tracing works in it.
+DOCKERFILE = os.path.join(DEPLOY, "Dockerfile")
+MANIFEST = os.path.join(DEPLOY, "kubernetes", "tcplife-trace.yaml")
+
+
+def manifest_docs() -> dict:
+    import yaml
+    return {d["kind"]: d for d in yaml.safe_load_all(open(MANIFEST)) if d}
+
+
+def k8s_model(kind: str):
+    import kubernetes.client as k
+    return {"Namespace": k.V1Namespace, "ServiceAccount": k.V1ServiceAccount, "DaemonSet": k.V1DaemonSet,
+            "Service": k.V1Service}[kind]
+
+
+def test_manifest_objects_match_the_kubernetes_schema():
+    import pydantic
+    docs = manifest_docs()
+    assert set(docs) == {"Namespace", "ServiceAccount", "DaemonSet", "Service", "ServiceMonitor"}
+    for kind in ("Namespace", "ServiceAccount", "DaemonSet", "Service"):
+        k8s_model(kind).model_validate(docs[kind])
+    # the check is real: a misspelt field, a wrong type and a missing required field all fail
+    import copy
+    ds = docs["DaemonSet"]
+    for broken in (lambda d: d["spec"]["template"]["spec"].update(hostPid=True),
+                   lambda d: d["spec"]["template"]["spec"]["containers"][0]["ports"][0].update(containerPort="x"),
+                   lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("name")):
+        bad = copy.deepcopy(ds)
+        broken(bad)
+        with pytest.raises(pydantic.ValidationError):
+            k8s_model("DaemonSet").model_validate(bad)
+
+
+def test_daemonset_is_wired_as_the_tracer_needs():
+    from tcplife_trace.cli import cli
+    docs = manifest_docs()
+    ds = docs["DaemonSet"]
+    pod = ds["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["hostPID"] is True and spec["hostNetwork"] is True
+    assert ds["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    unit_caps = [cap.removeprefix("CAP_") for cap in unit_capabilities(open(UNIT).read())]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": unit_caps}
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False and sc["runAsUser"] == 0
+    # the args are a serve command line our CLI accepts, and its port is the one exposed and scraped
+    args = c["args"]
+    assert args[0] == "serve"
+    ctx = cli.get_command(None, "serve").make_context("serve", list(args[1:]))
+    port = ctx.params["metrics_port"]
+    assert ctx.params["metrics_addr"] == "0.0.0.0"
+    assert c["ports"][0]["containerPort"] == port == int(pod["metadata"]["annotations"]["prometheus.io/port"])
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": port}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"] for v in spec["volumes"]}
+    assert set(mounts.values()) <= volumes and "/sys/kernel/tracing" in mounts and "/run/tcplife-trace" in mounts
+    # the Service and the ServiceMonitor reach that port
+    svc = docs["Service"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (sport,) = svc["spec"]["ports"]
+    assert sport["targetPort"] == c["ports"][0]["name"] and sport["port"] == port
+    sm = docs["ServiceMonitor"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"]["matchNames"] == [svc["metadata"]["namespace"]]
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == [sport["name"]]
+    assert all(d["metadata"].get("namespace", "tcplife-trace") == "tcplife-trace" for d in docs.values())
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = open(DOCKERFILE).read().replace("\\\n", " ")
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in text.splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_dockerfile_installs_the_distributions_bcc_and_no_kernel_headers():
+    import tomllib
+
+    from tcplife_trace.cli import cli
+    ins = dockerfile_instructions()
+    known = {"FROM", "RUN", "COPY", "ENV", "EXPOSE", "ENTRYPOINT", "CMD"}
+    assert {i for i, _ in ins} <= known
+    assert ins[0] == ("FROM", "debian:12-slim")
+    runs = " ".join(v for i, v in ins if i == "RUN")
+    assert "python3-bpfcc" in runs and "linux-headers" not in runs
+    # every source the package is built from is copied (the wheel's packages come from these dirs)
+    pkg_dirs = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]
+                   ["package-dir"].values())
+    copied = {src for i, v in ins if i == "COPY" for src in v.split()[:-1]}
+    assert pkg_dirs | {"pyproject.toml", "README.md"} <= copied
+    assert all(os.path.exists(os.path.join(ROOT, src)) for src in copied)
+    entry = json.loads(dict(ins)["ENTRYPOINT"])
+    cmd = json.loads(dict(ins)["CMD"])
+    assert entry == ["tcplife-trace"] and cmd[0] == "serve"
+    ctx = cli.get_command(None, "serve").make_context("serve", cmd[1:])
+    assert ctx.params["metrics_port"] == int(dict(ins)["EXPOSE"])

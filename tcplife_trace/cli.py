@@ -532,6 +532,8 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     if scheduler and engine != "dask":
         raise click.UsageError("--scheduler needs --engine dask")
     text_import = _text_import(capture_date, capture_tz, capture_host)
+    if export_dir:
+        _export_check(export_dir)  # now, not after minutes of analysis
     from . import fleet
     try:
         paths = fleet.expand(files)
@@ -626,6 +628,19 @@ def _visual_reports(paths, html_path, plots_dir, rec=None, frames=None, **kw) ->
     if plots_dir:
         click.echo(f"tcplife-trace: wrote {len(written)} plot files (PNG and SVG) to {plots_dir}" if written
                    else f"tcplife-trace: no connections to plot: nothing written to {plots_dir}", err=True)
+
+
+def _export_check(export_dir: str) -> None:
+    """Make --export's directory now (not after minutes of analysis); UserError if it cannot be
+    made or written."""
+    try:
+        os.makedirs(export_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot export into {export_dir}: {e.strerror or e}; "
+                        "give --export a directory you can write") from None
+    if not os.access(export_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot export into {export_dir}: Permission denied; "
+                        "give --export a directory you can write")
 
 
 def _export(frames: dict, export_dir: str, **kw) -> None:

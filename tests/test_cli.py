@@ -63,6 +63,7 @@ def test_bad_flags_one_line_exit_2(args, needle):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.privileged  # (dropping to uid 65534 takes root)
 def test_not_privileged_one_line_exit_2():
     setpriv = shutil.which("setpriv")
     if setpriv is None:
@@ -226,3 +227,51 @@ def test_record_then_load_gives_the_same_transitions(tmp_path):
     client_rows = df[df.conn_id == df[df.cur_pid == cpid].conn_id.iloc[0]]
     assert list(client_rows.oldstate.astype(str)) == ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1",
                                                       "FIN_WAIT2"]
+
+
+def _as_nobody(args):
+    """Run the CLI as uid 65534 when we are root (so a 0700 directory of ours is unreadable to it)."""
+    prefix = [shutil.which("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, EXE, *args], capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def test_analyze_names_a_directory_it_cannot_read(tmp_path):
+    import tempfile
+    from synthetic import stream
+    from test_recording import ROWS, write
+    top = tempfile.mkdtemp(prefix="tcplife-unreadable-")
+    try:
+        os.chmod(top, 0o755)
+        locked = os.path.join(top, "recordings")
+        os.mkdir(locked)
+        write(os.path.join(locked, "r.arrow"), stream(ROWS))
+        os.chmod(locked, 0o000 if os.geteuid() else 0o700)
+        r = _as_nobody(["analyze", locked])
+        assert r.returncode == 2, r
+        assert r.stderr.strip() == f"tcplife-trace: error: {locked}: cannot read the directory (Permission denied)"
+    finally:
+        os.chmod(os.path.join(top, "recordings"), 0o700)
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "unwritable"])
+def test_analyze_export_it_cannot_write_is_one_line(where):
+    import tempfile
+    from synthetic import stream
+    from test_recording import ROWS, write
+    top = tempfile.mkdtemp(prefix="tcplife-export-")  # readable by uid 65534, unlike tmp_path
+    try:
+        os.chmod(top, 0o755)
+        rec = os.path.join(top, "r.arrow")
+        write(rec, stream(ROWS))
+        os.chmod(rec, 0o644)
+        if where == "unwritable":
+            os.mkdir(os.path.join(top, "ro"), mode=0o555)
+            where = os.path.join(top, "ro", "x")
+        r = _as_nobody(["analyze", rec, "--export", where])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"tcplife-trace: error: cannot export into {where}: "), r.stderr
+        assert r.stdout == ""
+    finally:
+        shutil.rmtree(top)

@@ -47,6 +47,10 @@ def holders(inodes: set[int] | None = None, unreadable: list[int] | None = None)
         for fd in fds:
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except PermissionError:  # listed (CAP_DAC_READ_SEARCH) but not readable (no CAP_SYS_PTRACE)
+                if unreadable is not None:
+                    unreadable.append(int(pid))
+                break
             except OSError:
                 continue
             if not target.startswith("socket:["):

@@ -46,8 +46,9 @@
 #define TLT_PATH_MAX 32 /* states kept; past it the last two slots hold the latest two */
 #define TLT_PIDS_MAX 4
 
-/* per-CPU statistics slots */
-#define TLT_STAT_EMITTED   0                    /* + kind */
+/* per-CPU statistics slots (user space adds the programs' recursion misses: hits that
+ * never ran, so never reach these slots) */
+#define TLT_STAT_EMITTED   0                    /* + kind: every event a program tried to send */
 #define TLT_STAT_DROPPED   TLT_EV_NKINDS        /* + kind: lost (ring and overflow both refused) */
 #define TLT_STAT_MAP_FULL  (2 * TLT_EV_NKINDS)  /* connection map full */
 #define TLT_STAT_SPILLED   (2 * TLT_EV_NKINDS + 1) /* + kind: sent through the overflow perf buffer */

@@ -255,15 +255,16 @@ static __always_inline struct tlt_event *ev_new(u8 kind)
 static __always_inline void ev_send(void *ctx, struct tlt_event *e)
 {
 	u8 kind = e->kind;
+	/* emitted = received + dropped, exactly, once user space has read both buffers; a
+	 * drop is counted here only (perf's own lost count reports the same drops again) */
+	stat_inc(TLT_STAT_EMITTED + kind);
 	if (events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0 ||
-	    events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0) {
-		stat_inc(TLT_STAT_EMITTED + kind);
-	} else if (overflow.perf_submit(ctx, e, sizeof(TLT_REC)) == 0) {
-		stat_inc(TLT_STAT_EMITTED + kind);
+	    events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0)
+		return;
+	if (overflow.perf_submit(ctx, e, sizeof(TLT_REC)) == 0)
 		stat_inc(TLT_STAT_SPILLED + kind);
-	} else {
+	else
 		stat_inc(TLT_STAT_DROPPED + kind);
-	}
 }
 
 /* The tuple of tracepoints that carry ports and both an IPv4 and an IPv6 address pair. */

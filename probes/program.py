@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 from .. import ebpf
-from . import btf, compiler_pages, tracefs
+from . import btf, compiler_pages, prog_info, tracefs
 from .bcc_import import import_bcc
 from .event_layout import EVENT_SIZE, LIFE_SIZE, STAT_NSLOTS, layout_cflags
 from .filters import Filters
 
 DEFAULT_MAX_CONNS = 65536
 DEFAULT_RB_PAGES = 4096  # 16 MiB: about 140k events of headroom
+DEFAULT_OVERFLOW_PAGES = 64  # per CPU, for the events the ring refuses
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -61,6 +63,8 @@ class Settings:
     max_conns: int = DEFAULT_MAX_CONNS
     rb_pages: int = DEFAULT_RB_PAGES
     mode: str = "stream"
+    # pages per CPU of the overflow perf buffer; tests make it tiny so that both buffers refuse
+    overflow_pages: int = DEFAULT_OVERFLOW_PAGES
 
     @property
     def record_size(self) -> int:
@@ -76,6 +80,7 @@ class Source:
     tracepoints: list[str]
     mode: str = "stream"
     record_size: int = EVENT_SIZE
+    overflow_pages: int = DEFAULT_OVERFLOW_PAGES
 
 
 def build_source(settings: Settings, tracefs_root: str) -> Source:
@@ -84,6 +89,9 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
         raise ProgramError(f"unknown mode {settings.mode!r}: one of {', '.join(MODES)}")
     if settings.rb_pages < 1 or settings.rb_pages & (settings.rb_pages - 1):
         raise ProgramError(f"ring buffer pages must be a power of two, not {settings.rb_pages}")
+    op = settings.overflow_pages
+    if op < 1 or op & (op - 1):
+        raise ProgramError(f"overflow buffer pages must be a power of two, not {op}")
     try:
         present, notices = tracefs.probe(tracefs_root)
     except tracefs.TracefsError as e:
@@ -122,7 +130,7 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
         "-Wno-unused-function",
     ] + layout_cflags()
     tps = [f"{c}:{n}" for (c, n) in present]
-    return Source(text, cflags, notices, tps, settings.mode, settings.record_size)
+    return Source(text, cflags, notices, tps, settings.mode, settings.record_size, op)
 
 
 class LoadedProgram:
@@ -137,8 +145,43 @@ class LoadedProgram:
         table = self.bpf[b"stats"]
         return [sum(table[table.Key(i)]) for i in range(STAT_NSLOTS)]
 
-    def open_overflow(self, callback, lost_callback, pages: int) -> None:
-        self.bpf[b"overflow"].open_perf_buffer(callback, page_cnt=pages, lost_cb=lost_callback)
+    def programs(self) -> dict[str, int]:
+        """Program fd of each attached tracepoint ("sock:inet_sock_set_state": fd)."""
+        out = {}
+        for name, fn in self.bpf.funcs.items():
+            if name.startswith(b"tracepoint__"):
+                out[name[len(b"tracepoint__"):].decode().replace("__", ":", 1)] = fn.fd
+        return out
+
+    def recursion_misses(self) -> dict[str, int] | None:
+        """Per attached tracepoint, the hits its program missed because a BPF program was
+        already running on that CPU (counted by the kernel from the program's load, which is
+        when it was attached); None if this kernel does not count them (before 5.12)."""
+        out = {}
+        for tp, fd in self.programs().items():
+            n = prog_info.recursion_misses(fd)
+            if n is None:
+                return None
+            out[tp] = n
+        return out
+
+    def detach(self) -> None:
+        """Stop every tracepoint (the maps, buffers and counters stay readable), and wait
+        for runs already under way to finish, so the counters read afterwards are final."""
+        for tp in list(self.bpf.tracepoint_fds):
+            with contextlib.suppress(Exception):
+                self.bpf.detach_tracepoint(tp)
+        before = self.stats()
+        for _ in range(50):  # a run lasts microseconds: this ends at the first look
+            time.sleep(0.002)
+            now = self.stats()
+            if now == before:
+                break
+            before = now
+
+    def open_overflow(self, callback, lost_callback) -> None:
+        self.bpf[b"overflow"].open_perf_buffer(callback, page_cnt=self.source.overflow_pages,
+                                               lost_cb=lost_callback)
 
     def poll_overflow(self) -> None:
         self.bpf.perf_buffer_poll(timeout=0)

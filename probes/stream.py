@@ -13,14 +13,17 @@ import heapq
 import itertools
 import time
 
+import numpy as np
+
 from .decode import Ev, decode_batch, decode_life_batch
 from .event_layout import (EVENT_SIZE, N_KINDS, STAT_DROPPED, STAT_EMITTED, STAT_MAP_FULL,
-                           STAT_SPILLED, EventKind)
+                           STAT_SPILLED, Event, EventKind)
 from .program import LoadedProgram
 from .ringbuf import RingBufferReader
 
 HOLDBACK_NS = 20_000_000  # event time a spilled event may lag the ring events around it
-OVERFLOW_PAGES = 64
+KIND_NAMES = {k.value: k.name.lower() for k in EventKind}
+_KIND_OFF = Event.kind.offset
 
 
 def _ts(ev) -> int:
@@ -113,7 +116,11 @@ class EventStream:
         self.reader = RingBufferReader(fd, size, size_)
         self.decode = decode_batch if size_ == EVENT_SIZE else decode_life_batch
         self.merge = OrderedMerge(holdback_ns)
-        self.overflow_lost = 0         # records the overflow perf buffer itself dropped
+        # perf's own count of the records the overflow buffer refused: the same drops the
+        # kernel side counts per kind (STAT_DROPPED), reported late and without a kind, so
+        # a cross-check, never added to the losses
+        self.overflow_lost = 0
+        self.received = np.zeros(N_KINDS, dtype=np.int64)  # records read, by kind, both buffers
         self._overflow_lost: list[int] = []
         self._spilled: list[bytes] = []
         spilled = self._spilled
@@ -125,7 +132,11 @@ class EventStream:
         def on_overflow_lost(count):
             self._overflow_lost.append(count)
         self._callbacks = (on_overflow, on_overflow_lost)  # keep the ctypes callbacks alive
-        program.open_overflow(on_overflow, on_overflow_lost, OVERFLOW_PAGES)
+        program.open_overflow(on_overflow, on_overflow_lost)
+
+    def _count(self, blob: bytes) -> None:
+        kinds = np.frombuffer(blob, dtype=np.uint8)[_KIND_OFF::self.record_size]
+        self.received += np.bincount(kinds, minlength=N_KINDS)[:N_KINDS]
 
     @property
     def late_overflow(self) -> int:
@@ -137,7 +148,9 @@ class EventStream:
             self.overflow_lost += sum(self._overflow_lost)
             self._overflow_lost.clear()
         if self._spilled:
-            self.merge.add_spilled(self.decode(b"".join(self._spilled)))
+            blob = b"".join(self._spilled)
+            self._count(blob)
+            self.merge.add_spilled(self.decode(blob))
             self._spilled.clear()
         progress = self.merge.progress()
         if final or not self.reader.pending():
@@ -147,32 +160,45 @@ class EventStream:
     def poll(self, timeout_ms: int) -> list:
         """The next events in order (as `Ev`-ordered tuples), waiting up to timeout_ms."""
         self.reader.wait(timeout_ms)
-        batch = self.decode(self.reader.read())
-        if batch:
-            self.merge.add_ring(batch)
+        blob = self.reader.read()
+        if blob:
+            self._count(blob)
+            self.merge.add_ring(self.decode(blob))
         return self._release(final=False)
 
     def drain(self) -> list:
         """Everything still buffered, without waiting."""
         while True:
-            batch = self.reader.read()
-            if not batch:
+            blob = self.reader.read()
+            if not blob:
                 break
-            self.merge.add_ring(self.decode(batch))
+            self._count(blob)
+            self.merge.add_ring(self.decode(blob))
         return self._release(final=True)
+
+    def finish(self) -> list:
+        """Detach the program, then everything it sent: after this the kernel's counters
+        are final and every event they count is either here or lost."""
+        self.program.detach()
+        return self.drain()
 
     def close(self) -> None:
         self.reader.close()
 
+    def received_by_kind(self) -> dict:
+        return {name: int(self.received[k]) for k, name in KIND_NAMES.items()}
+
     def kernel_counts(self) -> dict:
-        """Events emitted, spilled to the overflow buffer and lost, per kind; map overflows."""
+        """Per kind: events the programs tried to send ("emitted"), sent through the overflow
+        buffer ("spilled"), refused by both buffers ("lost"); map overflows; and per attached
+        tracepoint the hits whose program never ran ("recursion", None if not counted here)."""
         raw = self.program.stats()
-        names = {k.value: k.name.lower() for k in EventKind}
 
         def per_kind(base: int) -> dict:
-            return {names[k]: raw[base + k] for k in names if k < N_KINDS}
+            return {name: raw[base + k] for k, name in KIND_NAMES.items()}
         return {"emitted": per_kind(STAT_EMITTED), "lost": per_kind(STAT_DROPPED),
-                "spilled": per_kind(STAT_SPILLED), "map_full": raw[STAT_MAP_FULL]}
+                "spilled": per_kind(STAT_SPILLED), "map_full": raw[STAT_MAP_FULL],
+                "recursion": self.program.recursion_misses()}
 
 
 __all__ = ["EventStream", "Ev"]

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from . import __version__
+from . import __version__, losses
 from .live import LiveSession
 from .probes import program as prog
 from .probes import tracefs
@@ -325,10 +325,8 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             pending.clear()
         sys.stdout.flush()
 
-    def on_loss(new, total):
-        click.echo(f"tcplife-trace: warning: {new} events lost in the kernel ({total} so far): "
-                   "the consumer fell behind; a larger --ring-pages or a filter (-p/-L/-D) helps",
-                   err=True)
+    def on_loss(new, total, why):
+        click.echo(f"tcplife-trace: warning: {new} events lost in the kernel ({total} so far): {why}", err=True)
 
     wall_offset = time.time_ns() - time.monotonic_ns()
     recorder = None
@@ -361,6 +359,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     if metrics is not None:
         from . import metrics as metrics_mod
         session.close_watchers.append(metrics.on_close)
+        metrics.update(session.counts_now())  # every loss series at 0 from the first scrape
         metrics.attach(session, metrics_port, metrics_addr)
         try:
             metrics_mod.serve(metrics, metrics_port, metrics_addr)
@@ -467,7 +466,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             return EXIT_ERROR
     if strict and session.degraded():
         click.echo("tcplife-trace: --strict: events were lost or connections went untracked "
-                   "(see the summary above)", err=True)
+                   f"({', '.join(losses.degraded_by(report))}; see the summary above)", err=True)
         return EXIT_DEGRADED
     if recorder is not None and recorder.failed:
         click.echo(f"tcplife-trace: error: {recorder.failed}", err=True)

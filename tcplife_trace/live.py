@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from . import losses
 from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
 from .analysis.summary import StateTimes
 from .probes import program as prog
@@ -31,7 +32,7 @@ class LiveSession:
     def __init__(self, settings: prog.Settings | None = None, *,
                  on_transition: Callable[[Transition], None] | None = None,
                  on_close: Callable[[Lifecycle], None] | None = None,
-                 on_loss: Callable[[int, int], None] | None = None,
+                 on_loss: Callable[[int, int, str], None] | None = None,
                  recorder=None, wall_offset_ns: int | None = None, keep_events: bool = False,
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
         t0 = time.monotonic()
@@ -49,10 +50,16 @@ class LiveSession:
         self.end_reasons: Counter[str] = Counter()
         self._user_on_close = on_close
         self.close_watchers: list[Callable[[Lifecycle], None]] = []  # e.g. diagnosis.Watch.closed
-        self.on_loss = on_loss
-        self._lost_seen = 0
+        self.on_loss = on_loss  # (new losses, total so far, what caused them)
+        self._lost_seen: dict[str, int] = {}
         self._last_kernel: dict | None = None
         self._next_loss_check = 0
+        # a fresh program's recursion_misses start at 0 when it is loaded, which is when bcc
+        # attaches it: the counters are the trace's own from the first event on
+        self._check_losses(time.monotonic_ns())  # the baseline look, at once
+        if self._last_kernel["recursion"] is None:
+            self.notices.append("this kernel does not count BPF recursion misses (5.12+ does): tracepoint "
+                                "hits skipped while another BPF program ran cannot be counted as lost")
         self.tracker = Tracker(self.settings.filters, on_transition=on_transition,
                                on_close=self._closed, on_state_time=self.state_times.add,
                                max_open=max_open, hold_ns=hold_ns)
@@ -177,29 +184,27 @@ class LiveSession:
         if failed:
             raise failed[0]
 
-    def _lost(self, kernel: dict) -> int:
-        """Events that never reached user space: refused by both the ring and the overflow buffer."""
-        return sum(kernel["lost"].values()) + self.stream.overflow_lost
+    def _account(self, kernel: dict) -> dict:
+        return losses.account(kernel, self.stream.received_by_kind(), self.stream.reader.discarded)
 
     def _check_losses(self, now: int) -> None:
         """Once a second: has the kernel lost events since the last look? Say so now, not at exit."""
         self._next_loss_check = now + 1_000_000_000
         self._last_kernel = self.stream.kernel_counts()
-        lost = self._lost(self._last_kernel)
-        if lost > self._lost_seen:
-            if self.on_loss:
-                self.on_loss(lost - self._lost_seen, lost)
-            self._lost_seen = lost
+        lost = self._account(self._last_kernel)["lost_by_kind"]
+        new = {k: n - self._lost_seen.get(k, 0) for k, n in lost.items() if n > self._lost_seen.get(k, 0)}
+        if new and self.on_loss:
+            self.on_loss(sum(new.values()), sum(lost.values()), losses.why(new))
+        self._lost_seen = lost
 
     def counts_now(self) -> dict:
-        """Running totals for a metrics exporter (kernel counters as of the last second)."""
-        kernel = self._last_kernel or self.stream.kernel_counts()
-        lost = {k: v for k, v in kernel["lost"].items() if v}
-        if self.stream.overflow_lost:
-            lost["overflow_buffer"] = self.stream.overflow_lost
-        c = self.tracker.counters
-        return {"events_received": c.events, "events_lost_by_kind": lost, "evictions": c.evicted,
-                "conn_map_full": kernel["map_full"]}
+        """Running totals for a metrics exporter, the kernel's counters read now (a loss check:
+        what it finds new is said as well); every loss kind is there, zeros included."""
+        self._check_losses(time.monotonic_ns())
+        kernel = self._last_kernel
+        a = self._account(kernel)
+        return {"events_received": a["received"], "events_lost_by_kind": a["lost_by_kind"],
+                "evictions": self.tracker.counters.evicted, "conn_map_full": kernel["map_full"]}
 
     def open_lifecycles(self, states: set[int] | None = None) -> list[Lifecycle]:
         """Connections open right now (only those in `states`, if given). In the aggregated
@@ -227,7 +232,7 @@ class LiveSession:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
         early, self._early = self._early, []
-        self._consume(early + self.stream.drain())
+        self._consume(early + self.stream.finish())  # detached first: the counters below are final
         self.still_open = self.tracker.finish()
         folded, replaced = self._folding()
         folded = [lc for lc in folded if self.tracker.kept(lc)]  # still in the kernel map
@@ -238,7 +243,8 @@ class LiveSession:
             self.agg_tracker.finish()
         kernel = self.stream.kernel_counts()
         c = self.tracker.counters
-        lost = self._lost(kernel)
+        acc = self._account(kernel)
+        nonzero = (lambda d: {k: v for k, v in d.items() if v})  # noqa: E731
         self.report = {
             "duration_s": round(duration_s, 3),
             "mode": self.settings.mode,
@@ -249,14 +255,17 @@ class LiveSession:
             "filtered_out": c.filtered,
             "end_reasons": dict(self.end_reasons.most_common()),
             "state_times": self.state_times.table(),
-            "events_received": c.events,
-            "events_emitted_by_kernel": sum(kernel["emitted"].values()),
-            "events_emitted_by_kind": {k: v for k, v in kernel["emitted"].items() if v},
-            "events_lost": lost,
-            "events_lost_by_kind": {k: v for k, v in kernel["lost"].items() if v},
+            # events_received + events_lost == events_emitted_by_kernel, exactly (losses.py)
+            "events_received": acc["received"],
+            "events_emitted_by_kernel": acc["emitted"],
+            "events_lost": acc["lost"],
+            "events_received_by_kind": nonzero(acc["received_by_kind"]),
+            "events_emitted_by_kind": nonzero(acc["emitted_by_kind"]),
+            "events_lost_by_kind": nonzero(acc["lost_by_kind"]),
+            "recursion_misses": kernel["recursion"],
             "events_via_overflow": sum(kernel["spilled"].values()),
             "overflow_out_of_order": self.stream.late_overflow,
-            "overflow_buffer_lost": self.stream.overflow_lost,
+            "overflow_buffer_lost": self.stream.overflow_lost,  # perf's count of the same drops: not added
             "conn_map_full": kernel["map_full"],
             "ring_peak_fill": round(self.stream.reader.peak_fill / self.stream.reader.data_size, 4),
             "ring_discarded": self.stream.reader.discarded,
@@ -291,8 +300,10 @@ class LiveSession:
                                      self.report)
 
     def degraded(self) -> bool:
-        r = self.report or {}
-        return bool(r.get("events_lost") or r.get("conn_map_full") or r.get("evictions"))
+        """Anything lost or out of place (what --strict fails on): events lost (both buffers
+        refused, recursion misses, unreadable ring records), connection map full, evictions,
+        overflow events that came too late to be put in order, transitions out of sequence."""
+        return bool(losses.degraded_by(self.report or {}))
 
     def __enter__(self) -> "LiveSession":
         return self

@@ -180,8 +180,9 @@ class Metrics:
         yield g
         r = self.session_report
         yield _counter("tcplife_events_received", "Events that reached user space.", r.get("events_received", 0))
-        c = CounterMetricFamily("tcplife_events_lost", "Events the kernel could not hand over, by kind.",
-                                labels=["kind"])
+        c = CounterMetricFamily("tcplife_events_lost", "Events lost before user space, by kind: an event kind "
+                                "both buffers refused, recursion:<tracepoint> (hits skipped while another BPF "
+                                "program ran on the CPU), ring_discarded.", labels=["kind"])
         for kind, n in sorted(r.get("events_lost_by_kind", {}).items()):
             c.add_metric([kind], n)
         yield c

@@ -194,16 +194,20 @@ def summary_text(report: dict) -> str:
         for row in r["state_times"]:
             lines.append("  %-12s %9d %10.3f %10.3f %10.3f %10.3f" % (
                 row["state"], row["count"], row["p50_ms"], row["p90_ms"], row["p99_ms"], row["max_ms"]))
-    by_kind = ", ".join(f"{k} {v}" for k, v in r["events_lost_by_kind"].items())
+    by_kind = ", ".join(f"{k} {v}" for k, v in r["events_lost_by_kind"].items() if v)
     lines.append(
         ("  records (kernel aggregation: one per connection, listeners and strays as events): "
          if r.get("mode") == "aggregate" else "  events: ")
         + f"{r['events_received']} received of {r['events_emitted_by_kernel']} emitted; "
         f"lost {r['events_lost']}" + (f" ({by_kind})" if by_kind else "")
         + f"; connection map full {r['conn_map_full']}; evicted {r['evictions']}")
-    if r["sequence_gaps"] or r["unmatched_errors"]:
+    if r.get("recursion_misses") is None and "recursion_misses" in r:
+        lines.append("  recursion misses: not counted by this kernel (5.12+ counts them)")
+    late = r.get("overflow_out_of_order", 0)
+    if r["sequence_gaps"] or r["unmatched_errors"] or late:
         lines.append(f"  inconsistencies: {r['sequence_gaps']} transitions out of sequence, "
-                     f"{r['unmatched_errors']} errno reports without a connection")
+                     f"{r['unmatched_errors']} errno reports without a connection"
+                     + (f", {late} overflow events too late to be put in order" if late else ""))
     if r.get("sockets_at_start"):
         lines.append("  sockets at start (all namespaces): "
                      + ", ".join(f"{k} {v}" for k, v in r["sockets_at_start"].items()))

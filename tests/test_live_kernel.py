@@ -173,10 +173,9 @@ def test_filters_in_kernel_and_user_space(flt, expect_roles):
         t.stop()
 
 
-def test_kernel_side_rejects_a_layout_that_differs_from_python():
-    """The BPF compile itself checks struct tlt_event against probes/event_layout.py."""
-    import os
-
+def test_kernel_side_rejects_a_layout_that_differs_from_python(monkeypatch, capfd):
+    """The BPF compile itself checks struct tlt_event against probes/event_layout.py: the
+    static assert on the field that moved is what fails (clang says so on fd 2)."""
     from tcplife_trace import ebpf
     from tcplife_trace.probes import program, tracefs
     from tcplife_trace.probes.bcc_import import import_bcc
@@ -184,8 +183,13 @@ def test_kernel_side_rejects_a_layout_that_differs_from_python():
     bad = [f if not f.startswith("-DTLT_EVOFF_sport=") else f"-DTLT_EVOFF_sport={int(f.split('=')[1]) + 2}"
            for f in src.cflags]
     assert bad != src.cflags
-    os.environ["BCC_KERNEL_SOURCE"] = ebpf.STUB_KERNEL_SOURCE
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", ebpf.STUB_KERNEL_SOURCE)
     bcc = import_bcc()
-    with pytest.raises(Exception, match="compile"):
+    capfd.readouterr()
+    with pytest.raises(Exception, match="^Failed to compile BPF module"):  # bcc raises bare Exception
         bcc.BPF(text=src.text.encode(), cflags=bad)
+    err = capfd.readouterr().err
+    assert "struct tlt_event.sport differs from probes/event_layout.py" in err, err
+    assert err.count("differs from probes/event_layout.py") == 1, err  # that field, and only it
     bcc.BPF(text=src.text.encode(), cflags=src.cflags).cleanup()  # and the true layout loads
+    assert "differs from probes/event_layout.py" not in capfd.readouterr().err

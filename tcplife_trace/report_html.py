@@ -345,9 +345,10 @@ def _timeline(lc, a, figs, sid) -> str:
     n_open = a.still_open_total
     out = ["<h3>Longest and still-open connections</h3>",
            _figure(figs, "timeline", sid,
-                   f"The {len(a.longest)} longest connections (each from its own start) and the "
-                   f"{len(a.still_open)} oldest of the {n_open:,} still open at the end, state by state "
-                   f"(at most {report_plots.TIMELINE_ROWS} of each).")]
+                   f"State by state, the {len(a.longest)} longest connections (each from its own start)"
+                   + (f" and the {len(a.still_open)} oldest of the {n_open:,} still open at the end" if n_open else "")
+                   + f", at most {report_plots.TIMELINE_ROWS} of each"
+                   + ("" if n_open else "; none was still open at the end") + ".")]
     if len(a.longest):
         out.append(_table([*_CONN_COLS, "lifetime", "end reason"], _conn_rows(a.longest, "duration"),
                           attrs=' id="longest"'))
@@ -448,7 +449,8 @@ def _losses_and_metadata(rec: Recording, frames: dict, filters, since, until) ->
     snaps = rec.snapshot_list
     if snaps:
         t, meta, socks = snaps[-1]
-        kind = "every state" if meta.get("complete") else "the periodic kind: no ESTABLISHED or TIME_WAIT"
+        from .recorded_leaks import snapshot_kind
+        kind = snapshot_kind(meta)
         counts = socks["state"].value_counts()
         out.append(f"<p>{len(snaps)} socket snapshots; the last ({kind}) at "
                    f"{_time(pd.Timestamp(t, unit='ns', tz='UTC'))}: "

@@ -109,7 +109,8 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
                    + ("" if e else "  [not closed cleanly]"))
     if rec.snapshot_list:
         t, meta, socks = rec.snapshot_list[-1]
-        kind = "every state" if meta["complete"] else "the periodic kind: no ESTABLISHED or TIME_WAIT"
+        from .recorded_leaks import snapshot_kind
+        kind = snapshot_kind(meta)
         out.append(f"socket snapshots: {len(rec.snapshot_list)}; the last ({kind}) at "
                    f"{pd.Timestamp(t, unit='ns', tz='UTC').isoformat()}: "
                    + (", ".join(f"{k} {v}" for k, v in socks["state"].value_counts().items()) or "no sockets"))

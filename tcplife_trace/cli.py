@@ -387,10 +387,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                           open_lifecycles=session.open_lifecycles)
             session.close_watchers.append(watch.closed)
             if recorder is not None:  # the sockets each look saw go into the recording too
-                watch.on_snapshot = lambda snap, frame: recorder.add_snapshot(
-                    snap.taken_ns, snap.complete, frame,
-                    {"mibs": snap.mibs, "sysctls": snap.sysctls, "netns_names": snap.netns_names,
-                     "sockstat": snap.sockstat})
+                watch.record_into(recorder)
             watch.take_seed()
             seed_counts = watch.latest_counts
             next_poll = time.monotonic() + poll_interval

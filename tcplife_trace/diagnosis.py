@@ -102,6 +102,15 @@ class Watch:
         self._record(self.seed)
         return self.seed
 
+    def record_into(self, recorder) -> None:
+        """Every look from now on goes into a recording (recording.RecordingWriter): its sockets
+        frame, and in the metadata the namespaces' counters, sysctls, names, sockstat and which
+        states it asked for (`states`, a bit per state: the periodic kind may hold ESTABLISHED)."""
+        self.on_snapshot = lambda snap, frame: recorder.add_snapshot(
+            snap.taken_ns, snap.complete, frame,
+            {"mibs": snap.mibs, "sysctls": snap.sysctls, "netns_names": snap.netns_names,
+             "sockstat": snap.sockstat, "states": snap.states})
+
     def _record(self, snap: Snapshot, frame: pd.DataFrame | None = None) -> None:
         """Give a snapshot and its sockets frame to on_snapshot (a recording), if set."""
         if self.on_snapshot is not None:

@@ -43,10 +43,7 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
                       open_lifecycles=session.open_lifecycles)
         session.close_watchers.append(watch.closed)
         if recorder is not None:  # the snapshots go into the recording too, the seed first
-            watch.on_snapshot = lambda snap, frame: recorder.add_snapshot(
-                snap.taken_ns, snap.complete, frame,
-                {"mibs": snap.mibs, "sysctls": snap.sysctls, "netns_names": snap.netns_names,
-                 "sockstat": snap.sockstat})
+            watch.record_into(recorder)
         seed = watch.take_seed()  # after attaching: nothing falls between snapshot and trace
         seed_counts = watch.latest_counts
         if on_ready:

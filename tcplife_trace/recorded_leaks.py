@@ -113,6 +113,16 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
                           new_lis, complete_snapshot=bool(meta["complete"]), counter_scope=scope)
 
 
+def snapshot_kind(meta: dict) -> str:
+    """What a recorded snapshot holds, in words: every state, or the periodic kind (no
+    TIME_WAIT; ESTABLISHED only when that look took it; recordings before `states` never did)."""
+    if meta.get("complete"):
+        return "every state"
+    if int(meta.get("states") or 0) >> 1 & 1:  # TCP_ESTABLISHED is state 1
+        return "the periodic kind: no TIME_WAIT"
+    return "the periodic kind: no ESTABLISHED or TIME_WAIT"
+
+
 def stopped_at(ends: list) -> pd.Timestamp | None:
     """When the recordings stopped, from their clean-close summaries."""
     stops = [e["stop_wall"] for e in ends if e and e.get("stop_wall")]

@@ -39,7 +39,8 @@ tcp_output.c, tcp_minisocks.c, tcp_timer.c, inet_connection_sock.c; Linux 6.x):
 - LISTEN and full SYN_RECV sockets (TCP Fast Open, simultaneous open): no bound.
 
 All these clocks count jiffies, so every bound gives up one tick of the coarsest kernel
-clock (HZ=100: 10 ms).
+clock (HZ=100: 10 ms). The retransmission bounds take the timer as armed for the full RTO:
+an application's TCP_USER_TIMEOUT that clamps it would make them too long (not seen here).
 """
 from __future__ import annotations
 

@@ -92,7 +92,10 @@ def expected(reports: list[dict], pair: NetPair) -> dict:
 
 
 def assert_ends(got: dict, want: dict, path: str) -> None:
-    assert set(want) <= set(got), f"{path}: {len(set(want) - set(got))} connections missing"
+    missing = set(want) - set(got)
+    spaces = {k[0] for k in want}
+    assert not missing, (f"{path}: {len(missing)} connections missing, e.g. {sorted(missing)[:3]}; seen in the "
+                         f"test namespaces: {sorted(k for k in got if k[0] in spaces)[:5]}")
     wrong = {k: (got[k], v) for k, v in want.items() if got[k][:2] != v}
     assert not wrong, f"{path}: {len(wrong)} of {len(want)} connections ended otherwise (got, want): {wrong}"
 

@@ -233,6 +233,8 @@ if [ "$service" = 1 ]; then
             systemctl daemon-reload
             systemctl enable --now tcplife-trace.service >&2
             say "tcplife-trace.service enabled and started: journalctl -u tcplife-trace -f"
+        elif [ "$UNIT_DIR" != /etc/systemd/system ]; then
+            say "installed $unit (TCPLIFE_TRACE_UNIT_DIR: not enabled)"
         else
             say "installed $unit; systemd is not running here: start it later with systemctl enable --now tcplife-trace"
         fi

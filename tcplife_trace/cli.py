@@ -235,7 +235,8 @@ DEFAULT_METRICS_PORT = 9470
 @click.option("--poll-interval", type=Seconds(min=0), default=5.0, show_default=True, metavar="S",
               help="sock_diag look every S seconds: socket counts per state and leak findings (0: off).")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
-              help="Change a detector threshold (repeatable).")
+              help="Change a detector threshold, e.g. close_wait_age_s=30 (repeatable; the names are "
+                   "listed at the end of `tcplife-trace --help`).")
 @_filter_options
 @click.option("--duration", type=Seconds(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: until SIGTERM).")

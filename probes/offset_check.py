@@ -51,10 +51,11 @@ def _connection(family: int) -> tuple[set[int], int]:
     return {port, cport}, PAYLOAD
 
 
-def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[list, str | None]:
+def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[list, str | None, list]:
     """Make the connection, read its events back from `stream`; returns (the other events
-    read meanwhile, to be consumed as usual; what read wrong, or None). Our own events are
-    not passed on: they are the tracer's, not the workload's."""
+    read meanwhile, to be consumed as usual; what read wrong, or None; our own events). Our
+    own events are not passed on: they are the tracer's, not the workload's (the kernel's
+    counters of emitted events include them)."""
     ports, n = _connection(6 if family == 6 else 4)
     others, mine = [], []
     deadline = time.monotonic() + WAIT_S
@@ -68,7 +69,7 @@ def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[l
             else:
                 others.append(ev)
     if not mine:
-        return others, None  # nothing came back (say, a kernel that filters): nothing judged
+        return others, None, mine  # nothing came back (say, a kernel that filters): nothing judged
     netns = os.stat("/proc/self/ns/net").st_ino
     wrong = []
     if {"OFF_SKC_NET", "OFF_NET_NS_INUM"} <= offsets_known:
@@ -85,4 +86,4 @@ def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[l
         bad = [(ev[_TX], ev[_RX]) for ev in ends if not (n <= ev[_TX] <= n + 2 and n <= ev[_RX] <= n + 2)]
         if bad:
             wrong.append(f"{bad[0][0]} bytes sent and {bad[0][1]} received at CLOSE, not {n} each")
-    return others, "; ".join(wrong) or None
+    return others, "; ".join(wrong) or None, mine

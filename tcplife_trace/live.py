@@ -22,7 +22,7 @@ from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
 from .probes.event_layout import EventKind, Flag
-from .probes.stream import EventStream
+from .probes.stream import KIND_NAMES, EventStream
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 from .views import Clock
@@ -44,6 +44,9 @@ class LiveSession:
         self.notices = list(self.program.source.notices)
         self.stream = EventStream(self.program)
         self._early: list = []  # events read while the offsets were checked, consumed first
+        # the records of the tracer's own check connection, by kind: in the kernel's emitted
+        # and the stream's received counts, not given to the tracker or the recording
+        self.startup_check_events: Counter[str] = Counter()
         self._check_offsets()
         self.startup_s = time.monotonic() - t0
         self.state_times = StateTimes()
@@ -101,7 +104,8 @@ class LiveSession:
             return
         wrong = None
         if offset_check.possible(self.settings.filters):
-            self._early, wrong = offset_check.check(self.stream, set(used), self.settings.filters.family)
+            self._early, wrong, mine = offset_check.check(self.stream, set(used), self.settings.filters.family)
+            self.startup_check_events = Counter(KIND_NAMES.get(ev[13], str(ev[13])) for ev in mine)
             if wrong is None:
                 return
         fresh, _ = btf.kernel_offsets(use_cache=False)
@@ -117,6 +121,7 @@ class LiveSession:
         self.program = prog.load(self.settings)  # the offsets read again from BTF, cached afresh
         self.stream = EventStream(self.program)
         self._early = []
+        self.startup_check_events = Counter()  # (the first program's: gone with it)
         self.notices.append(
             f"the BTF offset cache in {btf.cache_dir()} held offsets that "
             + (f"read wrong values ({wrong})" if wrong else "differ from the kernel's BTF")
@@ -276,6 +281,9 @@ class LiveSession:
             "synack_retransmits": c.synack_retransmits,
             "filters": self.settings.filters.describe(),
             "consumer_cpu_s": round(sum(os.times()[:2]), 3),
+            # the tracer's own start-up connection (probes/offset_check.py), by kind: counted in
+            # the emitted and received figures above, and nowhere else
+            "startup_check_events": dict(self.startup_check_events),
         }
         self.stream.close()
         self.program.close()

@@ -145,8 +145,9 @@ thresholds (--threshold NAME=VALUE):
 @click.option("--host", "record_host", metavar="NAME",
               help="The host name the recording's header gives (analyze and fleet analysis know it by "
                    "it; default: this machine's hostname). Needs --record.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Also write the exit summary as JSON to FILE.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+              metavar="FILE", help="Also write the exit summary as JSON to FILE; `-`: as the last line on "
+                                   "stdout, {\"type\": \"summary\", ...} (after --json's records).")
 @click.option("--poll-interval", type=Seconds(min=0), default=5.0, show_default=True, metavar="S",
               help="Look at every socket (sock_diag, all namespaces) every S seconds and print leak "
                    "findings as they appear; 0 turns the detectors off.")
@@ -251,8 +252,8 @@ DEFAULT_METRICS_PORT = 9470
               show_default=True, help="Size of the kernel connection map.")
 @click.option("--ring-pages", type=PowerOfTwo(1, 1 << 20), default=prog.DEFAULT_RB_PAGES,
               show_default=True, help="Ring buffer size in pages (a power of two).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Also write the exit summary as JSON to FILE.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
+              help="Also write the exit summary as JSON to FILE (`-`: a last line on stdout).")
 @click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
 @click.pass_context
 def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, poll_interval,
@@ -294,7 +295,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
           thresholds=None,
           quiet: bool = False, metrics=None, metrics_port: int | None = None,
           metrics_addr: str = "127.0.0.1") -> int:
-    if report_path:
+    if report_path and report_path != "-":
         from . import private_files
         try:  # fail now, not after the incident was traced; the file is made at the end
             private_files.check_replaceable(report_path)
@@ -456,7 +457,10 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     click.echo(summary_text(report), err=True)
     if as_json:
         click.echo(json.dumps({"type": "summary", **report}), err=True)
-    if report_path:
+    if report_path == "-":  # stdout: the records' reader gets the summary as their last line
+        _out(json.dumps({"type": "summary", **report}))
+        sys.stdout.flush()
+    elif report_path:
         try:  # a new 0600 file renamed over the name: a planted symlink is replaced, not followed
             private_files.replace(report_path, json.dumps(report, indent=1).encode())
         except OSError as e:

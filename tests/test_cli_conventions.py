@@ -112,3 +112,15 @@ def test_doctor_records_what_it_traced(tmp_path):
     r = run_cli(["doctor", "--duration", "0", "--record", str(tmp_path / "x.arrow")])
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--record needs a trace" in r.stderr
     assert not (tmp_path / "x.arrow").exists()
+
+
+@pytest.mark.privileged
+def test_report_dash_ends_the_json_lines_with_the_summary():
+    rc, out, err, (srv, cpid) = traced(["--duration", "3", "--json", "--lifecycles", "-4", "--report", "-",
+                                        "--poll-interval", "0"], one_connection)
+    assert rc == 0, err
+    recs = [json.loads(line) for line in out.splitlines()]  # every line of stdout is JSON
+    assert [r["type"] for r in recs][-1] == "summary" and {r["type"] for r in recs[:-1]} == {"lifecycle"}
+    assert recs[-1] == json.loads(err.strip().splitlines()[-1])  # the same summary --json puts on stderr
+    assert any(r["pid"] == cpid and r["rport"] == srv.port for r in recs[:-1])
+    assert not os.path.exists("-")

@@ -59,3 +59,20 @@ class Filters:
         if self.rports and (role == "listener" or rport not in self.rports):
             return False
         return True
+
+    def match_columns(self, *, family, lport, rport, listener, owned):
+        """match() on many connections at once (numpy arrays, one value per connection):
+        family 4, 6 or 0 when unknown; lport/rport 0 when unknown; listener: role is
+        "listener"; owned: one of its owner pids is one of self.pids (read only with -p).
+        The same rule, clause by clause (a test checks they agree on every combination)."""
+        import numpy as np
+        keep = np.ones(len(lport), dtype=bool)
+        if self.family:
+            keep &= (family == 0) | (family == self.family)
+        if self.pids:
+            keep &= owned
+        if self.lports:
+            keep &= np.isin(lport, self.lports)
+        if self.rports:
+            keep &= ~listener & np.isin(rport, self.rports)
+        return keep

@@ -17,18 +17,15 @@ FINDINGS_SHOWN = 20  # in the text report; the rest are summed up by kind
 
 def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
              until: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(lifecycles, transitions) restricted to the filters and the time window."""
+    """(lifecycles, transitions) restricted to the filters and the time window; the
+    recording's frames already hold only what each file's own recorded filters keep (unless
+    loaded with all_recorded), and these filters must hold too, by the same rule."""
+    from .recorded_filters import kept
     lc = rec.lifecycles()
     tr = rec.transitions
     keep = pd.Series(True, index=lc.index)
-    if filters.family:
-        keep &= lc.family == filters.family
-    if filters.lports:
-        keep &= lc.lport.isin(filters.lports).fillna(False)
-    if filters.rports:
-        keep &= lc.rport.isin(filters.rports).fillna(False) & (lc.role != "listener")
-    if filters.pids:
-        keep &= (lc.pid.isin(filters.pids).fillna(False) | lc.listener_pid.isin(filters.pids).fillna(False))
+    if filters.active():
+        keep &= kept(lc, rec.columns(), filters)
     if since is not None:
         keep &= lc.end.isna() | (lc.end >= since)
         tr = tr[tr.time >= since]
@@ -43,7 +40,9 @@ def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
 
 def frames(rec: Recording, filters: Filters, since=None, until=None,
            thresholds=None) -> dict[str, pd.DataFrame]:
+    """Every frame analyze shows: each file's recorded filters (see Recording) and `filters`."""
     from .connections import state_durations, summary
+    from .recorded_filters import both
     from .recorded_leaks import findings, stopped_at
     lc, tr = filtered(rec, filters, since, until)
     if since is None and until is None:  # whole connections: the recording's own, no recount
@@ -61,11 +60,29 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
         sockets = sockets[sockets.time >= since]
     if until is not None:
         sockets = sockets[sockets.time <= until]
+    recorded = rec.snapshot_filters()
+    scope = both(recorded, filters) if recorded is not None else filters
     out = {"lifecycles": lc, "transitions": tr, "state_durations": durations,
            "summary": summary(durations).reset_index(),
-           "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=filters),
+           "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=scope),
            "snapshots": leaks.sockets_matching(sockets, filters).reset_index(drop=True)}
     return {name: conform(name, df) for name, df in out.items()}
+
+
+def applied(rec: Recording) -> list[str]:
+    """Per file, in words: the filters it was recorded with and whether its frames apply them."""
+    out = []
+    for f, rf in zip(rec.applied_filters, rec.recorded_filters, strict=True):
+        if rf is None:
+            out.append("unreadable, not applied (--all-recorded)")
+        elif not rf.active():
+            out.append("none")
+        elif f.active():
+            out.append(f"{rf.describe()} (applied, as the live session did; --all-recorded shows everything "
+                       "that reached the file)")
+        else:
+            out.append(f"{rf.describe()} (not applied: --all-recorded)")
+    return out
 
 
 def export(frames_: dict[str, pd.DataFrame], directory: str, host: bool = False) -> list[str]:
@@ -95,7 +112,7 @@ def export(frames_: dict[str, pd.DataFrame], directory: str, host: bool = False)
 def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
     lc, tr = f["lifecycles"], f["transitions"]
     out = []
-    for h, e in zip(rec.headers, rec.ends, strict=True):
+    for h, e, said in zip(rec.headers, rec.ends, applied(rec), strict=True):
         if h.get("imported_from"):
             cap = h.get("capture") or {}
             out.append(f"imported from {h['imported_from']}: {h.get('source')}; host "
@@ -104,7 +121,7 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
                           f"({cap['tz_from']})" if cap else ""))
             continue
         lost = "?" if e is None else e.get("events_lost", "?")
-        out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), filters {h.get('filters')}: "
+        out.append(f"recording of {h.get('host')} (kernel {h.get('kernel')}), recorded filters {said}: "
                    f"{e.get('events', '?') if e else '?'} events, lost in kernel {lost}"
                    + ("" if e else "  [not closed cleanly]"))
     if rec.snapshot_list:

@@ -336,7 +336,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         from . import recording  # pyarrow only when recording
         try:
             recorder = recording.RecordingWriter(
-                record_path, recording.header(settings.filters.describe(), wall_offset, host=record_host))
+                record_path, recording.header(settings.filters, wall_offset, host=record_host))
         except recording.RecordingError as e:
             raise UserError(str(e)) from None
     shown = None if lifecycles or quiet else on_transition
@@ -488,6 +488,10 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Also write the report's plots into DIR as PNG and SVG files.")
 @_filter_options
+@click.option("--all-recorded", is_flag=True,
+              help="Every connection that reached the file: without it, each recording shows only what "
+                   "the filters it was recorded with keep (as the live trace did), and -p/-L/-D/-4/-6 narrow "
+                   "that.")
 @click.option("--since", metavar="TIME", help="Only from this ISO-8601 time on (e.g. 2026-11-22T19:00:00Z).")
 @click.option("--until", metavar="TIME", help="Only up to this ISO-8601 time.")
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE",
@@ -506,8 +510,9 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                    "(default: this machine's, said in a warning).")
 @click.option("--host", "capture_host", metavar="NAME",
               help="tcpstates text: the host it was captured on (default: unknown).")
-def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, since, until, threshold_pairs,
-            engine, scheduler, workers, capture_date, capture_tz, capture_host, html_path=None, plots_dir=None):
+def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, all_recorded, since, until,
+            threshold_pairs, engine, scheduler, workers, capture_date, capture_tz, capture_host, html_path=None,
+            plots_dir=None):
     """Analyse recordings made with --record FILE.
 
     FILES are recordings, directories (searched for *.arrow) or globs. Files of one host are
@@ -546,14 +551,14 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
         if engine == "dask" or len(fleet.hosts(paths, text_import)) > 1:
             out = fleet.analyze(paths, engine, scheduler=scheduler, thresholds=thresholds, filters=filters,
                                 since=start, until=stop, workers=workers, transitions=bool(export_dir),
-                                text_import=text_import)
+                                text_import=text_import, all_recorded=all_recorded)
             for w in out["warnings"]:
                 click.echo(f"tcplife-trace: warning: {w}", err=True)
             _visual_reports(paths, html_path, plots_dir, filters=filters, since=start, until=stop,
-                            thresholds=thresholds, text_import=text_import)
+                            thresholds=thresholds, text_import=text_import, all_recorded=all_recorded)
             _fleet_output(out, fmt, export_dir)
             return
-        rec = load(paths, text_import)
+        rec = load(paths, text_import, all_recorded)
         for w in rec.warnings:
             click.echo(f"tcplife-trace: warning: {w}", err=True)
         frames = analysis_report.frames(rec, filters, start, stop, thresholds)
@@ -570,7 +575,8 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, sinc
     else:
         docs = {name: df.to_json(orient="records", date_format="iso")  # pandas writes them; spliced in
                 for name, df in frames.items() if name != "transitions"}
-        docs["recordings"] = json.dumps([{"header": h, "end": e} for h, e in zip(rec.headers, rec.ends, strict=True)])
+        docs["recordings"] = json.dumps([{"header": h, "end": e, "filters_applied": f.describe()}
+                                         for h, e, f in zip(rec.headers, rec.ends, rec.applied_filters, strict=True)])
         _out(_json_object(docs))
 
 
@@ -745,7 +751,7 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
             raise click.UsageError("--record needs a trace: give --duration S (more than 0)")
         from . import recording
         try:
-            recorder = recording.RecordingWriter(record_path, recording.header(filters.describe(), wall_offset))
+            recorder = recording.RecordingWriter(record_path, recording.header(filters, wall_offset))
         except recording.RecordingError as e:
             raise UserError(str(e)) from None
     try:  # a recording needs every transition; without one the kernel folds each connection

@@ -77,6 +77,8 @@ def text(out: dict) -> str:
         "findings": lk.groupby("host", observed=True).size(),
     }).fillna(0).astype(int)
     lines = [f"{len(out['files'])} recordings from {len(per_host)} hosts, {len(lc)} connections"]
+    lines += [f"  {path}: recorded filters {said}" for path, said in out.get("recorded_filters", {}).items()
+              if said != "none"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         lines += ["", per_host.to_string()]
         if len(out["summary"]):
@@ -89,11 +91,12 @@ def text(out: dict) -> str:
 
 
 def host_frames(index: int, path: str, thresholds=None, filters=None, since=None, until=None,
-                names=FRAMES, text_import=None) -> dict:
-    """One host file's frames (`names`), ids tagged with the file index, a `host` column first."""
-    from .analysis_report import frames
+                names=FRAMES, text_import=None, all_recorded: bool = False) -> dict:
+    """One host file's frames (`names`), ids tagged with the file index, a `host` column first:
+    what the filters the file was recorded with keep (unless all_recorded), and `filters`."""
+    from .analysis_report import applied, frames
     from .probes.filters import Filters
-    rec = Recording(path, text_import=text_import)
+    rec = Recording(path, text_import=text_import, all_recorded=all_recorded)
     f = frames(rec, filters or Filters(), since, until, thresholds)
     host = host_label(rec.header, path)
     tag = np.uint64(index << _TAG_SHIFT)
@@ -114,6 +117,7 @@ def host_frames(index: int, path: str, thresholds=None, filters=None, since=None
                 df[col] = pd.Categorical.from_codes(df[col].cat.codes, categories=cats, ordered=dtype.ordered)
         out[name] = df
     out["warnings"] = rec.warnings
+    out["recorded_filters"] = applied(rec)[0]
     return out
 
 
@@ -166,39 +170,47 @@ def _finish(meta: dict[str, pd.DataFrame], whole: dict[str, pd.DataFrame]) -> di
 
 def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thresholds=None,
             filters=None, since=None, until=None, workers: int | None = None, transitions: bool = False,
-            text_import=None) -> dict:
-    """{"lifecycles", "state_durations", "leaks", "snapshots", "summary", "files", "warnings"}
-    over many host recordings (and "transitions" with transitions=True). engine="dask" runs on
-    a local Dask cluster, or the one at `scheduler`. text_import: a tcpstates_import.TextImport
-    (date, host, time zone of tcpstates text captures)."""
+            text_import=None, all_recorded: bool = False) -> dict:
+    """{"lifecycles", "state_durations", "leaks", "snapshots", "summary", "files", "warnings",
+    "recorded_filters"} over many host recordings (and "transitions" with transitions=True).
+    Each file shows what the filters it was recorded with keep (as its live session did;
+    all_recorded: everything that reached it), narrowed by `filters`; recorded_filters says,
+    per file, which were applied. engine="dask" runs on a local Dask cluster, or the one at
+    `scheduler`. text_import: a tcpstates_import.TextImport (date, host, time zone of
+    tcpstates text captures)."""
     paths = expand(inputs)
-    from .recording import check
+    from .recording import check, read_header, recorded_filters
     for p in paths:  # here, before any worker: a bad file is one line naming it, not a remote traceback
         check(p)
+        if not all_recorded:
+            recorded_filters(read_header(p, text_import), p)
     names = ALL_FRAMES if transitions else FRAMES
     args = {"thresholds": thresholds, "filters": filters, "since": since, "until": until, "names": names,
-            "text_import": text_import}
+            "text_import": text_import, "all_recorded": all_recorded}
     if engine == "pandas":
         results = [host_frames(i, p, **args) for i, p in enumerate(paths)]
         parts = {n: [r[n] for r in results] for n in names}
         warnings = [w for r in results for w in r["warnings"]]
+        said = [r["recorded_filters"] for r in results]
     elif engine == "dask":
         with _client(scheduler, workers) as client:
-            ddfs, warn_futures = dask_frames(client, paths, **args)
+            ddfs, warn_futures, said_futures = dask_frames(client, paths, **args)
             parts = {n: client.gather(client.compute(ddfs[n].to_delayed())) for n in names}
             warnings = [w for ws in client.gather(warn_futures) for w in ws]
+            said = client.gather(said_futures)
     else:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     out = _finish({n: parts[n][0].iloc[:0] for n in names}, {n: _concat(parts[n]) for n in names})
     out["files"] = paths
     out["warnings"] = warnings
+    out["recorded_filters"] = dict(zip(paths, said, strict=True))
     return out
 
 
-def dask_frames(client, paths: list[str], **args) -> tuple[dict, list]:
+def dask_frames(client, paths: list[str], **args) -> tuple[dict, list, list]:
     """Lazy Dask DataFrames of the per-host frames (args["names"], FRAMES by default), one
     partition per host file (for use in a notebook with your own client); and futures of
-    each file's warnings."""
+    each file's warnings and of what it says of its recorded filters."""
     import dask.dataframe as dd
     futures = client.map(host_frames, range(len(paths)), paths, pure=False, **args)
     ddfs = {}
@@ -206,7 +218,8 @@ def dask_frames(client, paths: list[str], **args) -> tuple[dict, list]:
         pieces = [client.submit(_pick, f, name, pure=False) for f in futures]
         meta = client.submit(_empty, pieces[0], pure=False).result()
         ddfs[name] = dd.from_delayed(pieces, meta=meta, verify_meta=False)
-    return ddfs, [client.submit(_pick, f, "warnings", pure=False) for f in futures]
+    return (ddfs, [client.submit(_pick, f, "warnings", pure=False) for f in futures],
+            [client.submit(_pick, f, "recorded_filters", pure=False) for f in futures])
 
 
 SCHEDULER_TIMEOUT_S = 5

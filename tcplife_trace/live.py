@@ -304,7 +304,7 @@ class LiveSession:
         if self.kept is None:
             raise ValueError("start the session with keep_events=True to analyse its events")
         from .recording import Recording, header
-        return Recording.from_events(self.kept, header(self.settings.filters.describe(), self.clock.offset),
+        return Recording.from_events(self.kept, header(self.settings.filters, self.clock.offset),
                                      self.report)
 
     def degraded(self) -> bool:

@@ -82,15 +82,92 @@ def _table(events: list, head: dict) -> pa.Table:
     return pa.Table.from_batches([_batch(_schema(head), _packed(events))])
 
 
-def header(filters: str, wall_offset_ns: int, extra: dict | None = None, host: str | None = None) -> dict:
+def header(filters, wall_offset_ns: int, extra: dict | None = None, host: str | None = None) -> dict:
     """A recording's header; host: the name analyze and fleet analysis know it by (--host;
-    this machine's hostname by default)."""
+    this machine's hostname by default). filters: the session's probes.filters.Filters, kept
+    as text (`filters`, for people) and as `filter_spec` (what analyze applies again); a
+    string is the text alone, as recordings made before `filter_spec` have it."""
+    spec = None
+    if not isinstance(filters, str):
+        spec = {"pids": list(filters.pids), "lports": list(filters.lports), "rports": list(filters.rports),
+                "family": filters.family}
+        filters = filters.describe()
     return {
         "schema_version": SCHEMA_VERSION, "tool": "tcplife-trace", "tool_version": __version__,
         "host": host or socket.gethostname(), "kernel": os.uname().release,
         "start_wall": time.time(), "mono_to_wall_ns": wall_offset_ns, "filters": filters,
+        **({"filter_spec": spec} if spec is not None else {}),
         "event_size": EVENT_SIZE, **(extra or {}),
     }
+
+
+_SPEC_LIMITS = {"pids": (1, 2**22), "lports": (1, 65535), "rports": (1, 65535)}
+_TEXT_PARTS = {"pid": "pids", "lport": "lports", "rport": "rports"}
+
+
+def recorded_filters(head: dict, where: str):
+    """The -p/-L/-D/-4/-6 filters a recording was made with (probes.filters.Filters), from its
+    header: `filter_spec`, or in recordings made before it the text of Filters.describe()
+    ("pid 1234; lport 80; IPv4", "none"). Imported tcpstates text has none. RecordingError
+    naming `where` when neither can be read."""
+    from .probes.filters import Filters
+    if head.get("imported_from"):
+        return Filters()
+    spec, text = head.get("filter_spec"), head.get("filters")
+    fix = ("analyse everything it holds with --all-recorded (and give the filters it was made "
+           "with again, -p/-L/-D/-4/-6)")
+    if spec is not None:
+        f = _filters_from_spec(spec)
+        if f is None:
+            raise RecordingError(f"{where}: the filters it was recorded with cannot be read (filter_spec "
+                                 f"{json.dumps(spec)[:80]}): {fix}")
+        return f
+    if text is None:
+        return Filters()
+    f = _filters_from_text(text)
+    if f is None:
+        raise RecordingError(f"{where}: the filters it was recorded with cannot be read ({text[:80]!r}, not "
+                             f"what tcplife-trace writes): {fix}")
+    return f
+
+
+def _filters_from_spec(spec):
+    from .probes.filters import Filters
+    if not isinstance(spec, dict) or not set(spec) <= {*_SPEC_LIMITS, "family"}:
+        return None
+    values = {}
+    for name, (lo, hi) in _SPEC_LIMITS.items():
+        v = spec.get(name, [])
+        if not isinstance(v, list) or not all(type(x) is int and lo <= x <= hi for x in v):
+            return None
+        values[name] = tuple(v)
+    family = spec.get("family")
+    if family not in (None, 4, 6) or type(family) is bool:
+        return None
+    return Filters(family=family, **values)
+
+
+def _filters_from_text(text: str):
+    """Filters.describe()'s text back into Filters; None when it is not such a text."""
+    from .probes.filters import Filters
+    if text == "none":
+        return Filters()
+    values: dict = {}
+    for part in text.split("; "):
+        name, _, rest = part.partition(" ")
+        if part in ("IPv4", "IPv6") and "family" not in values:
+            values["family"] = int(part[-1])
+            continue
+        key = _TEXT_PARTS.get(name)
+        if key is None or key in values or not rest:
+            return None
+        lo, hi = _SPEC_LIMITS[key]
+        nums = rest.split(",")
+        if not all(n.isascii() and n.isdigit() and lo <= int(n) <= hi for n in nums):
+            return None
+        values[key] = tuple(int(n) for n in nums)
+    f = Filters(**values)
+    return f if f.describe() == text else None  # (its own order and spelling only)
 
 
 class RecordingWriter:
@@ -420,20 +497,28 @@ def _snapshot(custom) -> tuple:
 class Recording:
     """One or more loaded recordings: headers, exit summaries and events, and frames built
     from them. Several files are analysed as one: their clocks are aligned on the first
-    file's wall clock and connection ids are made unique per file."""
+    file's wall clock and connection ids are made unique per file.
 
-    def __init__(self, paths, text_import=None):
+    Its frames hold what the live session showed: each file's connections that pass the
+    filters it was recorded with (-p/-L/-D/-4/-6, per connection, by the live rule:
+    recorded_filters.py), whatever else reached the file. all_recorded=True: every
+    connection the file holds."""
+
+    def __init__(self, paths, text_import=None, all_recorded: bool = False):
         """text_import: a tcpstates_import.TextImport (day, host, time zone of text captures)."""
         self.paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not self.paths:
             raise RecordingError("no recording given")
+        self.all_recorded = all_recorded
         self._combine([_read_any(str(p), text_import) for p in self.paths])
 
     @classmethod
-    def from_events(cls, events: list, head: dict, end: dict | None = None) -> "Recording":
+    def from_events(cls, events: list, head: dict, end: dict | None = None,
+                    all_recorded: bool = False) -> "Recording":
         """A recording of events held in memory (e.g. a live session's), analysed the same way."""
         rec = cls.__new__(cls)
         rec.paths = []
+        rec.all_recorded = all_recorded
         rec._combine([(head, _table(events, head), end, [], [])])
         return rec
 
@@ -444,10 +529,26 @@ class Recording:
         if len(loaded) > 1:
             self.warnings += _one_host_notes(self.paths or ["in memory"] * len(loaded), self.headers,
                                              [_span(h, t) for h, t, _, _, _ in loaded])
+        # per file: the filters it was recorded with (None: unreadable, with all_recorded only)
+        # and those its frames apply
+        from .probes.filters import Filters
+        self.recorded_filters = []
+        for i, h in enumerate(self.headers):
+            try:
+                self.recorded_filters.append(recorded_filters(h, self.paths[i] if self.paths else "in memory"))
+            except RecordingError:
+                if not self.all_recorded:
+                    raise
+                self.recorded_filters.append(None)
+        self.applied_filters = [Filters() if self.all_recorded or f is None else f for f in self.recorded_filters]
         # (wall time ns, meta, sockets frame) of every snapshot, each on its own file's clock
-        self.snapshot_list = sorted(((m["taken_ns"] + int(h.get("mono_to_wall_ns", 0)), m, df)
-                                     for h, (_, _, _, _, snaps) in zip(self.headers, loaded)
-                                     for m, df in snaps), key=lambda x: x[0])
+        # (everything the file holds: the filters are applied by snapshots() and leaks())
+        snaps = sorted(((m["taken_ns"] + int(h.get("mono_to_wall_ns", 0)), i, m, df)
+                        for i, (h, (_, _, _, _, snaps)) in enumerate(zip(self.headers, loaded))
+                        for m, df in snaps), key=lambda x: x[0])
+        self.snapshot_list = [(t, m, df) for t, _, m, df in snaps]
+        self._snapshot_files = [i for _, i, _, _ in snaps]
+        self._file_rows = np.cumsum([0] + [t.num_rows for _, t, _, _, _ in loaded])
         base = int(self.headers[0].get("mono_to_wall_ns", 0))
         tables = []
         for i, (h, t, _, _, _) in enumerate(loaded):
@@ -484,22 +585,56 @@ class Recording:
         """One row per state change (see README, "Recordings")."""
         from .frames import transitions
         if not hasattr(self, "_transitions"):
-            self._transitions = transitions(self.events, self.mono_to_wall_ns, self.columns())
+            self._transitions = self._kept_rows(transitions(self.events, self.mono_to_wall_ns, self.columns()))
         return self._transitions
 
     def lifecycles(self):
         """One row per connection (see README, "Recordings")."""
-        from .lifecycle_frame import lifecycles
-        from .frame_schema import conform
         if not hasattr(self, "_lifecycles"):
-            self._lifecycles = conform("lifecycles", lifecycles(self.events, self.mono_to_wall_ns, self.columns()))
+            self._lifecycles = self._kept_rows(self._every_lifecycle())
         return self._lifecycles
+
+    def _every_lifecycle(self):
+        from .frame_schema import conform
+        from .lifecycle_frame import lifecycles
+        if not hasattr(self, "_all_lifecycles"):
+            self._all_lifecycles = conform("lifecycles", lifecycles(self.events, self.mono_to_wall_ns,
+                                                                    self.columns()))
+        return self._all_lifecycles
+
+    def _kept_ids(self):
+        """The ids of the connections each file's applied filters keep; None when no file has any."""
+        if not hasattr(self, "_kept"):
+            self._kept = None
+            if any(f.active() for f in self.applied_filters):
+                from .recorded_filters import kept
+                lc = self._every_lifecycle()
+                seg = self.columns().by_connection()
+                # each connection's file: that of its first state change's table row
+                file_of = np.searchsorted(self._file_rows, seg.table_rows(seg.starts), side="right") - 1
+                pos = np.searchsorted(seg.ids, lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0))
+                conn_file = file_of[np.minimum(pos, max(len(seg.ids) - 1, 0))] if len(seg.ids) else pos
+                keep = np.zeros(len(lc), dtype=bool)
+                for i, f in enumerate(self.applied_filters):
+                    mine = conn_file == i
+                    keep |= kept(lc, self.columns(), f, mine) if f.active() else mine
+                self._kept = lc["conn_id"][keep]
+        return self._kept
+
+    def _kept_rows(self, df):
+        ids = self._kept_ids()
+        return df if ids is None else df[df["conn_id"].isin(ids).to_numpy(dtype=bool)].reset_index(drop=True)
+
+    def snapshot_filters(self):
+        """The filters of the file the last snapshot came from (what the findings scope the
+        sockets and counters with); None without snapshots."""
+        return self.applied_filters[self._snapshot_files[-1]] if self._snapshot_files else None
 
     def state_durations(self):
         """Long form: connection x state -> seconds spent there."""
         from .connections import recorded_state_durations
         if not hasattr(self, "_state_durations"):
-            self._state_durations = recorded_state_durations(self.columns().by_connection())
+            self._state_durations = self._kept_rows(recorded_state_durations(self.columns().by_connection()))
         return self._state_durations
 
     def summary(self):
@@ -513,8 +648,9 @@ class Recording:
         the sockets the detectors read (see README, "Recordings")."""
         import pandas as pd
         from .analysis import leaks
-        parts = [df.assign(time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
-                 for t, m, df in self.snapshot_list]
+        parts = [leaks.sockets_matching(df, self.applied_filters[i]).assign(
+                     time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
+                 for (t, m, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True)]
         from .frame_schema import conform
         cols = ["time", "complete", *leaks.SOCKET_COLUMNS]
         if not parts:  # (typed all the same: an empty frame has the full schema)
@@ -527,7 +663,8 @@ class Recording:
         from .frame_schema import conform
         from .recorded_leaks import DEFAULT_PORT_RANGE, findings, stopped_at
         return conform("leaks", findings(self.lifecycles(), self.transitions, thresholds,
-                                         port_range or DEFAULT_PORT_RANGE, stopped_at(self.ends), self.snapshot_list))
+                                         port_range or DEFAULT_PORT_RANGE, stopped_at(self.ends), self.snapshot_list,
+                                         filters=self.snapshot_filters()))
 
     def _group(self, keys: list[str]):
         from .connections import grouped
@@ -572,8 +709,8 @@ def _span(head: dict, table: pa.Table):
     return int(mm["min"].as_py()) + off, int(mm["max"].as_py()) + off
 
 
-def load(path_or_paths, text_import=None) -> Recording:
-    return Recording(path_or_paths, text_import)
+def load(path_or_paths, text_import=None, all_recorded: bool = False) -> Recording:
+    return Recording(path_or_paths, text_import, all_recorded)
 
 
 def _one_host_notes(paths: list[str], headers: list[dict], spans: list) -> list[str]:

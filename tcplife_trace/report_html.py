@@ -133,14 +133,14 @@ def render(rec: Recording, frames: dict | None = None, *, filters=None, since=No
 
 def render_paths(paths: list[str], *, filters=None, since=None, until=None, thresholds=None,
                  title: str | None = None, text_import=None, plots_dir: str | None = None,
-                 written: list | None = None) -> str:
+                 written: list | None = None, all_recorded: bool = False) -> str:
     """The report of recordings from one or many hosts: one section per host (its files
     analysed as one), a host selector at the top. Hosts are loaded one after the other.
     plots_dir: also each host's plots, as <host>-<plot>.png/.svg when there are several."""
     sections = []
     hosts = by_host(paths, text_import)
     for host, files in hosts.items():
-        rec = _load(files, text_import)
+        rec = _load(files, text_import, all_recorded)
         f = _frames(rec, filters, since, until, thresholds)
         sections.append(section(rec, f, host, filters=filters, since=since, until=until, plots_dir=plots_dir,
                                 written=written, prefix=_prefix(host) if len(hosts) > 1 else ""))
@@ -158,10 +158,9 @@ def by_host(paths: list[str], text_import=None) -> dict[str, list[str]]:
     return out
 
 
-def _load(files, text_import):
-    if text_import is None:
-        return Recording(files)
-    return Recording(files, text_import=text_import)
+def _load(files, text_import, all_recorded: bool = False):
+    """all_recorded: every connection the files hold, not only what their recorded filters keep."""
+    return Recording(files, text_import=text_import, all_recorded=all_recorded)
 
 
 def _frames(rec, filters, since, until, thresholds) -> dict:
@@ -434,7 +433,8 @@ def _losses_and_metadata(rec: Recording, frames: dict, filters, since, until) ->
         out.append("<p>Warnings while reading:</p><ul>" + "".join(f"<li>{_e(w)}</li>" for w in rec.warnings) + "</ul>")
     out.append("<h3>The recording</h3>")
     rows = []
-    for i, h in enumerate(rec.headers):
+    from .analysis_report import applied
+    for i, (h, said) in enumerate(zip(rec.headers, applied(rec), strict=True)):
         src = rec.paths[i] if i < len(rec.paths) else "in memory"
         for k in _HEAD_KEYS:
             if k in h:
@@ -442,6 +442,7 @@ def _losses_and_metadata(rec: Recording, frames: dict, filters, since, until) ->
                 if k == "start_wall":
                     v = _time(pd.Timestamp(v, unit="s", tz="UTC"))
                 rows.append(f"<tr><td>{_e(src)}</td><td>{k}</td><td>{_e(v)}</td></tr>")
+        rows.append(f'<tr data-k="filters-applied"><td>{_e(src)}</td><td>recorded filters</td><td>{_e(said)}</td></tr>')
         e = rec.ends[i] if i < len(rec.ends) else None
         if e and e.get("stop_wall"):
             rows.append(f"<tr><td>{_e(src)}</td><td>stop_wall</td><td>{_time(pd.Timestamp(e['stop_wall'], unit='s', tz='UTC'))}</td></tr>")
@@ -484,13 +485,13 @@ def plots(rec: Recording, directory: str, frames: dict | None = None, *, filters
 
 
 def plots_paths(paths: list[str], directory: str, *, filters=None, since=None, until=None, thresholds=None,
-                text_import=None) -> list[str]:
+                text_import=None, all_recorded: bool = False) -> list[str]:
     """plots() per host, each file named after its host when there are several."""
     hosts = by_host(paths, text_import)
     written = []
     for host, files in hosts.items():
         prefix = "" if len(hosts) == 1 else _prefix(host)
-        written += plots(_load(files, text_import), directory, filters=filters, since=since, until=until,
+        written += plots(_load(files, text_import, all_recorded), directory, filters=filters, since=since, until=until,
                          thresholds=thresholds, prefix=prefix)
     return written
 

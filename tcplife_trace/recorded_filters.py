@@ -1,0 +1,77 @@
+"""-p/-L/-D/-4/-6 on a recording's connections, as the live tracer applied them.
+
+The kernel filters only where an event shows enough, so a filtered recording also holds
+connections the live session then dropped in user space (accepted sockets of other
+processes' listeners, among them). The live Tracker keeps a connection when
+probes.filters.Filters.match says so, given every pid that acted on it (connect, listen,
+the closing calls, reads and writes) and its listener's owner; here the same rule
+(Filters.match_columns) is given the same pids, read from the events column-wise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .probes.event_layout import EventKind
+from .probes.filters import Filters
+from .probes.tcp_states import TcpState as S
+
+# the state changes whose task the Tracker counts among a connection's pids (set_owner):
+# connect, listen, and those that always run in the acting process (analysis/lifecycle.py)
+_ACTING = ((S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FIN_WAIT1),
+           (S.SYN_RECV, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK), (S.LISTEN, S.CLOSE))
+
+
+def owned(cols, pids) -> np.ndarray:
+    """Per connection of cols.by_connection() (its `ids` order): one of `pids` acted on it."""
+    seg = cols.by_connection()
+    n = len(seg.ids)
+    out = np.zeros(n, dtype=bool)
+    if not n or not pids:
+        return out
+    pids = np.asarray(pids, dtype=np.uint32)
+    acting = np.zeros(len(seg.old), dtype=bool)
+    for a, b in _ACTING:
+        acting |= (seg.old == a) & (seg.new == b)
+    acting &= np.isin(seg.sorted_column("pid"), pids)
+    out[seg.number[acting]] = True
+    rows = np.flatnonzero(cols["kind"] == EventKind.IO_OWNER)  # every read or write (Tracker._io)
+    if len(rows):
+        rows = rows[np.isin(cols.at("pid", rows, ascending=True), pids)]
+        ids = seg.ids_of(rows, cols.at("gen", rows, ascending=True))
+        ids = ids[ids != 0]
+        pos = np.minimum(np.searchsorted(seg.ids, ids), n - 1)
+        out[pos[seg.ids[pos] == ids]] = True
+    return out
+
+
+def kept(lc: pd.DataFrame, cols, filters: Filters, conns: np.ndarray | None = None) -> np.ndarray:
+    """Which rows of a lifecycles frame (made from `cols`) the filters keep, by the live rule.
+    conns: only these rows are judged (the others: False)."""
+    seg = cols.by_connection()
+    pos = np.searchsorted(seg.ids, lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0))
+    pos = np.minimum(pos, max(len(seg.ids) - 1, 0))
+    listener_pid = lc["listener_pid"].to_numpy(dtype=np.int64, na_value=-1)
+    own = (owned(cols, filters.pids)[pos] | np.isin(listener_pid, filters.pids)) if filters.pids else None
+    keep = filters.match_columns(
+        family=lc["family"].to_numpy(dtype=np.int64, na_value=0),
+        lport=lc["lport"].to_numpy(dtype=np.int64, na_value=0),
+        rport=lc["rport"].to_numpy(dtype=np.int64, na_value=0),
+        listener=(lc["role"] == "listener").to_numpy(dtype=bool), owned=own)
+    return keep if conns is None else keep & conns
+
+
+def both(a: Filters, b: Filters) -> Filters:
+    """One Filters that keeps a socket (one owner) when both keep it; where they share nothing
+    (-p 1 and -p 2), one that keeps none (local port 0: no socket has it)."""
+    nothing = Filters(lports=(0,))
+
+    def meet(x: tuple, y: tuple):
+        if not x or not y:
+            return x or y
+        common = tuple(v for v in x if v in y)
+        return common or None
+    parts = {k: meet(getattr(a, k), getattr(b, k)) for k in ("pids", "lports", "rports")}
+    if None in parts.values() or (a.family and b.family and a.family != b.family):
+        return nothing
+    return Filters(family=a.family or b.family, **parts)

@@ -17,8 +17,8 @@ from .event_layout import EventKind
 PAYLOAD = 1500            # bytes the client sends, the server reads and echoes
 WAIT_S = 1.0              # for the events of our own connection to come back
 _STATE, _LIFE = int(EventKind.STATE), int(EventKind.LIFE)
-# Ev fields: 3 tx_b, 4 rx_b, 5 netns, 8 uid, 10 sport, 11 dport, 13 kind, 15 newstate
-_TX, _RX, _NETNS, _UID, _SPORT, _DPORT, _KIND, _NEW = 3, 4, 5, 8, 10, 11, 13, 15
+# Ev fields: 2 gen, 3 tx_b, 4 rx_b, 5 netns, 8 uid, 10 sport, 11 dport, 13 kind, 15 newstate
+_GEN, _TX, _RX, _NETNS, _UID, _SPORT, _DPORT, _KIND, _NEW = 2, 3, 4, 5, 8, 10, 11, 13, 15
 _CLOSE = 7
 
 
@@ -68,6 +68,12 @@ def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[l
                 closes += ev[_KIND] == _LIFE or (ev[_KIND] == _STATE and ev[_NEW] == _CLOSE)
             else:
                 others.append(ev)
+    # reads, writes and the EOF carry no ports, only the connection's generation: without
+    # this they went on as a connection of the tracer's own, open forever (birth unseen)
+    gens = {ev[_GEN] for ev in mine if ev[_GEN]}
+    if gens:
+        mine += [ev for ev in others if ev[_GEN] in gens]
+        others = [ev for ev in others if ev[_GEN] not in gens]
     if not mine:
         return others, None, mine  # nothing came back (say, a kernel that filters): nothing judged
     netns = os.stat("/proc/self/ns/net").st_ino

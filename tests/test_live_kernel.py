@@ -193,3 +193,22 @@ def test_kernel_side_rejects_a_layout_that_differs_from_python(monkeypatch, capf
     assert err.count("differs from probes/event_layout.py") == 1, err  # that field, and only it
     bcc.BPF(text=src.text.encode(), cflags=src.cflags).cleanup()  # and the true layout loads
     assert "differs from probes/event_layout.py" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["stream", "aggregate"])
+def test_the_start_up_offset_check_leaves_no_connection_of_the_tracer(mode):
+    """The tracer's own loopback connection (probes/offset_check.py) is not the workload's:
+    none of its events, the reads and writes that carry only a generation included, may
+    become a connection of the trace (its server side's first read used to come up as an
+    open connection born before the trace, owned by the tracer, forever)."""
+    import os
+    import time
+
+    from tcplife_trace.live import LiveSession
+    with LiveSession(Settings(mode=mode)) as s:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            s.poll(50)
+    assert s.report["startup_check_events"], "the offset check did not run"
+    ours = [lc for lc in s.still_open if lc.owner_pid == os.getpid()]
+    assert ours == [], [(lc.conn_id, lc.state, lc.role) for lc in ours]

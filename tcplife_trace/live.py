@@ -165,6 +165,12 @@ class LiveSession:
             yield
             return
         backlog: list[list] = []
+        # the events read during the offset check came first: recorded and fed first too
+        # (they went in after the pumped ones, up to ~40 ms of a connection's early events)
+        early, self._early = self._early, []
+        if early:
+            self.recorder.add(early)
+            backlog.append(early)
         failed: list[BaseException] = []
         done = threading.Event()
 
@@ -276,6 +282,7 @@ class LiveSession:
             "ring_discarded": self.stream.reader.discarded,
             "evictions": c.evicted,
             "sequence_gaps": c.sequence_gaps,
+            "transitions_out_of_order": c.out_of_order,
             "unmatched_errors": c.unmatched_errors,
             "resets_sent_no_socket": c.resets_no_socket,
             "synack_retransmits": c.synack_retransmits,

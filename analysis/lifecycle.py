@@ -59,7 +59,7 @@ class Lifecycle:
         "owner_pid", "owner_comm", "owner_source", "pids", "birth_seen", "start_ns", "end_ns",
         "state", "state_enter_ns", "path", "state_ns", "closed", "end_reason", "end_detail",
         "errno", "rst_received", "rst_sent", "time_wait", "tx_b", "rx_b", "eof_ns", "incomplete",
-        "last_ns", "listener_pid", "listener_comm", "view_cache",
+        "last_ns", "listener_pid", "listener_comm", "view_cache", "seq", "first_seq", "first_ts", "early",
     )
 
     def __init__(self, conn_id, skaddr: int, role: str, ts_ns: int, birth_seen: bool):
@@ -90,6 +90,10 @@ class Lifecycle:
         self.last_ns = ts_ns
         self.listener_pid = self.listener_comm = None
         self.view_cache = None  # a view's rendering of the parts that rarely change
+        # the kernel's sequence number of the last state change applied, and of the first (its
+        # time): a change that arrives after later ones of its connection is told by it
+        self.seq = self.first_seq = self.first_ts = None
+        self.early: list | None = None  # such changes from before the first: put in front at the end
 
     def set_owner(self, pid: int, comm: str, source: str) -> None:
         if source != "listener":
@@ -189,6 +193,7 @@ class Counters:
         self.unmatched_errors = 0     # errno reports with no connection to attach to
         self.resets_no_socket = 0     # RSTs this host sent for segments with no socket
         self.sequence_gaps = 0        # transitions whose old state was not the one we had
+        self.out_of_order = 0         # transitions that arrived after later ones of their connection
         self.synack_retransmits = 0   # SYN-ACKs re-sent for half-open handshakes
 
 
@@ -250,7 +255,11 @@ class Tracker:
         """End of the stream: finish every closed connection; return those still open."""
         while self.pending:
             self._finish(self.pending.popleft())
-        return [lc for lc in self.live.values() if not lc.closed]
+        still = [lc for lc in self.live.values() if not lc.closed]
+        for lc in still:
+            if lc.early:
+                self._put_early(lc)
+        return still
 
     # -- helpers -----------------------------------------------------------
     def _key(self, ev: Ev, create: bool = False):
@@ -352,8 +361,12 @@ class Tracker:
     # -- event handlers ----------------------------------------------------
     def _state(self, ev: Ev) -> None:
         (ts, skaddr, gen, _tx, _rx, _netns, pid, _tid, _uid, _value, sport, dport, _af, _kind,
-         old, new, flags, _sa, _da, comm_raw, _seq) = ev
+         old, new, flags, _sa, _da, comm_raw, seq) = ev
         role = BIRTHS.get((old, new))
+        lc = self.live.get(gen) if gen else None
+        if lc is not None and lc.seq is not None and (seq - lc.seq) & 0xFFFF >= 0x8000:
+            self._late(lc, ev)  # (seq wraps: "before" is a backward distance below half the range)
+            return
         if not gen:
             key, ended = self.entryless.state(skaddr, old, new)
             if ended is not None:
@@ -366,7 +379,6 @@ class Tracker:
                 self._reborn(ended, ts)
             lc = self._new(gen, skaddr, ts, role, birth_seen=True)
         else:
-            lc = self.live.get(gen)
             if lc is None and flags & _F_BIRTH_UNSEEN and self.entryless.at:
                 lc = self._adopt(gen, skaddr)
             if lc is None:
@@ -391,6 +403,10 @@ class Tracker:
         path.append(new)
         lc.state = new
         lc.state_enter_ns = lc.last_ns = ts
+        if gen:
+            lc.seq = seq
+            if lc.first_seq is None:
+                lc.first_seq, lc.first_ts = seq, ts
 
         if role == "active":
             lc.set_owner(pid, dec.comm(comm_raw), "connect")
@@ -419,6 +435,73 @@ class Tracker:
             self.pending_ports[(lc.lport, lc.rport)] = lc
         if self.on_transition and (not self._filtering or self.matches(lc)):
             self.on_transition(Transition(lc, ts, old, new, dur, pid, comm_raw, note))
+
+    def _late(self, lc: Lifecycle, ev: tuple) -> None:
+        """A state change that arrived after later ones of its connection (the overflow path
+        when the consumer was far behind). One from before the first change seen (its birth,
+        say) is kept and put in front when the lifecycle is reported (`_put_early`); one
+        from between two changes already applied cannot be: the time in those states was
+        already counted. Either way it is counted, and shown as it arrives."""
+        self.counters.out_of_order += 1
+        ts, old, new, seq = ev[0], ev[14], ev[15], ev[20]
+        if not lc.birth_seen and lc.first_seq is not None and (seq - lc.first_seq) & 0xFFFF >= 0x8000:
+            if lc.early is None:
+                lc.early = []
+            lc.early.append(ev)
+        else:
+            lc.incomplete.append(f"a change {S(old).name} -> {S(new).name} arrived after later ones: left out")
+        if self.on_transition and (not self._filtering or self.matches(lc)):
+            self.on_transition(Transition(lc, ts, old, new, None, ev[6], ev[19], "out of order"))
+
+    def _put_early(self, lc: Lifecycle) -> None:
+        """The changes that arrived late from before the first one applied, in front of the
+        path, in the kernel's order, with their times, the birth and the owner they tell."""
+        first = lc.first_seq
+        early = sorted(lc.early, key=lambda e: ((e[20] - first + 0x8000) & 0xFFFF) - 0x8000)
+        lc.early = None
+        front = [early[0][14]]
+        for prev, e in zip([None, *early], early):
+            if prev is not None:
+                if prev[15] != e[14]:
+                    lc.incomplete.append(f"missed events between {S(prev[15]).name} and {S(e[14]).name}")
+                    self.counters.sequence_gaps += 1
+                    front.append(e[14])
+                else:
+                    self._dwell(lc, e[14], e[0] - prev[0])
+            front.append(e[15])
+        last = early[-1]
+        if lc.path and lc.path[0] == last[15]:
+            self._dwell(lc, last[15], lc.first_ts - last[0])
+            lc.path[:1] = front
+        else:
+            if lc.path:
+                lc.incomplete.append(f"missed events between {S(last[15]).name} and {S(lc.path[0]).name}")
+                self.counters.sequence_gaps += 1
+            lc.path[:0] = front
+        if lc.family is None:
+            for e in early:
+                self._tuple_from(lc, e)
+        b = early[0]
+        role = BIRTHS.get((b[14], b[15]))
+        lc.start_ns = b[0] if role else min(lc.start_ns, b[0])
+        if role:
+            lc.birth_seen, lc.role = True, role
+            if role == "passive":
+                listener = self.listeners.get((lc.netns, lc.lport))
+                if listener and listener.owner_pid is not None:
+                    lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
+                    lc.set_owner(listener.owner_pid, listener.owner_comm, "listener")
+        for e in early:
+            source = {"active": "connect", "listener": "listen"}.get(BIRTHS.get((e[14], e[15])))
+            if source is None and (e[14], e[15]) in _CLOSER:
+                source = "close"
+            if source:
+                lc.set_owner(e[6], dec.comm(e[19]), source)
+
+    def _dwell(self, lc: Lifecycle, state: int, ns: int) -> None:
+        lc.state_ns[state] = lc.state_ns.get(state, 0) + ns
+        if self.on_state_time:
+            self.on_state_time(state, ns)
 
     def _destroy(self, ev: Ev) -> None:
         lc = self.live.get(self._key(ev))
@@ -612,6 +695,8 @@ class Tracker:
         if self.live.get(lc.conn_id) is not lc:
             return  # already finished (destroy came first) or evicted
         del self.live[lc.conn_id]
+        if lc.early:
+            self._put_early(lc)
         if self.pending_ports.get((lc.lport, lc.rport)) is lc:
             del self.pending_ports[(lc.lport, lc.rport)]
         if lc.role == "unknown" and lc.path:

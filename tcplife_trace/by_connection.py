@@ -1,9 +1,13 @@
 """A recording's state changes sorted by connection: one sort shared by every frame.
 
 The transitions frame (time in the old state), the lifecycles frame (first/last/any per
-connection) and the state durations all need each connection's rows together and in
-recorded order. They are sorted once here (a stable sort, so recorded order is kept inside
-each connection); each frame then works on contiguous segments. Arrays are kept narrow
+connection) and the state durations all need each connection's rows together and in the
+order the kernel made them. They are sorted once here: a stable sort by connection, then,
+inside a connection whose recorded order disagrees with the kernel's per-connection
+sequence number (`seq`, 16 bits, wrapping), by that number. Recorded order is the kernel's
+almost always, so only those few connections are sorted again; rows without a map entry
+(no sequence number) and rows of equal numbers (imported text) keep recorded order. Each
+frame then works on contiguous segments. Arrays are kept narrow
 (states as uint8, segment numbers as int32): on a large recording fresh memory is what
 costs most.
 """
@@ -80,6 +84,41 @@ def _narrow(index: np.ndarray, bound: int) -> np.ndarray:
     return index.astype(np.int32) if bound < 2**31 else index
 
 
+def _in_sequence(order: np.ndarray, s: np.ndarray, number: np.ndarray, starts: np.ndarray,
+                 sequenced: np.ndarray | None) -> np.ndarray:
+    """Put each connection's positions in `order` (sorted by connection, recorded order
+    inside; `number`: the connection of each position) in the kernel's order, by `s`, the
+    seq of each position: an event that took the overflow path, or that the consumer passed
+    on late, can be recorded after events of its connection that the kernel made later. seq
+    wraps at 2**16: of two events of one connection, the later is a forward distance below
+    half the range. Returns the positions moved (those of the connections sorted again).
+    On a recording in order this costs a subtraction and a comparison over `s`."""
+    if len(order) < 2:
+        return np.zeros(0, np.int64)
+    back = np.flatnonzero((s[1:] - s[:-1]).view(np.int16) < 0)  # uint16 arithmetic wraps
+    back = back[number[back] == number[back + 1]]
+    if sequenced is not None:
+        ok = sequenced[order[back]] & sequenced[order[back + 1]]
+        back = back[ok]
+    if not len(back):
+        return np.zeros(0, np.int64)
+    segs = np.unique(number[back])
+    ends = np.r_[starts[1:], len(order)]
+    if sequenced is not None:  # a connection with rows without a number (adopted): recorded order
+        whole = np.array([sequenced[order[starts[k]:ends[k]]].all() for k in segs.tolist()], dtype=bool)
+        segs = segs[whole]
+        if not len(segs):
+            return np.zeros(0, np.int64)
+    pos = np.concatenate([np.arange(starts[k], ends[k]) for k in segs.tolist()])
+    seg_of = np.repeat(segs, ends[segs] - starts[segs])
+    # each position's number unwrapped: the sum of the signed steps from its connection's
+    # first (plus a constant per connection, which sorting by connection first makes harmless)
+    sp = s[pos]
+    unwrapped = np.cumsum(np.r_[0, (sp[1:] - sp[:-1]).view(np.int16).astype(np.int64)])
+    order[pos] = order[pos[np.lexsort((unwrapped, seg_of))]]
+    return pos
+
+
 class ByConnection:
     """The state changes of a recording (kind STATE, not dropped by a kernel filter).
 
@@ -89,7 +128,8 @@ class ByConnection:
     `ts_frame` holds the times in recorded order). Per connection: `ids`, `starts`, `ends`.
     A connection's id is its generation, or for one the kernel's map had no entry for, the
     id `entryless_ids` gives (`all_ids`: every table row's id, None when none is needed);
-    `entryless_ends`: such connections that ended without a CLOSE, (ids, times ns).
+    `entryless_ends`: such connections that ended without a CLOSE, (ids, times ns);
+    `resequenced`: connections whose recorded order was not the kernel's (sorted by seq).
     """
 
     def __init__(self, cols):
@@ -102,15 +142,19 @@ class ByConnection:
             self.all_ids, *ends = entryless_ids(cols)
             self.entryless_ends = tuple(ends)
             gen = self.all_ids[rows]
+        sequenced = None  # rows whose seq counts (None: all): those without a map entry have none
+        if self.all_ids is not None:
+            sequenced = cols.at("gen", rows, ascending=True) != 0
         dropped = _dropped(cols, gen)
         if dropped is not None:
             rows, gen = rows[~dropped], gen[~dropped]
+            sequenced = None if sequenced is None else sequenced[~dropped]
         self.frame_rows = rows = _narrow(rows, len(kind))  # any table row fits the type of these
         at = cols.gather(rows, ascending=True)
         # a second thread (numpy releases the GIL) reads the times and states, then puts the
         # states in sorted order, while this one sorts the ids and finds the segments
         with ThreadPoolExecutor(1) as pool:
-            inframe = pool.submit(lambda: (at("ts_ns").view(np.int64), at("oldstate"), at("newstate")))
+            inframe = pool.submit(lambda: (at("ts_ns").view(np.int64), at("oldstate"), at("newstate"), at("seq")))
             self.at_frame_rows = at
             named = gen != 0
             base = np.uint64(gen[named].min()) if named.any() else np.uint64(0)
@@ -123,18 +167,23 @@ class ByConnection:
                 named = np.flatnonzero(named)
                 order = named[np.argsort(gen[named], kind="stable")]
             del named
-            self.order = order = _narrow(order, len(rows))
-            self.ts_frame, old, new = inframe.result()
-            moved = pool.submit(lambda: (old[order], new[order]))
+            order = _narrow(order, len(rows))
             c = gen[order]
             del gen
             brk = np.flatnonzero(c[1:] != c[:-1]) + 1 if len(c) else np.zeros(0, np.int64)
             self.starts = np.r_[0, brk] if len(c) else brk
             self.ends = np.r_[brk - 1, len(c) - 1] if len(c) else brk
+            self.ts_frame, old, new, seq = inframe.result()
+            moved = pool.submit(lambda: (old[order], new[order], seq[order]))
             self.ids = c[self.starts].astype(np.uint64) + (base if c.dtype == np.uint32 else np.uint64(0))
             del c, brk
             self.number = np.repeat(np.arange(len(self.ids), dtype=np.int32), self.ends - self.starts + 1)
-            self.old, self.new = moved.result()
+            self.old, self.new, s = moved.result()
+            moved = _in_sequence(order, s, self.number, self.starts, sequenced)
+            if len(moved):  # (few): their states again, in the new order
+                self.old[moved], self.new[moved] = old[order[moved]], new[order[moved]]
+            self.resequenced = len(np.unique(self.number[moved]))
+            self.order = order
 
     def ids_of(self, rows: np.ndarray, gen: np.ndarray) -> np.ndarray:
         """The connection ids of these table rows, whose generations are `gen`."""

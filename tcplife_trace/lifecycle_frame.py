@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from .analysis import end_rules
 from .analysis.lifecycle import DEFAULT_HOLD_NS, END_REASONS, OWNER_SOURCES, ROLES
+from .by_connection import _dropped
 from .frames import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
 from .probes import decode as dec
 from .probes.event_layout import EventKind
@@ -89,6 +90,24 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     closed = new[en] == S.CLOSE
     birth_seen = birth >= 0
     start_ns, end_ns = seg.times(st), seg.times(en)
+    # seen first through a read or write (or a reset, an EOF) before any state change: it
+    # started there, as the Tracker starts it; one never seen changing state is added below
+    io_rows, io_ids = events(EventKind.IO_OWNER)
+    io_ids, first = np.unique(io_ids, return_index=True)
+    io_rows = io_rows[first]                             # each one's first read or write
+    o_rows, o_ids = events(EventKind.EOF, EventKind.RECV_RESET)  # (few)
+    o_ids, first = np.unique(o_ids, return_index=True)
+    o_rows = o_rows[first]
+    j = np.minimum(np.searchsorted(io_ids, o_ids), max(len(io_ids) - 1, 0))
+    dup = (io_ids[j] == o_ids) if len(io_ids) else np.zeros(len(o_ids), bool)
+    seen_ids, seen_rows = np.r_[io_ids, o_ids[~dup]], np.r_[io_rows, o_rows[~dup]]
+    seen_rows[j[dup]] = np.minimum(seen_rows[j[dup]], o_rows[dup])
+    at_seen = np.minimum(np.searchsorted(ids, seen_ids), max(n - 1, 0))
+    changed = (ids[at_seen] == seen_ids) if n else np.zeros(len(seen_ids), bool)
+    late = changed & ~birth_seen[at_seen] if n else changed
+    unborn_at, t = at_seen[late], col.at("ts_ns", seen_rows[late]).view(np.int64)
+    earlier = t < start_ns[unborn_at]
+    start_ns[unborn_at[earlier]] = t[earlier]
     # ended without a CLOSE: destroyed, or (map full) its address born again, as the Tracker ends them
     d_rows, d_ids = events(EventKind.DESTROY)
     gone_ids = np.r_[d_ids.astype(np.uint64), seg.entryless_ends[0]]
@@ -116,9 +135,8 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     for (a, b), source in (((S.CLOSE, S.SYN_SENT), _SRC["connect"]), ((S.CLOSE, S.LISTEN), _SRC["listen"])):
         pos, i = seg.where((old == a) & (new == b))
         offer(pos, seg.table_rows(i), source)
-    io_rows, io_gen = events(EventKind.IO_OWNER)
-    pos, r = _per_conn(ids, io_gen, io_rows)
-    offer(pos, r, _SRC["io"])
+    k = changed[:len(io_ids)]
+    offer(at_seen[:len(io_ids)][k], io_rows[k], _SRC["io"])  # the first read or write
     closer = (((old == S.ESTABLISHED) | (old == S.SYN_RECV)) & (new == S.FIN_WAIT1)) | \
         ((old == S.CLOSE_WAIT) & (new == S.LAST_ACK)) | ((old == S.LISTEN) & (new == S.CLOSE))
     pos, i = seg.where(closer)
@@ -176,7 +194,92 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "incomplete": end["incomplete"],
         "path": paths.result(),
     })
+    unchanged = ~changed
+    if unchanged.any():
+        d_gone = np.r_[d_ids.astype(np.uint64), seg.entryless_ends[0]]
+        keep = ~np.isin(seen_ids[unchanged], d_gone)  # destroyed without a state change: never connected
+        rows_, ids_ = seen_rows[unchanged][keep], seen_ids[unchanged][keep]
+        dropped = _dropped(col, ids_)
+        if dropped is not None:
+            rows_, ids_ = rows_[~dropped], ids_[~dropped]
+        if len(ids_):
+            frame = _with_rows(frame, _io_only(col, events, rows_, ids_, mono_to_wall_ns))
     return frame
+
+
+def _io_only(col: Columns, events, rows: np.ndarray, ids: np.ndarray, mono_to_wall_ns: int) -> pd.DataFrame:
+    """Rows for connections the trace saw only through reads and writes (or a reset, an EOF),
+    never a state change: sockets open before the trace that stayed open, as the Tracker
+    keeps them (role unknown, no birth, no tuple: these events carry none; the owner, uid and
+    netns from the first read or write). rows: each one's first such event."""
+    n = len(ids)
+    io_rows, io_ids = events(EventKind.IO_OWNER)
+    pos, first_io = _per_conn(ids, io_ids, io_rows)
+    owner_row = np.full(n, -1, dtype=np.int64)
+    owner_row[pos] = first_io
+    has = owner_row >= 0
+    at_owner = col.gather(owner_row[has])
+    pid = np.zeros(n, np.uint32)
+    pid[has] = at_owner("pid")
+    comm = decoded(at_owner, "comm", dec.comm).take(np.where(has, np.cumsum(has) - 1, -1), allow_fill=True)
+    flags = np.zeros(n, np.uint8)
+    flags[has] = col["flags"][owner_row[has]]
+    netns = np.zeros(n, np.int64)
+    uid = np.zeros(n, np.uint32)
+    if has.any():
+        netns[has] = at_owner("netns")
+        uid[has] = at_owner("uid")
+    eof_rows, eof_ids = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
+    eof_ns = np.full(n, NAT, dtype=np.int64)
+    pos, v = _per_conn(ids, eof_ids, col.at("ts_ns", eof_rows, ascending=True).view(np.int64))
+    eof_ns[pos] = v + mono_to_wall_ns
+    start = col.at("ts_ns", rows).view(np.int64) + mono_to_wall_ns
+    none = np.zeros(n, bool)
+    no_names = lambda: pd.Categorical.from_codes(np.full(n, -1, np.int8), categories=pd.Index([], dtype=object))  # noqa: E731
+    order = np.argsort(ids, kind="stable")
+    return pd.DataFrame(copy=False, data={
+        "conn_id": ids.astype(np.uint64),
+        "role": pd.Categorical.from_codes(np.full(n, _ROLE["unknown"], np.int8), ROLE_CATEGORIES),
+        "family": _masked(np.zeros(n, np.uint8), none, "UInt8"),
+        "laddr": no_names(), "lport": _masked(np.zeros(n), none, "UInt16"),
+        "raddr": no_names(), "rport": _masked(np.zeros(n), none, "UInt16"),
+        "netns": _masked(netns, has & ((flags & dec.F_NETNS) != 0), "UInt32"),
+        "birth_seen": none,
+        "start": wall_times(start), "end": wall_times(np.full(n, NAT, np.int64)),
+        "duration_s": np.full(n, np.nan),
+        "listener_pid": _masked(np.zeros(n), none, "UInt32"),
+        "pid": _masked(pid, has, "UInt32"),
+        "comm": comm,
+        "owner_source": pd.Categorical.from_codes(np.where(has, _SRC["io"], _SRC["none"]).astype(np.int8), SOURCES),
+        "uid": _masked(uid, has & ((flags & dec.F_UID) != 0), "UInt32"),
+        "end_reason": pd.Categorical.from_codes(np.full(n, _END["open"], np.int8), END_CATEGORIES),
+        "end_detail": no_names(), "rst_sent_reason": no_names(), "errno": no_names(),
+        "time_wait": none, "tx_b": _masked(np.zeros(n), none, "UInt64"), "rx_b": _masked(np.zeros(n), none, "UInt64"),
+        "eof_seen": wall_times(eof_ns), "incomplete": none,
+        "path": pd.Categorical.from_codes(np.zeros(n, np.int8), categories=pd.Index([""], dtype=object)),
+    }).iloc[order]
+
+
+def _with_rows(frame: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
+    """frame and more, in conn_id order, each column keeping frame's dtype (categoricals: the
+    union of both sets of categories)."""
+    out = {}
+    for name in frame.columns:
+        a, b = frame[name], more[name]
+        if isinstance(a.dtype, pd.CategoricalDtype):
+            cats, theirs = a.cat.categories, b.cat.categories
+            new = theirs[~theirs.isin(cats)]
+            if len(new):
+                cats = cats.append(new)
+            bcodes = b.cat.codes.to_numpy()
+            bcodes = np.r_[cats.get_indexer(theirs), -1][bcodes]  # (-1, no value, stays -1)
+            codes = np.r_[a.cat.codes.to_numpy().astype(np.int64), bcodes]
+            out[name] = pd.Categorical.from_codes(codes, categories=cats, ordered=a.cat.ordered)
+        else:
+            out[name] = pd.concat([a, b.astype(a.dtype)], ignore_index=True)
+    joined = pd.DataFrame(out)
+    order = np.argsort(joined["conn_id"].to_numpy(), kind="stable")
+    return joined.iloc[order].reset_index(drop=True)
 
 
 def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, gone: np.ndarray,

@@ -55,6 +55,16 @@ ROWS = [
     (62, "S", 7, "FIN_WAIT2", "CLOSE", 0, 8080, 6000),
     (70, "S", 8, "CLOSE", "SYN_SENT", C, 0, 84),
     (71, "S", 8, "SYN_SENT", "ESTABLISHED", C, 40004, 84),
+    # open before the trace and only read and written during it (no state change): still open;
+    # one that closes after its first read (it started there); one destroyed unconnected
+    (65, "IO", 9, W, {"unseen": True}),
+    (66, "IO", 9, X, {"unseen": True}),
+    (64, "IO", 10, W, {"unseen": True}),
+    (67, "S", 10, "ESTABLISHED", "CLOSE_WAIT", 0, 8080, 6001),
+    (68, "S", 10, "CLOSE_WAIT", "LAST_ACK", W, 8080, 6001),
+    (68.5, "S", 10, "LAST_ACK", "CLOSE", 0, 8080, 6001),
+    (69, "IO", 11, C),
+    (69.5, "D", 11),
     (80, "S", 1, "LISTEN", "CLOSE", SRV, 8080, 0),
 ]
 
@@ -108,7 +118,8 @@ def live_view(events):
     return {lc.conn_id: lc for lc in closed}, {lc.conn_id: lc for lc in still}
 
 
-def compare(frame, closed, still_open):
+def compare(frame, closed, still_open, offset=0):
+    """offset: the recording's mono_to_wall_ns (the frame's times are wall clock)."""
     rows = frame.set_index("conn_id")
     assert set(rows.index) == set(closed) | set(still_open)
     for cid, lc in closed.items():
@@ -124,8 +135,16 @@ def compare(frame, closed, still_open):
         assert lp == lc.listener_pid, cid
         want = None if lc.duration_ns is None else lc.duration_ns / 1e9
         assert (pd.isna(r.duration_s) and want is None) or abs(r.duration_s - want) < 1e-9, cid
-    for cid in still_open:
-        assert rows.loc[cid].end_reason == "open"
+    for cid, lc in {**closed, **still_open}.items():
+        r = rows.loc[cid]
+        assert r.birth_seen == lc.birth_seen, cid
+        assert r.start.value == lc.start_ns + offset, cid
+        assert r.path == " ".join(S(s).name for s in lc.path), cid
+    for cid, lc in still_open.items():
+        r = rows.loc[cid]
+        assert r.end_reason == "open"
+        assert (None if pd.isna(r.pid) else r.pid) == lc.owner_pid, cid
+        assert r.owner_source == lc.owner_source, cid
 
 
 def compare_durations(frame, closed):
@@ -146,6 +165,9 @@ def test_synthetic_scenarios_agree(tmp_path):
     rec = load(str(p))
     compare(rec.lifecycles(), closed, still)
     compare_durations(rec.state_durations(), closed)
+    assert set(still) == {8, 9}  # 11 was destroyed before any state change: never connected
+    assert (still[9].owner_pid, still[9].owner_source, still[9].birth_seen, still[9].path) == (W, "io", False, [])
+    assert closed[10].start_ns == 64_000_000 and closed[10].owner_source == "io"
 
 
 def test_map_full_connections_agree(tmp_path):
@@ -195,7 +217,7 @@ def test_real_trace_recorded_agrees_with_live(tmp_path):
     still = {lc.conn_id: lc for lc in s.still_open}
     rec = load(str(p))
     assert len(closed) > 200
-    compare(rec.lifecycles(), {lc.conn_id: lc for lc in closed}, still)
+    compare(rec.lifecycles(), {lc.conn_id: lc for lc in closed}, still, rec.mono_to_wall_ns)
     compare_durations(rec.state_durations(), {lc.conn_id: lc for lc in closed})
 
 
@@ -224,5 +246,5 @@ def test_live_session_gives_the_same_frames_in_memory():
     mine = {lc.conn_id: lc for lc in closed if srv.port in (lc.lport, lc.rport)}
     assert len(mine) == 3
     frame = rec.lifecycles()
-    compare(frame[frame.conn_id.isin(list(mine))], mine, {})
+    compare(frame[frame.conn_id.isin(list(mine))], mine, {}, rec.mono_to_wall_ns)
     assert rec.end["events_lost"] == 0 and "in memory" in repr(rec)

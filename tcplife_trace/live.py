@@ -243,8 +243,13 @@ class LiveSession:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
         early, self._early = self._early, []
-        self._consume(early + self.stream.finish())  # detached first: the counters below are final
-        self.still_open = self.tracker.finish()
+        self._consume(self._not_own(early + self.stream.finish()))  # detached first: the counters below are final
+        still = self.tracker.finish()
+        # the filters on those still open too, as on those that ended (Tracker._finish): under
+        # -p an accepted socket of another process's listener reaches user space (the kernel
+        # cannot tell its owner at SYN_RECV) and was listed here as open
+        self.still_open = [lc for lc in still if self.tracker.kept(lc)]
+        self.tracker.counters.filtered += len(still) - len(self.still_open)
         folded, replaced = self._folding()
         folded = [lc for lc in folded if self.tracker.kept(lc)]  # still in the kernel map
         self.still_open = [lc for lc in self.still_open if lc.conn_id not in replaced]

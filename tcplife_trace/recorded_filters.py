@@ -23,42 +23,52 @@ _ACTING = ((S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FIN_WAI
 
 
 def owned(cols, pids) -> np.ndarray:
-    """Per connection of cols.by_connection() (its `ids` order): one of `pids` acted on it."""
+    """The ids of the connections one of `pids` acted on (sorted, unique)."""
+    if not pids:
+        return np.zeros(0, dtype=np.uint64)
     seg = cols.by_connection()
-    n = len(seg.ids)
-    out = np.zeros(n, dtype=bool)
-    if not n or not pids:
-        return out
     pids = np.asarray(pids, dtype=np.uint32)
     acting = np.zeros(len(seg.old), dtype=bool)
     for a, b in _ACTING:
         acting |= (seg.old == a) & (seg.new == b)
     acting &= np.isin(seg.sorted_column("pid"), pids)
-    out[seg.number[acting]] = True
+    found = [seg.ids[seg.number[acting]].astype(np.uint64)]
     rows = np.flatnonzero(cols["kind"] == EventKind.IO_OWNER)  # every read or write (Tracker._io)
     if len(rows):
         rows = rows[np.isin(cols.at("pid", rows, ascending=True), pids)]
-        ids = seg.ids_of(rows, cols.at("gen", rows, ascending=True))
-        ids = ids[ids != 0]
-        pos = np.minimum(np.searchsorted(seg.ids, ids), n - 1)
-        out[pos[seg.ids[pos] == ids]] = True
-    return out
+        found.append(seg.ids_of(rows, cols.at("gen", rows, ascending=True)).astype(np.uint64))
+    out = np.unique(np.concatenate(found))
+    return out[out != 0]
 
 
 def kept(lc: pd.DataFrame, cols, filters: Filters, conns: np.ndarray | None = None) -> np.ndarray:
     """Which rows of a lifecycles frame (made from `cols`) the filters keep, by the live rule.
     conns: only these rows are judged (the others: False)."""
-    seg = cols.by_connection()
-    pos = np.searchsorted(seg.ids, lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0))
-    pos = np.minimum(pos, max(len(seg.ids) - 1, 0))
-    listener_pid = lc["listener_pid"].to_numpy(dtype=np.int64, na_value=-1)
-    own = (owned(cols, filters.pids)[pos] | np.isin(listener_pid, filters.pids)) if filters.pids else None
+    own = None
+    if filters.pids:
+        ids = lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0)
+        listener_pid = lc["listener_pid"].to_numpy(dtype=np.int64, na_value=-1)
+        own = np.isin(ids, owned(cols, filters.pids)) | np.isin(listener_pid, filters.pids)
     keep = filters.match_columns(
         family=lc["family"].to_numpy(dtype=np.int64, na_value=0),
         lport=lc["lport"].to_numpy(dtype=np.int64, na_value=0),
         rport=lc["rport"].to_numpy(dtype=np.int64, na_value=0),
         listener=(lc["role"] == "listener").to_numpy(dtype=bool), owned=own)
     return keep if conns is None else keep & conns
+
+
+def files_of(lc: pd.DataFrame, cols, file_rows: np.ndarray) -> np.ndarray:
+    """Per row of a lifecycles frame, the index of the file (of several loaded as one: their
+    first table rows `file_rows`, and the end) its connection's first event is in."""
+    if len(file_rows) <= 2:
+        return np.zeros(len(lc), dtype=np.int64)
+    seg = cols.by_connection()
+    every = np.arange(cols.table.num_rows)
+    ids = seg.ids_of(every, cols["gen"]).astype(np.uint64)
+    uniq, first = np.unique(ids, return_index=True)
+    conn = lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0)
+    pos = np.minimum(np.searchsorted(uniq, conn), max(len(uniq) - 1, 0))
+    return np.searchsorted(file_rows, first[pos], side="right") - 1
 
 
 def both(a: Filters, b: Filters) -> Filters:

@@ -607,13 +607,9 @@ class Recording:
         if not hasattr(self, "_kept"):
             self._kept = None
             if any(f.active() for f in self.applied_filters):
-                from .recorded_filters import kept
+                from .recorded_filters import files_of, kept
                 lc = self._every_lifecycle()
-                seg = self.columns().by_connection()
-                # each connection's file: that of its first state change's table row
-                file_of = np.searchsorted(self._file_rows, seg.table_rows(seg.starts), side="right") - 1
-                pos = np.searchsorted(seg.ids, lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0))
-                conn_file = file_of[np.minimum(pos, max(len(seg.ids) - 1, 0))] if len(seg.ids) else pos
+                conn_file = files_of(lc, self.columns(), self._file_rows)
                 keep = np.zeros(len(lc), dtype=bool)
                 for i, f in enumerate(self.applied_filters):
                     mine = conn_file == i

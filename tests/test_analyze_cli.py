@@ -25,19 +25,19 @@ def rec_path(tmp_path):
 def test_table_report(rec_path, capsys):
     assert main(["analyze", rec_path]) == 0
     out = capsys.readouterr().out
-    assert "8 connections" in out and "refused 1" in out and "timeout 1" in out
-    assert "open at the end of the recording (1)" in out
+    assert "10 connections" in out and "refused 1" in out and "timeout 1" in out
+    assert "open at the end of the recording (2)" in out
     assert "time in state" in out and "ESTABLISHED" in out
 
 
 def test_json_and_filters(rec_path, capsys):
     assert main(["analyze", rec_path, "--format", "json", "-L", "8080"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert {r["conn_id"] for r in doc["lifecycles"]} == {1, 2, 7}
+    assert {r["conn_id"] for r in doc["lifecycles"]} == {1, 2, 7, 10}
     assert doc["recordings"][0]["end"]["events_lost"] == 0
     assert main(["analyze", rec_path, "--format", "json", "-p", str(201)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert {r["conn_id"] for r in doc["lifecycles"]} == {2, 7}  # the worker's sockets
+    assert {r["conn_id"] for r in doc["lifecycles"]} == {2, 7, 9, 10}  # the worker's sockets (9: only written by it)
 
 
 def test_time_window(rec_path, capsys):
@@ -45,7 +45,7 @@ def test_time_window(rec_path, capsys):
     since = (base + pd.Timedelta(milliseconds=45)).isoformat()
     assert main(["analyze", rec_path, "--format", "csv", "--since", since]) == 0
     ids = set(pd.read_csv(__import__("io").StringIO(capsys.readouterr().out)).conn_id)
-    assert ids == {1, 5, 6, 7, 8}  # ended after, or still open at, 45 ms
+    assert ids == {1, 5, 6, 7, 8, 9, 10}  # ended after, or still open at, 45 ms
 
 
 def test_export_parquet(rec_path, tmp_path, capsys):
@@ -57,7 +57,7 @@ def test_export_parquet(rec_path, tmp_path, capsys):
     lk = pd.read_parquet(out / "leaks.parquet")
     assert list(lk.columns)[:3] == ["kind", "severity", "count"]
     lc = pd.read_parquet(out / "lifecycles.parquet")
-    assert len(lc) == 8 and str(lc.time_wait.dtype) == "bool"
+    assert len(lc) == 10 and str(lc.time_wait.dtype) == "bool"
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -17,9 +17,9 @@ from synthetic import stream
 from test_offline_equivalence import ROWS
 
 MONO_TO_WALL = 1_800_000_000_000_000_000
-ALL_IDS = {1, 2, 3, 4, 5, 6, 7, 8}      # the connections of ROWS
-WORKER_IDS = {2, 7}                     # owned by pid 201 (the pre-forked worker), or on its listener
-PORT_8080_IDS = {1, 2, 7}
+ALL_IDS = set(range(1, 11))             # the connections of ROWS
+WORKER_IDS = {2, 7, 9, 10}              # that pid 201 (the pre-forked worker) read, wrote or closed
+PORT_8080_IDS = {1, 2, 7, 10}
 
 
 def write(path, filters, host=None):
@@ -78,19 +78,21 @@ def test_a_recording_shows_what_its_filters_keep_unless_all_recorded(tmp_path, c
     assert main(["analyze", path]) == 0
     out = capsys.readouterr().out
     assert "recorded filters pid 201 (applied, as the live session did; --all-recorded" in out
-    assert "2 connections" in out
+    assert f"{len(WORKER_IDS)} connections" in out
     assert main(["analyze", path, "--all-recorded"]) == 0
     assert "recorded filters pid 201 (not applied: --all-recorded)" in capsys.readouterr().out
     # the library: the same frames from load(), and everything with all_recorded
     rec = load(path)
-    assert set(rec.lifecycles().conn_id) == WORKER_IDS and set(rec.transitions.conn_id) == WORKER_IDS
+    assert set(rec.lifecycles().conn_id) == WORKER_IDS
+    assert set(rec.transitions.conn_id) == WORKER_IDS - {9}  # (9 changed no state)
     assert set(rec.by_process().reset_index()["pid"].dropna()) == {201}
+    assert set(rec.state_durations().conn_id) <= WORKER_IDS
     assert set(load(path, all_recorded=True).lifecycles().conn_id) == ALL_IDS
 
 
 @pytest.mark.parametrize("text,want", [
     ("none", ALL_IDS), ("pid 201", WORKER_IDS), ("lport 8080", PORT_8080_IDS),
-    ("pid 201; lport 8080", WORKER_IDS & PORT_8080_IDS), ("IPv6", set()),
+    ("pid 201; lport 8080", WORKER_IDS & PORT_8080_IDS), ("IPv6", {9}),  # 9: no tuple, family unknown
 ])
 def test_old_headers_give_their_filters_as_text(tmp_path, capsys, text, want):
     """Recordings made before filter_spec: the describe() text is read back."""
@@ -183,6 +185,14 @@ for _ in range(n):
         s.close()
 """
 N = 20
+# another process's connection to itself, open past the end of the trace
+HOLD = r"""
+import socket, time
+ls = socket.socket(); ls.settimeout(10); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+c = socket.create_connection(ls.getsockname(), timeout=10); a, _ = ls.accept()
+print(ls.getsockname()[1], flush=True)
+time.sleep(30)
+"""
 
 
 @pytest.mark.privileged
@@ -190,18 +200,21 @@ def test_a_real_recording_analysed_as_the_live_run_showed_it(tmp_path, capsys):
     from test_cli import traced
     target = subprocess.Popen([sys.executable, "-c", SERVER, str(N)], stdout=subprocess.PIPE, text=True)
     other = subprocess.Popen([sys.executable, "-c", SERVER, str(N)], stdout=subprocess.PIPE, text=True)
+    holder = []
     try:
         tport, oport = int(target.stdout.readline()), int(other.stdout.readline())
         path = tmp_path / "p.arrow"
 
         def workload():
+            holder.append(subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True))
             subprocess.run([sys.executable, "-c", CLIENT, str(N), str(tport), str(oport)], check=True, timeout=60)
             target.wait(timeout=15)
             other.wait(timeout=15)
-        rc, out, err, _ = traced(["-p", str(target.pid), "--duration", "4", "--json", "--lifecycles",
-                                  "--record", str(path)], workload)
+            return int(holder[0].stdout.readline())
+        rc, out, err, hport = traced(["-p", str(target.pid), "--duration", "4", "--json", "--lifecycles",
+                                      "--record", str(path)], workload)
     finally:
-        for p in (target, other):
+        for p in (target, other, *holder):
             p.kill()
             p.wait()
     assert rc == 0, err
@@ -211,8 +224,8 @@ def test_a_real_recording_analysed_as_the_live_run_showed_it(tmp_path, capsys):
     want = sorted(tuple(r[k] for k in fields) for r in live)
     # the target's listener and its N accepted connections, nothing of the other server's
     assert sum(r["lport"] == tport and r["role"] == "passive" for r in live) == N
-    assert not any(oport in (r["lport"], r["rport"]) for r in live)
-    assert all(r["pid"] == target.pid for r in live)
+    assert not any({oport, hport} & {r["lport"], r["rport"]} for r in live)  # not even the open one
+    assert all(r["pid"] == target.pid for r in live), [r for r in live if r["pid"] != target.pid]
 
     doc = analyzed(capsys, str(path))
     got = sorted(tuple(r[k] for k in fields) for r in doc["lifecycles"])
@@ -223,4 +236,50 @@ def test_a_real_recording_analysed_as_the_live_run_showed_it(tmp_path, capsys):
     every = analyzed(capsys, str(path), "--all-recorded")["lifecycles"]
     others = [r for r in every if r["lport"] == oport and r["role"] == "passive"]
     assert len(others) == N, [(r["lport"], r["role"]) for r in every]
+    held = [r for r in every if r["lport"] == hport and r["role"] == "passive"]
+    assert [r["end_reason"] for r in held] == ["open"], held
     assert {r["conn_id"] for r in every} > {r[0] for r in want}
+
+
+# a connection made by one process and written by another (a forked child sharing the socket),
+# and an accepted socket whose listener's owner never touches it
+SHARED = [
+    (100.0, "S", 20, "CLOSE", "SYN_SENT", 300, 0, 90),
+    (100.5, "S", 20, "SYN_SENT", "ESTABLISHED", 0, 40020, 90),
+    (101.0, "IO", 20, 301),
+    (102.0, "S", 20, "ESTABLISHED", "FIN_WAIT1", 300, 40020, 90),
+    (102.5, "S", 20, "FIN_WAIT1", "FIN_WAIT2", 0, 40020, 90),
+    (103.0, "S", 20, "FIN_WAIT2", "CLOSE", 0, 40020, 90),
+]
+
+
+@pytest.mark.parametrize("f", [
+    Filters(pids=(301,)), Filters(pids=(300,)), Filters(pids=(200,)), Filters(pids=(201,)), Filters(pids=(100,)),
+    Filters(pids=(999,)), Filters(lports=(8080,)), Filters(rports=(80, 90)), Filters(family=4), Filters(family=6),
+    Filters(pids=(201, 100), rports=(84, 5555)), Filters(pids=(301,), lports=(40020,)),
+])
+def test_recorded_filters_keep_what_the_live_tracker_keeps(tmp_path, capsys, f):
+    """Every connection the Tracker reports under these filters (finished, or still open and
+    kept), and only those, by the frames of a recording made with them; the pids of every
+    process that acted on a connection count (301 only wrote on connection 20)."""
+    from tcplife_trace.analysis.lifecycle import Tracker
+    events = stream(ROWS + SHARED)
+    closed = []
+    t = Tracker(f, on_close=closed.append)
+    t.feed_all(events)
+    still = [lc for lc in t.finish() if t.kept(lc)]
+    live = {lc.conn_id for lc in closed} | {lc.conn_id for lc in still}
+    w = RecordingWriter(str(tmp_path / "f.arrow"), recording.header(f, MONO_TO_WALL))
+    w.add(events)
+    w.close({"events_lost": 0})
+    assert ids(analyzed(capsys, str(tmp_path / "f.arrow"))) == live
+    # the same filters given to analyze of an unfiltered recording
+    plain = write(tmp_path / "plain.arrow", Filters())
+    w = RecordingWriter(plain + "2", recording.header(Filters(), MONO_TO_WALL))
+    w.add(events)
+    w.close({"events_lost": 0})
+    args = [*(["-p", ",".join(map(str, f.pids))] if f.pids else []),
+            *(["-L", ",".join(map(str, f.lports))] if f.lports else []),
+            *(["-D", ",".join(map(str, f.rports))] if f.rports else []),
+            *([f"-{f.family}"] if f.family else [])]
+    assert ids(analyzed(capsys, plain + "2", *args)) == live

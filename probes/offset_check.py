@@ -51,19 +51,32 @@ def _connection(family: int) -> tuple[set[int], int]:
     return {port, cport}, PAYLOAD
 
 
-def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[list, str | None, list]:
+def is_own(ev, ports: set[int]) -> bool:
+    """An event of the check's connection or listener (a SYN_SENT socket has no local port
+    yet, a listener no remote one)."""
+    return {ev[_SPORT], ev[_DPORT]} <= ports | {0} and (ev[_SPORT] in ports or ev[_DPORT] in ports)
+
+
+def expected_ends(mode: str) -> int:
+    """Records that end the check: each of the connection's two sockets ends with a CLOSE event
+    (stream) and/or a folded record (aggregate), and the listener with a CLOSE event."""
+    return {"stream": 2, "aggregate": 2, "both": 4}.get(mode, 2) + 1
+
+
+def check(stream, offsets_known: set[str], family: int | None = None,
+          mode: str = "stream") -> tuple[list, str | None, list, set[int]]:
     """Make the connection, read its events back from `stream`; returns (the other events
-    read meanwhile, to be consumed as usual; what read wrong, or None; our own events). Our
+    read meanwhile, to be consumed as usual; what read wrong, or None; our own events; the
+    ports that tell later stragglers of ours, see is_own). Our
     own events are not passed on: they are the tracer's, not the workload's (the kernel's
     counters of emitted events include them)."""
     ports, n = _connection(6 if family == 6 else 4)
     others, mine = [], []
     deadline = time.monotonic() + WAIT_S
     closes = 0
-    while time.monotonic() < deadline and closes < 3:  # both ends and the listener
+    while time.monotonic() < deadline and closes < expected_ends(mode):
         for ev in stream.poll(20):
-            # (a SYN_SENT socket has no local port yet, a listener no remote one)
-            if {ev[_SPORT], ev[_DPORT]} <= ports | {0} and (ev[_SPORT] in ports or ev[_DPORT] in ports):
+            if is_own(ev, ports):
                 mine.append(ev)
                 closes += ev[_KIND] == _LIFE or (ev[_KIND] == _STATE and ev[_NEW] == _CLOSE)
             else:
@@ -75,7 +88,7 @@ def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[l
         mine += [ev for ev in others if ev[_GEN] in gens]
         others = [ev for ev in others if ev[_GEN] not in gens]
     if not mine:
-        return others, None, mine  # nothing came back (say, a kernel that filters): nothing judged
+        return others, None, mine, ports  # nothing came back (say, a kernel that filters): nothing judged
     netns = os.stat("/proc/self/ns/net").st_ino
     wrong = []
     if {"OFF_SKC_NET", "OFF_NET_NS_INUM"} <= offsets_known:
@@ -92,4 +105,4 @@ def check(stream, offsets_known: set[str], family: int | None = None) -> tuple[l
         bad = [(ev[_TX], ev[_RX]) for ev in ends if not (n <= ev[_TX] <= n + 2 and n <= ev[_RX] <= n + 2)]
         if bad:
             wrong.append(f"{bad[0][0]} bytes sent and {bad[0][1]} received at CLOSE, not {n} each")
-    return others, "; ".join(wrong) or None, mine
+    return others, "; ".join(wrong) or None, mine, ports

@@ -25,6 +25,7 @@ from .probes.event_layout import EventKind, Flag
 from .probes.stream import KIND_NAMES, EventStream
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
+OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
 from .views import Clock
 
 
@@ -47,6 +48,8 @@ class LiveSession:
         # the records of the tracer's own check connection, by kind: in the kernel's emitted
         # and the stream's received counts, not given to the tracker or the recording
         self.startup_check_events: Counter[str] = Counter()
+        self._own_ports: set[int] = set()
+        self._own_until = 0.0
         self._check_offsets()
         self.startup_s = time.monotonic() - t0
         self.state_times = StateTimes()
@@ -104,8 +107,11 @@ class LiveSession:
             return
         wrong = None
         if offset_check.possible(self.settings.filters):
-            self._early, wrong, mine = offset_check.check(self.stream, set(used), self.settings.filters.family)
+            self._early, wrong, mine, ports = offset_check.check(self.stream, set(used), self.settings.filters.family,
+                                                                 self.settings.mode)
             self.startup_check_events = Counter(KIND_NAMES.get(ev[13], str(ev[13])) for ev in mine)
+            # records of it that come later (a loaded machine) are left out too, for a while
+            self._own_ports, self._own_until = ports, time.monotonic() + OWN_CHECK_S
             if wrong is None:
                 return
         fresh, _ = btf.kernel_offsets(use_cache=False)
@@ -128,11 +134,24 @@ class LiveSession:
             + f": rebuilt from {btf.VMLINUX_BTF} and the program loaded again"
             + (f" ({dropped} events of the first program, read meanwhile, left out)" if dropped else ""))
 
+    def _not_own(self, events: list) -> list:
+        """events without late records of the start-up check's connection (OWN_CHECK_S after it)."""
+        if time.monotonic() > self._own_until:
+            self._own_ports = set()
+            return events
+        own = [ev for ev in events if offset_check.is_own(ev, self._own_ports)]
+        if not own:
+            return events
+        self.startup_check_events.update(KIND_NAMES.get(ev[13], str(ev[13])) for ev in own)
+        return [ev for ev in events if not offset_check.is_own(ev, self._own_ports)]
+
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         events = self.stream.poll(timeout_ms)
         if self._early:
             events, self._early = self._early + events, []
+        if self._own_ports and events:
+            events = self._not_own(events)
         self._consume(events)
         now = time.monotonic_ns()
         self.tracker.advance(now)
@@ -178,6 +197,8 @@ class LiveSession:
             try:
                 while not done.is_set():
                     events = self.stream.poll(50)
+                    if self._own_ports and events:
+                        events = self._not_own(events)
                     if events:
                         self.recorder.add(events)
                         backlog.append(events)

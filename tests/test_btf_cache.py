@@ -96,7 +96,7 @@ def test_planted_wrong_offsets_are_caught_at_start_and_rebuilt(cache, family):
         said = [n for n in s.notices if "BTF offset cache" in n]
         assert len(said) == 1 and "read wrong values" in said[0] and "rebuilt from" in said[0], s.notices
         assert btf.kernel_offsets() == (TRUE_OFFSETS, [])  # the cache holds the kernel's own now
-        others, problem, mine = offset_check.check(s.stream, set(TRUE_OFFSETS), family)
+        others, problem, mine, _ = offset_check.check(s.stream, set(TRUE_OFFSETS), family)
         assert problem is None and mine  # the program now loaded reads right
     finally:
         s.stop()

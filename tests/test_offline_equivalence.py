@@ -55,11 +55,8 @@ ROWS = [
     (62, "S", 7, "FIN_WAIT2", "CLOSE", 0, 8080, 6000),
     (70, "S", 8, "CLOSE", "SYN_SENT", C, 0, 84),
     (71, "S", 8, "SYN_SENT", "ESTABLISHED", C, 40004, 84),
-    (80, "S", 1, "LISTEN", "CLOSE", SRV, 8080, 0),
-]
-# open before the trace and only read and written during it (no state change): still open;
-# one that closes after its first read (it started there); one destroyed unconnected
-PREEXISTING_ROWS = [
+    # open before the trace and only read and written during it (no state change): still open;
+    # one that closes after its first read (it started there); one destroyed unconnected
     (65, "IO", 9, W, {"unseen": True}),
     (66, "IO", 9, X, {"unseen": True}),
     (64, "IO", 10, W, {"unseen": True}),
@@ -68,6 +65,7 @@ PREEXISTING_ROWS = [
     (68.5, "S", 10, "LAST_ACK", "CLOSE", 0, 8080, 6001),
     (69, "IO", 11, C),
     (69.5, "D", 11),
+    (80, "S", 1, "LISTEN", "CLOSE", SRV, 8080, 0),
 ]
 
 
@@ -158,7 +156,7 @@ def compare_durations(frame, closed):
 
 
 def test_synthetic_scenarios_agree(tmp_path):
-    events = stream(ROWS + PREEXISTING_ROWS)
+    events = stream(ROWS)
     closed, still = live_view(events)
     p = tmp_path / "r.arrow"
     w = RecordingWriter(str(p), recording.header("none", 0))

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from tcplife_trace import recording  # noqa: E402
 from tcplife_trace.probes.event_layout import EVENT_DTYPE, EventKind, Flag  # noqa: E402
+from tcplife_trace.probes.filters import Filters  # noqa: E402
 from tcplife_trace.probes.tcp_states import TcpState as S  # noqa: E402
 
 # (kind, old, new, delay_us, owner-context) per template; each template is one connection
@@ -83,7 +84,7 @@ def synthesize(n_transitions: int, seed: int = 1) -> np.ndarray:
 
 def write(path: str, events: np.ndarray) -> int:
     import pyarrow.ipc as ipc
-    schema = recording._schema(recording.header("bench", 0))
+    schema = recording._schema(recording.header(Filters(), 0))
     with open(path, "wb") as f, ipc.new_stream(f, schema) as w:
         for i in range(0, len(events), 1 << 20):
             w.write_batch(recording._batch(schema, events[i:i + (1 << 20)].tobytes()))

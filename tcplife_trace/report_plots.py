@@ -390,7 +390,8 @@ def _fig_distributions(a: Aggregates):
 def _fig_group(a: Aggregates, name: str):
     g = a.groups[name]
     labels = g["labels"]
-    fig, axes = _figure(10, 0.9 + 0.32 * len(labels), 1, 2, width_ratios=[1, 1.2])
+    # one group (a single process, say) still gets room for its axes and colour bar
+    fig, axes = _figure(10, max(1.8, 0.9 + 0.32 * len(labels)), 1, 2, width_ratios=[1, 1.2])
     box, heat = axes[0, 0], axes[0, 1]
     data = [g["lifetimes"][x] for x in labels]
     pos = np.arange(len(labels))[::-1]

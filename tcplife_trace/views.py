@@ -204,10 +204,13 @@ def summary_text(report: dict) -> str:
     if r.get("recursion_misses") is None and "recursion_misses" in r:
         lines.append("  recursion misses: not counted by this kernel (5.12+ counts them)")
     late = r.get("overflow_out_of_order", 0)
-    if r["sequence_gaps"] or r["unmatched_errors"] or late:
+    reordered = r.get("transitions_out_of_order", 0)
+    if r["sequence_gaps"] or r["unmatched_errors"] or late or reordered:
         lines.append(f"  inconsistencies: {r['sequence_gaps']} transitions out of sequence, "
                      f"{r['unmatched_errors']} errno reports without a connection"
-                     + (f", {late} overflow events too late to be put in order" if late else ""))
+                     + (f", {late} overflow events too late to be put in order" if late else "")
+                     + (f", {reordered} transitions that arrived after a later one of their "
+                        "connection" if reordered else ""))
     if r.get("sockets_at_start"):
         lines.append("  sockets at start (all namespaces): "
                      + ", ".join(f"{k} {v}" for k, v in r["sockets_at_start"].items()))

@@ -104,21 +104,24 @@ def churn(conns: int, workers: int) -> tuple[int, float, int]:
 _netns_counter = [0]
 
 
-def churn_in_netns(conns: int, workers: int) -> tuple[int, float, int]:
-    """churn() in a network namespace of its own, deleted after: every run starts with an
-    empty TIME_WAIT table (past tcp_max_tw_buckets the kernel skips TIME_WAIT and later
-    runs would get faster, which would skew every ratio)."""
+def in_fresh_netns(command: str, timeout: float) -> str:
+    """stdout of a shell command run in a network namespace of its own (loopback up), deleted
+    after: every run starts with an empty TIME_WAIT table (past tcp_max_tw_buckets the kernel
+    skips TIME_WAIT and later runs would get faster, which would skew every ratio)."""
     _netns_counter[0] += 1
     name = f"tltbench{os.getpid()}_{_netns_counter[0]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        out = subprocess.run(
-            ["ip", "netns", "exec", name, "sh", "-c",
-             f'ip link set lo up && exec "{sys.executable}" "{os.path.abspath(__file__)}" '
-             f"--load {conns} --workers {workers}"],
-            check=True, capture_output=True, text=True, timeout=STEP_TIMEOUT + 30).stdout
+        return subprocess.run(["ip", "netns", "exec", name, "sh", "-c", f"ip link set lo up && exec {command}"],
+                              check=True, capture_output=True, text=True, timeout=timeout).stdout
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def churn_in_netns(conns: int, workers: int) -> tuple[int, float, int]:
+    """churn() (the Python load) in a fresh network namespace."""
+    out = in_fresh_netns(f'"{sys.executable}" "{os.path.abspath(__file__)}" --load {conns} --workers {workers}',
+                         STEP_TIMEOUT + 30)
     port, rate, made = out.split()
     return int(port), float(rate), int(made)
 
@@ -135,18 +138,9 @@ def build_loadgen(tmp: str) -> str:
 
 def native_churn_in_netns(loadgen: str, seconds: float, clients: int, servers: int,
                           max_conns: int = 10_000_000) -> tuple[int, float, int]:
-    """The native load for `seconds` in a network namespace of its own, deleted after;
-    returns (port, connections/s, connections made)."""
-    _netns_counter[0] += 1
-    name = f"tltbench{os.getpid()}_{_netns_counter[0]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        out = subprocess.run(
-            ["ip", "netns", "exec", name, "sh", "-c",
-             f'ip link set lo up && exec "{loadgen}" {seconds} {max_conns} {clients} {servers}'],
-            check=True, capture_output=True, text=True, timeout=seconds + 60).stdout
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    """The native load for `seconds` in a fresh network namespace; returns (port,
+    connections/s, connections made)."""
+    out = in_fresh_netns(f'"{loadgen}" {seconds} {max_conns} {clients} {servers}', seconds + 60)
     port, rate, made, _elapsed = out.split()
     return int(port), float(rate), int(made)
 
@@ -214,15 +208,21 @@ def wait_ready(path: str, pattern, proc, timeout=30.0) -> bool:
     return False
 
 
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process, MB."""
+    vals = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                vals[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
 def peak_rss_mb(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
+        return rss_mb(pid)[1]
+    except (OSError, KeyError):
         return None
-    return None
 
 
 def _count_lines(path: str, pattern: str) -> int:
@@ -232,10 +232,9 @@ def _count_lines(path: str, pattern: str) -> int:
 
 
 def _argv(tool: Tool, tmp: str, report: str) -> list[str]:
-    argv = [a.format(tmp=tmp, port=free_port()) for a in tool.argv]
-    if tool.ours():
-        argv += ["--report", report]
-    return argv
+    if not tool.ours():
+        return list(tool.argv)  # (a bpftrace program has braces of its own)
+    return [a.format(tmp=tmp, port=free_port()) for a in tool.argv] + ["--report", report]
 
 
 def run_tool(tool: Tool, load, tmp: str) -> dict:

@@ -25,13 +25,7 @@ churn = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(churn)
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    vals = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                vals[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return vals["VmRSS"], vals["VmHWM"]
+rss_mb = churn.rss_mb
 
 
 def main() -> int:

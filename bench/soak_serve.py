@@ -14,6 +14,7 @@ tracer's stderr. Loopback only; bounded by --minutes and --rate.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -23,16 +24,11 @@ import tempfile
 import threading
 import time
 
-TRACER = os.path.join(os.path.dirname(sys.executable), "tcplife-trace")
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    vals = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                vals[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return vals["VmRSS"], vals["VmHWM"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("bench_churn", os.path.join(HERE, "churn.py"))
+churn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(churn)
+TRACER, rss_mb = churn.TRACER, churn.rss_mb
 
 
 def _serve_conn(c: socket.socket) -> None:

@@ -51,9 +51,12 @@ def _connection(family: int) -> tuple[set[int], int]:
     return {port, cport}, PAYLOAD
 
 
-def is_own(ev, ports: set[int]) -> bool:
-    """An event of the check's connection or listener (a SYN_SENT socket has no local port
-    yet, a listener no remote one)."""
+def is_own(ev, ports: set[int], gens: frozenset[int] | set[int] = frozenset()) -> bool:
+    """An event of the check's connection or listener: by its generation once those are known
+    (reads and writes carry no ports; another listener may reuse a port of ours), else by its
+    ports (a SYN_SENT socket has no local port yet, a listener no remote one)."""
+    if gens and ev[_GEN]:
+        return ev[_GEN] in gens
     return {ev[_SPORT], ev[_DPORT]} <= ports | {0} and (ev[_SPORT] in ports or ev[_DPORT] in ports)
 
 
@@ -64,10 +67,10 @@ def expected_ends(mode: str) -> int:
 
 
 def check(stream, offsets_known: set[str], family: int | None = None,
-          mode: str = "stream") -> tuple[list, str | None, list, set[int]]:
+          mode: str = "stream") -> tuple[list, str | None, list, tuple[set[int], set[int]]]:
     """Make the connection, read its events back from `stream`; returns (the other events
     read meanwhile, to be consumed as usual; what read wrong, or None; our own events; the
-    ports that tell later stragglers of ours, see is_own). Our
+    ports and generations that tell later stragglers of ours, see is_own). Our
     own events are not passed on: they are the tracer's, not the workload's (the kernel's
     counters of emitted events include them)."""
     ports, n = _connection(6 if family == 6 else 4)
@@ -88,7 +91,7 @@ def check(stream, offsets_known: set[str], family: int | None = None,
         mine += [ev for ev in others if ev[_GEN] in gens]
         others = [ev for ev in others if ev[_GEN] not in gens]
     if not mine:
-        return others, None, mine, ports  # nothing came back (say, a kernel that filters): nothing judged
+        return others, None, mine, (ports, gens)  # nothing came back (say, a kernel that filters): nothing judged
     netns = os.stat("/proc/self/ns/net").st_ino
     wrong = []
     if {"OFF_SKC_NET", "OFF_NET_NS_INUM"} <= offsets_known:
@@ -105,4 +108,4 @@ def check(stream, offsets_known: set[str], family: int | None = None,
         bad = [(ev[_TX], ev[_RX]) for ev in ends if not (n <= ev[_TX] <= n + 2 and n <= ev[_RX] <= n + 2)]
         if bad:
             wrong.append(f"{bad[0][0]} bytes sent and {bad[0][1]} received at CLOSE, not {n} each")
-    return others, "; ".join(wrong) or None, mine, ports
+    return others, "; ".join(wrong) or None, mine, (ports, gens)

@@ -467,7 +467,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             click.echo(f"tcplife-trace: error: cannot write report {report_path}: {e.strerror}", err=True)
             return EXIT_ERROR
     if strict and session.degraded():
-        click.echo("tcplife-trace: --strict: events were lost or connections went untracked "
+        click.echo("tcplife-trace: error: --strict: events were lost or connections went untracked "
                    f"({', '.join(losses.degraded_by(report))}; see the summary above)", err=True)
         return EXIT_DEGRADED
     if recorder is not None and recorder.failed:

@@ -49,6 +49,7 @@ class LiveSession:
         # and the stream's received counts, not given to the tracker or the recording
         self.startup_check_events: Counter[str] = Counter()
         self._own_ports: set[int] = set()
+        self._own_gens: set[int] = set()
         self._own_until = 0.0
         self._check_offsets()
         self.startup_s = time.monotonic() - t0
@@ -107,11 +108,16 @@ class LiveSession:
             return
         wrong = None
         if offset_check.possible(self.settings.filters):
-            self._early, wrong, mine, ports = offset_check.check(self.stream, set(used), self.settings.filters.family,
-                                                                 self.settings.mode)
+            try:
+                self._early, wrong, mine, own = offset_check.check(self.stream, set(used),
+                                                                   self.settings.filters.family, self.settings.mode)
+            except OSError as e:  # no loopback here (a namespace with lo down, IPv6 disabled)
+                self.notices.append(f"the struct offsets were not checked on a connection of the tracer's "
+                                    f"own ({e.strerror or e}): netns, uid and byte counts are as BTF says")
+                return
             self.startup_check_events = Counter(KIND_NAMES.get(ev[13], str(ev[13])) for ev in mine)
             # records of it that come later (a loaded machine) are left out too, for a while
-            self._own_ports, self._own_until = ports, time.monotonic() + OWN_CHECK_S
+            (self._own_ports, self._own_gens), self._own_until = own, time.monotonic() + OWN_CHECK_S
             if wrong is None:
                 return
         fresh, _ = btf.kernel_offsets(use_cache=False)
@@ -139,11 +145,11 @@ class LiveSession:
         if time.monotonic() > self._own_until:
             self._own_ports = set()
             return events
-        own = [ev for ev in events if offset_check.is_own(ev, self._own_ports)]
+        own = [ev for ev in events if offset_check.is_own(ev, self._own_ports, self._own_gens)]
         if not own:
             return events
         self.startup_check_events.update(KIND_NAMES.get(ev[13], str(ev[13])) for ev in own)
-        return [ev for ev in events if not offset_check.is_own(ev, self._own_ports)]
+        return [ev for ev in events if not offset_check.is_own(ev, self._own_ports, self._own_gens)]
 
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""

@@ -232,7 +232,13 @@ class RecordingWriter:
                 due = self._pending and (time.monotonic() - self._oldest >= FLUSH_SECONDS - FLUSH_TICK
                                          or self._pending_bytes >= FLUSH_EVENTS * EVENT_SIZE)
             if due and not self._stopping:
-                self.flush()
+                try:
+                    self.flush()
+                except Exception as e:  # noqa: BLE001 - not an OS error (those set failed already)
+                    # a dead flusher would leave nothing fsynced until close, and say nothing
+                    self.failed = (f"{self.path}: recording stopped: {type(e).__name__}: {e}; the file "
+                                   f"keeps the {self.written} events written before")
+                    return
 
     def add_snapshot(self, taken_ns: int, complete: bool, sockets, extra: dict | None = None) -> None:
         """A sock_diag snapshot: its sockets frame (analysis.leaks.SOCKET_COLUMNS), when it was

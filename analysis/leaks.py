@@ -230,7 +230,10 @@ def _samples(rows: pd.DataFrame, limit: int = 5) -> list[str]:
 
 def _oldest(g: pd.DataFrame) -> tuple[float, bool, str | None]:
     """The oldest socket's age, whether it is only a lower bound, and where it came from."""
-    i = g["age_s"].idxmax()
+    ages = g["age_s"]
+    if not ages.notna().any():  # e.g. analyze --since cut every entry into the state away
+        return float("nan"), True, None
+    i = ages.idxmax()
     src = g.loc[i, "age_source"] if "age_source" in g else None
     return g.loc[i, "age_s"], bool(g.loc[i, "age_lower_bound"]), None if pd.isna(src) else str(src)
 

@@ -65,7 +65,7 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
     out = {"lifecycles": lc, "transitions": tr, "state_durations": durations,
            "summary": summary(durations).reset_index(),
            "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=scope),
-           "snapshots": leaks.sockets_matching(sockets, filters).reset_index(drop=True)}
+           "snapshots": leaks.sockets_matching(sockets, scope).reset_index(drop=True)}
     return {name: conform(name, df) for name, df in out.items()}
 
 

@@ -129,7 +129,7 @@ def _line(tok: list[str], has_ip: bool, clock: _Clock) -> dict:
            "skaddr": tok[1], "pid": int(tok[2]),
            "comm": " ".join(tok[3:i - 6 if has_ip else i - 5]),
            "family": int(tok[i - 6]) if has_ip else (6 if ":" in laddr else 4),
-           "day": clock.day_of(hms), "hms": hms}
+           "hms": hms}
     # every value as the event's field will hold it, or the line is not understood (ValueError):
     # a SKADDR that is not hex, an address that is not one, port 70000, MS nan
     rec["sk"] = int(rec["skaddr"], 16)
@@ -145,6 +145,8 @@ def _line(tok: list[str], has_ip: bool, clock: _Clock) -> dict:
         rec["lraw"], rec["rraw"] = _raw(rec["family"], laddr), _raw(rec["family"], rec["raddr"])
     except OSError:
         raise ValueError("an address that is not one") from None
+    # the day last: a line refused above must not move the clock past a midnight
+    rec["day"] = clock.day_of(hms)
     return rec
 
 

@@ -268,6 +268,22 @@ def test_tcpstates_capture_across_midnight(tmp_path):
     assert rec.header["capture"]["midnights_crossed"] == 1
 
 
+def test_a_refused_line_does_not_move_the_capture_past_midnight(tmp_path):
+    """A stray line with a good time just after midnight but a port out of range is not
+    understood: it must not count as the capture crossing midnight (every later line would
+    have been put a day ahead)."""
+    from tcplife_trace import load
+    from tcplife_trace.tcpstates_import import TextImport
+    lines = open(os.path.join(os.path.dirname(__file__), "data", "tcpstates-bpfcc-T-w.txt")).read().splitlines()
+    body = [ln.replace("20:19:57", "23:59:58", 1).replace("20:19:58", "23:59:59", 1) for ln in lines[1:]]
+    stray = body[0].replace("23:59:58", "00:00:05", 1).replace(" 8000 ", " 70000 ", 1)
+    p = tmp_path / "stray.txt"
+    p.write_text("\n".join([lines[0], body[0], stray, *body[1:]]) + "\n")
+    rec = load(str(p), TextImport(date=pd.Timestamp("2026-11-20").date(), tz=pd.Timestamp("2026-01-01", tz="UTC").tzinfo))
+    assert rec.header["capture"]["midnights_crossed"] == 0
+    assert set(rec.lifecycles().start.dt.date.astype(str)) == {"2026-11-20"}
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--tz", "Mars/Olympus"], "--tz: 'Mars/Olympus' is not a time zone"),
     (["--date", "2026-13-01"], "--date: '2026-13-01' is not a day"),

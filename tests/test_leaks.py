@@ -311,3 +311,13 @@ def test_kernel_age_bounds_use_only_clocks_that_start_with_the_state():
     assert sa.age(_sock(S.CLOSE_WAIT, ack_recv_ms=3000), None, 1.0, late_s=0.5) == \
         (pytest.approx(2.5 - j), sa.ACK_RECV)
     assert sa.age(_sock(S.CLOSE_WAIT, ack_recv_ms=3000), None, 4.0) == (4.0, sa.SEEN)
+
+
+def test_a_group_whose_ages_are_all_unknown_has_no_oldest_and_no_traceback():
+    """analyze --since can cut away every entry into the state of a still-open connection:
+    its age is then unknown (NA), and the group's oldest age is unknown too (idxmax raised
+    'Encountered all NA values' on pandas 3)."""
+    s = sockets(("CLOSE_WAIT", "10.0.0.1", 8080, "10.0.0.9", 50001, None, 10),
+                ("CLOSE_WAIT", "10.0.0.1", 8080, "10.0.0.8", 50002, None, 10))
+    age, lower, source = leaks._oldest(s)
+    assert pd.isna(age) and lower and source is None

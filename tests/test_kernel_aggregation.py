@@ -229,13 +229,22 @@ def test_every_connection_end_is_reported_when_its_namespace_goes_away():
         s.tracker.advance(time.monotonic_ns() + s.tracker.hold_ns)
     finally:
         report = s.stop()
-    assert report["events_lost"] == 0
+    # Under this churn the kernel skips some of our probe runs (a softirq that changes a
+    # socket's state while a BPF program runs on that CPU: recursion misses, counted, see
+    # test_losses.py). Nothing may be lost otherwise; a skipped run is skipped for both views
+    # alike (mode both: one run sends the event and folds), so they must still agree.
+    skipped = {k: v for k, v in report["events_lost_by_kind"].items() if k.startswith("recursion:") and v}
+    assert report["events_lost"] == sum(skipped.values()), report["events_lost_by_kind"]
     mine = [lc for lc in stream if result["port"] in (lc.lport, lc.rport) and lc.role != "listener"]
     still = [lc for lc in s.still_open if result["port"] in (lc.lport, lc.rport) and lc.role != "listener"]
-    assert len(mine) + len(still) == 2 * result["made"]
+    missing = 2 * result["made"] - len(mine) - len(still)
+    assert 0 <= missing <= skipped.get("recursion:sock:inet_sock_set_state", 0), (missing, skipped)
     for lc in mine:
-        assert lc.end_reason in ("active_close", "passive_close") or \
-            any("no CLOSE" in note for note in lc.incomplete), (lc.path, lc.end_reason, lc.incomplete)
+        assert lc.end_reason in ("active_close", "passive_close") or lc.incomplete, \
+            (lc.path, lc.end_reason, lc.incomplete)
+        if not skipped:
+            assert lc.end_reason in ("active_close", "passive_close") or \
+                any("no CLOSE" in note for note in lc.incomplete), (lc.path, lc.end_reason, lc.incomplete)
     assert_same(stream, s.agg_lifecycles)
 
 

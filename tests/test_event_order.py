@@ -14,7 +14,7 @@ from tcplife_trace.probes.tcp_states import TcpState as S
 from tcplife_trace.recording import RecordingWriter
 
 from synthetic import stream
-from test_offline_equivalence import compare, compare_durations, live_view
+from test_offline_equivalence import compare, compare_durations, live_view, recorded
 
 C, SRV, W, X = 100, 200, 201, 999
 ROWS = [
@@ -65,12 +65,7 @@ def spilled(events, gen, which):
 
 
 def frames(events, tmp_path, name):
-    p = tmp_path / f"{name}.arrow"
-    w = RecordingWriter(str(p), recording.header("none", 0))
-    w.add(events)
-    w.close()
-    rec = load(str(p))
-    return rec
+    return recorded(events, tmp_path / f"{name}.arrow")
 
 
 def _same_frames(a, b):

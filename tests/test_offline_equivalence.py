@@ -155,14 +155,18 @@ def compare_durations(frame, closed):
     assert all(abs(got[k] - v) < 1e-9 for k, v in want.items())
 
 
+def recorded(events, path):
+    """The events written to a recording at path, loaded back."""
+    w = RecordingWriter(str(path), recording.header("none", 0))
+    w.add(events)
+    w.close()
+    return load(str(path))
+
+
 def test_synthetic_scenarios_agree(tmp_path):
     events = stream(ROWS)
     closed, still = live_view(events)
-    p = tmp_path / "r.arrow"
-    w = RecordingWriter(str(p), recording.header("none", 0))
-    w.add(events)
-    w.close()
-    rec = load(str(p))
+    rec = recorded(events, tmp_path / "r.arrow")
     compare(rec.lifecycles(), closed, still)
     compare_durations(rec.state_durations(), closed)
     assert set(still) == {8, 9}  # 11 was destroyed before any state change: never connected
@@ -175,11 +179,7 @@ def test_map_full_connections_agree(tmp_path):
     and offline alike; one that got an entry mid-life is one connection, not two."""
     events = stream(MAP_FULL_ROWS)
     closed, still = live_view(events)
-    p = tmp_path / "r.arrow"
-    w = RecordingWriter(str(p), recording.header("none", 0))
-    w.add(events)
-    w.close()
-    rec = load(str(p))
+    rec = recorded(events, tmp_path / "r.arrow")
     frame = rec.lifecycles()
     compare(frame, closed, still)
     compare_durations(rec.state_durations(), closed)

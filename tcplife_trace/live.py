@@ -41,7 +41,6 @@ class LiveSession:
         if (self.settings.mode != "stream" and recorder is not None) or (self.settings.mode == "aggregate" and keep_events):
             raise ValueError("recording needs every transition: use mode='stream'")
         self.program = prog.load(self.settings)
-        self.startup_s = time.monotonic() - t0
         self.notices = list(self.program.source.notices)
         self.stream = EventStream(self.program)
         self._early: list = []  # events read while the offsets were checked, consumed first

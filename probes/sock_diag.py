@@ -45,6 +45,7 @@ class Sock(NamedTuple):
     ack_recv_ms: int | None = None  # tcp_info last_ack_recv (full sockets but listeners)
     rto_ms: float | None = None     # tcp_info rto: the retransmission timeout now, backoff included
     health: dict | None = None      # HEALTH_COLUMNS from tcp_info (full sockets past LISTEN); None: no tcp_info
+    cgroup_id: int | None = None    # INET_DIAG_CGROUP_ID: the cgroup v2 of the task that made the socket
 
 
 # tcp_info's health fields (include/uapi/linux/tcp.h; the struct only grows, at its end):
@@ -119,7 +120,7 @@ def _record(ns_inode: int, m) -> Sock:
     return Sock(ns_inode, fam, state, laddr, m["idiag_sport"], raddr, m["idiag_dport"],
                 m["idiag_inode"], m["idiag_uid"], TIMERS.get(m["idiag_timer"], str(m["idiag_timer"])),
                 m["idiag_expires"], m["idiag_retrans"], m["idiag_rqueue"], m["idiag_wqueue"],
-                idle_r, idle_s, ack_r, rto, health_)
+                idle_r, idle_s, ack_r, rto, health_, m.get_attr("INET_DIAG_CGROUP_ID"))
 
 
 def dump_here(ns_inode: int, states: int = ALL_STATES, info: bool = True) -> list[Sock]:

@@ -1,0 +1,282 @@
+"""Where a connection's owner lives: its cgroup v2, the container and pod that cgroup is.
+
+The kernel names a cgroup by its id (what bpf_get_current_cgroup_id() returns, and what
+sock_diag gives as INET_DIAG_CGROUP_ID for a socket): the inode number of the cgroup's
+directory in the cgroup2 file system. From the id we find the directory (by its kernfs file
+handle, else by a walk of the tree), and from its path the container runtime's layout tells
+the container id; the kubelet's layout the pod UID, and its log directory
+(/var/log/pods/NAMESPACE_NAME_UID) the pod's name and namespace, with no API server asked.
+What the host does not show is None (NA), never guessed.
+
+    resolver = Resolver()
+    home = resolver.by_id(cgroup_id)   # or resolver.by_pid(pid)
+    home.runtime, home.container_id, home.pod_uid, home.netns
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+PODS_LOG_DIR = "/var/log/pods"
+DEFAULT_CAP = 4096          # cgroups remembered (ids are never reused: an entry stays true)
+_WALK_EVERY_S = 1.0         # without file handles: the tree is walked again at most this often
+
+_HEX64 = r"(?P<id>[0-9a-f]{64})"
+# (runtime, pattern of one path component), the first match from the leaf up wins
+_CONTAINER_PATTERNS = [
+    ("docker", re.compile(rf"docker-{_HEX64}\.scope")),
+    ("containerd", re.compile(rf"cri-containerd-{_HEX64}\.scope")),
+    ("containerd", re.compile(rf"nerdctl-{_HEX64}\.scope")),
+    ("cri-o conmon", re.compile(rf"crio-conmon-{_HEX64}\.scope")),  # the container's monitor
+    ("cri-o", re.compile(rf"crio-{_HEX64}\.scope")),
+    ("podman conmon", re.compile(rf"libpod-conmon-{_HEX64}\.scope")),
+    ("podman", re.compile(rf"libpod-{_HEX64}(\.scope)?")),          # (cgroupfs: libpod_parent/libpod-ID)
+]
+# the kubelet: systemd driver kubepods[-QOS]-pod<UID with _>.slice, cgroupfs driver pod<UID>
+_POD_SLICE = re.compile(r"kubepods(?:-[a-z]+)?-pod(?P<uid>[0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})\.slice")
+_POD_DIR = re.compile(r"pod(?P<uid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+_BARE_ID = re.compile(_HEX64)
+
+
+@dataclass(frozen=True)
+class Home:
+    """A cgroup and what it is. Every field but cgroup_id may be None: not known on this host."""
+    cgroup_id: int | None
+    path: str | None = None            # inside the cgroup2 tree, "/..." (None: the cgroup is gone)
+    runtime: str | None = None         # docker, containerd, cri-o, podman, cri, systemd service/scope
+    container_id: str | None = None    # 64 hex digits
+    pod_uid: str | None = None
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    unit: str | None = None            # the systemd unit of the leaf (foo.service, docker-ID.scope)
+    netns: int | None = None           # the network namespace (inode) of a process in the cgroup
+
+
+def classify(path: str, pods_dir: str = PODS_LOG_DIR) -> Home:
+    """What a cgroup path shows: runtime, container id, pod, systemd unit (cgroup_id left None)."""
+    parts = [p for p in path.split("/") if p]
+    runtime = container = pod = None
+    for part in reversed(parts):
+        for name, pattern in _CONTAINER_PATTERNS:
+            m = pattern.fullmatch(part)
+            if m:
+                runtime, container = name, m.group("id")
+                break
+        if container:
+            break
+    for part in parts:
+        m = _POD_SLICE.fullmatch(part)
+        if m:
+            pod = m.group("uid").replace("_", "-")
+            break
+        m = _POD_DIR.fullmatch(part)
+        if m and "kubepods" in parts:
+            pod = m.group("uid")
+            break
+    if container is None and pod is not None and parts and _BARE_ID.fullmatch(parts[-1]):
+        runtime, container = "cri", parts[-1]   # cgroupfs driver: the runtime is not in the path
+    if container is None and len(parts) >= 2 and parts[-2] == "docker" and _BARE_ID.fullmatch(parts[-1]):
+        runtime, container = "docker", parts[-1]  # docker's cgroupfs driver: /docker/ID
+    unit = parts[-1] if parts and parts[-1].endswith((".service", ".scope")) else None
+    if runtime is None and unit is not None:
+        runtime = "systemd service" if unit.endswith(".service") else "systemd scope"
+    name = namespace = None
+    if pod is not None:
+        namespace, name = pod_name(pod, pods_dir)
+    return Home(None, path, runtime, container, pod, name, namespace, unit)
+
+
+def pod_name(uid: str, pods_dir: str = PODS_LOG_DIR) -> tuple[str | None, str | None]:
+    """(namespace, name) of a pod from the kubelet's log directory NAMESPACE_NAME_UID (neither
+    may hold an underscore); (None, None) when the host has no such directory."""
+    try:
+        entries = os.listdir(pods_dir)
+    except OSError:
+        return None, None
+    for e in entries:
+        bits = e.split("_")
+        if len(bits) == 3 and bits[2] == uid:
+            return bits[0], bits[1]
+    return None, None
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Where the cgroup2 file system is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    a hybrid host); None without one."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), left.split(" ")[4])
+    return None
+
+
+def pid_cgroup(pid: int) -> str | None:
+    """The cgroup v2 path of a process (/proc/PID/cgroup's 0:: line); None if it is gone or
+    the host has no cgroup v2."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].rstrip("\n")
+    except OSError:
+        return None
+    return None
+
+
+def pid_netns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FILEID_KERNFS = 0xFE
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def _open_by_id(mount_fd: int, cgroup_id: int) -> int:
+    """An O_PATH descriptor of the cgroup whose id this is (its kernfs file handle is the id;
+    needs CAP_DAC_READ_SEARCH); OSError otherwise."""
+    handle = ctypes.create_string_buffer(struct.pack("<IiQ", 8, _FILEID_KERNFS, cgroup_id))
+    fd = _libc.open_by_handle_at(mount_fd, handle, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+class Resolver:
+    """cgroup ids and pids to Homes, with a cache of at most `cap` cgroups (least recently used
+    leave first; counted in `evicted`). `unresolved` counts ids whose cgroup was not found (gone
+    before we looked: a short-lived container); they are remembered too (ids are not reused)."""
+
+    def __init__(self, cap: int = DEFAULT_CAP, pods_dir: str = PODS_LOG_DIR, mount: str | None = None):
+        self.cap = cap
+        self.pods_dir = pods_dir
+        self.mount = mount if mount is not None else cgroup2_mount()
+        self.cache: OrderedDict[int, Home] = OrderedDict()
+        self.hits = self.misses = self.evicted = self.unresolved = 0
+        self.handles = True           # open_by_handle_at works here (else: walks)
+        self._walked: dict[int, str] = {}
+        self._walked_at = -_WALK_EVERY_S
+
+    # -- ids to paths ------------------------------------------------------------------
+    def path_of(self, cgroup_id: int) -> str | None:
+        """The cgroup's path inside the cgroup2 tree ("/" for the root), None if not found."""
+        if self.mount is None:
+            return None
+        if self.handles:
+            try:
+                return self._by_handle(cgroup_id)
+            except FileNotFoundError:
+                return None             # (ESTALE too: the cgroup is gone)
+            except OSError:
+                self.handles = False    # not permitted here: walk from now on
+        path = self._walked.get(cgroup_id)
+        if path is None and time.monotonic() - self._walked_at >= _WALK_EVERY_S:
+            self._walk()
+            path = self._walked.get(cgroup_id)
+        return path
+
+    def _by_handle(self, cgroup_id: int) -> str:
+        import errno
+        mfd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fd = _open_by_id(mfd, cgroup_id)
+            except OSError as e:
+                if e.errno in (errno.ESTALE, errno.ENOENT):
+                    raise FileNotFoundError(e.errno, e.strerror) from None
+                raise
+            try:
+                where = os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(mfd)
+        if where == self.mount:
+            return "/"
+        if not where.startswith(self.mount.rstrip("/") + "/"):
+            raise FileNotFoundError(f"cgroup {cgroup_id} is outside {self.mount}: {where}")
+        return where[len(self.mount.rstrip("/")):]
+
+    def _walk(self) -> None:
+        self._walked_at = time.monotonic()
+        found = {}
+        root = self.mount.rstrip("/")
+        for here, dirs, _files in os.walk(self.mount):
+            try:
+                found[os.stat(here).st_ino] = here[len(root):] or "/"
+            except OSError:
+                continue
+        self._walked = found
+
+    # -- Homes ---------------------------------------------------------------------------
+    def by_id(self, cgroup_id: int) -> Home:
+        home = self.cache.get(cgroup_id)
+        if home is not None:
+            self.hits += 1
+            self.cache.move_to_end(cgroup_id)
+            return home
+        self.misses += 1
+        path = self.path_of(cgroup_id)
+        if path is None:
+            self.unresolved += 1
+            home = Home(cgroup_id)
+        else:
+            home = replace(classify(path, self.pods_dir), cgroup_id=cgroup_id, netns=self._netns(path))
+        self.cache[cgroup_id] = home
+        if len(self.cache) > self.cap:
+            self.cache.popitem(last=False)
+            self.evicted += 1
+        return home
+
+    def by_pid(self, pid: int) -> Home | None:
+        """The Home of a process known in user space (from /proc/PID/cgroup); None if it is gone."""
+        path = pid_cgroup(pid)
+        if path is None:
+            return None
+        cgroup_id = self.id_of(path)
+        if cgroup_id is None:
+            return replace(classify(path, self.pods_dir), netns=pid_netns(pid))
+        home = self.by_id(cgroup_id)
+        return home if home.netns is not None else replace(home, netns=pid_netns(pid))
+
+    def id_of(self, path: str) -> int | None:
+        """A cgroup path's id (its directory's inode); None if it is not there."""
+        if self.mount is None:
+            return None
+        try:
+            return os.stat(self.mount.rstrip("/") + path).st_ino
+        except OSError:
+            return None
+
+    def _netns(self, path: str) -> int | None:
+        """The network namespace of the first process found in the cgroup (a container's
+        processes share one); None for a cgroup with no process of its own."""
+        try:
+            with open(self.mount.rstrip("/") + path.rstrip("/") + "/cgroup.procs") as f:
+                pids = f.read().split()
+        except OSError:
+            return None
+        for pid in pids:
+            ns = pid_netns(int(pid))
+            if ns is not None:
+                return ns
+        return None
+
+    def counters(self) -> dict[str, int]:
+        return {"cgroups_cached": len(self.cache), "cgroup_cache_hits": self.hits,
+                "cgroup_cache_misses": self.misses, "cgroups_evicted": self.evicted,
+                "cgroups_unresolved": self.unresolved}

@@ -271,3 +271,153 @@ def _write_cache(cache: str, entry: dict) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+# -- health at CLOSE, and the kernel's reset reasons (issue 15) ------------------------------
+# What the kernel half reads from struct tcp_sock at CLOSE, as raw name -> member path (offsets
+# from the start of struct tcp_sock: inet_connection_sock and sock are its first members);
+# probes/health.from_tcp_sock turns the values read into the health columns.
+TCP_SOCK_HEALTH = {
+    "srtt_us": "srtt_us",                 # << 3
+    "mdev_us": "mdev_us",                 # << 2
+    "rtt_min": "rtt_min.s[0].v",          # struct minmax: the current minimum's value
+    "total_retrans": "total_retrans",
+    "bytes_retrans": "bytes_retrans",
+    "segs_in": "segs_in",
+    "segs_out": "segs_out",
+    "data_segs_in": "data_segs_in",
+    "data_segs_out": "data_segs_out",
+    "lost_out": "lost_out",
+    "reordering": "reordering",
+    "delivered": "delivered",
+    "rate_delivered": "rate_delivered",   # the delivery rate's inputs (tcp_compute_delivery_rate)
+    "rate_interval_us": "rate_interval_us",
+    "mss_cache": "mss_cache",
+    "snd_cwnd": "snd_cwnd",
+    "rcv_rtt_us": "rcv_rtt_est.rtt_us",   # << 3
+    "icsk_retransmits": "inet_conn.icsk_retransmits",  # unrecovered RTO timeouts now
+}
+RST_REASON_ENUM = "sk_rst_reason"
+RST_REASON_PREFIX = "SK_RST_REASON_"  # tcp_send_reset's format prints the names without it
+
+
+@dataclass(frozen=True)
+class Member:
+    offset: int   # bytes from the start of the struct
+    size: int     # bytes: what the BPF program reads (1, 2, 4 or 8)
+
+
+def _type_size(btf: BTF, tid: int) -> int:
+    t = btf._strip(tid)
+    if t.kind in (_INT, _STRUCT, _UNION, _ENUM, _ENUM64, _FLOAT):
+        return t.size_or_type
+    if t.kind == _PTR:
+        return 8
+    if t.kind == _ARRAY:
+        elem, _index, n = struct.unpack_from("<III", btf._blob, t.data)
+        return _type_size(btf, elem) * n
+    raise BTFError(f"no size for BTF kind {t.kind}")
+
+
+def member(btf: BTF, struct_name: str, path: str) -> Member:
+    """Offset and size of `path` inside `struct_name`: dotted, through nested members, with
+    [i] for an array element ("rtt_min.s[0].v"). BTFError if the BTF lacks any part."""
+    t = btf._types[btf._struct_id(struct_name)]
+    total, tid = 0, None
+    for part in path.split("."):
+        name, _, index = part.partition("[")
+        if t.kind not in (_STRUCT, _UNION):
+            raise BTFError(f"{struct_name}.{path}: {name!r} is inside a non-struct")
+        found = btf._member_bits(t, name)
+        if found is None:
+            raise BTFError(f"no member {name!r} in struct {struct_name} (path {path})")
+        bits, tid = found
+        if bits % 8:
+            raise BTFError(f"{struct_name}.{path} is a bitfield")
+        total += bits // 8
+        if index:
+            arr = btf._strip(tid)
+            if arr.kind != _ARRAY:
+                raise BTFError(f"{struct_name}.{path}: {name} is not an array")
+            elem, _index, n = struct.unpack_from("<III", btf._blob, arr.data)
+            i = int(index.rstrip("]"))
+            if not 0 <= i < n:
+                raise BTFError(f"{struct_name}.{path}: index {i} outside {name}[{n}]")
+            total += i * _type_size(btf, elem)
+            tid = elem
+        t = btf._strip(tid)
+    return Member(total, _type_size(btf, tid))
+
+
+def _load(path: str) -> BTF:
+    with open(path, "rb") as f:
+        return BTF(f.read())
+
+
+def health_fields(path: str = VMLINUX_BTF, btf: BTF | None = None) -> tuple[dict[str, Member | None], list[str]]:
+    """Every TCP_SOCK_HEALTH field's place in this kernel's struct tcp_sock, None ("absent")
+    where its BTF lacks it, with one note per absent field (its column will be NA). An
+    unreadable BTF: every field absent, one note."""
+    try:
+        btf = btf or _load(path)
+    except (OSError, BTFError, struct.error) as e:
+        return dict.fromkeys(TCP_SOCK_HEALTH), [f"cannot read kernel BTF {path} ({e}): connection health "
+                                                "at close will be unknown"]
+    out: dict[str, Member | None] = {}
+    notes = []
+    for name, where in TCP_SOCK_HEALTH.items():
+        try:
+            m = member(btf, "tcp_sock", where)
+        except BTFError as e:
+            out[name] = None
+            notes.append(f"{e}: {name} at close will be NA")
+            continue
+        if m.size not in (1, 2, 4, 8) or m.offset >= MAX_OFFSET:
+            out[name] = None
+            notes.append(f"tcp_sock.{where} is {m.size} bytes at {m.offset}: not read, {name} at close will be NA")
+            continue
+        out[name] = m
+    return out, notes
+
+
+def health_cflags(fields: dict[str, Member | None]) -> dict[str, int]:
+    """The fields present as C macros for the kernel half: OFF_TP_<NAME> (offset) and
+    SZ_TP_<NAME> (size); an absent field has neither (the program leaves it unread)."""
+    out = {}
+    for name, m in fields.items():
+        if m is not None:
+            out[f"OFF_TP_{name.upper()}"] = m.offset
+            out[f"SZ_TP_{name.upper()}"] = m.size
+    return out
+
+
+def enum_values(btf: BTF, enum_name: str) -> dict[int, str]:
+    """value -> name of every enumerator of `enum enum_name` (ENUM or ENUM64); BTFError if absent."""
+    for t in btf._types:
+        if t is None or t.kind not in (_ENUM, _ENUM64) or not t.name_off or btf._name(t.name_off) != enum_name:
+            continue
+        out = {}
+        for i in range(t.vlen):
+            if t.kind == _ENUM:
+                name_off, val = struct.unpack_from("<Ii" if t.kind_flag else "<II", btf._blob, t.data + 8 * i)
+            else:
+                name_off, lo, hi = struct.unpack_from("<III", btf._blob, t.data + 12 * i)
+                val = lo | hi << 32
+                if t.kind_flag and val >= 1 << 63:
+                    val -= 1 << 64
+            out[val] = btf._name(name_off)
+        return out
+    raise BTFError(f"enum {enum_name} not in BTF")
+
+
+def rst_reason_names(path: str = VMLINUX_BTF, btf: BTF | None = None) -> tuple[dict[int, str], list[str]]:
+    """tcp_send_reset's reason numbers -> the kernel's names as its tracepoint prints them
+    (enum sk_rst_reason without SK_RST_REASON_: NOT_SPECIFIED, TCP_ABORT_ON_CLOSE, ...), read
+    from this kernel's BTF (the numbering differs between kernels); {} and a note when the BTF
+    has no such enum (kernels before 6.10: tcp_send_reset carries no reason)."""
+    try:
+        btf = btf or _load(path)
+        values = enum_values(btf, RST_REASON_ENUM)
+    except (OSError, BTFError, struct.error) as e:
+        return {}, [f"{e}: reset reasons will be shown by number"]
+    return {v: n.removeprefix(RST_REASON_PREFIX) for v, n in values.items()}, []

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 from typing import NamedTuple
 
 from pyroute2.netlink.diag import DiagSocket
 
+from . import health as health_mod
 from . import netns as netns_mod
 from .tcp_states import TcpState as S
 
@@ -48,48 +48,7 @@ class Sock(NamedTuple):
     cgroup_id: int | None = None    # INET_DIAG_CGROUP_ID: the cgroup v2 of the task that made the socket
 
 
-# tcp_info's health fields (include/uapi/linux/tcp.h; the struct only grows, at its end):
-# column -> (byte offset, struct format, scale). Times are the kernel's microseconds as ms,
-# delivery_rate bytes per second. A field at or beyond the length the kernel returned is NA.
-TCP_INFO_HEALTH = {
-    "rtt_ms": (68, "I", 1e-3),            # srtt_us >> 3
-    "rttvar_ms": (72, "I", 1e-3),         # mdev_us >> 2
-    "min_rtt_ms": (148, "I", 1e-3),       # windowed minimum (tcp_min_rtt)
-    "total_retrans": (100, "I", None),    # segments retransmitted over the connection's life
-    "bytes_retrans": (208, "Q", None),
-    "segs_in": (140, "I", None),
-    "segs_out": (136, "I", None),
-    "data_segs_in": (152, "I", None),
-    "data_segs_out": (156, "I", None),
-    "lost": (32, "I", None),              # lost_out: segments thought lost now
-    "reordering": (88, "I", None),        # the reordering degree (tp->reordering)
-    "delivered": (192, "I", None),
-    "delivery_rate": (160, "Q", None),    # bytes/s, the latest delivery rate sample
-    "snd_cwnd": (80, "I", None),          # segments
-    "rcv_rtt_ms": (92, "I", 1e-3),        # receiver-side RTT estimate (rcv_rtt_est.rtt_us >> 3)
-}
-HEALTH_COLUMNS = tuple(TCP_INFO_HEALTH)
-# the kernel's "no sample yet" values, NA here as `ss -ti` leaves them out: no RTT sample
-# (srtt 0), no receive-side estimate (0), no minimum (~0U)
-_NO_SAMPLE = {"rtt_ms": 0, "rttvar_ms": None, "rcv_rtt_ms": 0, "min_rtt_ms": 0xFFFFFFFF}
-
-
-def health(raw: bytes) -> dict[str, float | int | None]:
-    """The health columns of one raw tcp_info (as long as the kernel returned it): a field the
-    kernel did not return is None (NA), never 0; so is a "no sample yet" value."""
-    out: dict[str, float | int | None] = {}
-    for name, (off, fmt, scale) in TCP_INFO_HEALTH.items():
-        if off + struct.calcsize(fmt) > len(raw):
-            out[name] = None
-            continue
-        v = struct.unpack_from("<" + fmt, raw, off)[0]
-        if name in _NO_SAMPLE and v == _NO_SAMPLE[name]:
-            out[name] = None
-        elif name == "rttvar_ms" and struct.unpack_from("<I", raw, 68)[0] == 0:
-            out[name] = None          # no RTT sample: its variation is no measurement either
-        else:
-            out[name] = round(v * scale, 3) if scale else v
-    return out
+HEALTH_COLUMNS = health_mod.COLUMNS
 
 
 def _raw_info(info) -> bytes:
@@ -116,7 +75,7 @@ def _record(ns_inode: int, m) -> Sock:
         ack_r, rto = info.get("tcpi_last_ack_recv"), info.get("tcpi_rto", 0) / 1000
         if state != S.SYN_SENT:
             idle_r, idle_s = info.get("tcpi_last_data_recv"), info.get("tcpi_last_data_sent")
-        health_ = health(_raw_info(info))
+        health_ = health_mod.from_tcp_info(_raw_info(info))
     return Sock(ns_inode, fam, state, laddr, m["idiag_sport"], raddr, m["idiag_dport"],
                 m["idiag_inode"], m["idiag_uid"], TIMERS.get(m["idiag_timer"], str(m["idiag_timer"])),
                 m["idiag_expires"], m["idiag_retrans"], m["idiag_rqueue"], m["idiag_wqueue"],

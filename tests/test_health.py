@@ -1,8 +1,9 @@
-"""Connection health from sock_diag's tcp_info (probes/sock_diag.health), on the real kernel:
+"""Connection health from sock_diag's tcp_info (probes/health.py, read by probes/sock_diag.py), on the real kernel:
 a connection between two namespaces made to retransmit (the peer blackholed while data is in
 flight), compared with what `ss -ti` shows for the same socket at the same moment."""
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from pyroute2 import NetNS
 
 from netpair import A_ADDR, B_ADDR, NetPair
+from tcplife_trace.probes import btf, health
 from tcplife_trace.probes import netns as netns_mod
 from tcplife_trace.probes import sock_diag
 
@@ -49,9 +51,13 @@ def _unblackhole(pair: NetPair, ns: str, addr: str) -> None:
         ip.neigh("del", dst=addr, ifindex=ip.link_lookup(ifname=f"{ns}0")[0])
 
 
-def test_retransmits_and_rtt_equal_ss():
-    with NetPair("hh") as pair:
-        a, b = _ns(pair, pair.a), _ns(pair, pair.b)
+class Retransmitted:
+    """A connection from namespace a to b that retransmitted (b blackholed while data was in
+    flight), then delivered everything: idle, its counters still."""
+
+    def __init__(self, pair: NetPair):
+        self.pair = pair
+        a, b = self.a, self.b = _ns(pair, pair.a), _ns(pair, pair.b)
         with netns_mod.entered(b):
             lsock = socket.create_server((B_ADDR, 0))
         with netns_mod.entered(a):
@@ -84,7 +90,18 @@ def test_retransmits_and_rtt_equal_ss():
         reader.join(20)
         assert len(got) == want
         time.sleep(0.3)                     # the last ACKs in: the socket is idle, its counters still
-        lport = client.getsockname()[1]
+        self.client, self.server, self.lsock = client, server, lsock
+        self.lport = client.getsockname()[1]
+
+    def close(self):
+        for s in (self.client, self.server, self.lsock):
+            s.close()
+
+
+def test_retransmits_and_rtt_equal_ss():
+    with NetPair("hh") as pair:
+        conn = Retransmitted(pair)
+        a, b, lport = conn.a, conn.b, conn.lport
         before = _ours(a, lport)
         ss = _ss(pair.a, lport)
         after = _ours(a, lport)
@@ -110,8 +127,7 @@ def test_retransmits_and_rtt_equal_ss():
         accepted = [s for s in sock_diag.dump(b) if s.state == sock_diag.S.ESTABLISHED]
         assert len(accepted) == 1 and accepted[0].health["data_segs_in"] >= h["data_segs_out"] - h["total_retrans"]
         assert accepted[0].health["data_segs_out"] == 0
-        for s in (client, server, lsock):
-            s.close()
+        conn.close()
 
 
 def test_fields_beyond_the_kernels_length_are_na():
@@ -123,19 +139,19 @@ def test_fields_beyond_the_kernels_length_are_na():
     a.recv(2000)
     time.sleep(0.05)
     raw = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512)  # the same struct as INET_DIAG_INFO
-    full = sock_diag.health(raw)
+    full = health.from_tcp_info(raw)
     assert full["data_segs_out"] == 1 and full["rtt_ms"] is not None and full["bytes_retrans"] == 0
     # the struct as Linux 4.1 returned it (ends after bytes_received, 136 bytes): no segment counts,
     # no min RTT, no delivery rate, no retransmitted bytes
-    old = sock_diag.health(raw[:136])
+    old = health.from_tcp_info(raw[:136])
     for name in ("segs_in", "segs_out", "data_segs_in", "data_segs_out", "min_rtt_ms", "delivery_rate",
                  "delivered", "bytes_retrans"):
         assert old[name] is None, name
     for name in ("rtt_ms", "rttvar_ms", "total_retrans", "snd_cwnd", "lost", "reordering"):
         assert old[name] == full[name], name
     # a field cut in the middle is NA too
-    assert sock_diag.health(raw[:210])["bytes_retrans"] is None
-    assert sock_diag.health(b"")["rtt_ms"] is None
+    assert health.from_tcp_info(raw[:210])["bytes_retrans"] is None
+    assert health.from_tcp_info(b"")["rtt_ms"] is None
     for x in (a, c, s):
         x.close()
 
@@ -157,3 +173,97 @@ def test_no_sample_is_na_not_zero():
         assert h["rcv_rtt_ms"] is None and h["data_segs_out"] == 0
         assert A_ADDR == found[0].laddr
         c.close()
+
+
+# -- BTF: what the kernel half will read at CLOSE ----------------------------------------------
+
+READER = r"""
+BPF_HASH(got, u32, u64, 64);
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != 6 || args->sport != WANT_SPORT || args->newstate != 4 /* FIN_WAIT1 */)
+        return 0;
+    const char *sk = (const char *)args->skaddr;
+READS
+    return 0;
+}
+"""
+
+
+def test_btf_offsets_read_what_tcp_info_says():
+    """The offsets from this kernel's BTF, read by a BPF program in the state change that
+    shutdown() makes (before the FIN is sent), give the values TCP_INFO gave just before, on
+    a connection that retransmitted: probes/health.from_tcp_sock, column for column."""
+    from tcplife_trace import ebpf
+    from tcplife_trace.probes.bcc_import import import_bcc
+    fields, notes = btf.health_fields()
+    assert notes == [] and all(m is not None for m in fields.values())
+    names = list(fields)
+    reads = "\n".join(f"    {{ u64 v = 0; u32 k = {i}; bpf_probe_read_kernel(&v, {fields[n].size}, sk + {fields[n].offset}); "
+                      f"got.update(&k, &v); }}" for i, n in enumerate(names))
+    with NetPair("hb") as pair:
+        conn = Retransmitted(pair)
+        os.environ["BCC_KERNEL_SOURCE"] = ebpf.STUB_KERNEL_SOURCE
+        bcc = import_bcc()
+        prog = bcc.BPF(text=READER.replace("READS", reads).encode(),
+                       cflags=[f"-DWANT_SPORT={conn.lport}", "-Wno-unused-function"])
+        try:
+            info = health.from_tcp_info(conn.client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512))
+            conn.client.shutdown(socket.SHUT_WR)
+            got = {names[k.value]: v.value for k, v in prog[b"got"].items()}
+        finally:
+            prog.cleanup()
+        assert set(got) == set(names)
+        assert got["total_retrans"] > 0 and got["icsk_retransmits"] == 0  # recovered: no RTO pending
+        assert health.from_tcp_sock(got) == info
+        conn.close()
+
+
+def test_btf_lacking_a_field_gives_na_and_a_note():
+    with open(btf.VMLINUX_BTF, "rb") as f:
+        blob = bytearray(f.read())
+    at = blob.index(b"\0bytes_retrans\0")
+    blob[at + 1:at + 14] = b"bytes_retranz"   # this kernel's BTF, as one without that member
+    fields, notes = btf.health_fields(btf=btf.BTF(bytes(blob)))
+    assert fields["bytes_retrans"] is None
+    assert len(notes) == 1 and "bytes_retrans" in notes[0] and "NA" in notes[0]
+    assert all(m is not None for n, m in fields.items() if n != "bytes_retrans")
+    values = health.from_tcp_sock({n: (None if m is None else 7) for n, m in fields.items()})
+    assert values["bytes_retrans"] is None and values["total_retrans"] == 7
+    assert btf.health_cflags(fields).get("OFF_TP_BYTES_RETRANS") is None
+    assert btf.health_cflags(fields)["SZ_TP_TOTAL_RETRANS"] == 4
+    # no BTF at all: every field absent, one line saying so
+    fields, notes = btf.health_fields(path="/nonexistent/vmlinux")
+    assert set(fields.values()) == {None} and len(notes) == 1 and "cannot read kernel BTF" in notes[0]
+
+
+def test_btf_member_sizes_and_paths():
+    b = btf.BTF(open(btf.VMLINUX_BTF, "rb").read())
+    assert btf.member(b, "tcp_sock", "bytes_retrans").size == 8
+    assert btf.member(b, "tcp_sock", "srtt_us").size == 4
+    # rtt_min.s[1] is the next minmax sample: 8 bytes (t, v) after s[0]
+    assert btf.member(b, "tcp_sock", "rtt_min.s[1].v").offset - btf.member(b, "tcp_sock", "rtt_min.s[0].v").offset == 8
+    # the byte counts the tracer reads already agree with the old reader
+    assert btf.member(b, "tcp_sock", "bytes_acked").offset == b.offset("tcp_sock", "bytes_acked")
+    with pytest.raises(btf.BTFError):
+        btf.member(b, "tcp_sock", "rtt_min.s[3].v")   # minmax has 3 samples
+    with pytest.raises(btf.BTFError):
+        btf.member(b, "tcp_sock", "no_such_member")
+
+
+def test_rst_reason_names_are_the_kernels():
+    """enum sk_rst_reason from BTF: the names tcp_send_reset's own format prints, number for number."""
+    from tcplife_trace.probes import tracefs
+    names, notes = btf.rst_reason_names()
+    with open(f"{tracefs.find_tracefs()}/events/tcp/tcp_send_reset/format") as f:
+        fmt = f.read()
+    printed = fmt[fmt.index("__print_symbolic(REC->reason"):]
+    want = {int(v): n for v, n in re.findall(r'\{ (\d+), "(\w+)" \}', printed)}
+    assert notes == [] and names == want and names[0] == "NOT_SPECIFIED"
+    # a BTF without the enum (kernels before 6.10): nothing, and a note
+    with open(btf.VMLINUX_BTF, "rb") as f:
+        blob = bytearray(f.read())
+    at = blob.index(b"\0sk_rst_reason\0")
+    blob[at + 1] = ord("x")
+    none, notes = btf.rst_reason_names(btf=btf.BTF(bytes(blob)))
+    assert none == {} and len(notes) == 1 and "by number" in notes[0]

@@ -1,0 +1,76 @@
+"""A TCP connection's health, the same columns whichever way the kernel tells it: sock_diag's
+tcp_info (open sockets, now) or the tcp_sock fields a BPF program reads at CLOSE through BTF
+offsets (probes/btf.health_fields). NA (None), never 0, for what the kernel did not give, and
+for its "no sample yet" values (as `ss -ti` leaves them out)."""
+from __future__ import annotations
+
+import struct
+
+# column -> (byte offset in struct tcp_info, format, scale); include/uapi/linux/tcp.h (the struct
+# only grows, at its end). Times are the kernel's microseconds as milliseconds; delivery_rate is
+# bytes per second (ss -ti prints bits per second).
+TCP_INFO = {
+    "rtt_ms": (68, "I", 1e-3),            # srtt_us >> 3
+    "rttvar_ms": (72, "I", 1e-3),         # mdev_us >> 2
+    "min_rtt_ms": (148, "I", 1e-3),       # windowed minimum (tcp_min_rtt: rtt_min.s[0].v)
+    "total_retrans": (100, "I", None),    # segments retransmitted over the connection's life
+    "bytes_retrans": (208, "Q", None),
+    "segs_in": (140, "I", None),
+    "segs_out": (136, "I", None),
+    "data_segs_in": (152, "I", None),
+    "data_segs_out": (156, "I", None),
+    "lost": (32, "I", None),              # lost_out: segments thought lost now
+    "reordering": (88, "I", None),        # the reordering degree (tp->reordering)
+    "delivered": (192, "I", None),
+    "delivery_rate": (160, "Q", None),    # the latest delivery rate sample
+    "snd_cwnd": (80, "I", None),          # segments
+    "rcv_rtt_ms": (92, "I", 1e-3),        # receiver-side RTT estimate (rcv_rtt_est.rtt_us >> 3)
+}
+COLUMNS = tuple(TCP_INFO)
+NO_MIN_RTT = 0xFFFFFFFF  # minmax's initial ~0U: no sample
+
+
+def from_tcp_info(raw: bytes) -> dict[str, float | int | None]:
+    """The columns of one raw tcp_info, as long as the kernel returned it: a field at or beyond
+    its end is None (an older kernel's struct is shorter)."""
+    out: dict[str, float | int | None] = {}
+    for name, (off, fmt, scale) in TCP_INFO.items():
+        if off + struct.calcsize(fmt) > len(raw):
+            out[name] = None
+        else:
+            v = struct.unpack_from("<" + fmt, raw, off)[0]
+            out[name] = round(v * scale, 3) if scale else v
+    return _no_samples(out)
+
+
+def _no_samples(out: dict) -> dict:
+    if out["rtt_ms"] == 0:      # no RTT sample: nor its variation
+        out["rtt_ms"] = out["rttvar_ms"] = None
+    if out["rcv_rtt_ms"] == 0:
+        out["rcv_rtt_ms"] = None
+    if out["min_rtt_ms"] is not None and out["min_rtt_ms"] == round(NO_MIN_RTT * 1e-3, 3):
+        out["min_rtt_ms"] = None
+    return out
+
+
+def from_tcp_sock(raw: dict[str, int | None]) -> dict[str, float | int | None]:
+    """The columns from the struct tcp_sock fields read in the kernel (btf.TCP_SOCK_HEALTH names;
+    None: the field is absent from this kernel's BTF), computed as tcp_get_info() does."""
+    def get(name):
+        return raw.get(name)
+
+    def us(v, shift):
+        return None if v is None else round((v >> shift) / 1000, 3)
+
+    rate = None
+    d, intv, mss = get("rate_delivered"), get("rate_interval_us"), get("mss_cache")
+    if None not in (d, intv, mss):
+        rate = d * mss * 1_000_000 // intv if d and intv else 0
+    out = {"rtt_ms": us(get("srtt_us"), 3), "rttvar_ms": us(get("mdev_us"), 2),
+           "min_rtt_ms": us(get("rtt_min"), 0), "total_retrans": get("total_retrans"),
+           "bytes_retrans": get("bytes_retrans"), "segs_in": get("segs_in"), "segs_out": get("segs_out"),
+           "data_segs_in": get("data_segs_in"), "data_segs_out": get("data_segs_out"),
+           "lost": get("lost_out"), "reordering": get("reordering"), "delivered": get("delivered"),
+           "delivery_rate": rate, "snd_cwnd": get("snd_cwnd"), "rcv_rtt_ms": us(get("rcv_rtt_us"), 3)}
+    assert tuple(out) == COLUMNS
+    return _no_samples(out)

@@ -6,7 +6,8 @@
 #   scripts/provision.sh --uninstall
 #     --with-peers    also bcc/libbpf-tools/bpftrace for bench/
 #     --with-service  also install deploy/tcplife-trace.service (enabled and started if systemd runs)
-#     --test-tools    also promtool (from Debian's prometheus package, unpacked into the venv only)
+#     --test-tools    also promtool (from Debian's prometheus package, unpacked into the venv only),
+#                     chromium and tmux for the report page's and top's tests
 #     --uninstall     undo what earlier runs made (their manifest), nothing else
 # Everything made is listed in a manifest ($ROOT/.provisioned); files that were there before and
 # are not ours are never overwritten or removed.
@@ -110,6 +111,8 @@ PKGS="python3 python3-venv python3-bpfcc gcc libc6-dev iproute2 util-linux"
 [ "$testtools" = 1 ] && PKGS="$PKGS man-db systemd libcap2-bin"
 # the HTML report's tests open the page in a real headless browser: Debian's chromium
 [ "$testtools" = 1 ] && PKGS="$PKGS chromium"
+# `top`'s tests drive the live view in a real terminal: tmux (send-keys, capture-pane)
+[ "$testtools" = 1 ] && PKGS="$PKGS tmux"
 if ! command -v apt-get >/dev/null 2>&1; then
     # no apt: go on if what the tool needs is already there, else say what to install
     need=""

@@ -775,6 +775,32 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
     ctx.exit(doctor.exit_status(report["findings"], fail_on))
 
 
+@cli.command("top")
+@_filter_options
+@click.option("--duration", type=Seconds(min=0, min_open=True), metavar="S", help="Stop after S seconds.")
+@click.option("--refresh", type=Seconds(min=0.1), default=1.0, show_default=True, metavar="S",
+              help="Redraw (or, stdout not a terminal, print) every S seconds.")
+@click.option("--poll-interval", type=Seconds(min=0), default=2.0, show_default=True, metavar="S",
+              help="Look at every socket (all namespaces) every S seconds: states and findings (0: off).")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also record every event and snapshot to FILE.")
+@click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE", help=_THRESHOLD_HELP)
+def top_cmd(pid, localport, remoteport, ipv4, ipv6, duration, refresh, poll_interval, record_path, threshold_pairs):
+    """Live full-screen view: sockets per state, new and ended connections, top peers, ports and
+    processes, findings. Keys: q quit, p pause, s sort, g group, / filter. Stdout not a terminal:
+    a plain print every --refresh seconds."""
+    from . import recording, top
+    try:
+        report, notices = top.run(prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6)), duration=duration,
+                                  refresh_s=refresh, poll_interval=poll_interval, record_path=record_path,
+                                  thresholds=_thresholds(threshold_pairs))
+    except recording.RecordingError as e:
+        raise UserError(str(e)) from None
+    for notice in notices:
+        click.echo(f"tcplife-trace: notice: {notice}", err=True)
+    click.echo(summary_text(report), err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="tcplife-trace", standalone_mode=False)

@@ -81,3 +81,28 @@ def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool 
     return Snapshot(taken, sockets, holders, mibs, sysctls, names, complete=states == sock_diag.ALL_STATES,
                     sockstat=sockstat, errors=errors, took_s=time.monotonic() - t0, states=states,
                     dumped_ns=dumped)
+
+
+# What a snapshot's sockets frame carries after the detectors' columns (analysis.leaks.SOCKET_COLUMNS):
+# each socket's health from tcp_info (probes/health.py; NA for sockets without tcp_info: listeners,
+# request sockets, TIME_WAIT) and its home, from the cgroup id sock_diag gives (the cgroup of the
+# task that made the socket; tcplife_trace/containers.py).
+HOME_COLUMNS = ("cgroup_id", "cgroup", "container_id", "pod_uid")
+EXTRA_COLUMNS = (*sock_diag.HEALTH_COLUMNS, *HOME_COLUMNS)
+FLOAT_COLUMNS = tuple(c for c in sock_diag.HEALTH_COLUMNS if c.endswith("_ms"))
+
+
+def extra_columns(sockets: list[sock_diag.Sock], resolver=None):
+    """EXTRA_COLUMNS of these sockets, one row each in their order (a pandas DataFrame).
+    resolver: a containers.Resolver (its cache is kept between looks); None: home columns NA."""
+    import pandas as pd
+    health = [s.health or {} for s in sockets]
+    data = {}
+    for c in sock_diag.HEALTH_COLUMNS:
+        values = [h.get(c) for h in health]
+        data[c] = (pd.array(values, dtype="float64") if c in FLOAT_COLUMNS else pd.array(values, dtype="Int64"))
+    homes = [resolver.by_id(s.cgroup_id) if resolver is not None and s.cgroup_id else None for s in sockets]
+    data["cgroup_id"] = pd.array([s.cgroup_id for s in sockets], dtype="UInt64")
+    for c, attr in (("cgroup", "path"), ("container_id", "container_id"), ("pod_uid", "pod_uid")):
+        data[c] = pd.Series([getattr(h, attr) if h is not None else None for h in homes], dtype=object)
+    return pd.DataFrame(data)

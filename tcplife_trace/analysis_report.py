@@ -69,6 +69,45 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
     return {name: conform(name, df) for name, df in out.items()}
 
 
+def peer_health(snapshots: pd.DataFrame) -> pd.DataFrame:
+    """Per peer address, from the socket snapshots' tcp_info (each connection's latest look that
+    had it: netns, laddr, lport, raddr, rport): connections, their median and largest smoothed
+    RTT, the smallest min RTT, retransmitted segments and bytes summed, and how many connections
+    retransmitted. Slowest first. Empty without snapshots that carry health (older recordings)."""
+    cols = ["raddr", "connections", "rtt_ms_median", "rtt_ms_max", "min_rtt_ms", "total_retrans",
+            "bytes_retrans", "retransmitting"]
+    if "rtt_ms" not in snapshots:
+        return pd.DataFrame(columns=cols)
+    have = snapshots[snapshots["rtt_ms"].notna() | snapshots["total_retrans"].notna()]
+    if have.empty:
+        return pd.DataFrame(columns=cols)
+    keys = ["netns", "laddr", "lport", "raddr", "rport"]
+    last = have.sort_values("time", kind="stable").drop_duplicates(keys, keep="last")
+    g = last.groupby("raddr", observed=True, sort=False)
+    out = pd.DataFrame({
+        "connections": g.size(), "rtt_ms_median": g["rtt_ms"].median(), "rtt_ms_max": g["rtt_ms"].max(),
+        "min_rtt_ms": g["min_rtt_ms"].min(), "total_retrans": g["total_retrans"].sum(min_count=1),
+        "bytes_retrans": g["bytes_retrans"].sum(min_count=1),
+        "retransmitting": g["total_retrans"].apply(lambda v: int((v.fillna(0) > 0).sum())),
+    }).reset_index()
+    out["raddr"] = out["raddr"].astype(str)
+    return out.sort_values("rtt_ms_median", ascending=False, na_position="last", kind="stable")[cols] \
+        .reset_index(drop=True)
+
+
+def _health_text(snapshots: pd.DataFrame) -> list[str]:
+    peers = peer_health(snapshots)
+    if peers.empty:
+        return []
+    out = [f"\nslowest peers by RTT (socket snapshots' tcp_info, each connection's last look; top {TOP})",
+           peers.head(TOP).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    retrans = peers[peers.total_retrans.fillna(0) > 0].sort_values("total_retrans", ascending=False, kind="stable")
+    if len(retrans):
+        out.append(f"\nmost retransmits per peer (top {TOP})")
+        out.append(retrans.head(TOP).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return out
+
+
 def applied(rec: Recording) -> list[str]:
     """Per file, in words: the filters it was recorded with and whether its frames apply them."""
     out = []
@@ -148,6 +187,7 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
         if len(still):
             out.append(f"\nopen at the end of the recording ({len(still)})")
             out.append(still[cols[:-2] + ["start"]].head(TOP).to_string(index=False))
+    out += _health_text(f["snapshots"])
     lk = f["leaks"]
     out.append(f"\nfindings ({len(lk)})" + ("" if len(lk) else ": none"))
     for r in lk.head(FINDINGS_SHOWN).itertuples():

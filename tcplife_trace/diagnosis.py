@@ -70,6 +70,8 @@ class Watch:
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self.started_ns = time.monotonic_ns()
         self.on_snapshot: Callable[[Snapshot, pd.DataFrame], None] | None = None  # e.g. a recording
+        from .containers import Resolver
+        self.resolver = Resolver()              # the sockets' cgroup ids to cgroups and containers
 
     # -- inputs --------------------------------------------------------------------------
     def closed(self, lc: Lifecycle) -> None:
@@ -181,7 +183,9 @@ class Watch:
                          s.wqueue, None if s.idle_recv_ms is None else s.idle_recv_ms / 1000,
                          None if s.idle_sent_ms is None else s.idle_sent_ms / 1000, pid, comm, fd,
                          max(age, 0.0), lower, eof_age, source))
-        return _listener_owners(leaks.sockets_frame(rows))
+        frame = _listener_owners(leaks.sockets_frame(rows))
+        extra = socket_snapshot.extra_columns(snap.sockets, self.resolver)  # health, cgroup (issue 15)
+        return pd.concat([frame, extra.set_axis(frame.index)], axis=1)
 
     def ended_frame(self, now_ns: int) -> pd.DataFrame:
         """Endings of the last minute, one row per key with its count in `n`."""

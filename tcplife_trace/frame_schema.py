@@ -74,7 +74,14 @@ FRAMES: dict[str, list[tuple[str, object]]] = {
                        "rport", ("inode", "Int64"), ("timer", TEXT), ("rqueue", "Int64"), ("wqueue", "Int64"),
                        ("idle_recv_s", "float64"), ("idle_sent_s", "float64"), "owner_pid", "owner_comm",
                        ("owner_fd", "Int64"), ("age_s", "float64"), ("age_lower_bound", "bool"),
-                       ("eof_age_s", "float64"), ("age_source", TEXT)),
+                       ("eof_age_s", "float64"), ("age_source", TEXT),
+                       # tcp_info (probes/health.py) and the socket's cgroup (containers.py)
+                       ("rtt_ms", "float64"), ("rttvar_ms", "float64"), ("min_rtt_ms", "float64"),
+                       ("total_retrans", "Int64"), ("bytes_retrans", "Int64"), ("segs_in", "Int64"),
+                       ("segs_out", "Int64"), ("data_segs_in", "Int64"), ("data_segs_out", "Int64"),
+                       ("lost", "Int64"), ("reordering", "Int64"), ("delivered", "Int64"),
+                       ("delivery_rate", "Int64"), ("snd_cwnd", "Int64"), ("rcv_rtt_ms", "float64"),
+                       ("cgroup_id", "UInt64"), ("cgroup", TEXT), ("container_id", TEXT), ("pod_uid", TEXT)),
 }
 
 

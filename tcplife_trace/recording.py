@@ -491,9 +491,14 @@ def _snapshot(custom) -> tuple:
     # every offset and length checked before pandas reads a byte: a flipped byte in a string
     # column's offsets made to_pandas read outside the buffers (a segfault)
     table.validate(full=True)
-    if table.column_names not in (list(leaks.SOCKET_COLUMNS), list(leaks.SOCKET_COLUMNS_V1)):
+    from .probes.socket_snapshot import EXTRA_COLUMNS
+    if table.column_names not in (list(leaks.SOCKET_COLUMNS), list(leaks.SOCKET_COLUMNS_V1),
+                                  [*leaks.SOCKET_COLUMNS, *EXTRA_COLUMNS]):
         raise ValueError("snapshot with other columns")
-    frame = leaks.sockets_frame(table.to_pandas())
+    df = table.to_pandas()
+    frame = leaks.sockets_frame(df)
+    if EXTRA_COLUMNS[0] in df:  # health and cgroup of each socket (recordings since issue 15)
+        frame = pd.concat([frame, df[list(EXTRA_COLUMNS)].set_axis(frame.index)], axis=1)
     # values each column's type can hold (a flipped byte made a port 70000): TypeError otherwise
     from .frame_schema import conform
     conform("snapshots", frame.assign(time=pd.Timestamp(0, tz="UTC"), complete=False))
@@ -654,9 +659,12 @@ class Recording:
                      time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
                  for (t, m, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True)]
         from .frame_schema import conform
+        from .probes.socket_snapshot import EXTRA_COLUMNS
         cols = ["time", "complete", *leaks.SOCKET_COLUMNS]
         if not parts:  # (typed all the same: an empty frame has the full schema)
             parts = [leaks.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"), complete=False)]
+        parts = [p.reindex(columns=[*p.columns, *(c for c in EXTRA_COLUMNS if c not in p)]) for p in parts]
+        cols += EXTRA_COLUMNS  # (NA in snapshots recorded before them)
         return conform("snapshots", pd.concat(parts, ignore_index=True)[cols])
 
     def leaks(self, thresholds=None, port_range=None):

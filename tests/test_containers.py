@@ -158,3 +158,58 @@ def test_classify_other_layouts():
     assert containers.classify("/").runtime is None
     # a 64-hex leaf is a container only where a layout says so
     assert containers.classify(f"/somewhere/{ID}").container_id is None
+
+
+def test_recorded_snapshots_carry_health_and_container(mount, tmp_path, capsys):
+    """End to end on the real kernel: a connection made by a process in a docker-shaped cgroup,
+    inside a namespace, that retransmitted; a live trace with --record and --poll-interval; its
+    recording's snapshots hold that socket's tcp_info health (as TCP_INFO tells it now) and its
+    cgroup and container, and `analyze` lists the peer among the most retransmits."""
+    import json
+    import socket
+
+    from netpair import B_ADDR, NetPair
+    from test_health import Retransmitted
+
+    from tcplife_trace import load
+    from tcplife_trace.analysis_report import peer_health
+    from tcplife_trace.cli import main
+    from tcplife_trace.probes import health
+    path = TOP + SHAPES[0][0]
+    os.makedirs(mount + path)
+    home = containers.pid_cgroup(os.getpid())
+    with NetPair("hr") as pair:
+        with open(mount + path + "/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))  # this process, while it makes the sockets (they keep that cgroup)
+        try:
+            conn = Retransmitted(pair)
+        finally:
+            with open(mount + home + "/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+        rec_path = tmp_path / "h.arrow"
+        r = subprocess.run([sys.executable, "-m", "tcplife_trace.cli", "--duration", "2", "--poll-interval", "1",
+                            "--record", str(rec_path)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        now = health.from_tcp_info(conn.client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512))
+        sn = load(str(rec_path)).snapshots()
+        ours = sn[(sn.netns == pair.inode(pair.a)) & (sn.lport == conn.lport)]
+        assert len(ours) >= 2  # the seed and the last look (both take ESTABLISHED)
+        last = ours[ours.time == ours.time.max()].iloc[0]
+        assert last.total_retrans == now["total_retrans"] > 0 and last.bytes_retrans == now["bytes_retrans"]
+        assert last.rtt_ms == now["rtt_ms"] and last.snd_cwnd == now["snd_cwnd"]
+        assert (last.cgroup, last.container_id, last.pod_uid) == (path, ID, None)
+        assert last.cgroup_id == os.stat(mount + path).st_ino
+        peers = peer_health(sn)
+        mine = peers[peers.raddr == B_ADDR].iloc[0]
+        assert mine.connections == 1 and mine.total_retrans == now["total_retrans"] and mine.retransmitting == 1
+        capsys.readouterr()
+        assert main(["analyze", str(rec_path)]) == 0
+        text = capsys.readouterr().out
+        assert "slowest peers by RTT" in text
+        retrans = text[text.index("most retransmits per peer"):].split("\n\n")[0]
+        assert B_ADDR in retrans
+        assert main(["analyze", str(rec_path), "--format", "json"]) == 0
+        rows = [x for x in json.loads(capsys.readouterr().out)["snapshots"]
+                if x["lport"] == conn.lport and x["netns"] == pair.inode(pair.a)]
+        assert rows and all(x["container_id"] == ID and x["total_retrans"] > 0 for x in rows)
+        conn.close()

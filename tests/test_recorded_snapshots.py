@@ -51,7 +51,9 @@ def test_snapshots_round_trip_between_events(tmp_path):
     rec = load(_write(tmp_path / "r.arrow"))
     assert rec.end["snapshots"] == 2 and rec.events.num_rows == len(ROWS)
     sn = rec.snapshots()
-    assert list(sn.columns) == ["time", "complete", *leaks.SOCKET_COLUMNS]
+    from tcplife_trace.probes.socket_snapshot import EXTRA_COLUMNS
+    assert list(sn.columns) == ["time", "complete", *leaks.SOCKET_COLUMNS, *EXTRA_COLUMNS]
+    assert sn[list(EXTRA_COLUMNS)].isna().all().all()  # a snapshot frame without them: NA, not 0
     assert len(sn) == len(SEED) + len(LAST)
     first = sn[sn.time == sn.time.min()]
     assert first.time.iloc[0] == pd.Timestamp(MONO_TO_WALL + 1_000_000, unit="ns", tz="UTC")

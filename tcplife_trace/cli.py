@@ -540,7 +540,7 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, all_
     text_import = _text_import(capture_date, capture_tz, capture_host)
     if export_dir:
         _export_check(export_dir)  # now, not after minutes of analysis
-    from . import fleet
+    from . import fleet, progress
     try:
         paths = fleet.expand(files)
         if text_import is not None:
@@ -549,19 +549,22 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, all_
                 raise click.UsageError("--date, --tz and --host describe a tcpstates text capture, and none "
                                        "of the files is one")
         if engine == "dask" or len(fleet.hosts(paths, text_import)) > 1:
-            out = fleet.analyze(paths, engine, scheduler=scheduler, thresholds=thresholds, filters=filters,
-                                since=start, until=stop, workers=workers, transitions=bool(export_dir),
-                                text_import=text_import, all_recorded=all_recorded)
+            with progress.bar(f"analysing {len(paths)} files" + (" on Dask" if engine == "dask" else "")) as update:
+                out = fleet.analyze(paths, engine, scheduler=scheduler, thresholds=thresholds, filters=filters,
+                                    since=start, until=stop, workers=workers, transitions=bool(export_dir),
+                                    text_import=text_import, all_recorded=all_recorded, progress=update)
             for w in out["warnings"]:
                 click.echo(f"tcplife-trace: warning: {w}", err=True)
             _visual_reports(paths, html_path, plots_dir, filters=filters, since=start, until=stop,
                             thresholds=thresholds, text_import=text_import, all_recorded=all_recorded)
             _fleet_output(out, fmt, export_dir)
             return
-        rec = load(paths, text_import, all_recorded)
+        with progress.bar(f"loading {len(paths)} file{'s' if len(paths) > 1 else ''}"):
+            rec = load(paths, text_import, all_recorded)
         for w in rec.warnings:
             click.echo(f"tcplife-trace: warning: {w}", err=True)
-        frames = analysis_report.frames(rec, filters, start, stop, thresholds)
+        with progress.bar("computing the frames"):
+            frames = analysis_report.frames(rec, filters, start, stop, thresholds)
         _visual_reports(paths, html_path, plots_dir, rec=rec, frames=frames, filters=filters, since=start,
                         until=stop, thresholds=thresholds)
     except RecordingError as e:
@@ -616,14 +619,17 @@ def _visual_reports(paths, html_path, plots_dir, rec=None, frames=None, **kw) ->
         from . import report_html
     except ImportError as e:
         raise UserError(f"--html and --plots need matplotlib ({e}): pip install matplotlib") from None
+    from . import progress
     written: list[str] = []
     try:  # (with both, the plots are drawn once, for the page and the files)
-        if html_path:
-            page = (report_html.render(rec, frames, plots_dir=plots_dir, written=written, **kw) if rec is not None
-                    else report_html.render_paths(paths, plots_dir=plots_dir, written=written, **kw))
-        else:
-            written = (report_html.plots(rec, plots_dir, frames, **kw) if rec is not None
-                       else report_html.plots_paths(paths, plots_dir, **kw))
+        with progress.bar("drawing the report"):
+            if html_path:
+                page = (report_html.render(rec, frames, plots_dir=plots_dir, written=written, **kw)
+                        if rec is not None else
+                        report_html.render_paths(paths, plots_dir=plots_dir, written=written, **kw))
+            else:
+                written = (report_html.plots(rec, plots_dir, frames, **kw) if rec is not None
+                           else report_html.plots_paths(paths, plots_dir, **kw))
     except OSError as e:
         raise UserError(f"cannot write plots into {plots_dir}: {e.strerror}; give another --plots DIR") from None
     if html_path:
@@ -739,8 +745,9 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
     thresholds = _thresholds(threshold_pairs)
     stop = _Stop()
 
-    def announce(f):
-        click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+    def announce(f):  # (above the countdown, on a terminal)
+        from . import progress
+        progress.say(f"tcplife-trace: {findings_view.one_line(f)}")
 
     def ready():  # once attached: a run that cannot start says only why
         click.echo("tcplife-trace doctor: snapshot taken, " + (f"tracing for {duration:g} s" if duration
@@ -754,11 +761,14 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
             recorder = recording.RecordingWriter(record_path, recording.header(filters, wall_offset))
         except recording.RecordingError as e:
             raise UserError(str(e)) from None
+    from . import progress
     try:  # a recording needs every transition; without one the kernel folds each connection
-        report = doctor.run(prog.Settings(filters, mode="stream" if recorder else "aggregate"), duration_s=duration,
-                            interval_s=interval, thresholds=thresholds, on_finding=None if as_json else announce,
-                            should_stop=lambda: stop.requested, on_ready=ready, filters=filters,
-                            recorder=recorder, wall_offset_ns=wall_offset)
+        with progress.countdown("tcplife-trace doctor: tracing", duration) as tick:
+            report = doctor.run(prog.Settings(filters, mode="stream" if recorder else "aggregate"),
+                                duration_s=duration, interval_s=interval, thresholds=thresholds,
+                                on_finding=None if as_json else announce, should_stop=lambda: stop.requested,
+                                on_ready=ready, filters=filters, recorder=recorder, wall_offset_ns=wall_offset,
+                                on_tick=tick)
     except BaseException:
         if recorder is not None and not recorder.written:
             recorder.discard()  # it never started: leave no empty file behind

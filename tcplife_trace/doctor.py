@@ -23,14 +23,16 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
         on_finding: Callable[[leaks.Finding], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         on_ready: Callable[[], None] | None = None, filters: Filters | None = None,
-        recorder=None, wall_offset_ns: int | None = None) -> dict:
+        recorder=None, wall_offset_ns: int | None = None,
+        on_tick: Callable[[float], None] | None = None) -> dict:
     """Attach the tracer, seed from a full snapshot, trace for duration_s polling every
     interval_s, then judge on a final full snapshot. Returns a report dict.
     duration_s == 0: one full snapshot judged at once, no tracer (owners from /proc, ages from
     the kernel's clocks). filters (or settings.filters): the findings and the trace obey
     -p/-L/-D/-4/-6. on_ready runs once tracing and the first snapshot are in place (tests start
     workloads there). recorder: a recording.RecordingWriter (settings in mode "stream") gets every
-    event and every snapshot, for `analyze` later."""
+    event and every snapshot, for `analyze` later. on_tick(seconds left) runs as the trace
+    waits (a countdown: progress.countdown)."""
     if filters is None:
         filters = settings.filters if settings is not None else Filters()
     if duration_s <= 0:
@@ -54,6 +56,8 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
             now = time.monotonic()
             if now >= deadline:
                 break
+            if on_tick:
+                on_tick(deadline - now)
             session.poll(max(1, int(min(100, (deadline - now) * 1000))))
             if interval_s > 0 and time.monotonic() >= next_poll:
                 next_poll += interval_s

@@ -170,14 +170,15 @@ def _finish(meta: dict[str, pd.DataFrame], whole: dict[str, pd.DataFrame]) -> di
 
 def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thresholds=None,
             filters=None, since=None, until=None, workers: int | None = None, transitions: bool = False,
-            text_import=None, all_recorded: bool = False) -> dict:
+            text_import=None, all_recorded: bool = False, progress=None) -> dict:
     """{"lifecycles", "state_durations", "leaks", "snapshots", "summary", "files", "warnings",
     "recorded_filters"} over many host recordings (and "transitions" with transitions=True).
     Each file shows what the filters it was recorded with keep (as its live session did;
     all_recorded: everything that reached it), narrowed by `filters`; recorded_filters says,
     per file, which were applied. engine="dask" runs on a local Dask cluster, or the one at
     `scheduler`. text_import: a tcpstates_import.TextImport (date, host, time zone of
-    tcpstates text captures)."""
+    tcpstates text captures). progress(done, total): called as host files (pandas) or
+    partitions (dask) are done, e.g. progress.bar's update."""
     paths = expand(inputs)
     from .recording import check, read_header, recorded_filters
     for p in paths:  # here, before any worker: a bad file is one line naming it, not a remote traceback
@@ -188,14 +189,18 @@ def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thr
     args = {"thresholds": thresholds, "filters": filters, "since": since, "until": until, "names": names,
             "text_import": text_import, "all_recorded": all_recorded}
     if engine == "pandas":
-        results = [host_frames(i, p, **args) for i, p in enumerate(paths)]
+        results = []
+        for i, p in enumerate(paths):
+            results.append(host_frames(i, p, **args))
+            if progress:
+                progress(i + 1, len(paths))
         parts = {n: [r[n] for r in results] for n in names}
         warnings = [w for r in results for w in r["warnings"]]
         said = [r["recorded_filters"] for r in results]
     elif engine == "dask":
         with _client(scheduler, workers) as client:
             ddfs, warn_futures, said_futures = dask_frames(client, paths, **args)
-            parts = {n: client.gather(client.compute(ddfs[n].to_delayed())) for n in names}
+            parts = _computed(client, ddfs, names, progress)
             warnings = [w for ws in client.gather(warn_futures) for w in ws]
             said = client.gather(said_futures)
     else:
@@ -205,6 +210,17 @@ def analyze(inputs, engine: str = "pandas", *, scheduler: str | None = None, thr
     out["warnings"] = warnings
     out["recorded_filters"] = dict(zip(paths, said, strict=True))
     return out
+
+
+def _computed(client, ddfs: dict, names, progress=None) -> dict:
+    """Each frame's partitions computed on the cluster (progress(done, total) as they finish)."""
+    futures = {n: client.compute(ddfs[n].to_delayed()) for n in names}
+    if progress:
+        from distributed import as_completed
+        every = [f for fs in futures.values() for f in fs]
+        for done, _ in enumerate(as_completed(every), 1):
+            progress(done, len(every))
+    return {n: client.gather(fs) for n, fs in futures.items()}
 
 
 def dask_frames(client, paths: list[str], **args) -> tuple[dict, list, list]:

@@ -113,8 +113,8 @@ class TopRunner:
                     self.model.say(f"error: {self.recorder.failed}")
                 if self.watch is not None and now >= next_poll:
                     with s.pumping():
-                        found = self.watch.poll()
-                    self._looked(found)
+                        self.watch.poll()
+                    self._looked()
                     next_poll = time.monotonic() + self.poll_interval
                 if now >= next_snap:
                     if now >= next_times:
@@ -135,12 +135,9 @@ class TopRunner:
             self.failed = e
             self._stop.set()
 
-    def _looked(self, found=()) -> None:
+    def _looked(self) -> None:
         self.model.sockets_seen(self.watch.latest_counts)
-        self.model.findings_seen(self.watch.current)
-        from .findings_view import one_line
-        for f in found:
-            self.model.say(one_line(f))
+        self.model.findings_seen(self.watch.current)  # (shown with their severity: not said again)
         for e in self.watch.new_errors():
             self.model.say(f"sockets not read: {e}")
 

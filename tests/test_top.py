@@ -143,6 +143,15 @@ def test_screen_shows_the_workload_a_filter_narrows_it_q_exits_with_the_summary(
         assert re.search(rf"^totals: new {N + H + M}  closed {N + M}  open {H}  resets {M}  refused 0  timeouts 0",
                          screen, re.M), screen
         assert "Traceback" not in screen
+        # sort by open connections (port A first), pause (the picture stays), go on
+        term.keys("s")
+        screen = term.wait_for(r"^tcplife-trace top .*sort open")
+        ports = [x.split()[0] for x in screen.splitlines() if x.split() and x.split()[0] in (str(a), str(b))]
+        assert ports == [str(a), str(b)], screen
+        term.keys("p")
+        term.wait_for(r"\[PAUSED\]")
+        term.keys("p")
+        term.wait_for(r"^tcplife-trace top .*sort open\s*$")
         # the filter box, with the command line's keys: port A only
         term.keys("/")
         term.keys(f"-L {a}", literal=True)
@@ -201,9 +210,10 @@ def test_40x10_no_color_and_a_tiny_terminal_never_a_traceback():
 
 
 @pytest.mark.privileged
-def test_plain_periodic_print_when_stdout_is_not_a_terminal():
+def test_plain_periodic_print_when_stdout_is_not_a_terminal_and_record_alongside(tmp_path):
     a, b = free_ports(2)
-    top = subprocess.Popen([TOOL, "top", "-L", f"{a},{b}", "--refresh", "1", "--duration", "30"],
+    rec = tmp_path / "top.arrow"
+    top = subprocess.Popen([TOOL, "top", "-L", f"{a},{b}", "--refresh", "1", "--duration", "30", "--record", str(rec)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         first = top.stdout.readline()  # the first block: tracing and the first look are done
@@ -226,6 +236,15 @@ def test_plain_periodic_print_when_stdout_is_not_a_terminal():
     assert top.returncode == 0, err
     assert "\x1b" not in "".join(seen) + out
     assert re.search(r"s traced, \d+ connections seen", err) and "Traceback" not in err, err
+    # --record alongside: every connection of the workload is in the recording
+    import io
+
+    import pandas as pd
+    csv = subprocess.run([TOOL, "analyze", str(rec), "--format", "csv"], capture_output=True, text=True, timeout=120)
+    assert csv.returncode == 0, csv.stderr
+    df = pd.read_csv(io.StringIO(csv.stdout))
+    ended = df[df.role == "passive"].groupby(["lport", "end_reason"]).size().to_dict()
+    assert ended == {(a, "passive_close"): N + H, (b, "local_abort"): M}, ended
 
 
 # -- without a kernel -------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ import socket
 import struct
 from typing import NamedTuple
 
-from .event_layout import AGG_SIZE, EVENT_SIZE, LIFE_SIZE, Event, EventKind, Flag, Life
+import numpy as np
 
-_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH")
-assert _FMT.size == EVENT_SIZE and Event.comm.offset == EVENT_SIZE - 18
+from .event_layout import AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, Event, EventKind, Flag, Life
+
+# `Ev`'s 21 fields, the first bytes of struct tlt_event; the fields appended after seq (the
+# kernel's fold, see event_layout) are skipped here: they are read as numpy columns
+_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH" + "x" * (EVENT_SIZE - 120))
+assert _FMT.size == EVENT_SIZE and Event.seq.offset == 118
 
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
@@ -117,6 +121,17 @@ def decode_batch(blob: bytes) -> list[tuple]:
     return list(_iter_unpack(blob))
 
 
+def event_tuples(events: np.ndarray) -> list[tuple]:
+    """An EVENT_DTYPE array as `Ev`-ordered tuples (what decode_batch gives for its bytes)."""
+    return list(_iter_unpack(events.tobytes())) if len(events) else []
+
+
+def events_array(tuples) -> np.ndarray:
+    """`Ev`-ordered tuples (21 fields) as an EVENT_DTYPE array; fields past seq are zero."""
+    pack = _FMT.pack
+    return np.frombuffer(b"".join(pack(*t[:21]) for t in tuples), dtype=EVENT_DTYPE).copy()
+
+
 def as_ev(ev: tuple) -> Ev:
     return ev if type(ev) is Ev else _make(ev)
 
@@ -147,6 +162,11 @@ def decode_life_batch(blob: bytes) -> list[tuple]:
     """Records of the aggregated mode (each LIFE_SIZE bytes): a LIFE record is the event's
     fields followed by struct tlt_agg's; any other kind is cut to the event's fields."""
     return [t if t[13] == _KIND_LIFE else t[:N_EV_FIELDS] for t in _life_iter_unpack(blob)]
+
+
+def life_tuples(lives: np.ndarray) -> list[tuple]:
+    """A LIFE_DTYPE array as LIFE tuples (decode_life_batch's form)."""
+    return list(_life_iter_unpack(lives.tobytes())) if len(lives) else []
 
 
 def decode_many(chunks: list[bytes]) -> list[Ev]:

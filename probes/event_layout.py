@@ -123,6 +123,10 @@ FIELD_NAMES = [name for name, _ in Event._fields_ if not name.startswith("_")]
 # numpy view of the same bytes, for decoding a batch at once
 EVENT_DTYPE = np.dtype(Event)
 assert EVENT_DTYPE.itemsize == EVENT_SIZE
+# struct tlt_life as numpy: fields "ev" (EVENT_DTYPE) and "agg" (struct tlt_agg)
+LIFE_DTYPE = np.dtype(Life)
+AGG_DTYPE = LIFE_DTYPE["agg"]
+assert LIFE_DTYPE.itemsize == LIFE_SIZE and LIFE_DTYPE["ev"] == EVENT_DTYPE
 
 
 def field_offsets() -> dict[str, int]:

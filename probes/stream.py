@@ -7,27 +7,65 @@ into them by timestamp before anything reaches the state machine.
 """
 from __future__ import annotations
 
-import bisect
 import ctypes
-import heapq
-import itertools
 import time
 
 import numpy as np
 
-from .decode import Ev, decode_batch, decode_life_batch
-from .event_layout import (EVENT_SIZE, N_KINDS, STAT_DROPPED, STAT_EMITTED, STAT_MAP_FULL,
-                           STAT_SPILLED, Event, EventKind)
+from .decode import Ev, event_tuples, life_tuples
+from .event_layout import (EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, N_KINDS, STAT_DROPPED,
+                           STAT_EMITTED, STAT_MAP_FULL, STAT_SPILLED, EventKind)
 from .program import LoadedProgram
 from .ringbuf import RingBufferReader
 
 HOLDBACK_NS = 20_000_000  # event time a spilled event may lag the ring events around it
 KIND_NAMES = {k.value: k.name.lower() for k in EventKind}
-_KIND_OFF = Event.kind.offset
+_LIFE = int(EventKind.LIFE)
+_NO_EVENTS = np.empty(0, dtype=EVENT_DTYPE)
+_NO_LIVES = np.empty(0, dtype=LIFE_DTYPE)
 
 
-def _ts(ev) -> int:
-    return ev[0]
+class Batch:
+    """What one poll released: `events` (EVENT_DTYPE, in the kernel's order, spilled events
+    merged back in) and `lives` (LIFE_DTYPE: the folded records of connections that ended,
+    in no particular order). Both arrays are the callers' own (no buffer is shared)."""
+    __slots__ = ("events", "lives")
+
+    def __init__(self, events: np.ndarray = _NO_EVENTS, lives: np.ndarray = _NO_LIVES):
+        self.events = events
+        self.lives = lives
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.lives)
+
+    def tuples(self) -> list:
+        """The batch as `Ev`-ordered tuples (LIFE records as decode_life_batch's tuples), each
+        LIFE record after the events of its time (a connection's record follows its CLOSE)."""
+        evs = event_tuples(self.events)
+        if not len(self.lives):
+            return evs
+        lives = self.lives[np.argsort(self.lives["ev"]["ts_ns"], kind="stable")]
+        at = np.searchsorted(self.events["ts_ns"], lives["ev"]["ts_ns"], side="right").tolist()
+        out, prev = [], 0
+        for pos, rec in zip(at, life_tuples(lives)):
+            out += evs[prev:pos]
+            out.append(rec)
+            prev = pos
+        out += evs[prev:]
+        return out
+
+
+def split_records(blob: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ring or overflow records of one size as (events, lives): records of struct tlt_life's
+    size that are not LIFE records are events padded to that size (the aggregated modes of
+    the one-ring layout)."""
+    if size == EVENT_SIZE:
+        return np.frombuffer(blob, dtype=EVENT_DTYPE).copy(), _NO_LIVES
+    recs = np.frombuffer(blob, dtype=LIFE_DTYPE)
+    is_life = recs["ev"]["kind"] == _LIFE
+    if is_life.all():
+        return _NO_EVENTS, recs.copy()
+    return recs["ev"][~is_life].copy(), recs[is_life].copy()
 
 
 class OrderedMerge:
@@ -36,85 +74,99 @@ class OrderedMerge:
     A spilled event waits until the ring has been read past its time (so the events of
     its connection before it have arrived), then goes just before the first held event
     of the same connection with a higher sequence number. The newest holdback_ns of
-    ring events are held back so a spilled event can still find its place.
+    ring events are held back so a spilled event can still find its place. LIFE records
+    are held and released by the same time cut (so a record leaves no earlier than the
+    events of its time), in any order.
     """
 
     def __init__(self, holdback_ns: int = HOLDBACK_NS):
         self.holdback_ns = holdback_ns
-        self.held: list = []
-        self.waiting: list = []  # heap of (ts, arrival, event): a backlog can hold many
-        self._arrival = itertools.count()
+        self.held = _NO_EVENTS
+        self.waiting = _NO_EVENTS  # spilled events, by time (arrival order among equals)
+        self.lives = _NO_LIVES
         self.released_ts = 0
+        self.ring_ts = 0  # time of the newest record read from the ring (an event or a LIFE)
         self.late = 0  # spilled events whose connection had already moved on
 
-    def add_ring(self, batch: list) -> None:
-        self.held += batch
+    def add_ring(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
+        if len(events):
+            self.held = np.concatenate((self.held, events)) if len(self.held) else events
+            self.ring_ts = max(self.ring_ts, int(events["ts_ns"][-1]))
+        if len(lives):
+            self.lives = np.concatenate((self.lives, lives)) if len(self.lives) else lives
+            self.ring_ts = max(self.ring_ts, int(lives["ev"]["ts_ns"].max()))
 
-    def add_spilled(self, events: list) -> None:
-        for ev in events:
-            heapq.heappush(self.waiting, (ev[0], next(self._arrival), ev))
+    def add_spilled(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
+        if len(events):
+            w = np.concatenate((self.waiting, events)) if len(self.waiting) else events
+            self.waiting = w[np.argsort(w["ts_ns"], kind="stable")]
+        if len(lives):
+            self.lives = np.concatenate((self.lives, lives)) if len(self.lives) else lives
 
     def progress(self) -> int:
-        """Time up to which the ring has been read (its last event held, or released)."""
-        return self.held[-1][0] if self.held else self.released_ts
+        """Time up to which the ring has been read (its newest record, or the last released)."""
+        return max(self.ring_ts, self.released_ts)
 
-    def release(self, progress: int, final: bool = False) -> list:
-        held = self.held
-        waiting = self.waiting
-        if waiting and (final or waiting[0][0] <= progress):
-            ready = []
-            while waiting and (final or waiting[0][0] <= progress):
-                ready.append(heapq.heappop(waiting)[2])
+    def release(self, progress: int, final: bool = False) -> Batch:
+        held, waiting = self.held, self.waiting
+        if len(waiting) and (final or int(waiting["ts_ns"][0]) <= progress):
+            n = len(waiting) if final else int(np.searchsorted(waiting["ts_ns"], progress, side="right"))
+            ready, self.waiting = waiting[:n], waiting[n:]
             held = self.held = self._placed(held, ready)
+        lives = self.lives
         if final:
-            out, self.held = held, []
+            out, self.held = held, _NO_EVENTS
+            out_lives, self.lives = lives, _NO_LIVES
         else:
-            cut = bisect.bisect_left(held, progress - self.holdback_ns, key=_ts)
-            if cut == 0:
-                return []
+            cut_ts = max(progress - self.holdback_ns, 0)
+            cut = int(np.searchsorted(held["ts_ns"], cut_ts, side="left"))
             out, self.held = held[:cut], held[cut:]
-        if out:
-            self.released_ts = max(self.released_ts, max(map(_ts, out[-64:])))
-        return out
+            out_lives = _NO_LIVES
+            if len(lives):
+                due = lives["ev"]["ts_ns"] < cut_ts
+                if due.any():
+                    out_lives, self.lives = lives[due], lives[~due]
+        if len(out):
+            self.released_ts = max(self.released_ts, int(out["ts_ns"][-64:].max()))
+        return Batch(out, out_lives)
 
-    def _placed(self, held: list, ready: list) -> list:
+    def _placed(self, held: np.ndarray, ready: np.ndarray) -> np.ndarray:
         """held with the ready spilled events put in place, in one pass over held (a backlog
         can hold a whole ring of events, and spills come in bursts when it does)."""
-        want = {ev[2] for ev in ready if ev[2]}
-        where: dict[int, list[int]] = {}
-        if want:
-            for i, other in enumerate(held):
-                if other[2] in want:
-                    where.setdefault(other[2], []).append(i)
         n = len(held)
-        inserts = []
-        for k, ev in enumerate(ready):
-            gen, seq, pos = ev[2], ev[20], n
-            for i in where.get(gen, ()):
+        gens = ready["gen"]
+        want = np.unique(gens[gens != 0])
+        where: dict[int, list] = {}
+        if n and len(want):
+            idx = np.nonzero(np.isin(held["gen"], want))[0]
+            for i, g, q in zip(idx.tolist(), held["gen"][idx].tolist(), held["seq"][idx].tolist()):
+                where.setdefault(g, []).append((i, q))
+        positions = []
+        released = self.released_ts
+        for gen, seq, ts in zip(gens.tolist(), ready["seq"].tolist(), ready["ts_ns"].tolist()):
+            pos = n
+            for i, q in where.get(gen, ()):
                 # seq wraps at 2**16: "later" is a forward distance below half the range
-                if 0 < (held[i][20] - seq) % 65536 < 32768:
+                if 0 < (q - seq) % 65536 < 32768:
                     pos = i
                     break
-            if pos == n and ev[0] < self.released_ts:
+            if pos == n and ts < released:
                 self.late += 1
-            inserts.append((pos, k, ev))
-        inserts.sort(key=lambda t: (t[0], t[1]))
-        out, prev = [], 0
-        for pos, _k, ev in inserts:
-            out += held[prev:pos]
-            out.append(ev)
-            prev = pos
-        out += held[prev:]
-        return out
+            positions.append(pos)
+        pos_arr = np.asarray(positions, dtype=np.int64)
+        order = np.argsort(pos_arr, kind="stable")
+        return np.insert(held, pos_arr[order], ready[order])
 
 
 class EventStream:
+    """The program's records as Batches (poll_batch, drain_batch, finish_batch), or as
+    `Ev`-ordered tuples derived from them (poll, drain, finish)."""
+
     def __init__(self, program: LoadedProgram, holdback_ns: int = HOLDBACK_NS):
         self.program = program
         fd, size = program.ring_buffer()
         self.record_size = size_ = program.source.record_size
         self.reader = RingBufferReader(fd, size, size_)
-        self.decode = decode_batch if size_ == EVENT_SIZE else decode_life_batch
         self.merge = OrderedMerge(holdback_ns)
         # perf's own count of the records the overflow buffer refused: the same drops the
         # kernel side counts per kind (STAT_DROPPED), reported late and without a kind, so
@@ -122,11 +174,12 @@ class EventStream:
         self.overflow_lost = 0
         self.received = np.zeros(N_KINDS, dtype=np.int64)  # records read, by kind, both buffers
         self._overflow_lost: list[int] = []
-        self._spilled: list[bytes] = []
+        self._spilled: list[bytes] = []  # records of EVENT_SIZE or LIFE_SIZE, told by size
         spilled = self._spilled
 
-        def on_overflow(_cpu, data, _size):
-            spilled.append(ctypes.string_at(data, size_))
+        def on_overflow(_cpu, data, size):
+            # perf pads a raw sample: its size is at least the record's, never a LIFE's if an event
+            spilled.append(ctypes.string_at(data, LIFE_SIZE if size >= LIFE_SIZE else EVENT_SIZE))
             return 0
 
         def on_overflow_lost(count):
@@ -134,53 +187,78 @@ class EventStream:
         self._callbacks = (on_overflow, on_overflow_lost)  # keep the ctypes callbacks alive
         program.open_overflow(on_overflow, on_overflow_lost)
 
-    def _count(self, blob: bytes) -> None:
-        kinds = np.frombuffer(blob, dtype=np.uint8)[_KIND_OFF::self.record_size]
-        self.received += np.bincount(kinds, minlength=N_KINDS)[:N_KINDS]
+    def _count(self, events: np.ndarray, lives: np.ndarray) -> None:
+        if len(events):
+            self.received += np.bincount(events["kind"], minlength=N_KINDS)[:N_KINDS]
+        if len(lives):
+            self.received[_LIFE] += len(lives)
+
+    def _split_spilled(self) -> tuple[np.ndarray, np.ndarray]:
+        evs = [r for r in self._spilled if len(r) == EVENT_SIZE]
+        lifes = [r for r in self._spilled if len(r) != EVENT_SIZE]
+        self._spilled.clear()
+        events, lives = split_records(b"".join(evs), EVENT_SIZE) if evs else (_NO_EVENTS, _NO_LIVES)
+        if lifes:
+            more, lives = split_records(b"".join(lifes), LIFE_SIZE)
+            if len(more):
+                events = np.concatenate((events, more)) if len(events) else more
+        return events, lives
 
     @property
     def late_overflow(self) -> int:
         return self.merge.late
 
-    def _release(self, final: bool) -> list:
+    def _read_ring(self) -> bool:
+        blob = self.reader.read()
+        if not blob:
+            return False
+        events, lives = split_records(blob, self.record_size)
+        self._count(events, lives)
+        self.merge.add_ring(events, lives)
+        return True
+
+    def _release(self, final: bool) -> Batch:
         self.program.poll_overflow()
         if self._overflow_lost:
             self.overflow_lost += sum(self._overflow_lost)
             self._overflow_lost.clear()
         if self._spilled:
-            blob = b"".join(self._spilled)
-            self._count(blob)
-            self.merge.add_spilled(self.decode(blob))
-            self._spilled.clear()
+            events, lives = self._split_spilled()
+            self._count(events, lives)
+            self.merge.add_spilled(events, lives)
         progress = self.merge.progress()
         if final or not self.reader.pending():
             progress = max(progress, time.monotonic_ns())
         return self.merge.release(progress, final)
 
-    def poll(self, timeout_ms: int) -> list:
-        """The next events in order (as `Ev`-ordered tuples), waiting up to timeout_ms."""
+    def poll_batch(self, timeout_ms: int) -> Batch:
+        """The next records, waiting up to timeout_ms (one ring read: up to the reader's
+        max_batch records)."""
         self.reader.wait(timeout_ms)
-        blob = self.reader.read()
-        if blob:
-            self._count(blob)
-            self.merge.add_ring(self.decode(blob))
+        self._read_ring()
         return self._release(final=False)
 
-    def drain(self) -> list:
+    def drain_batch(self) -> Batch:
         """Everything still buffered, without waiting."""
-        while True:
-            blob = self.reader.read()
-            if not blob:
-                break
-            self._count(blob)
-            self.merge.add_ring(self.decode(blob))
+        while self._read_ring():
+            pass
         return self._release(final=True)
 
-    def finish(self) -> list:
+    def finish_batch(self) -> Batch:
         """Detach the program, then everything it sent: after this the kernel's counters
-        are final and every event they count is either here or lost."""
+        are final and every record they count is either here or lost."""
         self.program.detach()
-        return self.drain()
+        return self.drain_batch()
+
+    def poll(self, timeout_ms: int) -> list:
+        """The next events in order (as `Ev`-ordered tuples), waiting up to timeout_ms."""
+        return self.poll_batch(timeout_ms).tuples()
+
+    def drain(self) -> list:
+        return self.drain_batch().tuples()
+
+    def finish(self) -> list:
+        return self.finish_batch().tuples()
 
     def close(self) -> None:
         self.reader.close()
@@ -201,4 +279,4 @@ class EventStream:
                 "recursion": self.program.recursion_misses()}
 
 
-__all__ = ["EventStream", "Ev"]
+__all__ = ["Batch", "EventStream", "Ev", "OrderedMerge"]

@@ -1,7 +1,24 @@
 """Events that took the overflow path are put back in their connection's order."""
-from tcplife_trace.probes.stream import OrderedMerge
+import numpy as np
+
+from tcplife_trace.probes.decode import events_array, life_tuples
+from tcplife_trace.probes.event_layout import LIFE_DTYPE, EventKind
+from tcplife_trace.probes.stream import Batch, OrderedMerge
 
 from synthetic import ev
+
+
+class Merge(OrderedMerge):
+    """OrderedMerge fed and read as `Ev` tuples, to write the cases plainly."""
+
+    def add_ring(self, events, lives=None):
+        super().add_ring(events_array(events), *(() if lives is None else (lives,)))
+
+    def add_spilled(self, events, lives=None):
+        super().add_spilled(events_array(events), *(() if lives is None else (lives,)))
+
+    def release(self, progress, final=False):
+        return super().release(progress, final).tuples()
 
 
 def rec(ms, gen, seq, old="ESTABLISHED", new="FIN_WAIT1"):
@@ -13,7 +30,7 @@ def ids(events):
 
 
 def test_spilled_event_waits_for_the_ring_and_goes_before_its_successor():
-    m = OrderedMerge(holdback_ns=0)
+    m = Merge(holdback_ns=0)
     m.add_spilled([rec(5, 1, 1)])            # arrives before the ring has got that far
     m.add_ring([rec(1, 1, 0), rec(2, 2, 0)])
     assert ids(m.release(progress=3_000_000)) == [(1, 0), (2, 0)]   # the spill waits: ring at 3 ms
@@ -23,7 +40,7 @@ def test_spilled_event_waits_for_the_ring_and_goes_before_its_successor():
 
 
 def test_holdback_keeps_recent_ring_events_for_a_late_spill():
-    m = OrderedMerge(holdback_ns=3_000_000)
+    m = Merge(holdback_ns=3_000_000)
     m.add_ring([rec(1, 1, 0), rec(9, 1, 2)])
     assert ids(m.release(progress=9_000_000)) == [(1, 0)]
     m.add_spilled([rec(8, 1, 1)])
@@ -31,14 +48,14 @@ def test_holdback_keeps_recent_ring_events_for_a_late_spill():
 
 
 def test_seq_wraps_around():
-    m = OrderedMerge(holdback_ns=0)
+    m = Merge(holdback_ns=0)
     m.add_ring([rec(1, 1, 65534), rec(3, 1, 0)])
     m.add_spilled([rec(2, 1, 65535)])
     assert ids(m.release(progress=3_000_000, final=True)) == [(1, 65534), (1, 65535), (1, 0)]
 
 
 def test_spill_after_its_connection_moved_on_is_counted():
-    m = OrderedMerge(holdback_ns=0)
+    m = Merge(holdback_ns=0)
     m.add_ring([rec(1, 1, 0), rec(3, 1, 2)])
     m.release(progress=3_000_000, final=True)
     m.add_spilled([rec(2, 1, 1)])
@@ -52,7 +69,7 @@ def test_a_backlog_with_a_burst_of_spills_keeps_every_connection_in_order():
     rng = random.Random(7)
     events = [rec(i * 0.001, 1 + i % 3000, i // 3000) for i in range(60_000)]
     spilled = set(rng.sample(range(len(events)), 6_000))
-    m = OrderedMerge(holdback_ns=0)
+    m = Merge(holdback_ns=0)
     m.add_spilled([events[i] for i in sorted(spilled, key=lambda _: rng.random())])  # per-CPU disorder
     m.add_ring([e for i, e in enumerate(events) if i not in spilled])
     out = m.release(progress=10**12, final=True)
@@ -61,3 +78,27 @@ def test_a_backlog_with_a_burst_of_spills_keeps_every_connection_in_order():
     for gen, seq in ids(out):
         assert last.get(gen, -1) < seq
         last[gen] = seq
+
+
+def life(ms, gen):
+    rec = np.zeros(1, dtype=LIFE_DTYPE)
+    rec["ev"]["ts_ns"], rec["ev"]["gen"], rec["ev"]["kind"] = int(ms * 1e6), gen, int(EventKind.LIFE)
+    return rec
+
+
+def test_life_records_leave_with_the_events_of_their_time_after_them():
+    m = Merge(holdback_ns=3_000_000)
+    m.add_ring([rec(1, 1, 0), rec(5, 1, 1), rec(9, 2, 0)], np.concatenate((life(5, 1), life(8, 3))))
+    out = m.release(progress=9_000_000)          # cut at 6 ms: the record of 5 ms, after its event
+    assert [(e[2], e[13]) for e in out] == [(1, 1), (1, 1), (1, int(EventKind.LIFE))]
+    out = m.release(progress=9_000_000, final=True)
+    assert [(e[2], e[13]) for e in out] == [(3, int(EventKind.LIFE)), (2, 1)]
+
+
+def test_batch_columns_and_tuples_agree():
+    evs = [rec(1, 1, 0), rec(2, 2, 0)]
+    b = Batch(events_array(evs), life(3, 7))
+    assert len(b) == 3 and b.events["gen"].tolist() == [1, 2]
+    t = b.tuples()
+    assert [tuple(x) for x in t[:2]] == [tuple(e) for e in evs]
+    assert t[2] == life_tuples(b.lives)[0] and t[2][2] == 7

@@ -30,10 +30,34 @@ COLUMNS = tuple(TCP_INFO)
 NO_MIN_RTT = 0xFFFFFFFF  # minmax's initial ~0U: no sample
 
 
+# every field in one unpack, for a tcp_info that holds them all (the usual case: a look at
+# many sockets parses each one's)
+_ORDER = sorted(TCP_INFO, key=lambda n: TCP_INFO[n][0])
+_FULL_LEN = max(off + struct.calcsize(fmt) for off, fmt, _ in TCP_INFO.values())
+
+
+def _full_struct() -> struct.Struct:
+    fmt, at = "<", 0
+    for name in _ORDER:
+        off, f, _ = TCP_INFO[name]
+        fmt += (f"{off - at}x" if off > at else "") + f   # (padding over the fields not used)
+        at = off + struct.calcsize(f)
+    return struct.Struct(fmt)
+
+
+_FULL = _full_struct()
+assert _FULL.size == _FULL_LEN
+
+
 def from_tcp_info(raw: bytes) -> dict[str, float | int | None]:
     """The columns of one raw tcp_info, as long as the kernel returned it: a field at or beyond
     its end is None (an older kernel's struct is shorter)."""
     out: dict[str, float | int | None] = {}
+    if len(raw) >= _FULL_LEN:
+        for name, v in zip(_ORDER, _FULL.unpack_from(raw)):
+            scale = TCP_INFO[name][2]
+            out[name] = round(v * scale, 3) if scale else v
+        return _no_samples({n: out[n] for n in COLUMNS})
     for name, (off, fmt, scale) in TCP_INFO.items():
         if off + struct.calcsize(fmt) > len(raw):
             out[name] = None

@@ -239,6 +239,10 @@ class TopModel:
         for s in self._slots:
             reasons.update(s[2])
             by_key.update(s[3])
+        if len(self._counted) > 2 * len(open_lifecycles) + 10_000:
+            # births whose close never came (evicted by the tracker): only the open ones can still close
+            still = {lc.conn_id for lc in open_lifecycles}
+            self._counted = {cid: k for cid, k in self._counted.items() if cid in still}
         per_key = {k: dict(c) for k, c in self.keys.items()}
         opened = Counter()
         for lc in open_lifecycles:

@@ -56,6 +56,16 @@ class Home:
     unit: str | None = None            # the systemd unit of the leaf (foo.service, docker-ID.scope)
     netns: int | None = None           # the network namespace (inode) of a process in the cgroup
 
+    def columns(self) -> dict[str, object]:
+        """The home as record/frame columns (COLUMNS; None: NA)."""
+        return {"cgroup_id": self.cgroup_id, "cgroup": self.path, "runtime": self.runtime,
+                "container_id": self.container_id, "pod_uid": self.pod_uid, "pod_name": self.pod_name,
+                "pod_namespace": self.pod_namespace}
+
+
+# what a connection's record or frame row carries of its owner's home (Home.columns)
+COLUMNS = ("cgroup_id", "cgroup", "runtime", "container_id", "pod_uid", "pod_name", "pod_namespace")
+
 
 def classify(path: str, pods_dir: str = PODS_LOG_DIR) -> Home:
     """What a cgroup path shows: runtime, container id, pod, systemd unit (cgroup_id left None)."""

@@ -102,6 +102,7 @@ def test_connections_carry_their_cgroup_and_container(mount, space, shape):
         assert (home.cgroup_id, home.path, home.runtime, home.container_id, home.pod_uid) == \
             (want_id, path, runtime, cid, pod)
         assert home.netns == space.inode
+        assert tuple(home.columns()) == containers.COLUMNS and home.columns()["container_id"] == cid
         assert home.pod_name is None and home.pod_namespace is None  # no kubelet log directory here
         # the owner known in user space (who holds the sockets open) leads to the same home
         holders = proc_owners.holders({s.inode for s in socks if s.inode}, [])

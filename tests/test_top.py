@@ -247,6 +247,59 @@ def test_plain_periodic_print_when_stdout_is_not_a_terminal_and_record_alongside
     assert ended == {(a, "passive_close"): N + H, (b, "local_abort"): M}, ended
 
 
+@pytest.mark.privileged
+def test_a_screen_that_cannot_be_written_holds_nothing_up(tmp_path):
+    """The terminal stops reading (a stalled SSH link): the screen thread blocks in its write to
+    the tty, and the consumer still follows every connection of the workload meanwhile."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    a, b = free_ports(2)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))  # big frames fill the tty soon
+    err_path = tmp_path / "top.err"
+    with open(err_path, "w") as err:
+        top = subprocess.Popen([TOOL, "top", "-L", f"{a},{b}", "--refresh", "0.2"], stdin=slave, stdout=slave,
+                               stderr=err, start_new_session=True)
+    os.close(slave)
+
+    def read_for(seconds: float, until: bytes | None = None) -> bytes:
+        got, end = b"", time.monotonic() + seconds
+        while time.monotonic() < end and (until is None or until not in got):
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    got += os.read(master, 65536)
+                except OSError:
+                    break
+        return got
+    try:
+        assert b"totals:" in read_for(30, b"totals:"), err_path.read_text()
+        # stop reading: the screen's writes fill the tty and block
+        deadline = time.monotonic() + 20
+        while "tty_write" not in open(f"/proc/{top.pid}/stack").read():
+            assert time.monotonic() < deadline, "the screen never blocked on the terminal"
+            time.sleep(0.2)
+        work = Workload(a, b)
+        work.finish()
+        time.sleep(2)  # (the consumer's snapshot: it goes on while the screen waits)
+        assert "tty_write" in open(f"/proc/{top.pid}/stack").read()  # the screen is still stuck
+        read_for(1)
+        os.write(master, b"q")
+        read_for(30)
+        assert top.wait(timeout=30) == 0
+    finally:
+        if top.poll() is None:
+            top.kill()
+        os.close(master)
+    err = err_path.read_text()
+    assert f"passive_close {N + H}" in err and f"local_abort {M}" in err, err
+    assert re.search(r"events: (\d+) received of \1 emitted; lost 0;", err), err
+    assert "Traceback" not in err
+
+
 # -- without a kernel -------------------------------------------------------------------------------
 def _lc(cid, role, lport, rport, pid=100, comm="app", family=4, raddr="10.0.0.2"):
     lc = Lifecycle(cid, cid, role, 0, True)

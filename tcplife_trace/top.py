@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .live import LiveSession
 from .probes import program as prog
 from .probes.filters import Filters
-from .top_model import GROUPS, SORTS, TopModel, TopSnapshot, parse_filter
+from .top_model import ALL_GROUPS, GROUPS, SORTS, TopModel, TopSnapshot, home_name, parse_filter
 
 MIN_W, MIN_H = 30, 6         # below this, one line saying the terminal is too small
 STATE_TIMES_EVERY_S = 5.0    # percentiles are sorted again this often (they sort up to 200,000 samples)
@@ -37,7 +37,7 @@ class TopRunner:
 
     def __init__(self, settings: prog.Settings, *, record_path: str | None = None, record_host: str | None = None,
                  poll_interval: float = 2.0, refresh_s: float = 1.0, thresholds=None):
-        self.model = TopModel()
+        self.model = TopModel(home_of=_home_resolver())
         self.refresh_s = refresh_s
         self.poll_interval = poll_interval
         self.thresholds = thresholds
@@ -165,6 +165,30 @@ class TopRunner:
         return out
 
 
+def _home_resolver():
+    """pid -> the name of its cgroup (containers.Resolver), remembered per pid; None if the
+    cgroup2 tree cannot be read here."""
+    try:
+        from .containers import Resolver
+        resolver = Resolver()
+    except Exception:  # noqa: BLE001 - no cgroup2 here: the container table says "-"
+        return None
+    seen: dict[int, str] = {}
+
+    def home_of(pid: int) -> str:
+        name = seen.get(pid)
+        if name is None:
+            try:
+                name = home_name(resolver.by_pid(pid))
+            except OSError:
+                name = "(unknown)"
+            if len(seen) > 50_000:
+                seen.clear()
+            seen[pid] = name
+        return name
+    return home_of
+
+
 def ring_fill(reader) -> float:
     """The share of the ring buffer waiting to be read now (the reader's positions, as it reads them)."""
     try:
@@ -219,7 +243,7 @@ class ViewState:
         elif ch == "S":
             self.sort = SORTS[(SORTS.index(self.sort) - 1) % len(SORTS)]
         elif ch == "g":
-            order = ("all",) + GROUPS
+            order = ("all",) + ALL_GROUPS
             self.group = order[(order.index(self.group) + 1) % len(order)]
         elif ch in ("h", "?"):
             self.help = not self.help
@@ -277,7 +301,7 @@ HEAD = ("NEW", "CLOSED", "OPEN", "RST", "REFUSED", "TIMEOUT", "CHURN/s")
 
 
 def table_lines(snap: TopSnapshot, group: str, vs: ViewState, width: int, rows: int) -> list[str]:
-    title = {"peer": "PEER", "port": "LOCAL PORT", "process": "PROCESS"}[group]
+    title = {"peer": "PEER", "port": "LOCAL PORT", "process": "PROCESS", "container": "CGROUP"}[group]
     num_w = 7 * 7 + 8  # seven columns
     name_w = max(8, width - num_w)
     cols = HEAD if width >= name_w + num_w else HEAD[:3] + HEAD[-1:]
@@ -363,7 +387,7 @@ def plain_lines(snap: TopSnapshot, top_n: int = 5, said_before: int = 0) -> list
            f"  {status_line(snap)}"]
     if snap.sockets:
         out.append("  sockets: " + ", ".join(f"{k} {v}" for k, v in sorted(snap.sockets.items(), key=lambda kv: -kv[1])))
-    for g in GROUPS:
+    for g in ALL_GROUPS:
         for r in snap.rows(g, None, "churn", limit=top_n):
             out.append(f"  {g} {r.name}: new {r.new} closed {r.closed} open {r.open} resets {r.resets} "
                        f"refused {r.refused} timeouts {r.timeouts} churn/s {_rate(r.churn)}")

@@ -25,7 +25,8 @@ TREND_POINTS = 120     # points kept for the trend lines (one per snapshot: two 
 MAX_KEYS = 20_000      # distinct connection keys kept; beyond, counted under OTHER_KEY
 OTHER_KEY = (0, None, "(other)", 0, "(other)", 0)
 RESETS = ("reset_by_peer", "local_abort")
-GROUPS = ("peer", "port", "process")
+GROUPS = ("peer", "port", "process")   # the three tables of the screen
+ALL_GROUPS = GROUPS + ("container",)   # `g` also shows the owners' cgroups (containers, pods, units)
 SORTS = ("churn", "open", "new", "resets", "refused", "timeouts")
 _NEW = {b for b, role in BIRTHS.items() if role != "listener"}
 
@@ -39,8 +40,22 @@ def conn_key(lc: Lifecycle) -> tuple:
     return (lc.family or 0, lc.owner_pid, lc.owner_comm or "-", lport, lc.raddr or "-", rport)
 
 
-def group_of(key: tuple, group: str) -> str:
+def home_name(home) -> str:
+    """A containers.Home as one name: the pod, else the container, else the systemd unit, else
+    the cgroup path ("/": the host's root cgroup)."""
+    if home is None:
+        return "(gone)"
+    if home.pod_name:
+        return f"pod {home.pod_namespace}/{home.pod_name}"
+    if home.container_id:
+        return f"{home.runtime or 'container'} {home.container_id[:12]}"
+    return home.unit or home.path or "(unknown)"
+
+
+def group_of(key: tuple, group: str, homes: dict | None = None) -> str:
     family, pid, comm, lport, raddr, rport = key
+    if group == "container":
+        return (homes or {}).get(key, "(unknown)")
     if group == "peer":
         return f"{raddr}:{rport}" if rport else str(raddr)
     if group == "port":
@@ -121,6 +136,7 @@ class TopSnapshot:
     findings: list                                # analysis.leaks.Finding of the last look
     status: dict = field(default_factory=dict)    # events_per_s, lost, map_fill, ring_fill, ring_peak, cpu_pct
     messages: list[str] = field(default_factory=list)
+    homes: dict[tuple, str] = field(default_factory=dict)  # conn_key -> its owner's cgroup, as home_name says
     said: int = 0                                 # messages said since the start (the last are in messages)
 
     def rows(self, group: str, view: Filters | None = None, sort: str = "churn", limit: int | None = None) -> list[Row]:
@@ -128,7 +144,7 @@ class TopSnapshot:
         for key, k in self.per_key.items():
             if not key_matches(key, view):
                 continue
-            name = group_of(key, group)
+            name = group_of(key, group, self.homes)
             row = out.get(name)
             if row is None:
                 row = out[name] = Row(name)
@@ -149,8 +165,11 @@ class TopSnapshot:
 class TopModel:
     """Counters by connection key, fed by the consumer thread only."""
 
-    def __init__(self, window_s: int = WINDOW_S, clock=time.monotonic):
+    def __init__(self, window_s: int = WINDOW_S, clock=time.monotonic, home_of=None):
         self.window_s = window_s
+        # pid -> the name of its cgroup (home_name of containers.Resolver.by_pid), asked once per key
+        self.home_of = home_of
+        self.homes: dict[tuple, str] = {}
         self.clock = clock
         self.started = clock()
         self.keys: dict[tuple, Counter] = {}
@@ -180,6 +199,8 @@ class TopModel:
             if len(self.keys) >= MAX_KEYS:
                 key = OTHER_KEY
             self.keys.setdefault(key, Counter())
+            if key not in self.homes:
+                self.homes[key] = "-" if key[1] is None or self.home_of is None else self.home_of(key[1])
         return key
 
     # -- inputs (consumer thread) --------------------------------------------------------------
@@ -261,4 +282,5 @@ class TopModel:
             closed_per_s={r: n / span for r, n in reasons.most_common()}, totals=totals,
             sockets=dict(self.sockets), sockets_trend={s: list(t) for s, t in self.sockets_trend.items()},
             rate_trend=list(self.rate_trend), state_times=list(state_times or []), findings=list(self.findings),
-            status=dict(status or {}), messages=list(self.messages), said=self.said)
+            status=dict(status or {}), messages=list(self.messages), said=self.said,
+            homes=dict(self.homes))

@@ -310,7 +310,7 @@ def _lc(cid, role, lport, rport, pid=100, comm="app", family=4, raddr="10.0.0.2"
 
 def _model():
     clock = [1000.0]
-    m = TopModel(clock=lambda: clock[0])
+    m = TopModel(clock=lambda: clock[0], home_of=lambda pid: "docker 0123456789ab" if pid == 200 else "/")
     births = {"active": (S.CLOSE, S.SYN_SENT), "passive": (S.LISTEN, S.SYN_RECV)}
     conns = [_lc(i, "active", 40000 + i, 5432, raddr="10.0.0.9") for i in range(6)] + \
             [_lc(10 + i, "passive", 8080, 50000 + i, pid=200, comm="server", family=6) for i in range(4)]
@@ -345,6 +345,8 @@ def test_model_counts_by_peer_port_process_and_the_filter_box_narrows():
     assert snap.filtered_totals(parse_filter("-6"))["open"] == 4
     assert snap.filtered_totals(parse_filter("-p 100,7"))["timeouts"] == 1
     assert [r.name for r in snap.rows("peer", parse_filter("-p 200"))] == ["10.0.0.2"]
+    homes = {r.name: (r.new, r.open) for r in snap.rows("container")}
+    assert homes == {"docker 0123456789ab": (4, 4), "/": (6, 1)}
 
 
 @pytest.mark.parametrize("text, why", [("-x", "unknown filter"), ("-L", "needs a value"), ("-L 0", "not a port"),
@@ -359,7 +361,7 @@ def test_every_terminal_size_and_key_draws_without_an_error():
     m, conns = _model()
     snap = m.snapshot(open_lifecycles=conns[5:], status={"lost": 3, "map_fill": 0.5})
     vs = ViewState()
-    for keys in ("", "s", "sS", "g", "gg", "ggg", "h", "/-L 8080\r", "/-q\r", "/abc\x1b", "c"):
+    for keys in ("", "s", "sS", "g", "gg", "ggg", "gggg", "h", "/-L 8080\r", "/-q\r", "/abc\x1b", "c"):
         for ch in keys:
             assert vs.key(ch)
         for w, h in ((1, 1), (20, 5), (29, 6), (30, 6), (40, 10), (80, 24), (200, 60)):

@@ -35,8 +35,10 @@ _KIND_STATE = int(EventKind.STATE)
 _KIND_LIFE = int(EventKind.LIFE)
 
 _F_BIRTH_UNSEEN = int(Flag.BIRTH_UNSEEN)
-_L_RST_RECEIVED, _L_RST_SENT, _L_DESTROYED, _L_REUSED = (
-    int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT), int(LifeFlag.DESTROYED), int(LifeFlag.REUSED))
+_L_RST_RECEIVED, _L_RST_SENT, _L_DESTROYED, _L_REUSED, _L_LISTENER = (
+    int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT), int(LifeFlag.DESTROYED), int(LifeFlag.REUSED),
+    int(LifeFlag.LISTENER))
+_I_LISTENER_PID, _I_LISTENER_COMM = dec.LIFE_INDEX["listener_pid"], dec.LIFE_INDEX["listener_comm"]
 _N_EV = len(dec.Ev._fields)
 _F_NETNS, _F_UID = int(Flag.NETNS), int(Flag.UID)
 _V4MAPPED, _ZERO16 = b"\0" * 10 + b"\xff\xff", b"\0" * 16
@@ -670,7 +672,9 @@ class Tracker:
         if owner_src < _SRC_NONE:
             lc.owner_pid, lc.owner_comm, lc.owner_source = rec[_I_OWNER_PID], dec.comm(rec[_I_OWNER_COMM]), OWNER_SOURCES[owner_src]
         lc.pids = set(rec[_I_PIDS:_I_PIDS + min(rec[_I_NPIDS], PIDS_MAX)])
-        if lc.role == "passive":  # the listener's owner, as the Tracker finds it at SYN_RECV
+        if rec[_I_LFLAGS] & _L_LISTENER:  # the kernel's listener table had it at SYN_RECV
+            lc.listener_pid, lc.listener_comm = rec[_I_LISTENER_PID], dec.comm(rec[_I_LISTENER_COMM])
+        elif lc.role == "passive":  # the listener's owner, as the Tracker finds it at SYN_RECV
             listener = self.listeners.get((lc.netns, lc.lport))
             if listener and listener.owner_pid is not None:
                 lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm

@@ -68,7 +68,7 @@ def synthesize(n_transitions: int, seed: int = 1) -> np.ndarray:
         ev["flags"] = int(Flag.NETNS | Flag.UID)
         ev["netns"] = 4026531833
         ev["pid"] = 1000 + (gen % 50)
-        ev["comm"][:, :5] = np.frombuffer(b"bench", dtype=ev["comm"].dtype.base)
+        ev["comm"] = b"bench"  # (EVENT_DTYPE has comm as one S16 value)
         ev["value"] = np.where(ev["kind"] == EventKind.ERROR, 111 if tmpl is REFUSED else 104, 0)
         server = tmpl is SERVER
         ev["sport"] = np.where(server, 8080, np.where(ev["oldstate"] == S.CLOSE, 0, 30000 + gen % 30000))

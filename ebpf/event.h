@@ -18,7 +18,7 @@
 #define TLT_EV_EOF        7 /* first recv() that returned 0, by the known owner (F_EOF set) */
 #define TLT_EV_FILTERED   8 /* a kernel filter dropped the rest of this connection */
 #define TLT_EV_SYNACK     9 /* tcp:tcp_retransmit_synack: skaddr = listener, tx_b = request sock */
-#define TLT_EV_LIFE       10 /* aggregated mode: one whole connection (struct tlt_life) */
+#define TLT_EV_LIFE       10 /* one whole connection, folded (struct tlt_life, in the lives ring) */
 #define TLT_EV_NKINDS     11
 
 /* flags */
@@ -29,19 +29,35 @@
 #define TLT_F_BYTES        0x10 /* tx_b/rx_b are valid */
 #define TLT_F_RECV         0x20 /* IO_OWNER/EOF came from a receive */
 #define TLT_F_EOF          0x40 /* IO_OWNER/EOF: that receive returned 0, the peer's FIN was read */
-#define TLT_F_AGG          0x80 /* an event the aggregated mode sends as well (set in that mode only) */
+#define TLT_F_AGG          0x80 /* an event the aggregated mode sends as well: its connection is not
+                                 folded (a listener, or no map entry), the Tracker follows it */
+
+/* struct tlt_event.xflags: what the kernel's fold adds to each event */
+#define TLT_X_FOLDED    0x01 /* the connection has a map entry: dur_ns, owner_*, role are the kernel's */
+#define TLT_X_DUR       0x02 /* dur_ns is valid: time spent in oldstate (a STATE event, no gap) */
+#define TLT_X_TIME_WAIT 0x04 /* a CLOSE from FIN_WAIT2 or CLOSING, no reset received: TIME_WAIT */
+#define TLT_X_LISTENER  0x08 /* passive: the listener's owner was found (owner_src "listener" or stronger) */
+
+/* struct tlt_event.role: Lifecycle.role after the event */
+#define TLT_ROLE_UNKNOWN  0
+#define TLT_ROLE_ACTIVE   1
+#define TLT_ROLE_PASSIVE  2
+#define TLT_ROLE_LISTENER 3
 
 /* struct tlt_agg.lflags */
 #define TLT_L_RST_RECEIVED 0x01 /* tcp_receive_reset seen */
 #define TLT_L_RST_SENT     0x02 /* tcp_send_reset seen before the CLOSE: rst_reason, rst_state */
 #define TLT_L_DESTROYED    0x04 /* tcp_destroy_sock came with no CLOSE before it */
 #define TLT_L_REUSED       0x08 /* with DESTROYED: not destroyed, its address was born again */
+#define TLT_L_LISTENER     0x10 /* passive: listener_pid/listener_comm hold its listener's owner */
 
 /* struct tlt_agg.owner_src: index into OWNER_SOURCES (analysis/lifecycle.py) */
-#define TLT_SRC_CONNECT 0
-#define TLT_SRC_IO      2
-#define TLT_SRC_CLOSE   3
-#define TLT_SRC_NONE    5
+#define TLT_SRC_CONNECT  0
+#define TLT_SRC_LISTEN   1
+#define TLT_SRC_IO       2
+#define TLT_SRC_CLOSE    3
+#define TLT_SRC_LISTENER 4
+#define TLT_SRC_NONE     5
 
 #define TLT_PATH_MAX 32 /* states kept; past it the last two slots hold the latest two */
 #define TLT_PIDS_MAX 4
@@ -76,9 +92,18 @@ struct tlt_event {
 	__u8 daddr[16];
 	char comm[16];
 	__u16 seq;       /* per-connection event counter: orders events that took the overflow path */
+	/* appended (positions 0-20 above never move): the connection's fold after this event,
+	 * as analysis/lifecycle.py's Tracker has it; valid if xflags & TLT_X_FOLDED */
+	__u64 dur_ns;    /* time spent in oldstate (Transition.dur_ns), if xflags & TLT_X_DUR */
+	__u32 owner_pid; /* Lifecycle.owner_pid/comm/source after this event */
+	char owner_comm[16];
+	__u8 owner_src;  /* TLT_SRC_*: index into OWNER_SOURCES; TLT_SRC_NONE = no owner yet */
+	__u8 role;       /* TLT_ROLE_* */
+	__u8 xflags;     /* TLT_X_* */
+	__u8 _pad;
 };
 
-/* What the kernel folds per connection in the aggregated mode: the lifecycle the Python
+/* What the kernel folds per connection (every mode): the lifecycle the Python
  * state machine would build from that connection's events (analysis/lifecycle.py). */
 struct tlt_agg {
 	__u64 start_ns;       /* first transition seen (the birth, unless TLT_F_BIRTH_UNSEEN) */
@@ -100,10 +125,12 @@ struct tlt_agg {
 	__u8 gap_had;         /* the first gap: state we had ... */
 	__u8 gap_got;         /* ... and the old state the transition reported */
 	__u8 path[TLT_PATH_MAX];
+	__u32 listener_pid;   /* passive, if lflags & TLT_L_LISTENER: the listener's owner at SYN_RECV */
+	char listener_comm[16];
 };
 
-/* An aggregated-mode record: the closing transition as an event, and the folded rest.
- * In that mode every record in the ring has this size (other kinds leave agg zero). */
+/* A LIFE record: the closing transition as an event, and the folded rest. They have a ring
+ * buffer of their own ("lives"); the "events" ring holds struct tlt_event only. */
 struct tlt_life {
 	struct tlt_event ev;
 	struct tlt_agg agg;

@@ -10,10 +10,13 @@
  *   TLT_RPORT_OK(p)                                 kernel-side filters
  *   TLT_EVSZ, TLT_EVOFF_<field>, TLT_AGGSZ,
  *   TLT_AGGOFF_<field>                              the layout Python expects
+ *   TLT_LIVES_PAGES                                 pages of the lives ring buffer
  *   TLT_STREAM                                      send every transition as an event
- *   TLT_AGGREGATE                                   fold each connection into its map entry
- *                                                   and send one TLT_EV_LIFE record at its end
- * Both may be set (a verification mode: the two views of the same transitions).
+ *   TLT_AGGREGATE                                   (always set) fold each connection into its
+ *                                                   map entry and send one TLT_EV_LIFE record
+ *                                                   at its end, into the lives ring buffer
+ * Every mode folds: with TLT_STREAM each event also carries the fold after it (dur_ns,
+ * owner_*, role, xflags), so user space needs no state of its own to show a transition.
  */
 #include "event.h"
 
@@ -36,26 +39,30 @@ TLT_CHECK(ts_ns); TLT_CHECK(skaddr); TLT_CHECK(gen); TLT_CHECK(tx_b); TLT_CHECK(
 TLT_CHECK(netns); TLT_CHECK(pid); TLT_CHECK(tid); TLT_CHECK(uid); TLT_CHECK(value);
 TLT_CHECK(sport); TLT_CHECK(dport); TLT_CHECK(family); TLT_CHECK(kind); TLT_CHECK(oldstate);
 TLT_CHECK(newstate); TLT_CHECK(flags); TLT_CHECK(saddr); TLT_CHECK(daddr); TLT_CHECK(comm);
-TLT_CHECK(seq);
+TLT_CHECK(seq); TLT_CHECK(dur_ns); TLT_CHECK(owner_pid); TLT_CHECK(owner_comm); TLT_CHECK(owner_src);
+TLT_CHECK(role); TLT_CHECK(xflags);
 #define TLT_ACHECK(f) _Static_assert(__builtin_offsetof(struct tlt_agg, f) == TLT_AGGOFF_##f, \
 	"struct tlt_agg." #f " differs from probes/event_layout.py")
 _Static_assert(sizeof(struct tlt_agg) == TLT_AGGSZ, "struct tlt_agg size differs from probes/event_layout.py");
 TLT_ACHECK(start_ns); TLT_ACHECK(eof_ns); TLT_ACHECK(enter_ns); TLT_ACHECK(last_ns); TLT_ACHECK(state_ns); TLT_ACHECK(owner_pid); TLT_ACHECK(pids);
 TLT_ACHECK(rst_reason); TLT_ACHECK(owner_comm); TLT_ACHECK(state_mask); TLT_ACHECK(owner_src);
 TLT_ACHECK(npids); TLT_ACHECK(path_len); TLT_ACHECK(rst_state); TLT_ACHECK(lflags); TLT_ACHECK(gaps);
-TLT_ACHECK(gap_had); TLT_ACHECK(gap_got); TLT_ACHECK(path);
+TLT_ACHECK(gap_had); TLT_ACHECK(gap_got); TLT_ACHECK(path); TLT_ACHECK(listener_pid);
+TLT_ACHECK(listener_comm);
 
-#if !defined(TLT_STREAM) && !defined(TLT_AGGREGATE)
-#error "define TLT_STREAM, TLT_AGGREGATE or both"
+#ifndef TLT_AGGREGATE
+#error "TLT_AGGREGATE must be set: every mode folds"
 #endif
-#ifdef TLT_AGGREGATE
-/* every record in the ring has one size: events leave the agg part zero */
-#define TLT_REC struct tlt_life
+#ifndef TLT_LIVES_PAGES
+#define TLT_LIVES_PAGES TLT_RB_PAGES
+#endif
+#ifndef TLT_MAX_LISTENERS
+#define TLT_MAX_LISTENERS 16384
+#endif
+#define TLT_REC struct tlt_life /* the scratch record: big enough for a LIFE */
 #define AGG_SENDS TLT_F_AGG /* flag for events the aggregated mode sends too */
-#else
-#define TLT_REC struct tlt_event
-#define AGG_SENDS 0
-#endif
+#define TCP_FIN_WAIT2 5
+#define TCP_CLOSING 11
 
 /* keep decision for a connection under the kernel filters */
 #define KEEP_UNDECIDED 0
@@ -75,7 +82,8 @@ struct conn {
 	u8 state_seen; /* a transition of it was traced (not only I/O before connect()) */
 	u16 seq;     /* events emitted for this connection */
 	u8 streamed; /* a listener: its lifecycle is built from events, never folded */
-	u8 _pad2[3];
+	u8 role;     /* TLT_ROLE_*: Lifecycle.role */
+	u8 _pad2[2];
 #ifdef TLT_AGGREGATE
 	struct tlt_agg agg; /* the lifecycle so far */
 	u8 saddr[16];       /* the tuple as the transitions told it */
@@ -106,7 +114,23 @@ struct last_closes {
 	u32 next;
 };
 
+/* The listeners born during the trace, by (netns, local port): what an accepted socket's
+ * owner is until a task of its own reads, writes or closes (Tracker.listeners: the latest
+ * listener on a port, forgotten at its CLOSE). */
+struct listen_key {
+	u32 netns;
+	u16 lport;
+	u16 _pad;
+};
+struct listen_owner {
+	u64 gen;
+	u32 pid;
+	char comm[16];
+};
+
 BPF_RINGBUF_OUTPUT(events, TLT_RB_PAGES);
+BPF_RINGBUF_OUTPUT(lives, TLT_LIVES_PAGES);
+BPF_HASH(listeners, struct listen_key, struct listen_owner, TLT_MAX_LISTENERS);
 BPF_PERF_OUTPUT(overflow);
 BPF_PERCPU_ARRAY(scratch, TLT_REC, 1);
 BPF_PERCPU_ARRAY(conn_init, struct conn, 1); /* a new entry is built here: too big for the stack */
@@ -235,8 +259,8 @@ static __always_inline struct tlt_event *ev_new_at(u8 kind, u64 ts)
 	TLT_REC *r = scratch.lookup(&zero);
 	if (!r)
 		return 0;
-	__builtin_memset(r, 0, sizeof(*r));
 	struct tlt_event *e = (struct tlt_event *)r;
+	__builtin_memset(e, 0, sizeof(*e)); /* a LIFE record copies its agg part whole */
 	u64 id = bpf_get_current_pid_tgid();
 	e->ts_ns = ts;
 	e->kind = kind;
@@ -251,20 +275,61 @@ static __always_inline struct tlt_event *ev_new(u8 kind)
 	return ev_new_at(kind, bpf_ktime_get_ns());
 }
 
-/* e is the scratch record (ev_new): the whole TLT_REC goes out */
+/* e is the scratch record (ev_new): a struct tlt_event goes to the events ring, a LIFE
+ * record (struct tlt_life) to the lives ring; either spills to the overflow buffer */
 static __always_inline void ev_send(void *ctx, struct tlt_event *e)
 {
 	u8 kind = e->kind;
 	/* emitted = received + dropped, exactly, once user space has read both buffers; a
 	 * drop is counted here only (perf's own lost count reports the same drops again) */
 	stat_inc(TLT_STAT_EMITTED + kind);
-	if (events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0 ||
-	    events.ringbuf_output(e, sizeof(TLT_REC), 0) == 0)
+	if (kind == TLT_EV_LIFE) {
+		if (lives.ringbuf_output(e, sizeof(struct tlt_life), 0) == 0 ||
+		    lives.ringbuf_output(e, sizeof(struct tlt_life), 0) == 0)
+			return;
+		if (overflow.perf_submit(ctx, e, sizeof(struct tlt_life)) == 0)
+			stat_inc(TLT_STAT_SPILLED + kind);
+		else
+			stat_inc(TLT_STAT_DROPPED + kind);
 		return;
-	if (overflow.perf_submit(ctx, e, sizeof(TLT_REC)) == 0)
+	}
+	if (events.ringbuf_output(e, sizeof(struct tlt_event), 0) == 0 ||
+	    events.ringbuf_output(e, sizeof(struct tlt_event), 0) == 0)
+		return;
+	if (overflow.perf_submit(ctx, e, sizeof(struct tlt_event)) == 0)
 		stat_inc(TLT_STAT_SPILLED + kind);
 	else
 		stat_inc(TLT_STAT_DROPPED + kind);
+}
+
+/* The connection's fold after this event, on the event (struct tlt_event after seq). */
+static __always_inline void ev_fold(struct tlt_event *e, struct conn *c)
+{
+	e->owner_pid = c->agg.owner_pid;
+	__builtin_memcpy(e->owner_comm, c->agg.owner_comm, sizeof(e->owner_comm));
+	e->owner_src = c->agg.owner_src;
+	e->role = c->role;
+	e->xflags |= TLT_X_FOLDED;
+}
+
+static __always_inline void listen_key_of(struct listen_key *k, struct conn *c, u16 lport)
+{
+	k->netns = (c->flags & TLT_F_NETNS) ? c->netns : 0;
+	k->lport = lport;
+	k->_pad = 0;
+}
+
+/* Tracker._forget_listener: a listener that ends (or is filtered out) leaves the table if
+ * it is the one there. */
+static __always_inline void listener_forget(struct conn *c)
+{
+	if (c->role != TLT_ROLE_LISTENER)
+		return;
+	struct listen_key k;
+	listen_key_of(&k, c, c->sport);
+	struct listen_owner *o = listeners.lookup(&k);
+	if (o && o->gen == c->gen)
+		listeners.delete(&k);
 }
 
 /* The tuple of tracepoints that carry ports and both an IPv4 and an IPv6 address pair. */
@@ -325,6 +390,8 @@ static __always_inline void emit_filtered(void *ctx, u64 skaddr, struct conn *c)
 	if (!e)
 		return;
 	ev_conn(e, skaddr, c);
+	if (c)
+		ev_fold(e, c);
 	e->flags |= AGG_SENDS;
 	ev_send(ctx, e);
 }
@@ -336,8 +403,10 @@ static __always_inline int conn_keep(void *ctx, u64 skaddr, struct conn *c, u8 v
 		return v != KEEP_NO;
 	if (c->keep == KEEP_UNDECIDED && v != KEEP_UNDECIDED) {
 		c->keep = v;
-		if (v == KEEP_NO && c->emitted)
+		if (v == KEEP_NO && c->emitted) {
 			emit_filtered(ctx, skaddr, c);
+			listener_forget(c);
+		}
 	}
 	return c->keep != KEEP_NO;
 }
@@ -376,6 +445,39 @@ static __always_inline void agg_owner(struct tlt_agg *a, u32 tgid, u8 src)
 		a->owner_pid = tgid;
 		bpf_get_current_comm(&a->owner_comm, sizeof(a->owner_comm));
 	}
+}
+
+/* An accepted socket at SYN_RECV: its listener's owner, if the table has its listener
+ * (set_owner(..., "listener"): not one of the connection's own tasks, so not in pids). */
+static __always_inline u8 agg_listener(struct conn *c, u16 lport)
+{
+	struct listen_key k;
+	listen_key_of(&k, c, lport);
+	struct listen_owner *o = listeners.lookup(&k);
+	if (!o)
+		return 0;
+	struct tlt_agg *a = &c->agg;
+	a->listener_pid = o->pid;
+	__builtin_memcpy(a->listener_comm, o->comm, sizeof(a->listener_comm));
+	a->lflags |= TLT_L_LISTENER;
+	if (TLT_SRC_LISTENER < a->owner_src) {
+		a->owner_src = TLT_SRC_LISTENER;
+		a->owner_pid = o->pid;
+		__builtin_memcpy(a->owner_comm, o->comm, sizeof(a->owner_comm));
+	}
+	return TLT_X_LISTENER;
+}
+
+/* _guess_role */
+static __always_inline u8 guess_role(u8 old, u8 new, u8 cur)
+{
+	if ((old == TCP_LISTEN && new == TCP_CLOSE) || new == TCP_LISTEN)
+		return TLT_ROLE_LISTENER;
+	if (old == TCP_SYN_SENT || new == TCP_SYN_SENT)
+		return TLT_ROLE_ACTIVE;
+	if (old == TCP_SYN_RECV || new == TCP_SYN_RECV)
+		return TLT_ROLE_PASSIVE;
+	return cur;
 }
 
 static __always_inline void agg_path(struct tlt_agg *a, u8 state)
@@ -422,12 +524,18 @@ static __always_inline void agg_tuple(struct conn *c, u16 af, u16 sport, u16 dpo
 		c->dport = dport;
 }
 
-/* Tracker._state for one transition of a connection with an entry (not a listener) */
-static __always_inline void agg_transition(struct conn *c, u64 now, u8 old, u8 new, u32 tgid,
-					   u16 af, u16 sport, u16 dport, const u8 *saddr, const u8 *daddr)
+/* Tracker._state for one transition of a connection with an entry (a listener's too: its
+ * fold is never sent, but its events carry owner, role and times); returns TLT_X_* flags
+ * for the event, and the time spent in old in *dur (with TLT_X_DUR) */
+static __always_inline u8 agg_transition(struct conn *c, u64 now, u8 old, u8 new, u32 tgid,
+					 u16 af, u16 sport, u16 dport, const u8 *saddr, const u8 *daddr,
+					 u64 *dur)
 {
+	u8 x = 0;
 	struct tlt_agg *a = agg_begin(c, now);
 	agg_tuple(c, af, sport, dport, saddr, daddr);
+	if (c->role == TLT_ROLE_UNKNOWN)
+		c->role = guess_role(old, new, TLT_ROLE_UNKNOWN);
 	if (c->state && c->state != old) {
 		if (!a->gaps) {
 			a->gap_had = c->state;
@@ -436,7 +544,9 @@ static __always_inline void agg_transition(struct conn *c, u64 now, u8 old, u8 n
 		if (a->gaps < 255)
 			a->gaps++;
 	} else if (c->state) {
-		a->state_ns[old & 15] += now - a->enter_ns;
+		*dur = now - a->enter_ns;
+		x |= TLT_X_DUR;
+		a->state_ns[old & 15] += *dur;
 		a->state_mask |= 1 << (old & 15);
 	}
 	if (!a->path_len)
@@ -444,11 +554,19 @@ static __always_inline void agg_transition(struct conn *c, u64 now, u8 old, u8 n
 	agg_path(a, new);
 	c->state = new;
 	a->enter_ns = a->last_ns = now;
-	if (old == TCP_CLOSE && new == TCP_SYN_SENT)
+	if (old == TCP_CLOSE && new == TCP_SYN_SENT) {
 		agg_owner(a, tgid, TLT_SRC_CONNECT);
-	else if ((old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1) || (old == TCP_SYN_RECV && new == TCP_FIN_WAIT1) ||
-		 (old == TCP_CLOSE_WAIT && new == TCP_LAST_ACK))
+	} else if (old == TCP_CLOSE && new == TCP_LISTEN) {
+		agg_owner(a, tgid, TLT_SRC_LISTEN);
+	} else if (old == TCP_LISTEN && new == TCP_SYN_RECV) {
+		x |= agg_listener(c, c->sport);
+	} else if ((old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1) || (old == TCP_SYN_RECV && new == TCP_FIN_WAIT1) ||
+		   (old == TCP_CLOSE_WAIT && new == TCP_LAST_ACK) || (old == TCP_LISTEN && new == TCP_CLOSE)) {
 		agg_owner(a, tgid, TLT_SRC_CLOSE);
+	}
+	if (new == TCP_CLOSE && (old == TCP_FIN_WAIT2 || old == TCP_CLOSING) && !(a->lflags & TLT_L_RST_RECEIVED))
+		x |= TLT_X_TIME_WAIT;
+	return x;
 }
 
 /* The connection's one record: its last transition (or its destruction) and the fold. */
@@ -502,6 +620,7 @@ static __always_inline void conn_gone(void *ctx, u64 skaddr, struct conn *c, u8 
 		struct tlt_event *e = ev_new_at(TLT_EV_DESTROY, now);
 		if (e) {
 			ev_conn(e, skaddr, c);
+			ev_fold(e, c);
 			e->flags |= c->streamed ? AGG_SENDS : 0;
 			e->value = reused;
 			ev_send(ctx, e);
@@ -577,10 +696,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	u64 now = bpf_ktime_get_ns();
 	/* listeners, and connections the full map has no entry for, always go as events */
 	int as_event = listener || !c;
-#ifdef TLT_AGGREGATE
-	if (!as_event)
-		agg_transition(c, now, oldstate, newstate, tgid, family, sport, dport, saddr, daddr);
-#endif
+	u64 dur = 0;
+	u8 x = 0;
+	if (c) {
+		x = agg_transition(c, now, oldstate, newstate, tgid, family, sport, dport, saddr, daddr, &dur);
+		if (oldstate == TCP_CLOSE && newstate == TCP_LISTEN) { /* Tracker: listeners[(netns, lport)] = it */
+			struct listen_key k;
+			listen_key_of(&k, c, c->sport);
+			struct listen_owner o = {.gen = c->gen, .pid = c->agg.owner_pid};
+			__builtin_memcpy(o.comm, c->agg.owner_comm, sizeof(o.comm));
+			listeners.update(&k, &o);
+		} else if (newstate == TCP_CLOSE) {
+			listener_forget(c);
+		}
+	}
 #ifdef TLT_STREAM
 	int send = 1;
 #else
@@ -592,6 +721,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			return 0;
 		ev_conn(e, skaddr, c);
 		e->flags |= unseen | (as_event ? AGG_SENDS : 0);
+		if (c) {
+			ev_fold(e, c);
+			e->xflags |= x;
+			e->dur_ns = dur;
+		}
 		e->oldstate = oldstate;
 		e->newstate = newstate;
 		e->sport = sport;
@@ -656,6 +790,8 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	if (!e)
 		return 0;
 	ev_conn(e, skaddr, c);
+	if (c)
+		ev_fold(e, c);
 	e->flags |= unseen | (as_event ? AGG_SENDS : 0);
 	e->sport = args->sport;
 	e->dport = args->dport;
@@ -698,6 +834,8 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 		return 0;
 	if (skaddr)
 		ev_conn(e, skaddr, c);
+	if (c)
+		ev_fold(e, c);
 	e->flags |= as_event ? AGG_SENDS : 0;
 	e->oldstate = args->state;
 	e->value = reason;
@@ -786,6 +924,10 @@ static __always_inline int io_seen(void *ctx, u64 skaddr, u16 family, u16 protoc
 				agg_owner(a, tgid, TLT_SRC_IO);
 			if (eof && !a->eof_ns)
 				a->eof_ns = now;
+		} else if (kind == TLT_EV_IO_OWNER) {
+			/* no longer folded (its record is out): the owner its events carry is still
+			 * the Tracker's, which takes reads after the CLOSE too */
+			agg_owner(&c->agg, tgid, TLT_SRC_IO);
 		}
 #endif
 #ifndef TLT_STREAM
@@ -795,6 +937,7 @@ static __always_inline int io_seen(void *ctx, u64 skaddr, u16 family, u16 protoc
 		struct tlt_event *e = ev_new_at(kind, now);
 		if (e) {
 			ev_conn(e, skaddr, c);
+			ev_fold(e, c);
 			e->flags |= unseen | (recv ? TLT_F_RECV : 0) | (eof ? TLT_F_EOF : 0) |
 				    (as_event ? AGG_SENDS : 0);
 			e->value = ret;

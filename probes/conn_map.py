@@ -27,7 +27,9 @@ def open_folds(bpf, states: set[int] | None = None) -> list[tuple]:
         items = list(table.items())
     out = []
     for k, v in items:
-        if v.closed or not v.state or v.keep == _KEEP_NO or (states is not None and v.state not in states):
+        # (a listener is folded too, for its events' owner and times, but its lifecycle is
+        # made of events: streamed)
+        if v.closed or v.streamed or not v.state or v.keep == _KEEP_NO or (states is not None and v.state not in states):
             continue
         flags = v.flags | (_UNSEEN if v.unseen else 0)
         skaddr = k if isinstance(k, int) else k.value

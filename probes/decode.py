@@ -138,8 +138,8 @@ def as_ev(ev: tuple) -> Ev:
 
 # struct tlt_life: the event, then struct tlt_agg (start, eof, state_ns[16], owner_pid,
 # pids[4], rst_reason, owner_comm, state_mask, owner_src, npids, path_len, rst_state,
-# lflags, gaps, gap_had, gap_got, path)
-AGG_FMT = struct.Struct("<QQQQ16QI4Ii16sHBBBBBBBB32s6x")
+# lflags, gaps, gap_had, gap_got, path, listener_pid, listener_comm)
+AGG_FMT = struct.Struct("<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16s")
 _LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
 assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
 N_EV_FIELDS = len(Ev._fields)
@@ -147,7 +147,7 @@ N_EV_FIELDS = len(Ev._fields)
 _AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), ("state_ns", 16), ("owner_pid", 1), ("pids", 4),
               ("rst_reason", 1), ("owner_comm", 1), ("state_mask", 1), ("owner_src", 1), ("npids", 1),
               ("path_len", 1), ("rst_state", 1), ("lflags", 1), ("gaps", 1), ("gap_had", 1), ("gap_got", 1),
-              ("path", 1)]
+              ("path", 1), ("listener_pid", 1), ("listener_comm", 1)]
 LIFE_INDEX: dict[str, int] = {}
 _at = N_EV_FIELDS
 for _name, _n in _AGG_SLOTS:
@@ -159,13 +159,15 @@ _life_iter_unpack = _LIFE_FMT.iter_unpack
 
 
 def decode_life_batch(blob: bytes) -> list[tuple]:
-    """Records of the aggregated mode (each LIFE_SIZE bytes): a LIFE record is the event's
+    """Records of LIFE_SIZE bytes: a LIFE record is the event's
     fields followed by struct tlt_agg's; any other kind is cut to the event's fields."""
     return [t if t[13] == _KIND_LIFE else t[:N_EV_FIELDS] for t in _life_iter_unpack(blob)]
 
 
 def life_tuples(lives: np.ndarray) -> list[tuple]:
     """A LIFE_DTYPE array as LIFE tuples (decode_life_batch's form)."""
+    if lives.dtype != LIFE_DTYPE:  # (a packed copy: numpy's promotion drops the padding)
+        lives = lives.astype(LIFE_DTYPE)
     return list(_life_iter_unpack(lives.tobytes())) if len(lives) else []
 
 

@@ -45,6 +45,23 @@ class LifeFlag(enum.IntFlag):
     RST_SENT = 0x02
     DESTROYED = 0x04
     REUSED = 0x08
+    LISTENER = 0x10
+
+
+class XFlag(enum.IntFlag):
+    """struct tlt_event.xflags: what the kernel's fold adds to an event"""
+    FOLDED = 0x01     # the connection has a map entry: dur_ns, owner_*, role are the kernel's
+    DUR = 0x02        # dur_ns valid: time spent in oldstate
+    TIME_WAIT = 0x04  # a CLOSE from FIN_WAIT2/CLOSING with no reset received (Transition.note)
+    LISTENER = 0x08   # passive: the listener's owner was found at SYN_RECV
+
+
+# struct tlt_event.role (TLT_ROLE_*): index -> Lifecycle.role
+ROLE_NAMES = ("unknown", "active", "passive", "listener")
+# struct tlt_event.owner_src / tlt_agg.owner_src (TLT_SRC_*): index -> Lifecycle.owner_source
+# (analysis/lifecycle.py OWNER_SOURCES, strongest first)
+OWNER_SOURCE_NAMES = ("connect", "listen", "io", "close", "listener", "none")
+SRC_NONE = 5
 
 
 PATH_MAX = 32  # TLT_PATH_MAX
@@ -82,11 +99,19 @@ class Event(ctypes.Structure):
         ("daddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
         ("seq", ctypes.c_uint16),
+        # appended after seq: the connection's fold after this event (xflags & FOLDED)
+        ("dur_ns", ctypes.c_uint64),
+        ("owner_pid", ctypes.c_uint32),
+        ("owner_comm", ctypes.c_char * 16),
+        ("owner_src", ctypes.c_uint8),
+        ("role", ctypes.c_uint8),
+        ("xflags", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8),
     ]
 
 
 class Agg(ctypes.Structure):
-    """struct tlt_agg: one connection folded in the kernel (aggregated mode)."""
+    """struct tlt_agg: one connection folded in the kernel."""
     _fields_ = [
         ("start_ns", ctypes.c_uint64),
         ("eof_ns", ctypes.c_uint64),
@@ -107,11 +132,13 @@ class Agg(ctypes.Structure):
         ("gap_had", ctypes.c_uint8),
         ("gap_got", ctypes.c_uint8),
         ("path", ctypes.c_uint8 * PATH_MAX),
+        ("listener_pid", ctypes.c_uint32),
+        ("listener_comm", ctypes.c_char * 16),
     ]
 
 
 class Life(ctypes.Structure):
-    """struct tlt_life: the record size of every ring record in the aggregated mode."""
+    """struct tlt_life: a LIFE record (the lives ring buffer)."""
     _fields_ = [("ev", Event), ("agg", Agg)]
 
 
@@ -120,13 +147,56 @@ AGG_SIZE = ctypes.sizeof(Agg)
 LIFE_SIZE = ctypes.sizeof(Life)
 AGG_FIELD_NAMES = [name for name, _ in Agg._fields_]
 FIELD_NAMES = [name for name, _ in Event._fields_ if not name.startswith("_")]
+V1_FIELD_NAMES = FIELD_NAMES[:21]  # struct tlt_event up to seq: recordings of schema 1, `Ev`
 # numpy view of the same bytes, for decoding a batch at once
-EVENT_DTYPE = np.dtype(Event)
+
+
+def _dtype(struct: type) -> np.dtype:
+    """numpy's view of a ctypes struct, field for field at the same offsets; a char array is
+    one bytes value ("S16": comm, owner_comm), a byte array a (16,) uint8 column (addresses)."""
+    names, formats, offsets = [], [], []
+    for name, ctype in struct._fields_:
+        if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
+            fmt = _dtype(ctype)
+        elif getattr(ctype, "_type_", None) is ctypes.c_char:
+            fmt = np.dtype(f"S{ctype._length_}")
+        else:
+            fmt = np.dtype(ctype)
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(getattr(struct, name).offset)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": ctypes.sizeof(struct)})
+
+
+EVENT_DTYPE = _dtype(Event)
 assert EVENT_DTYPE.itemsize == EVENT_SIZE
 # struct tlt_life as numpy: fields "ev" (EVENT_DTYPE) and "agg" (struct tlt_agg)
-LIFE_DTYPE = np.dtype(Life)
-AGG_DTYPE = LIFE_DTYPE["agg"]
+AGG_DTYPE = _dtype(Agg)
+LIFE_DTYPE = _dtype(Life)
 assert LIFE_DTYPE.itemsize == LIFE_SIZE and LIFE_DTYPE["ev"] == EVENT_DTYPE
+
+
+def _arrow_types() -> dict:
+    """Arrow type of each event column (FIELD_NAMES order): integers as they are, addresses
+    and command names as fixed-size binary (the bytes of each numpy column are its values)."""
+    import pyarrow as pa
+    out = {}
+    for name in FIELD_NAMES:
+        base, shape = EVENT_DTYPE[name].base, EVENT_DTYPE[name].shape
+        if shape or base.kind == "S":
+            out[name] = pa.binary(EVENT_DTYPE[name].itemsize)
+        else:
+            out[name] = pa.from_numpy_dtype(base)
+    return out
+
+
+def __getattr__(name: str):
+    # ARROW_TYPES on first use: pyarrow is imported by the code that records or loads only
+    if name == "ARROW_TYPES":
+        types = _arrow_types()
+        globals()["ARROW_TYPES"] = types
+        return types
+    raise AttributeError(name)
 
 
 def field_offsets() -> dict[str, int]:

@@ -24,8 +24,11 @@ DEFAULT_OVERFLOW_PAGES = 64  # per CPU, for the events the ring refuses
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
-# What the kernel sends: every transition as an event ("stream"), one folded record per
-# connection ("aggregate"), or both from the same probes ("both": to check one against the other).
+# What the kernel sends. It folds every connection in every mode (the state machine is the
+# kernel's); "stream" sends every transition as an event carrying the fold after it AND the
+# folded record of each ended connection (into the lives ring); "aggregate" the folded
+# records alone (plus the events of what it does not fold: listeners, map-full strays);
+# "both" is "stream" (the name the equivalence tests use).
 MODES = ("stream", "aggregate", "both")
 
 
@@ -68,8 +71,14 @@ class Settings:
 
     @property
     def record_size(self) -> int:
-        """Bytes per ring record: the aggregated modes send struct tlt_life for everything."""
-        return EVENT_SIZE if self.mode == "stream" else LIFE_SIZE
+        """Bytes per record of the events ring (struct tlt_event, every mode)."""
+        return EVENT_SIZE
+
+    @property
+    def lives_pages(self) -> int:
+        """Pages of the lives ring (struct tlt_life, one per connection): the whole size when
+        that is all the kernel sends, else half (a connection is several events)."""
+        return self.rb_pages if self.mode == "aggregate" else max(1, self.rb_pages // 2)
 
 
 @dataclass
@@ -81,6 +90,7 @@ class Source:
     mode: str = "stream"
     record_size: int = EVENT_SIZE
     overflow_pages: int = DEFAULT_OVERFLOW_PAGES
+    lives_record_size: int = LIFE_SIZE
 
 
 def build_source(settings: Settings, tracefs_root: str) -> Source:
@@ -101,11 +111,11 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
     defines = [
         f"#define TLT_MAX_CONNS {int(settings.max_conns)}",
         f"#define TLT_RB_PAGES {int(settings.rb_pages)}",
+        f"#define TLT_LIVES_PAGES {int(settings.lives_pages)}",
+        "#define TLT_AGGREGATE",  # every mode folds
     ]
     if settings.mode in ("stream", "both"):
         defines.append("#define TLT_STREAM")
-    if settings.mode in ("aggregate", "both"):
-        defines.append("#define TLT_AGGREGATE")
     defines += [f"#define {k} {v}" for k, v in sorted(offsets.items())]
     for (_category, name), flds in present.items():
         defines.append(f"#define TLT_HAVE_{name.upper()}")
@@ -189,6 +199,11 @@ class LoadedProgram:
     def ring_buffer(self) -> tuple[int, int]:
         """(map fd, data size in bytes) of the events ring buffer."""
         table = self.bpf[b"events"]
+        return table.map_fd, table.max_entries
+
+    def lives_ring(self) -> tuple[int, int]:
+        """(map fd, data size in bytes) of the lives ring buffer (LIFE records)."""
+        table = self.bpf[b"lives"]
         return table.map_fd, table.max_entries
 
     def close(self) -> None:

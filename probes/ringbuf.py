@@ -42,6 +42,10 @@ class RingBufferReader:
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
 
+    def watch(self, fd: int) -> None:
+        """wait() wakes for that ring buffer's data as well (a second ring read alongside)."""
+        self._epoll.register(fd, select.EPOLLIN)
+
     def pending(self) -> bool:
         return _Q.unpack_from(self._prod, 0)[0] != _Q.unpack_from(self._cons, 0)[0]
 

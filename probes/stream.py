@@ -23,6 +23,7 @@ KIND_NAMES = {k.value: k.name.lower() for k in EventKind}
 _LIFE = int(EventKind.LIFE)
 _NO_EVENTS = np.empty(0, dtype=EVENT_DTYPE)
 _NO_LIVES = np.empty(0, dtype=LIFE_DTYPE)
+# (every concatenate names its dtype: numpy's promotion would pack struct tlt_agg's padding away)
 
 
 class Batch:
@@ -38,11 +39,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.events) + len(self.lives)
 
-    def tuples(self) -> list:
+    def tuples(self, lives: bool = True) -> list:
         """The batch as `Ev`-ordered tuples (LIFE records as decode_life_batch's tuples), each
-        LIFE record after the events of its time (a connection's record follows its CLOSE)."""
+        LIFE record after the events of its time (a connection's record follows its CLOSE);
+        lives=False: the events alone."""
         evs = event_tuples(self.events)
-        if not len(self.lives):
+        if not lives or not len(self.lives):
             return evs
         lives = self.lives[np.argsort(self.lives["ev"]["ts_ns"], kind="stable")]
         at = np.searchsorted(self.events["ts_ns"], lives["ev"]["ts_ns"], side="right").tolist()
@@ -90,18 +92,18 @@ class OrderedMerge:
 
     def add_ring(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
         if len(events):
-            self.held = np.concatenate((self.held, events)) if len(self.held) else events
+            self.held = np.concatenate((self.held, events), dtype=EVENT_DTYPE) if len(self.held) else events
             self.ring_ts = max(self.ring_ts, int(events["ts_ns"][-1]))
         if len(lives):
-            self.lives = np.concatenate((self.lives, lives)) if len(self.lives) else lives
+            self.lives = np.concatenate((self.lives, lives), dtype=LIFE_DTYPE) if len(self.lives) else lives
             self.ring_ts = max(self.ring_ts, int(lives["ev"]["ts_ns"].max()))
 
     def add_spilled(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
         if len(events):
-            w = np.concatenate((self.waiting, events)) if len(self.waiting) else events
+            w = np.concatenate((self.waiting, events), dtype=EVENT_DTYPE) if len(self.waiting) else events
             self.waiting = w[np.argsort(w["ts_ns"], kind="stable")]
         if len(lives):
-            self.lives = np.concatenate((self.lives, lives)) if len(self.lives) else lives
+            self.lives = np.concatenate((self.lives, lives), dtype=LIFE_DTYPE) if len(self.lives) else lives
 
     def progress(self) -> int:
         """Time up to which the ring has been read (its newest record, or the last released)."""
@@ -160,13 +162,21 @@ class OrderedMerge:
 
 class EventStream:
     """The program's records as Batches (poll_batch, drain_batch, finish_batch), or as
-    `Ev`-ordered tuples derived from them (poll, drain, finish)."""
+    `Ev`-ordered tuples derived from them (poll, drain, finish). Two ring buffers: "events"
+    (struct tlt_event) and "lives" (struct tlt_life); the overflow perf buffer carries both.
+    In mode "stream" the tuples are the events alone (what that mode sent before the kernel
+    folded in it too: its consumers build lifecycles from the events); the batches always
+    hold the LIFE records as well."""
 
     def __init__(self, program: LoadedProgram, holdback_ns: int = HOLDBACK_NS):
         self.program = program
         fd, size = program.ring_buffer()
-        self.record_size = size_ = program.source.record_size
-        self.reader = RingBufferReader(fd, size, size_)
+        self.record_size = program.source.record_size
+        self.reader = RingBufferReader(fd, size, EVENT_SIZE)
+        lfd, lsize = program.lives_ring()
+        self.lives_reader = RingBufferReader(lfd, lsize, LIFE_SIZE)
+        self.reader.watch(lfd)
+        self.tuple_lives = program.source.mode != "stream"
         self.merge = OrderedMerge(holdback_ns)
         # perf's own count of the records the overflow buffer refused: the same drops the
         # kernel side counts per kind (STAT_DROPPED), reported late and without a kind, so
@@ -201,7 +211,7 @@ class EventStream:
         if lifes:
             more, lives = split_records(b"".join(lifes), LIFE_SIZE)
             if len(more):
-                events = np.concatenate((events, more)) if len(events) else more
+                events = np.concatenate((events, more), dtype=EVENT_DTYPE) if len(events) else more
         return events, lives
 
     @property
@@ -209,13 +219,20 @@ class EventStream:
         return self.merge.late
 
     def _read_ring(self) -> bool:
+        # lives first: a LIFE record is sent after its connection's last event, so the events
+        # read next are at least as far on (the time cut releases a record with its events)
+        lblob = self.lives_reader.read()
         blob = self.reader.read()
-        if not blob:
+        if not blob and not lblob:
             return False
-        events, lives = split_records(blob, self.record_size)
+        events = split_records(blob, EVENT_SIZE)[0] if blob else _NO_EVENTS
+        lives = split_records(lblob, LIFE_SIZE)[1] if lblob else _NO_LIVES
         self._count(events, lives)
         self.merge.add_ring(events, lives)
         return True
+
+    def _pending(self) -> bool:
+        return self.reader.pending() or self.lives_reader.pending()
 
     def _release(self, final: bool) -> Batch:
         self.program.poll_overflow()
@@ -227,14 +244,15 @@ class EventStream:
             self._count(events, lives)
             self.merge.add_spilled(events, lives)
         progress = self.merge.progress()
-        if final or not self.reader.pending():
+        if final or not self._pending():
             progress = max(progress, time.monotonic_ns())
         return self.merge.release(progress, final)
 
     def poll_batch(self, timeout_ms: int) -> Batch:
         """The next records, waiting up to timeout_ms (one ring read: up to the reader's
         max_batch records)."""
-        self.reader.wait(timeout_ms)
+        if not self.lives_reader.pending():
+            self.reader.wait(timeout_ms)
         self._read_ring()
         return self._release(final=False)
 
@@ -252,16 +270,17 @@ class EventStream:
 
     def poll(self, timeout_ms: int) -> list:
         """The next events in order (as `Ev`-ordered tuples), waiting up to timeout_ms."""
-        return self.poll_batch(timeout_ms).tuples()
+        return self.poll_batch(timeout_ms).tuples(self.tuple_lives)
 
     def drain(self) -> list:
-        return self.drain_batch().tuples()
+        return self.drain_batch().tuples(self.tuple_lives)
 
     def finish(self) -> list:
-        return self.finish_batch().tuples()
+        return self.finish_batch().tuples(self.tuple_lives)
 
     def close(self) -> None:
         self.reader.close()
+        self.lives_reader.close()
 
     def received_by_kind(self) -> dict:
         return {name: int(self.received[k]) for k, name in KIND_NAMES.items()}

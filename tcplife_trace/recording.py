@@ -24,9 +24,9 @@ import pyarrow.ipc as ipc
 
 from . import __version__
 from .probes.decode import _FMT
-from .probes.event_layout import EVENT_DTYPE, EVENT_SIZE
+from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, V1_FIELD_NAMES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
 KEY = b"tcplife_trace"          # schema metadata: the recording's header (JSON)
 END_KEY = "tcplife_trace.end"   # metadata of the closing batch: the exit summary (JSON)
 # metadata of an empty batch: one sock_diag snapshot, its sockets as the detectors read them
@@ -39,18 +39,27 @@ FLUSH_SECONDS = 0.5
 FLUSH_TICK = 0.05
 FLUSH_EVENTS = 65536
 
-# Arrow columns, in `Ev` order; addresses and comm stay raw fixed-size binary.
-_ARROW_TYPES = {
-    "ts_ns": pa.uint64(), "skaddr": pa.uint64(), "gen": pa.uint64(), "tx_b": pa.uint64(),
-    "rx_b": pa.uint64(), "netns": pa.uint32(), "pid": pa.uint32(), "tid": pa.uint32(),
-    "uid": pa.uint32(), "value": pa.int32(), "sport": pa.uint16(), "dport": pa.uint16(),
-    "family": pa.uint16(), "kind": pa.uint8(), "oldstate": pa.uint8(), "newstate": pa.uint8(),
-    "flags": pa.uint8(), "saddr": pa.binary(16), "daddr": pa.binary(16), "comm": pa.binary(16),
-    "seq": pa.uint16(),
-}
-assert list(_ARROW_TYPES) == [n for n in EVENT_DTYPE.names]
+# Arrow columns: struct tlt_event's fields (probes/event_layout.py ARROW_TYPES, declared once
+# there); addresses and comm stay raw fixed-size binary. Schema 1 had the first 21 (up to seq):
+# such files load with the columns added since as zeros (xflags 0: no fold of the kernel's).
+_ARROW_TYPES = ARROW_TYPES
+_V1_TYPES = {n: _ARROW_TYPES[n] for n in V1_FIELD_NAMES}
 assert all(EVENT_DTYPE[n].itemsize == (t.byte_width if pa.types.is_fixed_size_binary(t) else t.bit_width // 8)
            for n, t in _ARROW_TYPES.items())  # each column's bytes are its Arrow values
+
+
+def _zero_column(typ, n: int) -> pa.Array:
+    width = typ.byte_width if pa.types.is_fixed_size_binary(typ) else typ.bit_width // 8
+    return pa.Array.from_buffers(typ, n, [None, pa.py_buffer(bytes(width * n))])
+
+
+def _upgraded(table: pa.Table) -> pa.Table:
+    """A schema-1 table with the columns added since (zeros), in today's order."""
+    n = table.num_rows
+    for name, typ in _ARROW_TYPES.items():
+        if name not in _V1_TYPES:
+            table = table.append_column(pa.field(name, typ), pa.chunked_array([_zero_column(typ, n)], typ))
+    return table
 
 
 class RecordingError(Exception):
@@ -403,7 +412,7 @@ def _checked_stream(f, path: str, size: int):
         columns = [(fl.name, fl.type) for fl in reader.schema]
     except UnicodeDecodeError:
         columns = None
-    if columns != list(_ARROW_TYPES.items()):
+    if columns != list(_ARROW_TYPES.items()) and (version > 1 or columns != list(_V1_TYPES.items())):
         raise RecordingError(f"{path}: corrupt recording (unexpected columns)")
     return reader, head
 
@@ -474,7 +483,10 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
         if end is None and not warnings:
             warnings.append(f"{path}: recording was not closed cleanly (no exit summary); "
                             "loaded every complete batch")
-    return head, pa.Table.from_batches(batches, schema=reader.schema), end, warnings, snaps
+    table = pa.Table.from_batches(batches, schema=reader.schema)
+    if table.num_columns < len(_ARROW_TYPES):
+        table = _upgraded(table)
+    return head, table, end, warnings, snaps
 
 
 def _snapshot(custom) -> tuple:

@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from tcplife_trace import ebpf
@@ -92,7 +93,7 @@ def test_life_decoder_agrees_with_ctypes():
             got = t[i[name]]
             if name in ("state_ns", "pids"):
                 got, want = list(t[i[name]:i[name] + len(want)]), list(want)
-            elif name == "owner_comm":
+            elif name in ("owner_comm", "listener_comm"):
                 got = got.split(b"\0")[0]  # ctypes cuts c_char arrays at the NUL
             elif name == "path":
                 want = bytes(want)
@@ -133,3 +134,40 @@ def test_decoder_addresses_and_v4_mapped():
     assert (dec.endpoint_family(d), dec.addr(d.af, d.daddr_raw)) == (6, "2001:db8::1")
     e.family = 0
     assert dec.endpoint_family(dec.decode(bytes(e))) is None
+
+
+def test_recording_of_schema_1_loads_with_the_fold_columns_zero(tmp_path):
+    """A file written before the kernel's fold was appended to the event (21 columns, up to
+    seq) loads, its new columns zero; today's files have every field of struct tlt_event."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from tcplife_trace import load, recording
+    from tcplife_trace.probes.event_layout import ARROW_TYPES, V1_FIELD_NAMES
+    from synthetic import stream
+
+    rows = [(0, "S", 1, "CLOSE", "SYN_SENT", 10, 0, 80), (1, "S", 1, "SYN_SENT", "ESTABLISHED", 0, 5000, 80),
+            (3, "S", 1, "ESTABLISHED", "FIN_WAIT1", 10, 5000, 80), (4, "S", 1, "FIN_WAIT1", "FIN_WAIT2", 0, 5000, 80),
+            (5, "S", 1, "FIN_WAIT2", "CLOSE", 0, 5000, 80)]
+    events = dec.events_array(stream(rows))
+    head = {**recording.header("none", 0), "schema_version": 1, "event_size": 120}
+    v1 = [(n, ARROW_TYPES[n]) for n in V1_FIELD_NAMES]
+    schema = pa.schema([pa.field(n, t) for n, t in v1], metadata={recording.KEY: json.dumps(head).encode()})
+    cols = [pa.Array.from_buffers(t, len(events), [None, pa.py_buffer(np.ascontiguousarray(events[n]).tobytes())])
+            for n, t in v1]
+    path = tmp_path / "old.arrow"
+    with pa.OSFile(str(path), "wb") as f, ipc.new_stream(f, schema) as w:
+        w.write_batch(pa.RecordBatch.from_arrays(cols, schema=schema))
+    rec = load(str(path))
+    assert rec.events.column_names == list(ARROW_TYPES)
+    assert rec.events["xflags"].to_pylist() == [0] * 5 and rec.events["dur_ns"].to_pylist() == [0] * 5
+    assert rec.events["sport"].to_pylist() == [0, 5000, 5000, 5000, 5000]
+    assert len(rec.transitions) == 5 and list(rec.lifecycles()["end_reason"]) == ["active_close"]
+    # today's schema: every field, the fold included
+    new = tmp_path / "new.arrow"
+    w = recording.RecordingWriter(str(new), recording.header("none", 0))
+    w.add(stream(rows))
+    w.close({})
+    assert load(str(new)).events.column_names == list(ARROW_TYPES)

@@ -88,7 +88,7 @@ def life(ms, gen):
 
 def test_life_records_leave_with_the_events_of_their_time_after_them():
     m = Merge(holdback_ns=3_000_000)
-    m.add_ring([rec(1, 1, 0), rec(5, 1, 1), rec(9, 2, 0)], np.concatenate((life(5, 1), life(8, 3))))
+    m.add_ring([rec(1, 1, 0), rec(5, 1, 1), rec(9, 2, 0)], np.concatenate((life(5, 1), life(8, 3)), dtype=LIFE_DTYPE))
     out = m.release(progress=9_000_000)          # cut at 6 ms: the record of 5 ms, after its event
     assert [(e[2], e[13]) for e in out] == [(1, 1), (1, 1), (1, int(EventKind.LIFE))]
     out = m.release(progress=9_000_000, final=True)

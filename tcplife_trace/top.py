@@ -154,7 +154,8 @@ class TopRunner:
                "lost": sum(counts["events_lost_by_kind"].values()), "map_full": counts["conn_map_full"],
                "evictions": counts["evictions"], "ring_fill": ring_fill(reader),
                "ring_peak": reader.peak_fill / reader.data_size, "cpu_pct": 100 * (cpu - cpu0) / dt,
-               "map_fill": None, "recording": self.recorder.path if self.recorder is not None else None}
+               "map_fill": None, "recording": self.recorder.path if self.recorder is not None else None,
+               "looks": self.poll_interval > 0}
         try:
             from .probes.map_count import count_entries
             n = count_entries(s.program.bpf[b"conns"])
@@ -352,7 +353,8 @@ def screen_lines(snap: TopSnapshot | None, vs: ViewState, width: int, height: in
         lines.append(("totals: " + totals_line(snap, vs.view_filter), ""))
         body = []
         parts = sockets_parts(snap, 8 if width >= 60 else 0)
-        sock = "sockets: " + "  ".join(parts) if parts else "sockets: (no look yet)"
+        sock = "sockets: " + "  ".join(parts) if parts else (
+            "sockets: (no look yet)" if snap.status.get("looks", True) else "sockets: (--poll-interval 0: no look)")
         body.append((sock, ""))
         if len(snap.rate_trend) > 1 and height >= 16:
             body.append(("new/s " + spark(snap.rate_trend, max(0, width - 6)), "green"))

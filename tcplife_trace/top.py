@@ -525,19 +525,29 @@ def run_plain(runner: TopRunner, duration: float | None, refresh_s: float, out=N
 def run(settings: prog.Settings, *, duration: float | None = None, refresh_s: float = 1.0, poll_interval: float = 2.0,
         record_path: str | None = None, record_host: str | None = None, thresholds=None, plain: bool | None = None,
         on_started=None) -> tuple[dict, list[str]]:
-    """Run top until q (screen), a signal or `duration`; returns (the session's report, notices).
-    plain: the periodic print (default: when stdout is not a terminal)."""
+    """Run top until q (screen), a signal or `duration`; returns (the session's report, the
+    notices still to say: the screen's, at the end). plain: the periodic print (default: when
+    stdout is not a terminal), which says them at the start on stderr."""
     runner = TopRunner(settings, record_path=record_path, record_host=record_host, poll_interval=poll_interval,
                        refresh_s=refresh_s, thresholds=thresholds)
     if on_started:
         on_started(runner)
     runner.start()
+    plain = plain if plain is not None else not sys.stdout.isatty()
+    notices = runner.notices
+    if plain:  # said now, on stderr, as the trace says them (on the screen they would be drawn over)
+        s = runner.session
+        sys.stderr.write(f"tcplife-trace top: tracing ({len(s.program.source.tracepoints)} tracepoints, ready in "
+                         f"{s.startup_s:.2f} s); a block every {refresh_s:g} s on stdout\n"
+                         + "".join(f"tcplife-trace: notice: {n}\n" for n in notices))
+        sys.stderr.flush()
+        notices = []
     try:
-        if plain if plain is not None else not sys.stdout.isatty():
+        if plain:
             run_plain(runner, duration, refresh_s)
         else:
             run_screen(runner, duration, refresh_s)
     finally:
         runner.request_stop()
         report = runner.stop()
-    return report, runner.notices
+    return report, notices

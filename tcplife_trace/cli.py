@@ -549,7 +549,8 @@ def analyze(files, fmt, export_dir, pid, localport, remoteport, ipv4, ipv6, all_
                 raise click.UsageError("--date, --tz and --host describe a tcpstates text capture, and none "
                                        "of the files is one")
         if engine == "dask" or len(fleet.hosts(paths, text_import)) > 1:
-            with progress.bar(f"analysing {len(paths)} files" + (" on Dask" if engine == "dask" else "")) as update:
+            with progress.bar(f"analysing {len(paths)} file{'s' if len(paths) > 1 else ''}" + (" on Dask" if engine == "dask" else ""),
+                              total=len(paths)) as update:  # (Dask: its partitions, once known)
                 out = fleet.analyze(paths, engine, scheduler=scheduler, thresholds=thresholds, filters=filters,
                                     since=start, until=stop, workers=workers, transitions=bool(export_dir),
                                     text_import=text_import, all_recorded=all_recorded, progress=update)

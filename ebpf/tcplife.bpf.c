@@ -261,6 +261,7 @@ static __always_inline struct tlt_event *ev_new_at(u8 kind, u64 ts)
 		return 0;
 	struct tlt_event *e = (struct tlt_event *)r;
 	__builtin_memset(e, 0, sizeof(*e)); /* a LIFE record copies its agg part whole */
+	e->owner_src = TLT_SRC_NONE; /* (the fold's fields are the kernel's only with TLT_X_FOLDED) */
 	u64 id = bpf_get_current_pid_tgid();
 	e->ts_ns = ts;
 	e->kind = kind;

@@ -67,18 +67,58 @@ def assert_same(stream: list[Lifecycle], folded: list[Lifecycle]) -> None:
     assert not diffs, f"{len(diffs)} of {len(by_id)} lifecycles differ, e.g. {next(iter(diffs.items()))}"
 
 
+def spy_batches(s: LiveSession) -> list:
+    """The Batches the session's stream hands out (its poll/drain/finish derive from them)."""
+    got = []
+    for name in ("poll_batch", "drain_batch"):
+        real = getattr(s.stream, name)
+
+        def spy(*args, _real=real):
+            b = _real(*args)
+            got.append(b)
+            return b
+        setattr(s.stream, name, spy)
+    return got
+
+
 def test_folded_lifecycles_equal_the_stream_ones():
     stream = []
     s = LiveSession(prog.Settings(mode="both"), on_close=stream.append)
+    batches = spy_batches(s)
     try:
         run_workload(s, rounds=8, workers=3)
     finally:
         report = s.stop()
     assert report["events_lost"] == 0
     assert_same(stream, s.agg_lifecycles)
+    # the events' own fold: per connection, the times its transitions carry add up to its
+    # state_ns, and its last event's owner is the lifecycle's (tests/test_kernel_fold_events.py
+    # compares every event)
+    import numpy as np
+    from tcplife_trace.probes.event_layout import OWNER_SOURCE_NAMES, XFlag
+    ev = np.concatenate([b.events for b in batches])
+    st = ev[(ev["kind"] == 1) & ((ev["xflags"] & int(XFlag.DUR)) != 0)]
+    sums = Counter()
+    for gen, old, dur in zip(st["gen"].tolist(), st["oldstate"].tolist(), st["dur_ns"].tolist()):
+        sums[(gen, old)] += dur
+    last = {}
+    folded = ev[(ev["xflags"] & int(XFlag.FOLDED)) != 0]
+    for gen, src, pid in zip(folded["gen"].tolist(), folded["owner_src"].tolist(), folded["owner_pid"].tolist()):
+        last[gen] = (OWNER_SOURCE_NAMES[src], pid)
+    checked = 0
+    for lc in stream:
+        if lc.conn_id not in last or lc.role == "listener":
+            continue
+        assert {st_: ns for (g, st_), ns in sums.items() if g == lc.conn_id} == dict(lc.state_ns), lc.conn_id
+        assert last[lc.conn_id] == (lc.owner_source, lc.owner_pid or 0), lc.conn_id
+        checked += 1
+    assert checked >= len(stream) // 2
     # the mix the comparison covered
     ends = Counter(lc.end_reason for lc in stream if lc.role != "listener")
-    assert ends == {k: v * 8 * 3 for k, v in ROUND.items()}
+    # (other processes' loopback connections on this machine are traced too: a few more may
+    # come up, never fewer; both views must agree on them as on the workload's, above)
+    want = {k: v * 8 * 3 for k, v in ROUND.items()}
+    assert all(ends[k] >= n for k, n in want.items()) and ends.total() - sum(want.values()) <= 20, ends
     assert {lc.owner_source for lc in stream} >= {"connect", "io", "close", "listen"}
     assert any(len(lc.pids) > 1 for lc in stream)           # the forked reader
     assert {lc.family for lc in stream} == {4, 6}

@@ -55,6 +55,9 @@ def main(out: str) -> None:
         work.wait(timeout=30)
     finally:
         subprocess.run(tmux + ["kill-server"], capture_output=True)
+        where = os.path.join(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}", sock)
+        if os.path.exists(where):
+            os.unlink(where)
     from rich.console import Console
     from rich.text import Text
     console = Console(record=True, width=80, force_terminal=True, color_system="truecolor", file=open(os.devnull, "w"))

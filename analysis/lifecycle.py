@@ -13,23 +13,15 @@ from typing import Callable
 from ..probes import decode as dec
 from ..probes.decode import Ev, as_ev
 from . import end_rules
-from .end_rules import ECONNREFUSED, ECONNRESET, END_REASONS, EPIPE, ETIMEDOUT, RST_REASONS  # noqa: F401
+from .end_rules import ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT, RST_REASONS  # noqa: F401
+# the vocabularies and small rules live in analysis/rules.py; ROLES, OWNER_SOURCES, BIRTHS and
+# END_REASONS stay importable from here
+from .rules import (ACTING, BIRTHS, CLOSERS, END_REASONS, OWNER_RANK, OWNER_SOURCES, ROLES, SRC_NONE,  # noqa: F401
+                    enters_time_wait, guess_role)
 from ..probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
 from ..probes.filters import Filters
 from ..probes.tcp_states import TcpState as S
 
-ROLES = ("active", "passive", "listener", "unknown")
-# owner sources, strongest first
-OWNER_SOURCES = ("connect", "listen", "io", "close", "listener", "none")
-_RANK = {s: i for i, s in enumerate(OWNER_SOURCES)}
-
-
-BIRTHS = {(int(S.CLOSE), int(S.SYN_SENT)): "active", (int(S.CLOSE), int(S.LISTEN)): "listener",
-           (int(S.LISTEN), int(S.SYN_RECV)): "passive"}
-# transitions that always run in the acting process (kernel-facts §2)
-_CLOSER = {(int(a), int(b)) for a, b in ((S.ESTABLISHED, S.FIN_WAIT1), (S.SYN_RECV, S.FIN_WAIT1),
-                                         (S.CLOSE_WAIT, S.LAST_ACK), (S.LISTEN, S.CLOSE))}
-_TIME_WAIT_FROM = (int(S.FIN_WAIT2), int(S.CLOSING))
 _CLOSE = int(S.CLOSE)
 _KIND_STATE = int(EventKind.STATE)
 _KIND_LIFE = int(EventKind.LIFE)
@@ -42,7 +34,6 @@ _I_LISTENER_PID, _I_LISTENER_COMM = dec.LIFE_INDEX["listener_pid"], dec.LIFE_IND
 _N_EV = len(dec.Ev._fields)
 _F_NETNS, _F_UID = int(Flag.NETNS), int(Flag.UID)
 _V4MAPPED, _ZERO16 = b"\0" * 10 + b"\xff\xff", b"\0" * 16
-_SRC_NONE = len(OWNER_SOURCES) - 1
 _MASK_STATES: dict[tuple, tuple] = {}  # (state_mask, path) -> the states timed, in path order
 # where struct tlt_agg's fields sit in a decoded LIFE tuple
 (_I_START, _I_EOF, _I_ENTER, _I_LAST, _I_STATE_NS, _I_OWNER_PID, _I_PIDS, _I_RST_REASON, _I_OWNER_COMM, _I_MASK, _I_SRC,
@@ -100,7 +91,7 @@ class Lifecycle:
     def set_owner(self, pid: int, comm: str, source: str) -> None:
         if source != "listener":
             self.pids.add(pid)
-        if _RANK[source] < _RANK[self.owner_source]:
+        if OWNER_RANK[source] < OWNER_RANK[self.owner_source]:
             self.owner_pid, self.owner_comm, self.owner_source = pid, comm, source
 
     @property
@@ -386,7 +377,7 @@ class Tracker:
             if lc is None:
                 lc = self._new(gen, skaddr, ts, "unknown", birth_seen=False)
         if lc.role == "unknown":
-            lc.role = _guess_role(old, new, lc.role)
+            lc.role = guess_role(old, new, lc.role)
         if lc.family is None or sport != lc.lport or (dport and dport != lc.rport):
             self._tuple_from(lc, ev)
         dur = None
@@ -420,7 +411,7 @@ class Tracker:
             if listener and listener.owner_pid is not None:
                 lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
                 lc.set_owner(listener.owner_pid, listener.owner_comm, "listener")
-        elif (old, new) in _CLOSER:
+        elif (old, new) in CLOSERS:
             lc.set_owner(pid, dec.comm(comm_raw), "close")
 
         note = ""
@@ -429,7 +420,7 @@ class Tracker:
             lc.closed = True
             if flags & dec.F_BYTES:
                 lc.tx_b, lc.rx_b = ev[3], ev[4]
-            if old in _TIME_WAIT_FROM and not lc.rst_received:
+            if enters_time_wait(old, lc.rst_received):
                 lc.time_wait = True
                 note = "TIME_WAIT"
             self._forget_listener(lc)
@@ -494,9 +485,7 @@ class Tracker:
                     lc.listener_pid, lc.listener_comm = listener.owner_pid, listener.owner_comm
                     lc.set_owner(listener.owner_pid, listener.owner_comm, "listener")
         for e in early:
-            source = {"active": "connect", "listener": "listen"}.get(BIRTHS.get((e[14], e[15])))
-            if source is None and (e[14], e[15]) in _CLOSER:
-                source = "close"
+            source = ACTING.get((e[14], e[15]))
             if source:
                 lc.set_owner(e[6], dec.comm(e[19]), source)
 
@@ -542,7 +531,7 @@ class Tracker:
 
     def _io(self, ev: Ev) -> None:
         lc = self._get(ev)
-        if _RANK["io"] < _RANK[lc.owner_source]:
+        if OWNER_RANK["io"] < OWNER_RANK[lc.owner_source]:
             lc.set_owner(ev.pid, dec.comm(ev.comm_raw), "io")
         else:
             lc.pids.add(ev.pid)
@@ -601,7 +590,7 @@ class Tracker:
             return
         if rec[16] & dec.F_BYTES:               # flags
             lc.tx_b, lc.rx_b = rec[3], rec[4]
-        if oldstate in _TIME_WAIT_FROM and not lc.rst_received:
+        if enters_time_wait(oldstate, lc.rst_received):
             lc.time_wait = True
         self.pending.append(lc)
         self.pending_ports[(lc.lport, lc.rport)] = lc
@@ -640,7 +629,7 @@ class Tracker:
             for old, new in zip(path, path[1:]):
                 if role != "unknown":
                     break
-                role = _guess_role(old, new, role)
+                role = guess_role(old, new, role)
             lc.role = role
         if af:  # _tuple_from on a lifecycle with no tuple yet
             saddr, daddr = rec[17], rec[18]
@@ -669,7 +658,7 @@ class Tracker:
         lc.state = path[-1] if path else None
         lc.state_enter_ns, lc.last_ns = rec[_I_ENTER] or None, rec[_I_LAST] or rec[_I_START]
         owner_src = rec[_I_SRC]
-        if owner_src < _SRC_NONE:
+        if owner_src < SRC_NONE:
             lc.owner_pid, lc.owner_comm, lc.owner_source = rec[_I_OWNER_PID], dec.comm(rec[_I_OWNER_COMM]), OWNER_SOURCES[owner_src]
         lc.pids = set(rec[_I_PIDS:_I_PIDS + min(rec[_I_NPIDS], PIDS_MAX)])
         if rec[_I_LFLAGS] & _L_LISTENER:  # the kernel's listener table had it at SYN_RECV
@@ -704,7 +693,7 @@ class Tracker:
         if self.pending_ports.get((lc.lport, lc.rport)) is lc:
             del self.pending_ports[(lc.lport, lc.rport)]
         if lc.role == "unknown" and lc.path:
-            lc.role = _guess_role(lc.path[0], lc.path[1] if len(lc.path) > 1 else lc.path[0], "unknown")
+            lc.role = guess_role(lc.path[0], lc.path[1] if len(lc.path) > 1 else lc.path[0], "unknown")
         lc.end_reason, lc.end_detail, lc.errno = classify_end(lc)
         if lc.end_reason != "active_close":
             lc.time_wait = False
@@ -783,16 +772,6 @@ def _gone_note(state: int | None, reused: bool) -> str:
     if reused:  # seen on FIN_WAIT1 orphans of a network namespace being deleted
         return f"no CLOSE: freed in {where} with no destroy seen (its address was born again)"
     return f"destroyed in {where} without a CLOSE"
-
-
-def _guess_role(old: int, new: int, current: str) -> str:
-    if old == S.LISTEN and new == S.CLOSE or new == S.LISTEN:
-        return "listener"
-    if old == S.SYN_SENT or new == S.SYN_SENT:
-        return "active"
-    if old == S.SYN_RECV or new == S.SYN_RECV:
-        return "passive"
-    return current
 
 
 def classify_end(lc: Lifecycle) -> tuple[str, str | None, int | None]:

@@ -56,12 +56,12 @@ class XFlag(enum.IntFlag):
     LISTENER = 0x08   # passive: the listener's owner was found at SYN_RECV
 
 
-# struct tlt_event.role (TLT_ROLE_*): index -> Lifecycle.role
-ROLE_NAMES = ("unknown", "active", "passive", "listener")
-# struct tlt_event.owner_src / tlt_agg.owner_src (TLT_SRC_*): index -> Lifecycle.owner_source
-# (analysis/lifecycle.py OWNER_SOURCES, strongest first)
-OWNER_SOURCE_NAMES = ("connect", "listen", "io", "close", "listener", "none")
-SRC_NONE = 5
+# struct tlt_event.role (TLT_ROLE_*): index -> Lifecycle.role; struct tlt_event.owner_src /
+# tlt_agg.owner_src (TLT_SRC_*): index -> Lifecycle.owner_source, strongest first. Their one
+# home is analysis/rules.py (tests/test_rules.py holds ebpf/event.h equal to it)
+from ..analysis.rules import KERNEL_ROLES as ROLE_NAMES  # noqa: E402
+from ..analysis.rules import OWNER_SOURCES as OWNER_SOURCE_NAMES  # noqa: E402
+from ..analysis.rules import SRC_NONE  # noqa: E402,F401
 
 
 PATH_MAX = 32  # TLT_PATH_MAX

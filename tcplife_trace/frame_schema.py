@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .analysis.leaks import SEVERITIES
-from .analysis.lifecycle import END_REASONS, OWNER_SOURCES, ROLES
+from .analysis.rules import END_REASONS, OWNER_SOURCES, ROLES
 from .frames import STATE_CATEGORIES
 
 

@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow as pa
 
 from .analysis import end_rules
-from .analysis.lifecycle import DEFAULT_HOLD_NS, END_REASONS, OWNER_SOURCES, ROLES
+from .analysis.lifecycle import DEFAULT_HOLD_NS
+from .analysis.rules import ACTING, BIRTHS, END_REASONS, OWNER_SOURCES, ROLE_HINTS, ROLES
 from .by_connection import _dropped
 from .frames import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
 from .probes import decode as dec
@@ -44,7 +45,10 @@ def _per_conn(ids: np.ndarray, conn: np.ndarray, values: np.ndarray, last: bool 
     return pos[ok], values[first[ok]]
 
 
-def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
+def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None,
+               rst_reasons: list | None = None) -> pd.DataFrame:
+    """rst_reasons: the reset reason table (end_rules.ResetReasons) of each recording file, in
+    the file order of the connection ids' top 16 bits (Recording._combine); default this kernel's."""
     col = cols or Columns(table)
     kind = col["kind"]
 
@@ -73,16 +77,13 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
 
     # role: a birth fixes it; otherwise the last transition that tells
     fo, fn = old[st], new[st]
-    birth = np.select([(fo == S.CLOSE) & (fn == S.SYN_SENT), (fo == S.CLOSE) & (fn == S.LISTEN),
-                       (fo == S.LISTEN) & (fn == S.SYN_RECV)],
-                      [_ROLE["active"], _ROLE["listener"], _ROLE["passive"]], default=-1).astype(np.int8)
+    birth = np.select([(fo == a) & (fn == b) for a, b in BIRTHS],
+                      [_ROLE[r] for r in BIRTHS.values()], default=-1).astype(np.int8)
     role = birth.copy()
     unborn = np.flatnonzero(np.repeat(birth < 0, en - st + 1))  # positions of connections without
     if len(unborn):                                              # a birth (few): look at them all
         o, w = old[unborn], new[unborn]
-        hint = np.select([((o == S.LISTEN) & (w == S.CLOSE)) | (w == S.LISTEN),
-                          (o == S.SYN_SENT) | (w == S.SYN_SENT), (o == S.SYN_RECV) | (w == S.SYN_RECV)],
-                         [_ROLE["listener"], _ROLE["active"], _ROLE["passive"]], default=-1)
+        hint = np.select([test(o, w) for _, test in ROLE_HINTS], [_ROLE[r] for r, _ in ROLE_HINTS], default=-1)
         pos, i = seg.where(hint >= 0, last=True, idx=unborn)
         role[pos] = hint[np.searchsorted(unborn, i)]
     role[role < 0] = _ROLE["unknown"]
@@ -119,7 +120,8 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
     end_ns = end_ns.copy()
     end_ns[pos[take]] = v[take]
     closed = closed | gone
-    ended = pool.submit(_endings, col, events, seg, role, closed, gone, end_ns, lport, rport, mono_to_wall_ns)
+    ended = pool.submit(_endings, col, events, seg, role, closed, gone, end_ns, lport, rport, mono_to_wall_ns,
+                        rst_reasons)
     paths = pool.submit(_paths, old, new, st, en)
     pool.shutdown(wait=False)  # (the thread ends when the three are done)
 
@@ -132,15 +134,19 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         src[pos[take]] = source
         owner_row[pos[take]] = table_rows[take]
 
-    for (a, b), source in (((S.CLOSE, S.SYN_SENT), _SRC["connect"]), ((S.CLOSE, S.LISTEN), _SRC["listen"])):
-        pos, i = seg.where((old == a) & (new == b))
-        offer(pos, seg.table_rows(i), source)
+    def acting(source: str) -> None:  # the first transition per connection that acts by this source
+        mask = np.zeros(len(old), dtype=bool)
+        for (a, b), s in ACTING.items():
+            if s == source:
+                mask |= (old == a) & (new == b)
+        pos, i = seg.where(mask)
+        offer(pos, seg.table_rows(i), _SRC[source])
+
+    acting("connect")
+    acting("listen")
     k = changed[:len(io_ids)]
     offer(at_seen[:len(io_ids)][k], io_rows[k], _SRC["io"])  # the first read or write
-    closer = (((old == S.ESTABLISHED) | (old == S.SYN_RECV)) & (new == S.FIN_WAIT1)) | \
-        ((old == S.CLOSE_WAIT) & (new == S.LAST_ACK)) | ((old == S.LISTEN) & (new == S.CLOSE))
-    pos, i = seg.where(closer)
-    offer(pos, seg.table_rows(i), _SRC["close"])
+    acting("close")
 
     # accepted sockets: the owner of the listener open on that netns and port at birth
     listener_pid = np.full(n, -1, dtype=np.int64)
@@ -283,7 +289,8 @@ def _with_rows(frame: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
 
 
 def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, gone: np.ndarray,
-             end_ns: np.ndarray, lport: np.ndarray, rport: np.ndarray, mono_to_wall_ns: int) -> dict:
+             end_ns: np.ndarray, lport: np.ndarray, rport: np.ndarray, mono_to_wall_ns: int,
+             rst_reasons: list | None = None) -> dict:
     """How each connection ended (analysis/end_rules.py on what the events around its CLOSE
     say), its first EOF, and whether events are missing."""
     ids, st, en, old, new = seg.ids, seg.starts, seg.ends, seg.old, seg.new
@@ -295,9 +302,10 @@ def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, go
     rst_reason = np.full(n, -1, dtype=np.int32)
     pos, v = _per_conn(ids, rs_gen, col.at("value", rs_rows, ascending=True), last=True)
     rst_reason[pos] = v
+    reasons, rst_reason = _one_numbering(rst_reasons, ids, rst_reason)
     errno = _errnos(col, events, ids, closed & ~gone, end_ns, lport, rport)
     rule, detail, details, errno = end_rules.classify_columns(end_rules.Ends(
-        role == _ROLE["listener"], ~closed, before, rr, errno, rst_sent, rst_reason))
+        role == _ROLE["listener"], ~closed, before, rr, errno, rst_sent, rst_reason), reasons)
     reason = np.array([_END[r] for r in end_rules.REASON_OF_RULE], dtype=np.int8)[rule]
     eof_rows, eof_gen = events(EventKind.EOF, EventKind.IO_OWNER, flag=dec.F_EOF)
     eof_ns = np.full(n, NAT, dtype=np.int64)
@@ -308,10 +316,35 @@ def _endings(col: Columns, events, seg, role: np.ndarray, closed: np.ndarray, go
     gap[st] = False
     return {"end_reason": pd.Categorical.from_codes(reason, END_CATEGORIES),
             "end_detail": pd.Categorical.from_codes(detail, categories=pd.Index(details, dtype=object)),
-            "rst_sent_reason": _named(np.where(rst_sent, rst_reason, -1), end_rules.rst_reason_name),
+            "rst_sent_reason": _named(np.where(rst_sent, rst_reason, -1), reasons.name),
             "errno": _named(errno, lambda v: errno_mod.errorcode.get(v, str(v))),
             "time_wait": reason == _END["active_close"], "eof_seen": wall_times(eof_ns),
             "incomplete": (np.logical_or.reduceat(gap, st) | gone) if n else np.zeros(0, bool)}
+
+
+def _one_numbering(tables: list | None, ids: np.ndarray, reason: np.ndarray):
+    """(one ResetReasons, the reasons in its numbering): files made on kernels that number
+    enum sk_rst_reason differently are named each by its own table (a name the first table
+    lacks gets a number past every table's)."""
+    if not tables:
+        return end_rules.kernel_reset_reasons(), reason
+    first = tables[0]
+    if len(tables) == 1 or all(t.names == first.names for t in tables[1:]):
+        return first, reason
+    names = dict(first.names)
+    number = {n: v for v, n in names.items()}
+    out = reason.copy()
+    file = (ids.astype(np.uint64) >> np.uint64(48)).astype(np.int64)
+    for f in range(1, len(tables)):
+        for v in np.unique(reason[(file == f) & (reason >= 0)]):
+            name = tables[f].names.get(int(v))
+            if name is None:
+                continue
+            if name not in number:
+                number[name] = max([*names, *tables[f].names, 0]) + 1 + len(names)
+                names[number[name]] = name
+            out[(file == f) & (reason == v)] = number[name]
+    return end_rules.ResetReasons(names, "recording"), out
 
 
 def _errnos(col: Columns, events, ids, closed, end_ns, lport, rport) -> np.ndarray:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .analysis.rules import ACTING
 from .probes.event_layout import EventKind
 from .probes.filters import Filters
-from .probes.tcp_states import TcpState as S
 
 # the state changes whose task the Tracker counts among a connection's pids (set_owner):
-# connect, listen, and those that always run in the acting process (analysis/lifecycle.py)
-_ACTING = ((S.CLOSE, S.SYN_SENT), (S.CLOSE, S.LISTEN), (S.ESTABLISHED, S.FIN_WAIT1),
-           (S.SYN_RECV, S.FIN_WAIT1), (S.CLOSE_WAIT, S.LAST_ACK), (S.LISTEN, S.CLOSE))
+# the acting transitions (connect, listen, the closing calls: analysis/rules.py ACTING)
 
 
 def owned(cols, pids) -> np.ndarray:
@@ -29,7 +27,7 @@ def owned(cols, pids) -> np.ndarray:
     seg = cols.by_connection()
     pids = np.asarray(pids, dtype=np.uint32)
     acting = np.zeros(len(seg.old), dtype=bool)
-    for a, b in _ACTING:
+    for a, b in ACTING:
         acting |= (seg.old == a) & (seg.new == b)
     acting &= np.isin(seg.sorted_column("pid"), pids)
     found = [seg.ids[seg.number[acting]].astype(np.uint64)]

@@ -106,8 +106,16 @@ def header(filters, wall_offset_ns: int, extra: dict | None = None, host: str | 
         "host": host or socket.gethostname(), "kernel": os.uname().release,
         "start_wall": time.time(), "mono_to_wall_ns": wall_offset_ns, "filters": filters,
         **({"filter_spec": spec} if spec is not None else {}),
-        "event_size": EVENT_SIZE, **(extra or {}),
+        "event_size": EVENT_SIZE, **_rst_reasons(), **(extra or {}),
     }
+
+
+def _rst_reasons() -> dict:
+    """This kernel's enum sk_rst_reason from BTF, so that offline frames name the recorded
+    reset reasons as the kernel that sent them numbers them (analysis/end_rules.py)."""
+    from .analysis.end_rules import kernel_reset_reasons
+    table = kernel_reset_reasons()
+    return {"rst_reasons": table.header_value()} if table.source == "btf" else {}
 
 
 _SPEC_LIMITS = {"pids": (1, 2**22), "lports": (1, 65535), "rports": (1, 65535)}
@@ -621,8 +629,10 @@ class Recording:
         from .frame_schema import conform
         from .lifecycle_frame import lifecycles
         if not hasattr(self, "_all_lifecycles"):
-            self._all_lifecycles = conform("lifecycles", lifecycles(self.events, self.mono_to_wall_ns,
-                                                                    self.columns()))
+            from .analysis.end_rules import ResetReasons
+            self._all_lifecycles = conform("lifecycles", lifecycles(
+                self.events, self.mono_to_wall_ns, self.columns(),
+                rst_reasons=[ResetReasons.from_header(h) for h in self.headers]))
         return self._all_lifecycles
 
     def _kept_ids(self):

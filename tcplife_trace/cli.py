@@ -11,7 +11,6 @@ import time
 import click
 
 from . import __version__, losses
-from .live import LiveSession
 from .probes import program as prog
 from .probes import tracefs
 from .probes.bcc_import import BccMissing
@@ -339,112 +338,40 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
                 record_path, recording.header(settings.filters, wall_offset, host=record_host))
         except recording.RecordingError as e:
             raise UserError(str(e)) from None
-    shown = None if lifecycles or quiet else on_transition
-    transition_handler = shown
-    if metrics is not None:
-        counted = metrics.on_transition
-        if shown is None:
-            transition_handler = counted
-        else:
-            def transition_handler(t):
-                shown(t)
-                counted(t)
-    try:
-        session = LiveSession(settings, on_transition=transition_handler,
-                              on_close=on_close if lifecycles and not quiet else None, on_loss=on_loss,
-                              recorder=recorder, wall_offset_ns=wall_offset)
-    except BaseException:
-        if recorder is not None:  # nothing was recorded: leave no empty file behind
-            recorder.discard()
-        raise
+    def say_notice(text):
+        click.echo(f"tcplife-trace: notice: {text}", err=True)
+
+    def say_finding(f):
+        from . import findings_view
+        click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
+
+    def say_recorder_failed(text):
+        click.echo(f"tcplife-trace: error: {text}; free space or record elsewhere", err=True)
+
+    from .session import Session
+    session = Session(settings, poll_interval_s=poll_interval, thresholds=thresholds, metrics=metrics,
+                      recorder=recorder, wall_offset_ns=wall_offset,
+                      on_transition=None if lifecycles or quiet else on_transition,
+                      on_close=on_close if lifecycles and not quiet else None, on_loss=on_loss,
+                      on_finding=say_finding, on_notice=say_notice, on_recorder_failed=say_recorder_failed)
     holder["s"] = session
     if metrics is not None:
-        from . import metrics as metrics_mod
-        session.close_watchers.append(metrics.on_close)
-        metrics.update(session.counts_now())  # every loss series at 0 from the first scrape
-        metrics.attach(session, metrics_port, metrics_addr)
         try:
-            metrics_mod.serve(metrics, metrics_port, metrics_addr)
+            session.serve_metrics(metrics_port, metrics_addr)
         except OSError as e:
-            session.stop()
             raise UserError(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {e.strerror}; "
                             "choose another --metrics-port or --metrics-addr") from None
     _set_priority(niceness)
     view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
-    click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.program.source.tracepoints)} "
-               f"tracepoints, ready in {session.startup_s:.2f} s)"
+    click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.live.program.source.tracepoints)} "
+               f"tracepoints, ready in {session.live.startup_s:.2f} s)"
                + (f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if metrics is not None else "")
                + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
-    watch = None
-    poll_s: list[float] = []  # how long each look at the sockets held the consumer up
-    if poll_interval > 0:
-        # the detectors' import and the first look at every socket take a second or two: the
-        # recording goes on meanwhile (session.pumping), so a SIGKILL loses at most the last second
-        with session.pumping():
-            from . import findings_view
-            from .diagnosis import Watch
-            from .probes import sock_diag
-            poll_states = sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED) if metrics else sock_diag.POLL_STATES
-            watch = Watch(thresholds, tracker=session.tracker, filters=settings.filters, poll_states=poll_states,
-                          open_lifecycles=session.open_lifecycles)
-            session.close_watchers.append(watch.closed)
-            if recorder is not None:  # the sockets each look saw go into the recording too
-                watch.record_into(recorder)
-            watch.take_seed()
-            seed_counts = watch.latest_counts
-            next_poll = time.monotonic() + poll_interval
-    for notice in session.notices:
-        click.echo(f"tcplife-trace: notice: {notice}", err=True)
-    for e in watch.new_errors() if watch is not None else ():
-        click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
-    next_metrics = 0.0
+    session.seed()  # the detectors' first look (pumped), then the notices
     if not records and not quiet:
         _out(view.lifecycle_header() if lifecycles else view.transition_header())
-    deadline = time.monotonic() + duration if duration else None
-    said = {"recording": False}
     try:
-        while not stop.requested:
-            timeout = 100
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                timeout = max(1, min(timeout, int(left * 1000)))
-            session.poll(timeout)
-            flush()
-            if recorder is not None and recorder.failed and not said["recording"]:
-                said["recording"] = True  # once, at once; tracing goes on
-                click.echo(f"tcplife-trace: error: {recorder.failed}; free space or record elsewhere", err=True)
-            if watch is not None and time.monotonic() >= next_poll:
-                t_poll = time.monotonic()
-                with session.pumping():
-                    found = watch.poll()
-                for f in found:
-                    click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
-                for e in watch.new_errors():  # a namespace (or owners) the look could not read
-                    click.echo(f"tcplife-trace: notice: sockets not read: {e}", err=True)
-                poll_s.append(time.monotonic() - t_poll)
-                if metrics is not None:
-                    metrics.on_socket_poll(poll_s[-1])
-                next_poll = time.monotonic() + poll_interval
-            if metrics is not None and time.monotonic() >= next_metrics:
-                next_metrics = time.monotonic() + 1.0
-                metrics.update(session.counts_now(),
-                               watch.latest_counts if watch is not None else None,
-                               watch.current if watch is not None else None)
-        findings = None
-        if watch is not None:
-            session.poll(0)
-            with session.pumping():
-                findings = watch.final(full=False)
-        report = session.stop()
-        if findings is not None:
-            report["socket_polls"] = len(poll_s)
-            report["socket_poll_max_s"] = round(max(poll_s, default=0.0), 3)
-            report["sockets_at_start"] = seed_counts
-            # every finding of the run: those resolved before the end too, with resolved_at
-            report["findings"] = [f.as_dict() for f in watch.all_findings()]
-            report["snapshot_errors"] = list(watch.errors)
+        report = session.run(duration, should_stop=lambda: stop.requested, after_poll=flush)
         if lifecycles:
             for lc in session.still_open:
                 add(fmt(lifecycle_record(lc, session.clock, still_open=True)) if records

@@ -5,14 +5,13 @@
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from .analysis import leaks
 from .diagnosis import Watch
-from .live import LiveSession
 from .probes import program as prog
 from .probes.filters import Filters
+from .session import DETECTOR_KEYS, Session
 
 DEFAULT_DURATION_S = 10.0
 DEFAULT_INTERVAL_S = 2.0
@@ -39,36 +38,16 @@ def run(settings: prog.Settings | None = None, *, duration_s: float = DEFAULT_DU
         return _instant(thresholds, filters, on_ready)
     # the doctor wants endings and open connections, never single transitions: the kernel
     # folds each connection and the traced machine pays the least
-    with LiveSession(settings or prog.Settings(filters, mode="aggregate"), recorder=recorder,
-                     wall_offset_ns=wall_offset_ns) as session:
-        watch = Watch(thresholds, tracker=session.tracker, filters=filters,
-                      open_lifecycles=session.open_lifecycles)
-        session.close_watchers.append(watch.closed)
-        if recorder is not None:  # the snapshots go into the recording too, the seed first
-            watch.record_into(recorder)
-        seed = watch.take_seed()  # after attaching: nothing falls between snapshot and trace
-        seed_counts = watch.latest_counts
+    with Session(settings or prog.Settings(filters, mode="aggregate"), poll_interval_s=interval_s,
+                 detectors=True, thresholds=thresholds, filters=filters, recorder=recorder,
+                 wall_offset_ns=wall_offset_ns, on_finding=on_finding, final_full=True) as session:
+        session.seed()  # after attaching: nothing falls between snapshot and trace
         if on_ready:
             on_ready()
-        deadline = time.monotonic() + duration_s
-        next_poll = time.monotonic() + interval_s
-        while not should_stop():
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            if on_tick:
-                on_tick(deadline - now)
-            session.poll(max(1, int(min(100, (deadline - now) * 1000))))
-            if interval_s > 0 and time.monotonic() >= next_poll:
-                next_poll += interval_s
-                for f in watch.poll():
-                    if on_finding:
-                        on_finding(f)
-        session.poll(0)
-        session.tracker.advance(time.monotonic_ns() + session.tracker.hold_ns)
-        watch.final()
-        trace_report = session.stop()
-    return _report(watch, seed, seed_counts, trace_report)
+        trace_report = session.run(duration_s, should_stop=should_stop, on_tick=on_tick)
+    # the trace's own report, without the detectors' keys (the doctor's report has its own)
+    trace_report = {k: v for k, v in trace_report.items() if k not in DETECTOR_KEYS}
+    return _report(session.watch, session.seed_snapshot, session.seed_counts, trace_report)
 
 
 def _instant(thresholds, filters: Filters, on_ready) -> dict:

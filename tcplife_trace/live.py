@@ -152,12 +152,19 @@ class LiveSession:
 
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
-        events = self.stream.poll(timeout_ms)
+        batch = self.stream.poll_batch(timeout_ms)
+        events = batch.tuples(self.stream.tuple_lives)
+        recorded = False
+        if self.recorder is not None and self.stream.tuple_lives is False and not self._early \
+                and not (self._own_ports and events):
+            # the recording takes the batch's columns as they are (the tuples are the same events)
+            self.recorder.add_batch(batch.events)
+            recorded = True
         if self._early:
             events, self._early = self._early + events, []
         if self._own_ports and events:
             events = self._not_own(events)
-        self._consume(events)
+        self._consume(events, recorded=recorded)
         now = time.monotonic_ns()
         self.tracker.advance(now)
         if self.agg_tracker is not None:

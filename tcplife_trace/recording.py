@@ -230,13 +230,24 @@ class RecordingWriter:
         """Events as `Ev`-ordered tuples; on the disk within FLUSH_SECONDS (the flusher thread)."""
         if self.failed or not events:
             return
-        blob = _packed(events)
+        self._add_blob(_packed(events), len(events))
+
+    def add_batch(self, events: np.ndarray) -> None:
+        """Events as a probes.event_layout.EVENT_DTYPE array (a stream Batch's `events`):
+        their bytes are the records as they are, no per-event packing."""
+        if self.failed or not len(events):
+            return
+        if events.dtype != EVENT_DTYPE:
+            raise TypeError(f"add_batch takes EVENT_DTYPE records, not {events.dtype}")
+        self._add_blob(events.tobytes(), len(events))
+
+    def _add_blob(self, blob: bytes, n: int) -> None:
         with self._lock:
             if not self._pending:
                 self._oldest = time.monotonic()
             self._pending.append(blob)
             self._pending_bytes += len(blob)
-            self.events += len(events)
+            self.events += n
             big = self._pending_bytes >= FLUSH_EVENTS * EVENT_SIZE
         if big:
             self._wake.set()

@@ -54,6 +54,25 @@ def test_round_trip_and_header(tmp_path):
     assert rec.events["comm"].to_pylist() == [e.comm_raw for e in events]
 
 
+def test_add_batch_records_the_same_as_add(tmp_path):
+    """A stream Batch's EVENT_DTYPE columns go in as they are and make the same table as the
+    same events given as tuples; anything but EVENT_DTYPE is refused."""
+    from tcplife_trace.probes.event_layout import EVENT_DTYPE
+    events = stream(ROWS)
+    arr = np.frombuffer(recording._packed(events), dtype=EVENT_DTYPE)
+    write(tmp_path / "tuples.arrow", events)
+    w = RecordingWriter(str(tmp_path / "batch.arrow"), recording.header("none", 1_000_000_000))
+    w.add_batch(arr[:3])
+    w.add_batch(arr[3:])
+    w.add_batch(arr[:0])
+    with pytest.raises(TypeError):
+        w.add_batch(np.zeros(2, dtype=np.int64))
+    w.close({})
+    a, b = load(str(tmp_path / "tuples.arrow")), load(str(tmp_path / "batch.arrow"))
+    assert b.end["events"] == len(events)
+    assert a.events.equals(b.events)
+
+
 def test_never_overwrites(tmp_path):
     p = tmp_path / "r.arrow"
     write(p, stream(ROWS))

@@ -208,11 +208,14 @@ class LiveSession:
         def pump():
             try:
                 while not done.is_set():
-                    events = self.stream.poll(50)
+                    batch = self.stream.poll_batch(50)
+                    events = batch.tuples(self.stream.tuple_lives)
                     if self._own_ports and events:
                         events = self._not_own(events)
-                    if events:
                         self.recorder.add(events)
+                    elif events:
+                        self.recorder.add_batch(batch.events)  # the same events, as columns
+                    if events:
                         backlog.append(events)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                 failed.append(e)

@@ -204,6 +204,7 @@ class Tracker:
         self.on_state_time = on_state_time
         self.max_open = max_open
         self.hold_ns = hold_ns
+        self.reset_reasons = end_rules.kernel_reset_reasons()  # BTF read here, not at the first close
         self.live: dict[object, Lifecycle] = {}
         self.listeners: dict[tuple, Lifecycle] = {}
         self.pending: deque[Lifecycle] = deque()      # closed, waiting for trailing events

@@ -578,6 +578,7 @@ static __always_inline void agg_emit(void *ctx, u64 skaddr, struct conn *c, u64 
 		return;
 	struct tlt_life *l = (struct tlt_life *)e;
 	ev_conn(e, skaddr, c);
+	ev_fold(e, c);
 	if (c->unseen)
 		e->flags |= TLT_F_BIRTH_UNSEEN;
 	e->oldstate = old;
@@ -706,7 +707,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			listen_key_of(&k, c, c->sport);
 			struct listen_owner o = {.gen = c->gen, .pid = c->agg.owner_pid};
 			__builtin_memcpy(o.comm, c->agg.owner_comm, sizeof(o.comm));
-			listeners.update(&k, &o);
+			if (listeners.update(&k, &o) != 0)
+				stat_inc(TLT_STAT_MAP_FULL); /* the listeners table is full: its accepted sockets' owner is not known */
 		} else if (newstate == TCP_CLOSE) {
 			listener_forget(c);
 		}

@@ -49,6 +49,10 @@ class RingBufferReader:
     def pending(self) -> bool:
         return _Q.unpack_from(self._prod, 0)[0] != _Q.unpack_from(self._cons, 0)[0]
 
+    def fill(self) -> float:
+        """Share of the ring waiting to be read now (1: full)."""
+        return max(0, _Q.unpack_from(self._prod, 0)[0] - _Q.unpack_from(self._cons, 0)[0]) / self.data_size
+
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel signals new data (or timeout), unless data is already there."""
         if not self.pending():

@@ -65,7 +65,14 @@ class Batch:
         if not lives or not len(self.lives):
             return evs
         lives = _take(self.lives, np.argsort(self.lives["ev"]["ts_ns"], kind="stable"))
-        at = np.searchsorted(self.events["ts_ns"], lives["ev"]["ts_ns"], side="right").tolist()
+        # the events are in ring order, their times only nearly sorted (a spilled event merged
+        # back, or another CPU's, may be older than the one before it): a record goes after the
+        # LAST event of its time or before, found in the times' running minimum from the end
+        # (sorted, and above the record's time exactly from that event on)
+        ts = self.events["ts_ns"]
+        if len(ts):
+            ts = np.minimum.accumulate(ts[::-1])[::-1]
+        at = np.searchsorted(ts, lives["ev"]["ts_ns"], side="right").tolist()
         out, prev = [], 0
         for pos, rec in zip(at, life_tuples(lives)):
             out += evs[prev:pos]
@@ -98,6 +105,10 @@ class OrderedMerge:
     ring events are held back so a spilled event can still find its place. LIFE records
     are held and released by the same time cut (so a record leaves no earlier than the
     events of its time), in any order.
+
+    Only the events ring's records move progress(): the lives ring is read separately and
+    may be further on (or behind) than the events; lives_ts is how far it has been read, for
+    the caller to take the lesser of the two while the lives ring still has records waiting.
     """
 
     def __init__(self, holdback_ns: int = HOLDBACK_NS):
@@ -106,7 +117,8 @@ class OrderedMerge:
         self.waiting = _NO_EVENTS  # spilled events, by time (arrival order among equals)
         self.lives = _NO_LIVES
         self.released_ts = 0
-        self.ring_ts = 0  # time of the newest record read from the ring (an event or a LIFE)
+        self.ring_ts = 0  # time of the newest event read from the events ring
+        self.lives_ts = 0  # time of the last LIFE record read from the lives ring
         self.late = 0  # spilled events whose connection had already moved on
 
     def add_ring(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
@@ -115,7 +127,7 @@ class OrderedMerge:
             self.ring_ts = max(self.ring_ts, int(events["ts_ns"][-1]))
         if len(lives):
             self.lives = _cat(self.lives, lives) if len(self.lives) else lives
-            self.ring_ts = max(self.ring_ts, int(lives["ev"]["ts_ns"].max()))
+            self.lives_ts = max(self.lives_ts, int(lives["ev"]["ts_ns"][-1]))
 
     def add_spilled(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
         if len(events):
@@ -125,7 +137,9 @@ class OrderedMerge:
             self.lives = _cat(self.lives, lives) if len(self.lives) else lives
 
     def progress(self) -> int:
-        """Time up to which the ring has been read (its newest record, or the last released)."""
+        """Time up to which the events ring has been read (its newest event, or the last
+        released). A LIFE record never moves it: the lives ring being further on says
+        nothing of events still waiting in the events ring."""
         return max(self.ring_ts, self.released_ts)
 
     def release(self, progress: int, final: bool = False) -> Batch:
@@ -238,6 +252,21 @@ class EventStream:
     def late_overflow(self) -> int:
         return self.merge.late
 
+    @property
+    def discarded(self) -> int:
+        """Records both ring readers stepped over (discarded or not ours): the loss counters'
+        ring_discarded."""
+        return self.reader.discarded + self.lives_reader.discarded
+
+    def ring_fill(self) -> float:
+        """The fuller of the two rings now (share of its size waiting, 1: full)."""
+        return max(r.fill() for r in (self.reader, self.lives_reader))
+
+    @property
+    def peak_fill(self) -> float:
+        """The largest share of either ring ever seen waiting (1: full, records are lost)."""
+        return max(r.peak_fill / r.data_size for r in (self.reader, self.lives_reader))
+
     def _read_ring(self) -> bool:
         # lives first: a LIFE record is sent after its connection's last event, so the events
         # read next are at least as far on (the time cut releases a record with its events)
@@ -251,9 +280,6 @@ class EventStream:
         self.merge.add_ring(events, lives)
         return True
 
-    def _pending(self) -> bool:
-        return self.reader.pending() or self.lives_reader.pending()
-
     def _release(self, final: bool) -> Batch:
         self.program.poll_overflow()
         if self._overflow_lost:
@@ -263,10 +289,18 @@ class EventStream:
             events, lives = self._split_spilled()
             self._count(events, lives)
             self.merge.add_spilled(events, lives)
+        return self.merge.release(self._progress(final), final)
+
+    def _progress(self, final: bool) -> int:
+        """How far both rings have been read: the events ring's newest event (now once it is
+        empty), and no further than the lives ring's last record while that one still has
+        records waiting (so a LIFE record never leaves after a later event of its time)."""
         progress = self.merge.progress()
-        if final or not self._pending():
+        if final or not self.reader.pending():
             progress = max(progress, time.monotonic_ns())
-        return self.merge.release(progress, final)
+        if not final and self.lives_reader.pending():
+            progress = min(progress, self.merge.lives_ts)
+        return progress
 
     def poll_batch(self, timeout_ms: int) -> Batch:
         """The next records, waiting up to timeout_ms (one ring read: up to the reader's

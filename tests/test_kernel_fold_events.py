@@ -222,3 +222,63 @@ def test_every_life_record_equals_the_trackers_lifecycle(traced):
     assert {"active_close", "passive_close", "local_abort", "reset_by_peer", "refused"} <= set(ends)
     assert any(lc.time_wait for lc in stream_lcs)
     assert any(len(lc.pids) > 1 for lc in stream_lcs)  # the forked reader, the pre-forked worker
+
+
+def churn(n_pairs: int, n_refused: int) -> None:
+    """Loopback connections in this process: refused connects first, then pairs that close,
+    in steps 30 ms apart (longer than the merge's hold-back: a time cut falls among them)."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(64)
+    port = ls.getsockname()[1]
+    gone = socket.socket()
+    gone.bind(("127.0.0.1", 0))
+    closed_port = gone.getsockname()[1]
+    gone.close()
+    for _ in range(n_refused):
+        s = socket.socket()
+        with pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", closed_port))
+        s.close()
+    for i in range(n_pairs):
+        if i % 25 == 0:
+            time.sleep(0.03)
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)
+        a, _ = ls.accept()
+        c.close()
+        a.close()
+    ls.close()
+
+
+@pytest.mark.parametrize("slow", ["events", "lives"])
+def test_a_life_leaves_after_its_close_and_before_its_error_whichever_ring_is_behind(slow):
+    """The two rings are read a batch at a time each; with one of them far behind the other
+    (its reader taking a few records a poll), a LIFE record still leaves after its CLOSE and
+    before the ERROR that follows that CLOSE: the release waits for the ring that is behind."""
+    program = prog.load(prog.Settings(mode="stream"))
+    stream = EventStream(program)
+    try:
+        (stream.reader if slow == "events" else stream.lives_reader).max_batch = 4
+        churn(n_pairs=150, n_refused=30)
+        out = []
+        for _ in range(3000):
+            if not stream.reader.pending() and not stream.lives_reader.pending():
+                break
+            out += stream.poll_batch(0).tuples()
+        out += stream.finish_batch().tuples()
+        counts = stream.kernel_counts()
+    finally:
+        stream.close()
+        program.close()
+    assert sum(counts["lost"].values()) == 0, counts["lost"]
+    at: dict = {}
+    for i, e in enumerate(out):
+        if e[2]:
+            at.setdefault((e[2], e[13], e[15]), i)  # (gen, kind, newstate): first position
+    lives = {g: i for (g, k, _), i in at.items() if k == _LIFE}
+    closes = {g: i for (g, k, new), i in at.items() if k == _STATE and new == S.CLOSE}
+    errors = {g: i for (g, k, _), i in at.items() if k == _ERROR}
+    assert len(lives) >= 180 and len(errors) >= 30
+    before_close = [g for g, i in lives.items() if g in closes and i < closes[g]]
+    after_error = [g for g, i in lives.items() if g in errors and i > errors[g]]
+    assert not before_close and not after_error, (len(before_close), len(after_error))

@@ -102,3 +102,38 @@ def test_batch_columns_and_tuples_agree():
     t = b.tuples()
     assert [tuple(x) for x in t[:2]] == [tuple(e) for e in evs]
     assert t[2] == life_tuples(b.lives)[0] and t[2][2] == 7
+
+
+def test_the_lives_ring_being_further_on_never_releases_events_still_in_the_events_ring():
+    # the events ring read up to 1.0 s (a max_batch cut), the lives ring up to 1.5 s; conn 7's
+    # seq 5 took the overflow path, its seq 4 is still unread in the events ring
+    m = Merge(holdback_ns=20_000_000)
+    m.add_ring([rec(1000, 1, 0)])
+    m.add_ring([], life(1500, 9))
+    assert m.progress() == 1_000_000_000 and m.lives_ts == 1_500_000_000
+    m.add_spilled([rec(1200, 7, 5)])
+    assert m.release(m.progress()) == []          # the spill waits for the events ring
+    m.add_ring([rec(1100, 7, 4)])
+    out = m.release(m.progress(), final=True)
+    assert ids([e for e in out if e[13] != int(EventKind.LIFE)]) == [(1, 0), (7, 4), (7, 5)]
+    assert m.late == 0
+
+
+def test_a_life_record_waits_for_the_events_of_its_time():
+    # lives read further than events: the LIFE of 1.5 s stays until the events ring gets there
+    m = Merge(holdback_ns=0)
+    m.add_ring([rec(1000, 1, 0)], life(1500, 1))
+    out = m.release(m.progress())
+    assert [(e[2], e[13]) for e in out] == []          # cut at 1.0 s: nothing before it
+    m.add_ring([rec(1500, 1, 1), rec(1600, 2, 0)])
+    out = m.release(m.progress())                      # cut at 1.6 s: the CLOSE, then its LIFE
+    assert [(e[2], e[13]) for e in out] == [(1, 1), (1, 1), (1, int(EventKind.LIFE))]
+
+
+def test_batch_tuples_place_a_life_after_every_event_of_its_time_even_out_of_order():
+    # a spilled event merged back (or another CPU's) may be older than the ones before it:
+    # conn 3's LIFE (4 ms) still goes after its CLOSE (4 ms, after events of 5 ms), before 6 ms
+    evs = [rec(1, 1, 0), rec(5, 2, 0), rec(5, 2, 1), rec(5, 2, 2), rec(3, 1, 1), rec(4, 3, 0), rec(6, 2, 3)]
+    t = Batch(events_array(evs), life(4, 3)).tuples()
+    assert [(e[2], e[13]) for e in t] == [(1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (3, 1),
+                                          (3, int(EventKind.LIFE)), (2, 1)]

@@ -24,7 +24,7 @@ import pyarrow.ipc as ipc
 
 from . import __version__
 from .probes.decode import _FMT
-from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, V1_FIELD_NAMES
+from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, SRC_NONE, V1_FIELD_NAMES
 
 SCHEMA_VERSION = 2  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
 KEY = b"tcplife_trace"          # schema metadata: the recording's header (JSON)
@@ -54,11 +54,15 @@ def _zero_column(typ, n: int) -> pa.Array:
 
 
 def _upgraded(table: pa.Table) -> pa.Table:
-    """A schema-1 table with the columns added since (zeros), in today's order."""
+    """A schema-1 table with the columns added since (zeros; owner_src SRC_NONE, no owner
+    known, as the kernel sends it without a fold), in today's order."""
     n = table.num_rows
     for name, typ in _ARROW_TYPES.items():
         if name not in _V1_TYPES:
-            table = table.append_column(pa.field(name, typ), pa.chunked_array([_zero_column(typ, n)], typ))
+            col = _zero_column(typ, n)
+            if name == "owner_src":
+                col = pa.Array.from_buffers(typ, n, [None, pa.py_buffer(np.full(n, SRC_NONE, EVENT_DTYPE[name]))])
+            table = table.append_column(pa.field(name, typ), pa.chunked_array([col], typ))
     return table
 
 
@@ -82,9 +86,12 @@ def _batch(schema: pa.Schema, blob: bytes) -> pa.RecordBatch:
 
 
 def _packed(events: list) -> bytes:
-    """`Ev`-ordered tuples back into struct tlt_event records."""
+    """`Ev`-ordered tuples back into struct tlt_event records (no fold: xflags 0 and
+    owner_src SRC_NONE, as the kernel sends an event without one)."""
     pack = _FMT.pack
-    return b"".join([pack(*ev) for ev in events])
+    blob = bytearray(b"".join([pack(*ev) for ev in events]))
+    np.frombuffer(blob, dtype=EVENT_DTYPE)["owner_src"] = SRC_NONE
+    return bytes(blob)
 
 
 def _table(events: list, head: dict) -> pa.Table:

@@ -14,6 +14,8 @@ import os
 import threading
 import time
 from collections import Counter
+
+import numpy as np
 from typing import Callable
 
 from . import losses
@@ -21,8 +23,9 @@ from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tr
 from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
+from .probes.decode import event_tuples, events_array
 from .probes.event_layout import EventKind, Flag
-from .probes.stream import KIND_NAMES, EventStream
+from .probes.stream import KIND_NAMES, Batch, EventStream
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
@@ -35,14 +38,25 @@ class LiveSession:
                  on_close: Callable[[Lifecycle], None] | None = None,
                  on_loss: Callable[[int, int, str], None] | None = None,
                  recorder=None, wall_offset_ns: int | None = None, keep_events: bool = False,
-                 max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS):
+                 max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS,
+                 on_batch: Callable[[np.ndarray], None] | None = None):
         t0 = time.monotonic()
         self.settings = settings or prog.Settings()
         if (self.settings.mode != "stream" and recorder is not None) or (self.settings.mode == "aggregate" and keep_events):
             raise ValueError("recording needs every transition: use mode='stream'")
+        # The kernel folds every connection in every mode. A stream session that wants no
+        # transition as an object (no on_transition, no kept events, no recording) has the
+        # tracker follow what the aggregated mode sends, the folds and the events the kernel
+        # does not fold (listeners, map-full strays, errno reports, SYN-ACK retransmits):
+        # one Python step per connection instead of one per event. on_batch gets each
+        # batch's events as columns (EVENT_DTYPE, the tracer's own check connection left out).
+        self.folds_only = (self.settings.mode == "stream" and on_transition is None and not keep_events
+                           and recorder is None)
+        self.on_batch = on_batch
         self.program = prog.load(self.settings)
         self.notices = list(self.program.source.notices)
         self.stream = EventStream(self.program)
+        self.stream.tuple_lives |= self.folds_only  # the folds in the tuples too
         self._early: list = []  # events read while the offsets were checked, consumed first
         # the records of the tracer's own check connection, by kind: in the kernel's emitted
         # and the stream's received counts, not given to the tracker or the recording
@@ -109,7 +123,8 @@ class LiveSession:
         if offset_check.possible(self.settings.filters):
             try:
                 self._early, wrong, mine, own = offset_check.check(self.stream, set(used),
-                                                                   self.settings.filters.family, self.settings.mode)
+                                                                   self.settings.filters.family,
+                                                                   "both" if self.folds_only else self.settings.mode)
             except OSError as e:  # no loopback here (a namespace with lo down, IPv6 disabled)
                 self.notices.append(f"the struct offsets were not checked on a connection of the tracer's "
                                     f"own ({e.strerror or e}): netns, uid and byte counts are as BTF says")
@@ -131,6 +146,7 @@ class LiveSession:
         self.program.close()
         self.program = prog.load(self.settings)  # the offsets read again from BTF, cached afresh
         self.stream = EventStream(self.program)
+        self.stream.tuple_lives |= self.folds_only
         self._early = []
         self.startup_check_events = Counter()  # (the first program's: gone with it)
         self.notices.append(
@@ -153,7 +169,9 @@ class LiveSession:
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         batch = self.stream.poll_batch(timeout_ms)
-        events = batch.tuples(self.stream.tuple_lives)
+        if self.on_batch is not None and len(batch.events):
+            self.on_batch(self._own_left_out(batch.events))
+        events = self._tracked(batch)
         recorded = False
         if self.recorder is not None and self.stream.tuple_lives is False and not self._early \
                 and not (self._own_ports and events):
@@ -161,7 +179,7 @@ class LiveSession:
             self.recorder.add_batch(batch.events)
             recorded = True
         if self._early:
-            events, self._early = self._early + events, []
+            events, self._early = self._early_tracked() + events, []
         if self._own_ports and events:
             events = self._not_own(events)
         self._consume(events, recorded=recorded)
@@ -171,7 +189,37 @@ class LiveSession:
             self.agg_tracker.advance(now)
         if now >= self._next_loss_check:
             self._check_losses(now)
-        return len(events)
+        return len(batch)
+
+    def _tracked(self, batch: Batch) -> list:
+        """What the tracker follows, as tuples: every event (and in the aggregated modes the
+        folds); with folds_only the folds and the events the kernel does not fold."""
+        if not self.folds_only:
+            return batch.tuples(self.stream.tuple_lives)
+        ev = batch.events
+        if len(ev):
+            ev = ev[(ev["flags"] & _F_AGG) != 0]
+        return Batch(ev, batch.lives).tuples(True)
+
+    def _early_tracked(self) -> list:
+        """The records read during the start-up check (tuples), as _tracked gives a batch's;
+        on_batch gets their events (without the fold's fields: their durations are not counted)."""
+        early = self._early
+        if self.on_batch is not None:
+            evs = [e for e in early if e[13] != _LIFE]
+            if evs:
+                self.on_batch(events_array(evs))
+        if self.folds_only:
+            early = [e for e in early if e[13] == _LIFE or e[16] & _F_AGG]
+        return early
+
+    def _own_left_out(self, events: np.ndarray) -> np.ndarray:
+        """events without the start-up check's late records (its first OWN_CHECK_S only;
+        counted where the tracker's copy of them is counted, not here)."""
+        if not self._own_ports or time.monotonic() > self._own_until:
+            return events
+        mine = [offset_check.is_own(ev, self._own_ports, self._own_gens) for ev in event_tuples(events)]
+        return events[~np.asarray(mine, dtype=bool)] if any(mine) else events
 
     def _consume(self, events: list, recorded: bool = False) -> None:
         if self.recorder is not None and not recorded:
@@ -203,12 +251,15 @@ class LiveSession:
             self.recorder.add(early)
             backlog.append(early)
         failed: list[BaseException] = []
+        columns: list[np.ndarray] = []  # the pumped batches' events, for on_batch afterwards
         done = threading.Event()
 
         def pump():
             try:
                 while not done.is_set():
                     batch = self.stream.poll_batch(50)
+                    if self.on_batch is not None and len(batch.events):
+                        columns.append(batch.events)
                     events = batch.tuples(self.stream.tuple_lives)
                     if self._own_ports and events:
                         events = self._not_own(events)
@@ -226,6 +277,8 @@ class LiveSession:
         finally:
             done.set()
             thread.join()
+            for events in columns:
+                self.on_batch(self._own_left_out(events))
             for events in backlog:
                 self._consume(events, recorded=True)
         if failed:
@@ -265,7 +318,7 @@ class LiveSession:
     def _folding(self, states: set[int] | None = None) -> tuple[list[Lifecycle], set]:
         """The open connections the kernel is folding (aggregated mode; none otherwise), and
         the ids of the tracker's lifecycles they continue (born while the map was full)."""
-        if self.settings.mode != "aggregate":
+        if self.settings.mode != "aggregate" and not self.folds_only:
             return [], set()
         entryless = bool(self.tracker.entryless.at)  # their folds may be in any state: read all
         folded, replaced = self.tracker.open_folds(conn_map.open_folds(self.program.bpf, None if entryless else states))
@@ -278,8 +331,11 @@ class LiveSession:
         if self.report is not None:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
-        early, self._early = self._early, []
-        self._consume(self._not_own(early + self.stream.finish()))  # detached first: the counters below are final
+        early, self._early = self._early_tracked(), []
+        last = self.stream.finish_batch()  # detached first: the counters below are final
+        if self.on_batch is not None and len(last.events):
+            self.on_batch(self._own_left_out(last.events))
+        self._consume(self._not_own(early + self._tracked(last)))
         still = self.tracker.finish()
         # the filters on those still open too, as on those that ended (Tracker._finish): under
         # -p an accepted socket of another process's listener reaches user space (the kernel

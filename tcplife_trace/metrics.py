@@ -17,16 +17,25 @@ from collections import Counter
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import numpy as np
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
 from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
+from .analysis.rules import KERNEL_ROLES
+from .probes import decode as dec
+from .probes.event_layout import EventKind, Flag, XFlag
+from .probes.tcp_states import TcpState
 from .probes.tcp_states import state_name
 
 # time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
 BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600)
 _BUCKETS_NS = [int(b * 1e9) for b in BUCKETS_S]
+_BUCKETS_ARR = np.asarray(_BUCKETS_NS, dtype=np.int64)
+_STATE, _X_DUR, _F_NETNS = int(EventKind.STATE), int(XFlag.DUR), int(Flag.NETNS)
+_LISTEN, _SYN_RECV = int(TcpState.LISTEN), int(TcpState.SYN_RECV)
+_ROLE_ACTIVE = KERNEL_ROLES.index("active")  # struct tlt_event.role
 POLL_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 OPT_IN_LABELS = ("port", "comm")
 OTHER = "other"
@@ -103,6 +112,60 @@ class Metrics:
             h[-1] += t.dur_ns
         if (t.oldstate, t.newstate) in BIRTHS:
             self.opened[(t.lc.role, *self._extra(t.lc)) if self.labels else (t.lc.role,)] += 1
+
+    def on_batch(self, events: np.ndarray) -> None:
+        """One batch's events (EVENT_DTYPE columns) counted as on_transition counts them one
+        Transition at a time: transitions by (old, new), time in the old state from the
+        kernel's fold (dur_ns), connections opened by role; the endpoint's own accepted
+        sockets left out. For sessions without opt-in labels and without user-space filters
+        (the tracker passes every transition then), so the hot path holds no Python object
+        per event."""
+        if self.labels:
+            raise ValueError("per-port and per-command labels need the lifecycles: use on_transition")
+        ev = events[events["kind"] == _STATE]
+        if not len(ev):
+            return
+        old, new = ev["oldstate"].astype(np.int64), ev["newstate"].astype(np.int64)
+        if self._own_port:
+            own = self._own_rows(ev)
+            if own.any():
+                births = (old[own] == _LISTEN) & (new[own] == _SYN_RECV)
+                self.own_connections += int(births.sum())
+                keep = ~own
+                ev, old, new = ev[keep], old[keep], new[keep]
+        pairs, counts = np.unique(old * 16 + new, return_counts=True)
+        for pair, n in zip(pairs.tolist(), counts.tolist()):
+            o, nw = divmod(pair, 16)
+            self.transitions[(o, nw)] += n
+            role = BIRTHS.get((o, nw))
+            if role is not None:
+                self.opened[(role,)] += n
+        timed = (ev["xflags"] & _X_DUR) != 0
+        if timed.any():
+            dur, state = ev["dur_ns"][timed].astype(np.int64), old[timed]
+            where = np.searchsorted(_BUCKETS_ARR, dur, side="left")  # bisect_left
+            for st in np.unique(state).tolist():
+                sel = state == st
+                h = self.hist.get(st)
+                if h is None:
+                    h = self.hist[st] = [0] * (len(_BUCKETS_NS) + 2)
+                add = np.bincount(where[sel], minlength=len(_BUCKETS_NS) + 1)
+                for i, n in enumerate(add.tolist()):
+                    h[i] += n
+                h[-1] += int(dur[sel].sum())
+
+    def _own_rows(self, ev: np.ndarray) -> np.ndarray:
+        """Rows of the endpoint's own accepted sockets (see _own): not active, its local port,
+        its namespace (or none known), its address if it is bound to one."""
+        own = (ev["sport"] == self._own_port) & (ev["role"] != _ROLE_ACTIVE)
+        if self._own_netns is not None:
+            known = (ev["flags"] & _F_NETNS) != 0
+            own &= ~known | (ev["netns"] == self._own_netns)
+        if self._own_addr is not None and own.any():
+            for i in np.flatnonzero(own).tolist():
+                if dec.addr(int(ev["family"][i]), ev["saddr"][i].tobytes()) != self._own_addr:
+                    own[i] = False
+        return own
 
     def on_close(self, lc: Lifecycle) -> None:
         if self._own_port and lc.lport == self._own_port and self._own(lc):
@@ -221,7 +284,9 @@ class Metrics:
         yield _gauge1("tcplife_ring_buffer_size_bytes", "Size of the BPF ring buffer.", reader.data_size)
         yield _gauge1("tcplife_ring_buffer_peak_fill_ratio", "Largest share of the ring buffer seen waiting "
                       "since the start (1: full, events are then lost).", reader.peak_fill / reader.data_size)
-        yield _gauge1("tcplife_tracked_connections", "Open connections the consumer follows now.",
+        yield _gauge1("tcplife_tracked_connections", "Connections the consumer holds itself now: all open "
+                      "ones when it follows every transition; listeners, map-full strays and endings "
+                      "waiting for their errno when the kernel folds the rest (tcplife_conn_map_entries).",
                       len(s.tracker.live))
         yield _gauge1("tcplife_conn_map_capacity", "Entries the kernel connection map can hold (--max-conns).",
                       s.settings.max_conns)

@@ -50,7 +50,12 @@ class Session:
         self.final_full = final_full
         self.on_finding, self.on_notice, self.on_recorder_failed = on_finding, on_notice, on_recorder_failed
         handler = on_transition
-        if metrics is not None:
+        on_batch = None
+        if metrics is not None and not metrics.labels and not self.settings.filters.active():
+            # counted from each batch's columns (the kernel's fold): no object per event, and
+            # with no other per-transition consumer the tracker follows the folds alone
+            on_batch = metrics.on_batch
+        elif metrics is not None:
             counted = metrics.on_transition
             if on_transition is None:
                 handler = counted
@@ -60,7 +65,7 @@ class Session:
                     counted(t)
         try:
             self.live = LiveSession(self.settings, on_transition=handler, on_close=on_close, on_loss=on_loss,
-                                    recorder=recorder, wall_offset_ns=wall_offset_ns)
+                                    recorder=recorder, wall_offset_ns=wall_offset_ns, on_batch=on_batch)
         except BaseException:
             if recorder is not None:  # nothing was recorded: leave no empty file behind
                 recorder.discard()

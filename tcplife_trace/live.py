@@ -285,7 +285,7 @@ class LiveSession:
             raise failed[0]
 
     def _account(self, kernel: dict) -> dict:
-        return losses.account(kernel, self.stream.received_by_kind(), self.stream.reader.discarded)
+        return losses.account(kernel, self.stream.received_by_kind(), self.stream.discarded)
 
     def _check_losses(self, now: int) -> None:
         """Once a second: has the kernel lost events since the last look? Say so now, not at exit."""
@@ -375,8 +375,9 @@ class LiveSession:
             "overflow_out_of_order": self.stream.late_overflow,
             "overflow_buffer_lost": self.stream.overflow_lost,  # perf's count of the same drops: not added
             "conn_map_full": kernel["map_full"],
-            "ring_peak_fill": round(self.stream.reader.peak_fill / self.stream.reader.data_size, 4),
-            "ring_discarded": self.stream.reader.discarded,
+            # both rings (events, and the folded records): the fuller one's peak, every record stepped over
+            "ring_peak_fill": round(self.stream.peak_fill, 4),
+            "ring_discarded": self.stream.discarded,
             "evictions": c.evicted,
             "sequence_gaps": c.sequence_gaps,
             "transitions_out_of_order": c.out_of_order,

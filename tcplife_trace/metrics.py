@@ -280,10 +280,11 @@ class Metrics:
         s = self.session
         if s is None or s.report is not None:  # not attached, or stopped: the kernel side is gone
             return
-        reader = s.stream.reader
-        yield _gauge1("tcplife_ring_buffer_size_bytes", "Size of the BPF ring buffer.", reader.data_size)
-        yield _gauge1("tcplife_ring_buffer_peak_fill_ratio", "Largest share of the ring buffer seen waiting "
-                      "since the start (1: full, events are then lost).", reader.peak_fill / reader.data_size)
+        st = s.stream
+        yield _gauge1("tcplife_ring_buffer_size_bytes", "Size of the BPF ring buffers (the events' and the "
+                      "folded records'), added.", st.reader.data_size + st.lives_reader.data_size)
+        yield _gauge1("tcplife_ring_buffer_peak_fill_ratio", "Largest share of either ring buffer seen waiting "
+                      "since the start (1: full, records are then lost).", st.peak_fill)
         yield _gauge1("tcplife_tracked_connections", "Connections the consumer holds itself now: all open "
                       "ones when it follows every transition; listeners, map-full strays and endings "
                       "waiting for their errno when the kernel folds the rest (tcplife_conn_map_entries).",

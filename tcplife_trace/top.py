@@ -149,11 +149,10 @@ class TopRunner:
         t0, received0, cpu0 = self._last
         self._last = (now, counts["events_received"], cpu)
         dt = max(now - t0, 1e-6)
-        reader = s.stream.reader
         out = {"events_per_s": (counts["events_received"] - received0) / dt,
                "lost": sum(counts["events_lost_by_kind"].values()), "map_full": counts["conn_map_full"],
-               "evictions": counts["evictions"], "ring_fill": ring_fill(reader),
-               "ring_peak": reader.peak_fill / reader.data_size, "cpu_pct": 100 * (cpu - cpu0) / dt,
+               "evictions": counts["evictions"], "ring_fill": s.stream.ring_fill(),
+               "ring_peak": s.stream.peak_fill, "cpu_pct": 100 * (cpu - cpu0) / dt,
                "map_fill": None, "recording": self.recorder.path if self.recorder is not None else None,
                "looks": self.poll_interval > 0}
         try:
@@ -188,16 +187,6 @@ def _home_resolver():
             seen[pid] = name
         return name
     return home_of
-
-
-def ring_fill(reader) -> float:
-    """The share of the ring buffer waiting to be read now (the reader's positions, as it reads them)."""
-    try:
-        from .probes.ringbuf import _Q
-        waiting = _Q.unpack_from(reader._prod, 0)[0] - _Q.unpack_from(reader._cons, 0)[0]
-    except (AttributeError, ValueError, ImportError):
-        return reader.peak_fill / reader.data_size
-    return max(0, waiting) / reader.data_size
 
 
 # -- what the screen shows -----------------------------------------------------------------------

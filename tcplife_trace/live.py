@@ -23,7 +23,7 @@ from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tr
 from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
-from .probes.decode import event_tuples, events_array
+from .probes.decode import events_array
 from .probes.event_layout import EventKind, Flag
 from .probes.stream import KIND_NAMES, Batch, EventStream
 
@@ -218,8 +218,8 @@ class LiveSession:
         counted where the tracker's copy of them is counted, not here)."""
         if not self._own_ports or time.monotonic() > self._own_until:
             return events
-        mine = [offset_check.is_own(ev, self._own_ports, self._own_gens) for ev in event_tuples(events)]
-        return events[~np.asarray(mine, dtype=bool)] if any(mine) else events
+        mine = offset_check.own_rows(events, self._own_ports, self._own_gens)
+        return events[~mine] if mine.any() else events
 
     def _consume(self, events: list, recorded: bool = False) -> None:
         if self.recorder is not None and not recorded:

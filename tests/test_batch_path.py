@@ -100,3 +100,19 @@ def test_folds_only_session_ends_connections_as_the_per_event_one():
     assert not diffs, f"{len(diffs)} of {len(common)} differ, e.g. {next(iter(diffs.items()))}"
     ends = {lc.end_reason for k, lc in A.items() if k in common}
     assert ends >= {"active_close", "passive_close", "local_abort", "reset_by_peer", "refused"}
+
+
+def test_own_rows_answer_as_is_own_row_for_row():
+    """The start-up check's records are left out of a batch's columns by the rule that leaves
+    them out of the tuples (offset_check.is_own), row for row."""
+    from tcplife_trace.probes import offset_check
+    from tcplife_trace.probes.decode import event_tuples
+    ev = np.zeros(5000, EVENT_DTYPE)
+    rng = np.random.default_rng(1)
+    ev["sport"] = rng.choice([0, 100, 200, 300, 5], 5000)
+    ev["dport"] = rng.choice([0, 100, 200, 7], 5000)
+    ev["gen"] = rng.choice([0, 1, 2, 3], 5000)
+    for ports, gens in (({100, 200}, set()), ({100, 200}, {1, 3}), ({300}, {2})):
+        cols = offset_check.own_rows(ev, ports, gens)
+        rows = [offset_check.is_own(t, ports, gens) for t in event_tuples(ev)]
+        assert cols.tolist() == rows and 0 < cols.sum() < len(ev)

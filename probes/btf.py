@@ -114,19 +114,9 @@ class BTF:
         return None
 
     def offset(self, struct_name: str, path: str) -> int:
-        """Byte offset of `path` (dotted, through nested members) inside `struct_name`."""
-        t = self._types[self._struct_id(struct_name)]
-        total = 0
-        for part in path.split("."):
-            found = self._member_bits(t, part)
-            if found is None:
-                raise BTFError(f"no member {part!r} in struct {struct_name} (path {path})")
-            bits, tid = found
-            if bits % 8:
-                raise BTFError(f"{struct_name}.{path} is a bitfield")
-            total += bits // 8
-            t = self._strip(tid)
-        return total
+        """Byte offset of `path` (dotted, through nested members; [i] for an array element)
+        inside `struct_name`."""
+        return _walk(self, struct_name, path)[0]
 
 
 MAX_OFFSET = 1 << 16  # no field this program reads lies farther into its struct (tcp_sock: ~2.3 KB)
@@ -322,6 +312,12 @@ def _type_size(btf: BTF, tid: int) -> int:
 def member(btf: BTF, struct_name: str, path: str) -> Member:
     """Offset and size of `path` inside `struct_name`: dotted, through nested members, with
     [i] for an array element ("rtt_min.s[0].v"). BTFError if the BTF lacks any part."""
+    total, tid = _walk(btf, struct_name, path)
+    return Member(total, _type_size(btf, tid))
+
+
+def _walk(btf: BTF, struct_name: str, path: str) -> tuple[int, int]:
+    """(byte offset, type id) of `path` inside `struct_name` (see member)."""
     t = btf._types[btf._struct_id(struct_name)]
     total, tid = 0, None
     for part in path.split("."):
@@ -346,7 +342,7 @@ def member(btf: BTF, struct_name: str, path: str) -> Member:
             total += i * _type_size(btf, elem)
             tid = elem
         t = btf._strip(tid)
-    return Member(total, _type_size(btf, tid))
+    return total, tid
 
 
 def _load(path: str) -> BTF:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -15,6 +14,7 @@ from .probes import program as prog
 from .probes import tracefs
 from .probes.bcc_import import BccMissing
 from .probes.filters import Filters
+from .stop_signals import StopRequest
 from .views import TextView, dumps, lifecycle_record, summary_text, transition_record
 
 EXIT_OK, EXIT_DEGRADED, EXIT_ERROR = 0, 1, 2
@@ -76,16 +76,6 @@ def _filter_options(f):
     ]):
         f = opt(f)
     return f
-
-
-class _Stop:
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame):
-        self.requested = True
 
 
 def _out(line: str) -> None:
@@ -308,7 +298,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         fmt = CsvRows()
     else:
         fmt = dumps
-    stop = _Stop()
+    stop = StopRequest()
     view: TextView | None = None
     holder: dict = {}
     pending: list[str] = []  # lines of one batch, written at once
@@ -671,7 +661,7 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
     from . import doctor, findings_view
     filters = _filters(pid, localport, remoteport, ipv4, ipv6)
     thresholds = _thresholds(threshold_pairs)
-    stop = _Stop()
+    stop = StopRequest()
 
     def announce(f):  # (above the countdown, on a terminal)
         from . import progress

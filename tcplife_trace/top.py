@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from .live import LiveSession
 from .probes import program as prog
 from .probes.filters import Filters
+from .stop_signals import StopRequest
 from .top_model import ALL_GROUPS, GROUPS, SORTS, TopModel, TopSnapshot, home_name, parse_filter
 
 MIN_W, MIN_H = 30, 6         # below this, one line saying the terminal is too small
@@ -390,16 +390,6 @@ def plain_lines(snap: TopSnapshot, top_n: int = 5, said_before: int = 0) -> list
 
 
 # -- the screen ------------------------------------------------------------------------------------
-class _Stop:
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, _signum, _frame):
-        self.requested = True
-
-
 def run_screen(runner: TopRunner, duration: float | None, refresh_s: float) -> None:
     """The full-screen view until q, a signal, --duration or the consumer's end."""
     from rich.console import Console
@@ -408,7 +398,7 @@ def run_screen(runner: TopRunner, duration: float | None, refresh_s: float) -> N
 
     console = Console()
     vs = ViewState()
-    stop = _Stop()
+    stop = StopRequest()
     deadline = time.monotonic() + duration if duration else None
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     old = None
@@ -490,7 +480,7 @@ def _keys(data: str):
 def run_plain(runner: TopRunner, duration: float | None, refresh_s: float, out=None) -> None:
     """stdout not a terminal: one block of plain lines per refresh until a signal or --duration."""
     out = out or sys.stdout
-    stop = _Stop()
+    stop = StopRequest()
     deadline = time.monotonic() + duration if duration else None
     printed, said = None, 0
     next_print = time.monotonic() + refresh_s

@@ -14,9 +14,9 @@ import os
 import threading
 import time
 from collections import Counter
+from typing import Callable
 
 import numpy as np
-from typing import Callable
 
 from . import losses
 from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
@@ -55,8 +55,7 @@ class LiveSession:
         self.on_batch = on_batch
         self.program = prog.load(self.settings)
         self.notices = list(self.program.source.notices)
-        self.stream = EventStream(self.program)
-        self.stream.tuple_lives |= self.folds_only  # the folds in the tuples too
+        self.stream = self._open_stream()
         self._early: list = []  # events read while the offsets were checked, consumed first
         # the records of the tracer's own check connection, by kind: in the kernel's emitted
         # and the stream's received counts, not given to the tracker or the recording
@@ -111,6 +110,11 @@ class LiveSession:
         for watcher in self.close_watchers:
             watcher(lc)
 
+    def _open_stream(self) -> EventStream:
+        stream = EventStream(self.program)
+        stream.tuple_lives |= self.folds_only  # the folds in the tuples too
+        return stream
+
     def _check_offsets(self) -> None:
         """What the BTF offsets read on the tracer's own connection (probes/offset_check.py).
         Offsets from the cache in /run that read wrong (or, when a filter hides that
@@ -145,8 +149,7 @@ class LiveSession:
         self.stream.close()
         self.program.close()
         self.program = prog.load(self.settings)  # the offsets read again from BTF, cached afresh
-        self.stream = EventStream(self.program)
-        self.stream.tuple_lives |= self.folds_only
+        self.stream = self._open_stream()
         self._early = []
         self.startup_check_events = Counter()  # (the first program's: gone with it)
         self.notices.append(
@@ -169,8 +172,7 @@ class LiveSession:
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         batch = self.stream.poll_batch(timeout_ms)
-        if self.on_batch is not None and len(batch.events):
-            self.on_batch(self._own_left_out(batch.events))
+        self._hand_out(batch.events)
         events = self._tracked(batch)
         recorded = False
         if self.recorder is not None and self.stream.tuple_lives is False and not self._early \
@@ -206,20 +208,21 @@ class LiveSession:
         on_batch gets their events (without the fold's fields: their durations are not counted)."""
         early = self._early
         if self.on_batch is not None:
-            evs = [e for e in early if e[13] != _LIFE]
-            if evs:
-                self.on_batch(events_array(evs))
+            self._hand_out(events_array([e for e in early if e[13] != _LIFE]))
         if self.folds_only:
             early = [e for e in early if e[13] == _LIFE or e[16] & _F_AGG]
         return early
 
-    def _own_left_out(self, events: np.ndarray) -> np.ndarray:
-        """events without the start-up check's late records (its first OWN_CHECK_S only;
-        counted where the tracker's copy of them is counted, not here)."""
-        if not self._own_ports or time.monotonic() > self._own_until:
-            return events
-        mine = offset_check.own_rows(events, self._own_ports, self._own_gens)
-        return events[~mine] if mine.any() else events
+    def _hand_out(self, events: np.ndarray) -> None:
+        """A batch's events to on_batch, without the start-up check's late records (its first
+        OWN_CHECK_S only; counted where the tracker's copy of them is counted, not here)."""
+        if self.on_batch is None or not len(events):
+            return
+        if self._own_ports and time.monotonic() <= self._own_until:
+            mine = offset_check.own_rows(events, self._own_ports, self._own_gens)
+            if mine.any():
+                events = events[~mine]
+        self.on_batch(events)
 
     def _consume(self, events: list, recorded: bool = False) -> None:
         if self.recorder is not None and not recorded:
@@ -246,7 +249,7 @@ class LiveSession:
         backlog: list[list] = []
         # the events read during the offset check came first: recorded and fed first too
         # (they went in after the pumped ones, up to ~40 ms of a connection's early events)
-        early, self._early = self._early, []
+        early, self._early = self._early_tracked(), []  # (folds_only has no recorder: all of them)
         if early:
             self.recorder.add(early)
             backlog.append(early)
@@ -278,7 +281,7 @@ class LiveSession:
             done.set()
             thread.join()
             for events in columns:
-                self.on_batch(self._own_left_out(events))
+                self._hand_out(events)
             for events in backlog:
                 self._consume(events, recorded=True)
         if failed:
@@ -333,8 +336,7 @@ class LiveSession:
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
         early, self._early = self._early_tracked(), []
         last = self.stream.finish_batch()  # detached first: the counters below are final
-        if self.on_batch is not None and len(last.events):
-            self.on_batch(self._own_left_out(last.events))
+        self._hand_out(last.events)
         self._consume(self._not_own(early + self._tracked(last)))
         still = self.tracker.finish()
         # the filters on those still open too, as on those that ended (Tracker._finish): under

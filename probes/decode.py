@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .event_layout import AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, Event, EventKind, Flag, Life
+from .event_layout import (AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, SRC_NONE, Event, EventKind,
+                           Flag, Life)
 
 # `Ev`'s 21 fields, the first bytes of struct tlt_event; the fields appended after seq (the
 # kernel's fold, see event_layout) are skipped here: they are read as numpy columns
@@ -127,9 +128,12 @@ def event_tuples(events: np.ndarray) -> list[tuple]:
 
 
 def events_array(tuples) -> np.ndarray:
-    """`Ev`-ordered tuples (21 fields) as an EVENT_DTYPE array; fields past seq are zero."""
+    """`Ev`-ordered tuples (21 fields) as an EVENT_DTYPE array, with no fold (as the kernel
+    sends an event without one: xflags 0, owner_src SRC_NONE, the rest past seq zero)."""
     pack = _FMT.pack
-    return np.frombuffer(b"".join(pack(*t[:21]) for t in tuples), dtype=EVENT_DTYPE).copy()
+    out = np.frombuffer(bytearray(b"".join([pack(*t[:21]) for t in tuples])), dtype=EVENT_DTYPE)
+    out["owner_src"] = SRC_NONE
+    return out
 
 
 def as_ev(ev: tuple) -> Ev:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from . import __version__
-from .probes.decode import _FMT
+from .probes.decode import events_array
 from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, SRC_NONE, V1_FIELD_NAMES
 
 SCHEMA_VERSION = 2  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
@@ -88,10 +88,7 @@ def _batch(schema: pa.Schema, blob: bytes) -> pa.RecordBatch:
 def _packed(events: list) -> bytes:
     """`Ev`-ordered tuples back into struct tlt_event records (no fold: xflags 0 and
     owner_src SRC_NONE, as the kernel sends an event without one)."""
-    pack = _FMT.pack
-    blob = bytearray(b"".join([pack(*ev) for ev in events]))
-    np.frombuffer(blob, dtype=EVENT_DTYPE)["owner_src"] = SRC_NONE
-    return bytes(blob)
+    return events_array(events).tobytes()
 
 
 def _table(events: list, head: dict) -> pa.Table:

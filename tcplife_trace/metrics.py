@@ -26,7 +26,6 @@ from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
 from .analysis.rules import KERNEL_ROLES
 from .probes import decode as dec
 from .probes.event_layout import EventKind, Flag, XFlag
-from .probes.tcp_states import TcpState
 from .probes.tcp_states import state_name
 
 # time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
@@ -34,7 +33,7 @@ BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600)
 _BUCKETS_NS = [int(b * 1e9) for b in BUCKETS_S]
 _BUCKETS_ARR = np.asarray(_BUCKETS_NS, dtype=np.int64)
 _STATE, _X_DUR, _F_NETNS = int(EventKind.STATE), int(XFlag.DUR), int(Flag.NETNS)
-_LISTEN, _SYN_RECV = int(TcpState.LISTEN), int(TcpState.SYN_RECV)
+_PASSIVE_BIRTH = next(pair for pair, role in BIRTHS.items() if role == "passive")  # an accepted socket's
 _ROLE_ACTIVE = KERNEL_ROLES.index("active")  # struct tlt_event.role
 POLL_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 OPT_IN_LABELS = ("port", "comm")
@@ -129,7 +128,7 @@ class Metrics:
         if self._own_port:
             own = self._own_rows(ev)
             if own.any():
-                births = (old[own] == _LISTEN) & (new[own] == _SYN_RECV)
+                births = (old[own] == _PASSIVE_BIRTH[0]) & (new[own] == _PASSIVE_BIRTH[1])
                 self.own_connections += int(births.sum())
                 keep = ~own
                 ev, old, new = ev[keep], old[keep], new[keep]

@@ -31,7 +31,8 @@ class Session:
     above 0, a last look at the end). final_full: the last look reads every socket (doctor)
     and the connections the tracker holds back (errno hold) are judged before it; otherwise
     it reads the states the detectors watch (trace, serve). on_notice(text), on_finding(f),
-    on_recorder_failed(text) are said once each, as they happen."""
+    on_recorder_failed(text) are said once each, as they happen. on_batch(events) gets each
+    batch's events as columns (EVENT_DTYPE, see LiveSession), before the metrics count them."""
 
     def __init__(self, settings: prog.Settings | None = None, *, poll_interval_s: float = 0.0,
                  detectors: bool | None = None, thresholds=None, filters: Filters | None = None,
@@ -39,7 +40,8 @@ class Session:
                  on_transition: Callable | None = None, on_close: Callable | None = None,
                  on_loss: Callable[[int, int, str], None] | None = None,
                  on_finding: Callable | None = None, on_notice: Callable[[str], None] | None = None,
-                 on_recorder_failed: Callable[[str], None] | None = None, final_full: bool = False):
+                 on_recorder_failed: Callable[[str], None] | None = None, final_full: bool = False,
+                 on_batch: Callable | None = None):
         self.settings = settings or prog.Settings()
         self.filters = filters if filters is not None else self.settings.filters
         self.poll_interval_s = poll_interval_s
@@ -50,11 +52,17 @@ class Session:
         self.final_full = final_full
         self.on_finding, self.on_notice, self.on_recorder_failed = on_finding, on_notice, on_recorder_failed
         handler = on_transition
-        on_batch = None
         if metrics is not None and not metrics.labels and not self.settings.filters.active():
             # counted from each batch's columns (the kernel's fold): no object per event, and
             # with no other per-transition consumer the tracker follows the folds alone
-            on_batch = metrics.on_batch
+            if on_batch is None:
+                on_batch = metrics.on_batch
+            else:
+                viewer, counter = on_batch, metrics.on_batch
+
+                def on_batch(events):
+                    viewer(events)
+                    counter(events)
         elif metrics is not None:
             counted = metrics.on_transition
             if on_transition is None:

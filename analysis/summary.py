@@ -5,6 +5,8 @@ import math
 import random
 from array import array
 
+import numpy as np
+
 from ..probes.tcp_states import state_name
 
 EXACT = 200_000      # samples kept exactly per state (1.6 MB each at most)
@@ -33,6 +35,34 @@ class StateTimes:
             a.append(dur_ns)
             return
         self._add_sampled(state, dur_ns)
+
+    def add_many(self, state: int, durs_ns) -> None:
+        """add() for each value of a numpy column, in its order: the same samples kept (and
+        with the same seed the same reservoir), Python work only for the values sampled."""
+        durs = np.asarray(durs_ns, dtype=np.int64)
+        a = self._exact.get(state)
+        if a is None:
+            a = self._exact[state] = array("q")
+        room = self.exact_cap - len(a)
+        if room > 0:
+            a.frombytes(durs[:room].tobytes())
+            durs = durs[room:]
+        if not len(durs):
+            return
+        if state not in self._res:  # the switch to a reservoir, as _add_sampled makes it
+            self._add_sampled(state, int(durs[0]))
+            durs = durs[1:]
+            if not len(durs):
+                return
+        start = self._count[state]  # samples counted so far; durs[i] is sample start + i + 1
+        self._count[state] = start + len(durs)
+        self._max[state] = max(self._max[state], int(durs.max()))
+        res = self._res[state]
+        while self._next[state] <= start + len(durs):
+            n = self._next[state]
+            res[self._rng.randrange(self.reservoir)] = int(durs[n - start - 1])
+            self._w[state] *= math.exp(math.log(self._rng.random()) / self.reservoir)
+            self._next[state] = self._skip(state, n)
 
     def _add_sampled(self, state: int, dur_ns: int) -> None:
         """Reservoir sampling by skips (Li's algorithm L): one comparison per sample, random

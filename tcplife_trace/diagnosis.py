@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import leaks
+from .analysis.closes import Col, group
 from .analysis.lifecycle import Lifecycle
 from .probes import sock_diag, socket_age, socket_snapshot
 from .probes.socket_snapshot import Snapshot
@@ -91,6 +92,29 @@ class Watch:
         if lc.time_wait:  # its minisocket (TIME_WAIT, or an orphan's FIN_WAIT2) shows in sock_diag
             where = (lc.netns, lc.raddr, lc.rport) if active else (lc.netns, lc.laddr, lc.lport)
             self.owner_at[where] = (lc.owner_pid, lc.owner_comm)
+
+    def closed_columns(self, rows) -> None:
+        """closed() for the connections of one release as columns (analysis/closes.ClosedRows):
+        the same keys and counts, one dict bump per distinct key."""
+        wanted = rows.time_wait | rows.reason_is("refused", "timeout")
+        if not wanted.any():
+            return
+        active = rows.role_is("active")
+        _, laddr, raddr, lport, rport = rows.endpoints()
+        slot = Col(rows.end_ns // SLOT_NS)
+        key = [rows.netns, rows.role, laddr.unless(active), lport.unless(active), raddr.unless(~active),
+               rport.unless(~active), rows.owner_pid, rows.owner_comm, rows.end_reason, Col(rows.time_wait.astype(np.int64))]
+        for values, n, _ in group(key + [slot], wanted):
+            counts = self.ended.get(values[-1])
+            if counts is None:
+                counts = self.ended[values[-1]] = Counter()
+            k = values[:-1]
+            counts[k[:-1] + (bool(k[-1]),)] += n
+        if rows.time_wait.any():  # the owner of the latest ending at each endpoint
+            where = [rows.netns, raddr.choose(active, laddr), rport.choose(active, lport)]
+            for values, _, last in group(where, rows.time_wait):
+                self.owner_at[values] = (rows.owner_pid.decode(int(rows.owner_pid.codes[last])),
+                                         rows.owner_comm.decode(int(rows.owner_comm.codes[last])))
 
     def _synack_now(self) -> dict[tuple, tuple[int, int]]:
         if self.tracker is None:

@@ -19,13 +19,14 @@ from typing import Callable
 import numpy as np
 
 from . import losses
+from .analysis.closes import FoldedCloses
 from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
 from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
 from .probes.decode import events_array
 from .probes.event_layout import EventKind, Flag
-from .probes.stream import KIND_NAMES, Batch, EventStream
+from .probes.stream import KIND_NAMES, Batch, EventStream, _take
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
@@ -45,13 +46,13 @@ class LiveSession:
         if (self.settings.mode != "stream" and recorder is not None) or (self.settings.mode == "aggregate" and keep_events):
             raise ValueError("recording needs every transition: use mode='stream'")
         # The kernel folds every connection in every mode. A stream session that wants no
-        # transition as an object (no on_transition, no kept events, no recording) has the
-        # tracker follow what the aggregated mode sends, the folds and the events the kernel
-        # does not fold (listeners, map-full strays, errno reports, SYN-ACK retransmits):
-        # one Python step per connection instead of one per event. on_batch gets each
-        # batch's events as columns (EVENT_DTYPE, the tracer's own check connection left out).
-        self.folds_only = (self.settings.mode == "stream" and on_transition is None and not keep_events
-                           and recorder is None)
+        # transition as an object (no on_transition, no kept events) has the tracker follow
+        # what the aggregated mode sends, the folds and the events the kernel does not fold
+        # (listeners, map-full strays, errno reports, SYN-ACK retransmits): one Python step
+        # per connection instead of one per event. on_batch gets each batch's events as
+        # columns (EVENT_DTYPE, the tracer's own check connection left out), and a recording
+        # takes those columns as they are.
+        self.folds_only = self.settings.mode == "stream" and on_transition is None and not keep_events
         self.on_batch = on_batch
         self.program = prog.load(self.settings)
         self.notices = list(self.program.source.notices)
@@ -85,6 +86,16 @@ class LiveSession:
         # mode "both": the kernel sends every transition and the folded record of each
         # connection; self.tracker follows the transitions, agg_tracker what the aggregated
         # mode alone would have sent, and agg_lifecycles collects its finished connections
+        # Following only the folds, with nobody wanting a Lifecycle object (no on_close) and no
+        # user-space filter: the folded records are counted as columns (analysis/closes.py), the
+        # tracker gets only the few it must see. column_watchers: a close watcher's columns
+        # method (ClosedRows), by the watcher; a watcher without one gets Lifecycle objects.
+        self.column_watchers: dict[Callable, Callable] = {}
+        self.closes: FoldedCloses | None = None
+        if (self.folds_only or self.settings.mode == "aggregate") and on_close is None \
+                and not self.settings.filters.active():
+            self.closes = FoldedCloses(self.tracker, self.state_times, self.end_reasons,
+                                       lambda: [(w, self.column_watchers.get(w)) for w in self.close_watchers])
         self.agg_tracker: Tracker | None = None
         self.agg_lifecycles: list[Lifecycle] = []
         if self.settings.mode == "both":
@@ -158,55 +169,74 @@ class LiveSession:
             + f": rebuilt from {btf.VMLINUX_BTF} and the program loaded again"
             + (f" ({dropped} events of the first program, read meanwhile, left out)" if dropped else ""))
 
-    def _not_own(self, events: list) -> list:
-        """events without late records of the start-up check's connection (OWN_CHECK_S after it)."""
+    def _without_own(self, batch: Batch) -> Batch:
+        """The batch without late records of the start-up check's connection (its first
+        OWN_CHECK_S only), counted in startup_check_events by kind."""
+        if not self._own_ports or not len(batch):
+            return batch
         if time.monotonic() > self._own_until:
             self._own_ports = set()
-            return events
-        own = [ev for ev in events if offset_check.is_own(ev, self._own_ports, self._own_gens)]
-        if not own:
-            return events
-        self.startup_check_events.update(KIND_NAMES.get(ev[13], str(ev[13])) for ev in own)
-        return [ev for ev in events if not offset_check.is_own(ev, self._own_ports, self._own_gens)]
+            return batch
+        parts = []
+        for recs, rows in ((batch.events, batch.events), (batch.lives, batch.lives["ev"])):
+            mine = offset_check.own_rows(rows, self._own_ports, self._own_gens) if len(recs) else None
+            if mine is not None and mine.any():
+                kinds, counts = np.unique(rows["kind"][mine], return_counts=True)
+                for k, c in zip(kinds.tolist(), counts.tolist()):
+                    self.startup_check_events[KIND_NAMES.get(k, str(k))] += c
+                recs = _take(recs, ~mine)
+            parts.append(recs)
+        return Batch(*parts)
 
     def poll(self, timeout_ms: int = 100) -> int:
         """Wait up to timeout_ms for events, process them; returns how many arrived."""
         batch = self.stream.poll_batch(timeout_ms)
-        self._hand_out(batch.events)
-        events = self._tracked(batch)
-        recorded = False
-        if self.recorder is not None and self.stream.tuple_lives is False and not self._early \
-                and not (self._own_ports and events):
-            # the recording takes the batch's columns as they are (the tuples are the same events)
-            self.recorder.add_batch(batch.events)
-            recorded = True
-        if self._early:
-            events, self._early = self._early_tracked() + events, []
-        if self._own_ports and events:
-            events = self._not_own(events)
-        self._consume(events, recorded=recorded)
+        self._take_batch(self._without_own(batch))
         now = time.monotonic_ns()
-        self.tracker.advance(now)
-        if self.agg_tracker is not None:
-            self.agg_tracker.advance(now)
+        self.release_held(now)
         if now >= self._next_loss_check:
             self._check_losses(now)
         return len(batch)
 
+    def release_held(self, now_ns: int) -> None:
+        """Finish the closed connections whose trailing events are overdue at now_ns."""
+        if self.closes is not None:
+            self.closes.advance(now_ns)
+        self.tracker.advance(now_ns)
+        if self.agg_tracker is not None:
+            self.agg_tracker.advance(now_ns)
+
+    def _take_batch(self, batch: Batch, recorded: bool = False) -> None:
+        """One batch (the start-up check's records read meanwhile first): to the recording
+        (unless `recorded`: the pump wrote it), to on_batch, to the tracker."""
+        early = self._take_early()
+        if self.recorder is not None and not recorded and len(batch.events):
+            self.recorder.add_batch(batch.events)  # the batch's columns as they are
+        self._hand_out(batch.events)
+        self._consume(early + self._tracked(batch))
+
     def _tracked(self, batch: Batch) -> list:
         """What the tracker follows, as tuples: every event (and in the aggregated modes the
-        folds); with folds_only the folds and the events the kernel does not fold."""
-        if not self.folds_only:
+        folds); with folds_only the folds and the events the kernel does not fold, and with
+        the folds counted as columns (self.closes) only the folds the tracker must see."""
+        if not self.folds_only and self.settings.mode != "aggregate":
             return batch.tuples(self.stream.tuple_lives)
         ev = batch.events
-        if len(ev):
-            ev = ev[(ev["flags"] & _F_AGG) != 0]
+        if len(ev) and self.folds_only:
+            ev = _take(ev, (ev["flags"] & _F_AGG) != 0)
+        if self.closes is not None:
+            return self.closes.route(ev, batch.lives)
         return Batch(ev, batch.lives).tuples(True)
 
-    def _early_tracked(self) -> list:
-        """The records read during the start-up check (tuples), as _tracked gives a batch's;
-        on_batch gets their events (without the fold's fields: their durations are not counted)."""
-        early = self._early
+    def _take_early(self) -> list:
+        """The records read during the start-up check (tuples), once: recorded, given to
+        on_batch (their events, without the fold's fields: their durations are not counted),
+        and returned as _tracked gives a batch's."""
+        early, self._early = self._early, []
+        if not early:
+            return early
+        if self.recorder is not None:
+            self.recorder.add(early)
         if self.on_batch is not None:
             self._hand_out(events_array([e for e in early if e[13] != _LIFE]))
         if self.folds_only:
@@ -214,19 +244,11 @@ class LiveSession:
         return early
 
     def _hand_out(self, events: np.ndarray) -> None:
-        """A batch's events to on_batch, without the start-up check's late records (its first
-        OWN_CHECK_S only; counted where the tracker's copy of them is counted, not here)."""
-        if self.on_batch is None or not len(events):
-            return
-        if self._own_ports and time.monotonic() <= self._own_until:
-            mine = offset_check.own_rows(events, self._own_ports, self._own_gens)
-            if mine.any():
-                events = events[~mine]
-        self.on_batch(events)
+        """A batch's events to on_batch (the start-up check's records are out already)."""
+        if self.on_batch is not None and len(events):
+            self.on_batch(events)
 
-    def _consume(self, events: list, recorded: bool = False) -> None:
-        if self.recorder is not None and not recorded:
-            self.recorder.add(events)
+    def _consume(self, events: list) -> None:
         if self.kept is not None:
             # mode "both" keeps the stream's events (the equivalence tests' offline view)
             self.kept += events if self.agg_tracker is None else [e for e in events if e[13] != _LIFE]
@@ -241,36 +263,25 @@ class LiveSession:
         """While the body holds the caller up (the detectors' import, a look at every socket),
         a thread goes on reading the kernel's buffers into the recording, so that it stays
         within a second of the kernel (the README's promise to a SIGKILL); the tracker gets
-        those events afterwards, in order, as if they had waited in the ring. Without a
+        those batches afterwards, in order, as if they had waited in the ring. Without a
         recorder the events simply wait in the ring."""
         if self.recorder is None:
             yield
             return
-        backlog: list[list] = []
-        # the events read during the offset check came first: recorded and fed first too
-        # (they went in after the pumped ones, up to ~40 ms of a connection's early events)
-        early, self._early = self._early_tracked(), []  # (folds_only has no recorder: all of them)
-        if early:
-            self.recorder.add(early)
-            backlog.append(early)
+        # the events read during the offset check came first: recorded and taken first too
+        self._consume(self._take_early())
         failed: list[BaseException] = []
-        columns: list[np.ndarray] = []  # the pumped batches' events, for on_batch afterwards
+        backlog: list[Batch] = []
         done = threading.Event()
 
         def pump():
             try:
                 while not done.is_set():
-                    batch = self.stream.poll_batch(50)
-                    if self.on_batch is not None and len(batch.events):
-                        columns.append(batch.events)
-                    events = batch.tuples(self.stream.tuple_lives)
-                    if self._own_ports and events:
-                        events = self._not_own(events)
-                        self.recorder.add(events)
-                    elif events:
-                        self.recorder.add_batch(batch.events)  # the same events, as columns
-                    if events:
-                        backlog.append(events)
+                    batch = self._without_own(self.stream.poll_batch(50))
+                    if len(batch.events):
+                        self.recorder.add_batch(batch.events)
+                    if len(batch):
+                        backlog.append(batch)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                 failed.append(e)
         thread = threading.Thread(target=pump, name="tcplife-pump", daemon=True)
@@ -280,10 +291,8 @@ class LiveSession:
         finally:
             done.set()
             thread.join()
-            for events in columns:
-                self._hand_out(events)
-            for events in backlog:
-                self._consume(events, recorded=True)
+            for batch in backlog:
+                self._take_batch(batch, recorded=True)
         if failed:
             raise failed[0]
 
@@ -334,10 +343,10 @@ class LiveSession:
         if self.report is not None:
             return self.report
         duration_s = (time.monotonic_ns() - self.clock.start) / 1e9
-        early, self._early = self._early_tracked(), []
         last = self.stream.finish_batch()  # detached first: the counters below are final
-        self._hand_out(last.events)
-        self._consume(self._not_own(early + self._tracked(last)))
+        self._take_batch(self._without_own(last))
+        if self.closes is not None:
+            self.closes.finish()
         still = self.tracker.finish()
         # the filters on those still open too, as on those that ended (Tracker._finish): under
         # -p an accepted socket of another process's listener reaches user space (the kernel

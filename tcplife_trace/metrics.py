@@ -22,6 +22,7 @@ from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
+from .analysis.closes import NONE, group
 from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
 from .analysis.rules import KERNEL_ROLES
 from .probes import decode as dec
@@ -170,6 +171,22 @@ class Metrics:
         if self._own_port and lc.lport == self._own_port and self._own(lc):
             return
         self.closed[(lc.role, lc.end_reason, *self._extra(lc)) if self.labels else (lc.role, lc.end_reason)] += 1
+
+    def closed_columns(self, rows) -> None:
+        """on_close for the connections of one release as columns (analysis/closes.ClosedRows),
+        row for row the same counts; only without labels (Session registers it so)."""
+        keep = np.ones(rows.n, dtype=bool)
+        if self._own_port:
+            _, laddr, _, lport, _ = rows.endpoints()
+            netns = rows.netns.codes
+            own = (lport.codes == self._own_port) & ~rows.role_is("active")
+            own &= (netns == NONE) | ((netns == self._own_netns) if self._own_netns is not None else False)
+            if self._own_addr is not None and own.any():
+                for i in np.flatnonzero(own).tolist():
+                    own[i] = laddr.decode(int(laddr.codes[i])) == self._own_addr
+            keep = ~own
+        for (role, reason), n, _ in group([rows.role, rows.end_reason], keep):
+            self.closed[(role, reason)] += n
 
     # -- slow path (main loop, about once a second) --------------------------------------
     def attach(self, session, port: int | None = None, addr: str | None = None) -> None:

@@ -80,6 +80,8 @@ class Session:
             raise
         if metrics is not None:
             self.live.close_watchers.append(metrics.on_close)
+            if not metrics.labels:  # counted from columns when the folds are (analysis/closes.py)
+                self.live.column_watchers[metrics.on_close] = metrics.closed_columns
             metrics.update(self.live.counts_now())  # every loss series at 0 from the first scrape
         self.watch = None
         self.seed_snapshot = None
@@ -126,6 +128,7 @@ class Session:
                 self.watch = Watch(self.thresholds, tracker=self.live.tracker, filters=self.filters,
                                    poll_states=states, open_lifecycles=self.live.open_lifecycles)
                 self.live.close_watchers.append(self.watch.closed)
+                self.live.column_watchers[self.watch.closed] = self.watch.closed_columns
                 if self.recorder is not None:  # the sockets each look saw go into the recording too
                     self.watch.record_into(self.recorder)
                 self.seed_snapshot = self.watch.take_seed()  # after attaching: nothing falls between
@@ -205,7 +208,7 @@ class Session:
         if self.watch is not None:
             self.live.poll(0)
             if self.final_full:  # the connections held back (errno hold) are judged too
-                self.live.tracker.advance(time.monotonic_ns() + self.live.tracker.hold_ns)
+                self.live.release_held(time.monotonic_ns() + self.live.tracker.hold_ns)
                 self.watch.final()
                 findings = True
             else:

@@ -116,3 +116,74 @@ def test_own_rows_answer_as_is_own_row_for_row():
         cols = offset_check.own_rows(ev, ports, gens)
         rows = [offset_check.is_own(t, ports, gens) for t in event_tuples(ev)]
         assert cols.tolist() == rows and 0 < cols.sum() < len(ev)
+
+
+def test_folds_counted_as_columns_equal_the_trackers_lifecycles():
+    """A session that wants no Lifecycle object counts the kernel's folded records as columns
+    (analysis/closes.FoldedCloses). The same batches from the same program, fed to the Python
+    Tracker, give the same end reasons, the same time-in-state samples, the same counters and
+    the same counts in the close watchers (serve's metrics, the detectors' endings), field by
+    field; the records followed by an event (errno reports after a refused connect, resets)
+    went to the tracker, the others were counted as columns."""
+    from collections import Counter
+
+    from tcplife_trace.analysis.lifecycle import Tracker
+    from tcplife_trace.analysis.summary import StateTimes
+    from tcplife_trace.diagnosis import Watch
+    from tcplife_trace.probes.event_layout import Flag
+    from tcplife_trace.probes.stream import Batch
+
+    metrics, watch = Metrics(), Watch()
+    s = LiveSession(prog.Settings())
+    assert s.folds_only and s.closes is not None
+    s.close_watchers += [metrics.on_close, watch.closed]
+    s.column_watchers.update({metrics.on_close: metrics.closed_columns, watch.closed: watch.closed_columns})
+    batches = []
+    real_poll, real_finish = s.stream.poll_batch, s.stream.finish_batch
+
+    def tap(real):
+        def poll(*a):
+            b = real(*a)
+            batches.append(b)
+            return Batch(b.events.copy(), b.lives.copy())
+        return poll
+    s.stream.poll_batch, s.stream.finish_batch = tap(real_poll), tap(real_finish)
+    try:
+        _run([s], rounds=4, workers=2)
+    finally:
+        report = s.stop()
+    assert s.closes.counted >= sum(ROUND.values()) * 4 * 2 * 0.5  # most were counted as columns
+    assert s.closes.handed > 0  # and some went to the tracker (errno reports follow refused connects)
+
+    # the reference: the Python Tracker on the same records (the session left the start-up
+    # check's out; so does this, by the same rule)
+    ref_metrics, ref_watch = Metrics(), Watch()
+    ref_times, ref_ends = StateTimes(), Counter()
+
+    def closed(lc):
+        ref_ends[lc.end_reason] += 1
+        ref_metrics.on_close(lc)
+        ref_watch.closed(lc)
+    ref = Tracker(on_close=closed, on_state_time=ref_times.add)
+    s._own_until = float("inf")
+    for b in batches:
+        b = s._without_own(b)
+        ev = b.events[(b.events["flags"] & int(Flag.AGG)) != 0]
+        ref.feed_all(Batch(ev, b.lives).tuples(True))
+    early = [e for e in s.startup_check_events]  # (kinds only: nothing to feed)
+    assert early is not None
+    ref.finish()
+    assert dict(s.end_reasons) == dict(ref_ends)
+    assert set(ref_ends) >= {"active_close", "passive_close", "local_abort", "reset_by_peer", "refused"}
+    ours, theirs = s.tracker.counters, ref.counters
+    for f in ("connections", "closed", "sequence_gaps", "unmatched_errors", "filtered"):
+        assert getattr(ours, f) == getattr(theirs, f), f
+    assert report["closed"] == theirs.closed
+    # every time-in-state sample, state by state (the exact samples: order apart)
+    assert set(s.state_times._exact) == set(ref_times._exact)
+    for st, samples in ref_times._exact.items():
+        assert sorted(s.state_times._exact[st]) == sorted(samples), st
+    assert s.state_times.table() == ref_times.table()
+    assert metrics.closed == ref_metrics.closed and sum(metrics.closed.values()) == theirs.closed
+    assert watch.ended == ref_watch.ended and watch.owner_at == ref_watch.owner_at
+    assert sum(sum(c.values()) for c in watch.ended.values()) > 0

@@ -1,0 +1,326 @@
+"""Connections that ended, a batch at a time: the kernel's LIFE records as columns.
+
+The kernel folds every connection and sends one LIFE record (struct tlt_life) when it ends.
+The Tracker (analysis/lifecycle.py) turns each record into a Lifecycle object: one Python
+object per connection. When nobody wants those objects (no on_close callback, no user-space
+filter), `FoldedCloses` counts what the session reports from the records' columns instead:
+the end reasons (analysis/end_rules.py, the one rule, through classify_columns), the time in
+each state, the counters, and the close watchers that take columns (`ClosedRows`).
+
+It is the Tracker's rules, not a copy of them: a record the Tracker must see is handed to it
+as its tuple and the Tracker does what it always did. Those are
+- a record followed by an event of its connection (the kernel sends the errno report, a
+  reset or a read after the CLOSE as events: `Tracker._error` and the others apply them to
+  the closed lifecycle for DEFAULT_HOLD_NS), found by generation, or by ports for an errno
+  report without one;
+- a record whose start came as events (born while the connection map was full);
+- an accepted socket whose listener the kernel's listener table did not have and the
+  Tracker does (the Tracker names its owner from it).
+The others wait DEFAULT_HOLD_NS as the Tracker's pending lifecycles do, then are counted.
+tests/test_batch_path.py holds the two equal, field by field, on a real workload.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+
+from ..probes import decode as dec
+from ..probes.decode import life_tuples
+from ..probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
+from ..probes.stream import Batch, _cat, _take
+from ..probes.tcp_states import TcpState as S
+from . import end_rules
+from .rules import BIRTHS, ROLES, guess_role, time_wait_from
+
+_AGG, _BIRTH_UNSEEN, _NETNS = int(Flag.AGG), int(Flag.BIRTH_UNSEEN), int(Flag.NETNS)
+_RST_RECEIVED, _RST_SENT, _DESTROYED, _LISTENER = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
+                                                  int(LifeFlag.DESTROYED), int(LifeFlag.LISTENER))
+_ERROR = int(EventKind.ERROR)
+_CLOSE = int(S.CLOSE)
+NONE = np.iinfo(np.int64).min  # the code of a None value in a ClosedRows column
+_ACTIVE_CLOSE = end_rules.REASON_OF_RULE.index("active_close")
+REASONS = list(dict.fromkeys(end_rules.REASON_OF_RULE))  # each end reason once (rules share some)
+_REASON_CODE = np.array([REASONS.index(r) for r in end_rules.REASON_OF_RULE], dtype=np.int64)
+
+
+def _shape(path: tuple, unseen: bool) -> tuple[str, int]:
+    """(role, state left for CLOSE or 0) of a folded connection, as Tracker.from_fold and
+    Tracker._finish make them."""
+    birth = BIRTHS.get((path[0], path[1])) if len(path) >= 2 else None
+    if birth is not None and not unseen:
+        role = birth
+    else:
+        role = "unknown"
+        for old, new in zip(path, path[1:]):
+            if role != "unknown":
+                break
+            role = guess_role(old, new, role)
+    if role == "unknown" and path:
+        role = guess_role(path[0], path[1] if len(path) > 1 else path[0], "unknown")
+    before = path[-2] if len(path) >= 2 and path[-1] == _CLOSE else 0
+    return role, before
+
+
+_SHAPES: dict[bytes, tuple[int, int]] = {}  # path bytes + unseen flag -> (role index, before)
+_ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
+
+
+def shapes(lives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(role index into rules.ROLES, state left for CLOSE or 0) of each LIFE row, from its path
+    (a busy host has a handful of path shapes and millions of connections)."""
+    n = len(lives)
+    agg = lives["agg"]
+    plen = agg["path_len"].astype(np.int64)
+    path = np.ascontiguousarray(agg["path"]).reshape(n, PATH_MAX)
+    # the path a Lifecycle gets: its first path_len states (all PATH_MAX when longer)
+    keep = np.minimum(plen, PATH_MAX)
+    path = np.where(np.arange(PATH_MAX) < keep[:, None], path, 0).astype(np.uint8)
+    unseen = ((lives["ev"]["flags"] & _BIRTH_UNSEEN) != 0).astype(np.uint8)
+    key = np.ascontiguousarray(np.concatenate([path, keep.astype(np.uint8)[:, None], unseen[:, None]], axis=1))
+    uniq, inverse = np.unique(key.view(np.dtype((np.void, PATH_MAX + 2))).reshape(-1), return_inverse=True)
+    role = np.empty(len(uniq), dtype=np.int8)
+    before = np.empty(len(uniq), dtype=np.int64)
+    for i, k in enumerate(uniq):
+        b = bytes(k)
+        hit = _SHAPES.get(b)
+        if hit is None:
+            r, bf = _shape(tuple(b[:b[PATH_MAX]]), bool(b[PATH_MAX + 1]))
+            hit = _SHAPES[b] = (_ROLE_INDEX[r], bf)
+            if len(_SHAPES) > 4096:
+                _SHAPES.clear()
+        role[i], before[i] = hit
+    inverse = inverse.reshape(-1)
+    return role[inverse], before[inverse]
+
+
+class Col:
+    """One column of ClosedRows as integer codes: values[code] (values None: the code is the
+    value itself), NONE for None."""
+    __slots__ = ("codes", "values")
+
+    def __init__(self, codes: np.ndarray, values: list | None = None):
+        self.codes = codes
+        self.values = values
+
+    def decode(self, code: int):
+        if code == NONE:
+            return None
+        return code if self.values is None else self.values[code]
+
+    def unless(self, mask: np.ndarray) -> "Col":
+        """The same column with None where mask holds."""
+        return Col(np.where(mask, NONE, self.codes), self.values)
+
+    def choose(self, mask: np.ndarray, other: "Col") -> "Col":
+        """This column where mask holds, `other` (of the same code space) elsewhere."""
+        return Col(np.where(mask, self.codes, other.codes), self.values)
+
+
+def group(cols: list[Col], mask: np.ndarray) -> list[tuple[tuple, int, int]]:
+    """(values, rows, the last row) of each distinct combination of cols among the rows in mask."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        return []
+    m = np.stack([c.codes[idx] for c in cols], axis=1)[::-1]
+    uniq, first, counts = np.unique(m, axis=0, return_index=True, return_counts=True)
+    last = idx[len(idx) - 1 - first]
+    return [(tuple(c.decode(v) for c, v in zip(cols, row)), int(k), int(at))
+            for row, k, at in zip(uniq.tolist(), counts.tolist(), last.tolist())]
+
+
+_V4MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+class ClosedRows:
+    """The connections one release finished, as columns, with the values a Lifecycle would
+    hold (Tracker.from_fold): role, end_reason, time_wait, netns, family, laddr, raddr, lport,
+    rport, owner_pid, owner_comm, end_ns. Strings are made once per distinct value."""
+
+    def __init__(self, lives: np.ndarray, role: np.ndarray, rule: np.ndarray, time_wait: np.ndarray):
+        self.lives = lives
+        self.n = len(lives)
+        ev, agg = lives["ev"], lives["agg"]
+        self.role = Col(role.astype(np.int64), list(ROLES))
+        self.end_reason = Col(_REASON_CODE[rule], REASONS)
+        self.time_wait = time_wait
+        self.end_ns = ev["ts_ns"].astype(np.int64)
+        self.netns = Col(np.where(ev["flags"] & _NETNS != 0, ev["netns"].astype(np.int64), NONE))
+        owned = agg["owner_src"] < SRC_NONE
+        self.owner_pid = Col(np.where(owned, agg["owner_pid"].astype(np.int64), NONE))
+        comms, ci = np.unique(agg["owner_comm"], return_inverse=True)
+        self.owner_comm = Col(np.where(owned, ci.reshape(-1), NONE), [dec.comm(c) for c in comms.tolist()])
+        self._endpoints = None
+
+    def reason_is(self, *names: str) -> np.ndarray:
+        return np.isin(self.end_reason.codes, [REASONS.index(r) for r in names if r in REASONS])
+
+    def role_is(self, name: str) -> np.ndarray:
+        return self.role.codes == ROLES.index(name)
+
+    def endpoints(self) -> tuple[Col, Col, Col, Col, Col]:
+        """(family, laddr, raddr, lport, rport), laddr and raddr in one code space (Col.choose
+        between them works), as Tracker.from_fold sets them (None and 0 without a family)."""
+        if self._endpoints is None:
+            ev = self.lives["ev"]
+            af = ev["family"].astype(np.int64)
+            n = self.n
+            sa = np.ascontiguousarray(ev["saddr"]).reshape(n, 16)
+            da = np.ascontiguousarray(ev["daddr"]).reshape(n, 16)
+            mapped_d = (da[:, :12] == np.frombuffer(_V4MAPPED, np.uint8)).all(axis=1)
+            mapped_s = (sa[:, :12] == np.frombuffer(_V4MAPPED, np.uint8)).all(axis=1)
+            zero_d = (da == 0).all(axis=1)
+            family = np.where(af == dec.AF_INET, 4,
+                              np.where(af == dec.AF_INET6, np.where(mapped_d | (zero_d & mapped_s), 4, 6), NONE))
+            known = family != NONE
+            both = np.concatenate([sa, da])
+            both_af = np.concatenate([af, af])
+            key = np.concatenate([both, both_af.astype(np.uint8)[:, None]], axis=1)
+            uniq, inv = np.unique(np.ascontiguousarray(key).view(np.dtype((np.void, 17))).reshape(-1),
+                                  return_inverse=True)
+            names = []
+            for k in uniq.tolist():
+                a = int(k[16])
+                names.append(dec.addr(a, k[:16]) if a in (dec.AF_INET, dec.AF_INET6) else None)
+            inv = inv.reshape(-1)
+            laddr = np.where(known, inv[:n], NONE)
+            raddr = np.where(known, inv[n:], NONE)
+            zero = np.zeros(n, dtype=np.int64)
+            self._endpoints = (Col(family), Col(laddr, names), Col(raddr, names),
+                               Col(np.where(known, ev["sport"].astype(np.int64), zero)),
+                               Col(np.where(known, ev["dport"].astype(np.int64), zero)))
+        return self._endpoints
+
+
+class FoldedCloses:
+    """The per-connection side of a session from LIFE columns (see the module's text).
+
+    route(batch) takes a batch's LIFE records and the events the tracker follows, and
+    returns the tuples for Tracker.feed_all; advance(now) counts the records whose hold is
+    over; finish() the rest. Counted into: tracker.counters (connections, closed,
+    sequence_gaps), state_times.add_many, end_reasons, and each watcher's columns method
+    (watchers() gives (the Lifecycle callback, its columns method or None)); when a watcher
+    takes no columns, the records go to the tracker instead."""
+
+    def __init__(self, tracker, state_times, end_reasons: Counter,
+                 watchers: Callable[[], list[tuple[Callable, Callable | None]]]):
+        self.tracker = tracker
+        self.state_times = state_times
+        self.end_reasons = end_reasons
+        self.watchers = watchers
+        self.hold_ns = tracker.hold_ns
+        self.held: np.ndarray | None = None  # records waiting for trailing events (LIFE_DTYPE)
+        self.counted = 0  # records counted here (not by the tracker)
+        self.handed = 0   # records handed to the tracker
+
+    def _hold(self, lives: np.ndarray) -> None:
+        if self.held is None or not len(self.held):
+            self.held = lives
+        else:
+            self.held = _cat(self.held, lives)
+
+    def route(self, events: np.ndarray, lives: np.ndarray) -> list:
+        """events: the batch's events the tracker follows (EVENT_DTYPE); lives: its LIFE
+        records. Returns what the tracker is fed, in order."""
+        to_tracker = []
+        if len(lives):
+            agg = lives["agg"]
+            lflags = agg["lflags"]
+            keep = ~(((lflags & _DESTROYED) != 0) & (agg["path_len"] == 0))  # never a state change
+            tracker_rows = np.zeros(len(lives), dtype=bool)
+            if self.tracker.entryless.at:  # its start may be an entry-less lifecycle of the tracker's
+                tracker_rows |= (lives["ev"]["flags"] & _BIRTH_UNSEEN) != 0
+            if self.tracker.listeners:
+                role, _ = shapes(lives)
+                maybe = (role == ROLES.index("passive")) & ((lflags & _LISTENER) == 0)
+                for i in np.flatnonzero(maybe & keep).tolist():
+                    ev = lives["ev"][i]
+                    netns = int(ev["netns"]) if ev["flags"] & _NETNS else None
+                    if (netns, int(ev["sport"])) in self.tracker.listeners:
+                        tracker_rows[i] = True
+            if tracker_rows.any():
+                to_tracker.append(_take(lives, tracker_rows))
+            mine = keep & ~tracker_rows
+            destroyed = mine & ((lflags & _DESTROYED) != 0)  # finished at once, as Tracker._life does
+            if destroyed.any():
+                self._count(_take(lives, destroyed))
+            held = mine & ~destroyed
+            if held.any():
+                self._hold(_take(lives, held) if not held.all() else lives)
+        if len(events) and self.held is not None and len(self.held):
+            promoted = self._followed(events)
+            if promoted is not None:
+                to_tracker.append(promoted)
+        tracked = to_tracker[0] if len(to_tracker) == 1 else (
+            _cat(*to_tracker) if to_tracker else lives[:0])
+        self.handed += len(tracked)
+        return Batch(events, tracked).tuples(True)
+
+    def _followed(self, events: np.ndarray):
+        """The held records that an event of their connection follows, taken out of the hold."""
+        held = self.held
+        gens = held["ev"]["gen"]
+        hit = np.isin(gens, events["gen"][events["gen"] != 0])
+        errs = events[(events["kind"] == _ERROR) & (events["gen"] == 0)]
+        if len(errs):  # an errno report without a generation goes by ports (Tracker._error)
+            ports = held["ev"]["sport"].astype(np.int64) << 16 | held["ev"]["dport"].astype(np.int64)
+            hit |= np.isin(ports, errs["sport"].astype(np.int64) << 16 | errs["dport"].astype(np.int64))
+        if not hit.any():
+            return None
+        self.held = _take(held, ~hit)
+        return _take(held, hit)
+
+    def advance(self, now_ns: int) -> None:
+        held = self.held
+        if held is None or not len(held):
+            return
+        due = held["ev"]["ts_ns"].astype(np.int64) + self.hold_ns <= now_ns
+        if due.all():
+            self.held = None
+            self._count(held)
+        elif due.any():
+            self.held = _take(held, ~due)
+            self._count(_take(held, due))
+
+    def finish(self) -> None:
+        held, self.held = self.held, None
+        if held is not None and len(held):
+            self._count(held)
+
+    def _count(self, lives: np.ndarray) -> None:
+        watchers = self.watchers()
+        if any(cols is None for _, cols in watchers):  # one wants Lifecycle objects: the tracker's
+            self.tracker.feed_all(life_tuples(lives))
+            self.handed += len(lives)
+            return
+        n = len(lives)
+        self.counted += n
+        ev, agg = lives["ev"], lives["agg"]
+        c = self.tracker.counters
+        c.connections += n
+        c.closed += n
+        c.sequence_gaps += int(agg["gaps"].sum())
+        # the time in each state the fold timed (Tracker._life: on_state_time for each)
+        mask = agg["state_mask"].astype(np.int64)
+        state_ns = agg["state_ns"]
+        for st in np.flatnonzero(np.bitwise_or.reduce(mask) >> np.arange(16) & 1).tolist():
+            sel = (mask >> st & 1) != 0
+            self.state_times.add_many(st, state_ns[sel, st])
+        role, before = shapes(lives)
+        lflags = agg["lflags"]
+        rr = (lflags & _RST_RECEIVED) != 0
+        rst_sent = (lflags & _RST_SENT) != 0
+        ends = end_rules.Ends(role == ROLES.index("listener"), np.zeros(n, dtype=bool), before, rr,
+                              np.full(n, -1, dtype=np.int64), rst_sent,
+                              np.where(rst_sent, agg["rst_reason"].astype(np.int64), -1))
+        rule, _, _, _ = end_rules.classify_columns(ends, self.tracker.reset_reasons)
+        destroyed = (lflags & _DESTROYED) != 0
+        tw = time_wait_from(ev["oldstate"].astype(np.int64)) & ~rr & ~destroyed & (rule == _ACTIVE_CLOSE)
+        counts = np.bincount(rule, minlength=len(end_rules.REASON_OF_RULE))
+        for i in np.flatnonzero(counts).tolist():
+            self.end_reasons[end_rules.REASON_OF_RULE[i]] += int(counts[i])
+        if watchers:
+            rows = ClosedRows(lives, role, rule, tw)
+            for _, cols in watchers:
+                cols(rows)

@@ -67,3 +67,21 @@ def time_wait_from(before):
 def enters_time_wait(before: int, rst_received: bool) -> bool:
     """Transition.note "TIME_WAIT": a CLOSE from FIN_WAIT2 or CLOSING without a reset received."""
     return before in TIME_WAIT_FROM and not rst_received
+
+
+# the handshake: the time in the state a connection is born into, when it left that state for
+# ESTABLISHED (a client's SYN_SENT, an accepted socket's SYN_RECV); none for a connection that
+# never got there (refused, timed out) or whose birth was not seen (no time in it is known)
+HANDSHAKE_STATE = {"active": int(S.SYN_SENT), "passive": int(S.SYN_RECV)}
+_ESTABLISHED = int(S.ESTABLISHED)
+
+
+def handshake_ns(role: str, path, state_ns: dict) -> int | None:
+    """Handshake time (ns) of a lifecycle from its path and per-state times, or None."""
+    st = HANDSHAKE_STATE.get(role)
+    if st is None or st not in state_ns:
+        return None
+    for old, new in zip(path, path[1:]):
+        if old == st:
+            return state_ns[st] if new == _ESTABLISHED else None
+    return None

@@ -40,6 +40,7 @@ _RST_RECEIVED, _RST_SENT, _DESTROYED, _LISTENER = (int(LifeFlag.RST_RECEIVED), i
 _ERROR = int(EventKind.ERROR)
 _CLOSE = int(S.CLOSE)
 NONE = np.iinfo(np.int64).min  # the code of a None value in a ClosedRows column
+COUNT_EVERY_NS = 100_000_000  # the held records are counted this often (and at the end)
 _ACTIVE_CLOSE = end_rules.REASON_OF_RULE.index("active_close")
 REASONS = list(dict.fromkeys(end_rules.REASON_OF_RULE))  # each end reason once (rules share some)
 _REASON_CODE = np.array([REASONS.index(r) for r in end_rules.REASON_OF_RULE], dtype=np.int64)
@@ -211,6 +212,7 @@ class FoldedCloses:
         self.watchers = watchers
         self.hold_ns = tracker.hold_ns
         self.held: np.ndarray | None = None  # records waiting for trailing events (LIFE_DTYPE)
+        self._next_count = 0
         self.counted = 0  # records counted here (not by the tracker)
         self.handed = 0   # records handed to the tracker
 
@@ -271,10 +273,14 @@ class FoldedCloses:
         self.held = _take(held, ~hit)
         return _take(held, hit)
 
-    def advance(self, now_ns: int) -> None:
+    def advance(self, now_ns: int, at_once: bool = False) -> None:
+        """Count the records whose hold is over at now_ns; at most every COUNT_EVERY_NS
+        unless at_once (each count has a fixed cost in numpy calls: a busy consumer polls
+        small batches)."""
         held = self.held
-        if held is None or not len(held):
+        if held is None or not len(held) or (not at_once and now_ns < self._next_count):
             return
+        self._next_count = now_ns + COUNT_EVERY_NS
         due = held["ev"]["ts_ns"].astype(np.int64) + self.hold_ns <= now_ns
         if due.all():
             self.held = None

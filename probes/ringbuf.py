@@ -39,6 +39,7 @@ class RingBufferReader:
         self.discarded = 0
         self.data_size = data_size
         self.peak_fill = 0  # most bytes ever waiting when we looked
+        self._none = np.empty((0, sample_size), dtype=np.uint8)
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
 
@@ -60,6 +61,12 @@ class RingBufferReader:
 
     def read(self) -> bytes:
         """Up to max_batch committed samples, concatenated (each sample_size bytes)."""
+        out = self.read_array()
+        return out.tobytes() if len(out) else b""
+
+    def read_array(self) -> np.ndarray:
+        """read() as a (samples, sample_size) uint8 array of its own: the samples copied once,
+        straight from the mapped pages."""
         cons = _Q.unpack_from(self._cons, 0)[0]
         prod = _Q.unpack_from(self._prod, 0)[0]
         waiting = prod - cons
@@ -67,22 +74,28 @@ class RingBufferReader:
             self.peak_fill = waiting
         avail = min(waiting, self.max_batch * self.record_size)
         if avail <= 0:
-            return b""
+            return self._none
         start = self._data + (cons & self._mask)
-        blob = self._prod[start:start + avail]
         n = avail // self.record_size
-        lens = np.frombuffer(blob, dtype="<u4", count=n * self._words)[::self._words]
-        good = lens == self.sample_size
-        if not good.all():
-            k = int(np.argmin(good))
-            if lens[k] & BUSY_BIT or k > 0:
-                n = k  # stop before the first record still being written (or an odd one)
-            else:
-                return self._read_odd(cons, blob)
-        if n == 0:
-            return b""
-        payload = np.frombuffer(blob, dtype=np.uint8, count=n * self.record_size).reshape(
-            n, self.record_size)[:, HDR_SIZE:HDR_SIZE + self.sample_size].tobytes()
+        # a view of the mapped pages (mapped twice: a batch that wraps is contiguous), let go
+        # before returning (an mmap with a view on it cannot be closed)
+        view = np.frombuffer(self._prod, dtype=np.uint8, count=n * self.record_size, offset=start)
+        try:
+            lens = view.view("<u4")[::self._words]
+            good = lens == self.sample_size
+            if not good.all():
+                k = int(np.argmin(good))
+                if lens[k] & BUSY_BIT or k > 0:
+                    n = k  # stop before the first record still being written (or an odd one)
+                else:
+                    odd = self._read_odd(cons, bytes(view[:self.record_size]))
+                    return np.frombuffer(bytearray(odd), dtype=np.uint8).reshape(-1, self.sample_size)
+            if n == 0:
+                return self._none
+            payload = view[:n * self.record_size].reshape(n, self.record_size)[:, HDR_SIZE:HDR_SIZE + self.sample_size].copy()
+        finally:
+            del view
+            lens = good = None
         _Q.pack_into(self._cons, 0, cons + n * self.record_size)
         return payload
 

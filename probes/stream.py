@@ -39,8 +39,11 @@ def _take(a: np.ndarray, index) -> np.ndarray:
     return a.view(_RAW[a.dtype])[index].view(a.dtype)
 
 
-def _records(blob: bytes, dtype: np.dtype) -> np.ndarray:
-    """Records of one size from the ring's bytes: a writable array of their own."""
+def _records(blob, dtype: np.dtype) -> np.ndarray:
+    """Records of one size from the ring's bytes (or a uint8 array of its own, as
+    RingBufferReader.read_array gives it): a writable array of their own."""
+    if isinstance(blob, np.ndarray):
+        return blob.reshape(-1).view(dtype)
     return np.frombuffer(bytearray(blob), dtype=dtype)
 
 
@@ -113,20 +116,46 @@ class OrderedMerge:
 
     def __init__(self, holdback_ns: int = HOLDBACK_NS):
         self.holdback_ns = holdback_ns
-        self.held = _NO_EVENTS
+        # the held records as the chunks they were read in, each with its times' (min, max):
+        # a poll releases whole chunks and cuts one, so each record is copied once on its way
+        # out, not once per poll while it waits (a busy consumer polls small batches)
+        self._held: list[list] = []   # [events, min ts, max ts], in ring order
+        self._lives: list[list] = []  # [lives, min ts, max ts]
         self.waiting = _NO_EVENTS  # spilled events, by time (arrival order among equals)
-        self.lives = _NO_LIVES
         self.released_ts = 0
         self.ring_ts = 0  # time of the newest event read from the events ring
         self.lives_ts = 0  # time of the last LIFE record read from the lives ring
         self.late = 0  # spilled events whose connection had already moved on
 
+    @staticmethod
+    def _chunk(recs: np.ndarray, ts: np.ndarray) -> list:
+        return [recs, int(ts.min()), int(ts.max())]
+
+    @staticmethod
+    def _joined(chunks: list[list], empty: np.ndarray) -> np.ndarray:
+        if not chunks:
+            return empty
+        if len(chunks) == 1:
+            return chunks[0][0]
+        raw = _RAW[empty.dtype]
+        return np.concatenate([c[0].view(raw) for c in chunks]).view(empty.dtype)
+
+    @property
+    def held(self) -> np.ndarray:
+        """The ring events held back, in ring order (one array)."""
+        return self._joined(self._held, _NO_EVENTS)
+
+    @property
+    def lives(self) -> np.ndarray:
+        """The LIFE records held back (one array)."""
+        return self._joined(self._lives, _NO_LIVES)
+
     def add_ring(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
         if len(events):
-            self.held = _cat(self.held, events) if len(self.held) else events
+            self._held.append(self._chunk(events, events["ts_ns"]))
             self.ring_ts = max(self.ring_ts, int(events["ts_ns"][-1]))
         if len(lives):
-            self.lives = _cat(self.lives, lives) if len(self.lives) else lives
+            self._lives.append(self._chunk(lives, lives["ev"]["ts_ns"]))
             self.lives_ts = max(self.lives_ts, int(lives["ev"]["ts_ns"][-1]))
 
     def add_spilled(self, events: np.ndarray, lives: np.ndarray = _NO_LIVES) -> None:
@@ -134,7 +163,7 @@ class OrderedMerge:
             w = _cat(self.waiting, events) if len(self.waiting) else events
             self.waiting = _take(w, np.argsort(w["ts_ns"], kind="stable"))
         if len(lives):
-            self.lives = _cat(self.lives, lives) if len(self.lives) else lives
+            self._lives.append(self._chunk(lives, lives["ev"]["ts_ns"]))
 
     def progress(self) -> int:
         """Time up to which the events ring has been read (its newest event, or the last
@@ -143,27 +172,55 @@ class OrderedMerge:
         return max(self.ring_ts, self.released_ts)
 
     def release(self, progress: int, final: bool = False) -> Batch:
-        held, waiting = self.held, self.waiting
+        waiting = self.waiting
         if len(waiting) and (final or int(waiting["ts_ns"][0]) <= progress):
             n = len(waiting) if final else int(np.searchsorted(waiting["ts_ns"], progress, side="right"))
             ready, self.waiting = waiting[:n], waiting[n:]
-            held = self.held = self._placed(held, ready)
-        lives = self.lives
+            held = self._placed(self.held, ready)
+            self._held = [self._chunk(held, held["ts_ns"])] if len(held) else []
         if final:
-            out, self.held = held, _NO_EVENTS
-            out_lives, self.lives = lives, _NO_LIVES
+            out, out_lives = self.held, self.lives
+            self._held, self._lives = [], []
         else:
             cut_ts = max(progress - self.holdback_ns, 0)
-            cut = int(np.searchsorted(held["ts_ns"], cut_ts, side="left"))
-            out, self.held = held[:cut], held[cut:]
-            out_lives = _NO_LIVES
-            if len(lives):
-                due = lives["ev"]["ts_ns"] < cut_ts
-                if due.any():
-                    out_lives, self.lives = _take(lives, due), _take(lives, ~due)
+            out = self._events_before(cut_ts)
+            out_lives = self._lives_before(cut_ts)
         if len(out):
             self.released_ts = max(self.released_ts, int(out["ts_ns"][-64:].max()))
         return Batch(out, out_lives)
+
+    def _events_before(self, cut_ts: int) -> np.ndarray:
+        """The held events before the cut, in ring order: whole chunks all before it, then
+        the first one that is not, up to the cut (its times are nearly sorted)."""
+        chunks, n = self._held, 0
+        parts = []
+        while n < len(chunks) and chunks[n][2] < cut_ts:
+            parts.append(chunks[n])
+            n += 1
+        if n < len(chunks) and chunks[n][1] < cut_ts:
+            recs = chunks[n][0]
+            k = int(np.searchsorted(recs["ts_ns"], cut_ts, side="left"))
+            if k:
+                parts.append([recs[:k]])
+                chunks[n][0] = recs[k:]
+        del chunks[:n]
+        return self._joined(parts, _NO_EVENTS)
+
+    def _lives_before(self, cut_ts: int) -> np.ndarray:
+        """Every held LIFE record before the cut, wherever it is held."""
+        parts, keep = [], []
+        for c in self._lives:
+            if c[2] < cut_ts:
+                parts.append(c)
+            elif c[1] < cut_ts:
+                due = c[0]["ev"]["ts_ns"] < cut_ts
+                parts.append([_take(c[0], due)])
+                rest = _take(c[0], ~due)
+                keep.append(self._chunk(rest, rest["ev"]["ts_ns"]))
+            else:
+                keep.append(c)
+        self._lives = keep
+        return self._joined(parts, _NO_LIVES)
 
     def _placed(self, held: np.ndarray, ready: np.ndarray) -> np.ndarray:
         """held with the ready spilled events put in place, in one pass over held (a backlog
@@ -270,12 +327,12 @@ class EventStream:
     def _read_ring(self) -> bool:
         # lives first: a LIFE record is sent after its connection's last event, so the events
         # read next are at least as far on (the time cut releases a record with its events)
-        lblob = self.lives_reader.read()
-        blob = self.reader.read()
-        if not blob and not lblob:
+        lblob = self.lives_reader.read_array()
+        blob = self.reader.read_array()
+        if not len(blob) and not len(lblob):
             return False
-        events = split_records(blob, EVENT_SIZE)[0] if blob else _NO_EVENTS
-        lives = split_records(lblob, LIFE_SIZE)[1] if lblob else _NO_LIVES
+        events = split_records(blob, EVENT_SIZE)[0] if len(blob) else _NO_EVENTS
+        lives = split_records(lblob, LIFE_SIZE)[1] if len(lblob) else _NO_LIVES
         self._count(events, lives)
         self.merge.add_ring(events, lives)
         return True

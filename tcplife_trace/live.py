@@ -193,15 +193,18 @@ class LiveSession:
         batch = self.stream.poll_batch(timeout_ms)
         self._take_batch(self._without_own(batch))
         now = time.monotonic_ns()
-        self.release_held(now)
+        self._release(now)
         if now >= self._next_loss_check:
             self._check_losses(now)
         return len(batch)
 
     def release_held(self, now_ns: int) -> None:
-        """Finish the closed connections whose trailing events are overdue at now_ns."""
+        """Finish the closed connections whose trailing events are overdue at now_ns, now."""
+        self._release(now_ns, at_once=True)
+
+    def _release(self, now_ns: int, at_once: bool = False) -> None:
         if self.closes is not None:
-            self.closes.advance(now_ns)
+            self.closes.advance(now_ns, at_once)
         self.tracker.advance(now_ns)
         if self.agg_tracker is not None:
             self.agg_tracker.advance(now_ns)

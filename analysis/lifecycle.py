@@ -18,7 +18,7 @@ from .end_rules import ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT, RST_REASONS  
 # END_REASONS stay importable from here
 from .rules import (ACTING, BIRTHS, CLOSERS, END_REASONS, OWNER_RANK, OWNER_SOURCES, ROLES, SRC_NONE,  # noqa: F401
                     enters_time_wait, guess_role)
-from ..probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
+from ..probes.event_layout import HEALTH_N, PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
 from ..probes.filters import Filters
 from ..probes.tcp_states import TcpState as S
 
@@ -42,6 +42,10 @@ _MASK_STATES: dict[tuple, tuple] = {}  # (state_mask, path) -> the states timed,
                                 "state_mask", "owner_src", "npids", "path_len", "rst_state", "lflags", "gaps",
                                 "gap_had", "gap_got", "path"))
 _F_EOF = int(Flag.EOF)
+(_I_CGROUP, _I_RETRANS, _I_SYN_RETRANS, _I_RECOVERIES, _I_LOSSES, _I_HEALTH_MASK, _I_HEALTH) = (
+    dec.LIFE_INDEX[k] for k in ("cgroup_id", "retrans", "syn_retrans", "recoveries", "losses", "health_mask", "health"))
+_L_RETRANS, _L_CONG = int(LifeFlag.RETRANS), int(LifeFlag.CONG)
+_HEALTH_END = _I_HEALTH + HEALTH_N
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
 DEFAULT_MAX_OPEN = 262_144
 
@@ -53,6 +57,10 @@ class Lifecycle:
         "state", "state_enter_ns", "path", "state_ns", "closed", "end_reason", "end_detail",
         "errno", "rst_received", "rst_sent", "time_wait", "tx_b", "rx_b", "eof_ns", "incomplete",
         "last_ns", "listener_pid", "listener_comm", "view_cache", "seq", "first_seq", "first_ts", "early",
+        # the kernel's fold adds (a LIFE record; None: not known, as from events alone): the owner's
+        # cgroup v2 id, retransmits counted as they happened, and tcp_sock's health at the end as
+        # (health_mask, raw values in btf.TCP_SOCK_HEALTH order): probes/health.from_fold makes the columns
+        "cgroup_id", "retrans", "syn_retrans", "recoveries", "losses", "health_raw",
     )
 
     def __init__(self, conn_id, skaddr: int, role: str, ts_ns: int, birth_seen: bool):
@@ -87,6 +95,8 @@ class Lifecycle:
         # time): a change that arrives after later ones of its connection is told by it
         self.seq = self.first_seq = self.first_ts = None
         self.early: list | None = None  # such changes from before the first: put in front at the end
+        self.cgroup_id = self.retrans = self.syn_retrans = self.recoveries = self.losses = None
+        self.health_raw: tuple | None = None
 
     def set_owner(self, pid: int, comm: str, source: str) -> None:
         if source != "listener":
@@ -682,6 +692,7 @@ class Tracker:
                 lc.rst_sent = (rec[_I_RST_REASON], rec[_I_RST_STATE])
         if rec[_I_EOF]:
             lc.eof_ns = rec[_I_EOF]
+        take_fold_extras(lc, rec)
         return lc
 
     # -- end of a connection -----------------------------------------------
@@ -704,6 +715,27 @@ class Tracker:
         self.counters.closed += 1
         if self.on_close:
             self.on_close(lc)
+
+
+# what only the kernel's fold knows of a connection (a lifecycle built from events alone has
+# None): taken from its LIFE record by take_fold_extras
+FOLD_EXTRAS = ("cgroup_id", "retrans", "syn_retrans", "recoveries", "losses", "health_raw")
+
+
+def take_fold_extras(lc: Lifecycle, rec: tuple) -> None:
+    """FOLD_EXTRAS from a struct tlt_life tuple (a LIFE record or an open connection's entry):
+    the owner's cgroup id (with an owner from the kernel), the retransmits and episodes counted
+    where their tracepoint was traced, and the health read at the end (health_mask not 0).
+    A lifecycle built from a connection's events takes them from its LIFE record the same way."""
+    if rec[_I_SRC] < SRC_NONE:
+        lc.cgroup_id = rec[_I_CGROUP] or None
+    lflags = rec[_I_LFLAGS]
+    if lflags & _L_RETRANS:
+        lc.retrans, lc.syn_retrans = rec[_I_RETRANS], rec[_I_SYN_RETRANS]
+    if lflags & _L_CONG:
+        lc.recoveries, lc.losses = rec[_I_RECOVERIES], rec[_I_LOSSES]
+    if rec[_I_HEALTH_MASK]:
+        lc.health_raw = (rec[_I_HEALTH_MASK], rec[_I_HEALTH:_HEALTH_END])
 
 
 def copy_lifecycle(lc: Lifecycle) -> Lifecycle:

@@ -50,6 +50,8 @@
 #define TLT_L_DESTROYED    0x04 /* tcp_destroy_sock came with no CLOSE before it */
 #define TLT_L_REUSED       0x08 /* with DESTROYED: not destroyed, its address was born again */
 #define TLT_L_LISTENER     0x10 /* passive: listener_pid/listener_comm hold its listener's owner */
+#define TLT_L_RETRANS      0x20 /* retrans/syn_retrans were counted (tcp:tcp_retransmit_skb is traced) */
+#define TLT_L_CONG         0x40 /* recoveries/losses were counted (tcp:tcp_cong_state_set is traced) */
 
 /* struct tlt_agg.owner_src: index into OWNER_SOURCES (analysis/lifecycle.py) */
 #define TLT_SRC_CONNECT  0
@@ -58,6 +60,28 @@
 #define TLT_SRC_CLOSE    3
 #define TLT_SRC_LISTENER 4
 #define TLT_SRC_NONE     5
+
+/* struct tlt_agg.health[i]: struct tcp_sock fields read at CLOSE, in the order of
+ * probes/btf.py TCP_SOCK_HEALTH (the raw values, as tcp_get_info() takes them) */
+#define TLT_H_SRTT_US          0
+#define TLT_H_MDEV_US          1
+#define TLT_H_RTT_MIN          2
+#define TLT_H_TOTAL_RETRANS    3
+#define TLT_H_BYTES_RETRANS    4
+#define TLT_H_SEGS_IN          5
+#define TLT_H_SEGS_OUT         6
+#define TLT_H_DATA_SEGS_IN     7
+#define TLT_H_DATA_SEGS_OUT    8
+#define TLT_H_LOST_OUT         9
+#define TLT_H_REORDERING       10
+#define TLT_H_DELIVERED        11
+#define TLT_H_RATE_DELIVERED   12
+#define TLT_H_RATE_INTERVAL_US 13
+#define TLT_H_MSS_CACHE        14
+#define TLT_H_SND_CWND         15
+#define TLT_H_RCV_RTT_US       16
+#define TLT_H_ICSK_RETRANSMITS 17
+#define TLT_HEALTH_N           18
 
 #define TLT_PATH_MAX 32 /* states kept; past it the last two slots hold the latest two */
 #define TLT_PIDS_MAX 4
@@ -127,6 +151,16 @@ struct tlt_agg {
 	__u8 path[TLT_PATH_MAX];
 	__u32 listener_pid;   /* passive, if lflags & TLT_L_LISTENER: the listener's owner at SYN_RECV */
 	char listener_comm[16];
+	/* appended (issue 15): the owner's home, retransmits as they happened, health at CLOSE */
+	__u64 cgroup_id;      /* cgroup v2 id of the task the owner was taken from (with owner_pid;
+	                         a listener's owner's for a passive socket); 0 = no owner yet */
+	__u32 retrans;        /* tcp:tcp_retransmit_skb out of SYN_SENT, sent (if lflags & TLT_L_RETRANS) */
+	__u16 syn_retrans;    /* tcp:tcp_retransmit_skb in SYN_SENT: SYN retries */
+	__u16 recoveries;     /* tcp:tcp_cong_state_set into TCP_CA_Recovery (if lflags & TLT_L_CONG) */
+	__u16 losses;         /* tcp:tcp_cong_state_set into TCP_CA_Loss (a retransmit timeout) */
+	__u16 _hpad;
+	__u32 health_mask;    /* bit i: health[i] was read at the end (TLT_H_*); 0 = none read */
+	__u64 health[TLT_HEALTH_N]; /* zero-extended raw values of the tcp_sock fields, TLT_H_* */
 };
 
 /* A LIFE record: the closing transition as an event, and the folded rest. They have a ring

@@ -11,6 +11,8 @@
  *   TLT_EVSZ, TLT_EVOFF_<field>, TLT_AGGSZ,
  *   TLT_AGGOFF_<field>                              the layout Python expects
  *   TLT_LIVES_PAGES                                 pages of the lives ring buffer
+ *   OFF_TP_<NAME>, SZ_TP_<NAME>                     struct tcp_sock health fields (TLT_H_*)
+ *   TLT_HEALTH_BASE, TLT_HEALTH_SPAN                the byte range of tcp_sock they lie in
  *   TLT_STREAM                                      send every transition as an event
  *   TLT_AGGREGATE                                   (always set) fold each connection into its
  *                                                   map entry and send one TLT_EV_LIFE record
@@ -48,7 +50,8 @@ TLT_ACHECK(start_ns); TLT_ACHECK(eof_ns); TLT_ACHECK(enter_ns); TLT_ACHECK(last_
 TLT_ACHECK(rst_reason); TLT_ACHECK(owner_comm); TLT_ACHECK(state_mask); TLT_ACHECK(owner_src);
 TLT_ACHECK(npids); TLT_ACHECK(path_len); TLT_ACHECK(rst_state); TLT_ACHECK(lflags); TLT_ACHECK(gaps);
 TLT_ACHECK(gap_had); TLT_ACHECK(gap_got); TLT_ACHECK(path); TLT_ACHECK(listener_pid);
-TLT_ACHECK(listener_comm);
+TLT_ACHECK(listener_comm); TLT_ACHECK(cgroup_id); TLT_ACHECK(retrans); TLT_ACHECK(syn_retrans);
+TLT_ACHECK(recoveries); TLT_ACHECK(losses); TLT_ACHECK(health_mask); TLT_ACHECK(health);
 
 #ifndef TLT_AGGREGATE
 #error "TLT_AGGREGATE must be set: every mode folds"
@@ -83,7 +86,8 @@ struct conn {
 	u16 seq;     /* events emitted for this connection */
 	u8 streamed; /* a listener: its lifecycle is built from events, never folded */
 	u8 role;     /* TLT_ROLE_*: Lifecycle.role */
-	u8 _pad2[2];
+	u8 ca_state; /* the last tcp_cong_state_set state (TCP_CA_*) */
+	u8 _pad2;
 #ifdef TLT_AGGREGATE
 	struct tlt_agg agg; /* the lifecycle so far */
 	u8 saddr[16];       /* the tuple as the transitions told it */
@@ -124,6 +128,7 @@ struct listen_key {
 };
 struct listen_owner {
 	u64 gen;
+	u64 cgroup_id;
 	u32 pid;
 	char comm[16];
 };
@@ -445,6 +450,7 @@ static __always_inline void agg_owner(struct tlt_agg *a, u32 tgid, u8 src)
 		a->owner_src = src;
 		a->owner_pid = tgid;
 		bpf_get_current_comm(&a->owner_comm, sizeof(a->owner_comm));
+		a->cgroup_id = bpf_get_current_cgroup_id(); /* the owner's home, taken with it */
 	}
 }
 
@@ -465,6 +471,7 @@ static __always_inline u8 agg_listener(struct conn *c, u16 lport)
 		a->owner_src = TLT_SRC_LISTENER;
 		a->owner_pid = o->pid;
 		__builtin_memcpy(a->owner_comm, o->comm, sizeof(a->owner_comm));
+		a->cgroup_id = o->cgroup_id;
 	}
 	return TLT_X_LISTENER;
 }
@@ -570,6 +577,89 @@ static __always_inline u8 agg_transition(struct conn *c, u64 now, u8 old, u8 new
 	return x;
 }
 
+#ifdef TLT_HEALTH_SPAN
+/* the bytes of struct tcp_sock that hold every health field: one read at a connection's end */
+struct health_span {
+	u8 b[TLT_HEALTH_SPAN];
+};
+BPF_PERCPU_ARRAY(health_buf, struct health_span, 1);
+#define HEALTH_PICK(i, NAME) do { \
+	_Static_assert(OFF_TP_##NAME >= TLT_HEALTH_BASE && \
+		       OFF_TP_##NAME + SZ_TP_##NAME <= TLT_HEALTH_BASE + TLT_HEALTH_SPAN, #NAME " outside the span"); \
+	__builtin_memcpy(&a->health[i], &hb->b[OFF_TP_##NAME - TLT_HEALTH_BASE], SZ_TP_##NAME); \
+	mask |= 1u << (i); } while (0)
+#endif
+
+/* Health at the end (tcp_get_info's inputs): the tcp_sock fields this kernel's BTF has, read
+ * in one copy of the range they lie in; a bit of health_mask per field read, so a field this
+ * kernel lacks is NA, never 0. */
+static __always_inline void agg_health(struct tlt_agg *a, u64 skaddr)
+{
+	a->health_mask = 0;
+#ifdef TLT_HEALTH_SPAN
+	int zero = 0;
+	struct health_span *hb = health_buf.lookup(&zero);
+	if (!hb || bpf_probe_read_kernel(hb->b, TLT_HEALTH_SPAN, (void *)skaddr + TLT_HEALTH_BASE) != 0)
+		return;
+	u32 mask = 0;
+#ifdef OFF_TP_SRTT_US
+	HEALTH_PICK(TLT_H_SRTT_US, SRTT_US);
+#endif
+#ifdef OFF_TP_MDEV_US
+	HEALTH_PICK(TLT_H_MDEV_US, MDEV_US);
+#endif
+#ifdef OFF_TP_RTT_MIN
+	HEALTH_PICK(TLT_H_RTT_MIN, RTT_MIN);
+#endif
+#ifdef OFF_TP_TOTAL_RETRANS
+	HEALTH_PICK(TLT_H_TOTAL_RETRANS, TOTAL_RETRANS);
+#endif
+#ifdef OFF_TP_BYTES_RETRANS
+	HEALTH_PICK(TLT_H_BYTES_RETRANS, BYTES_RETRANS);
+#endif
+#ifdef OFF_TP_SEGS_IN
+	HEALTH_PICK(TLT_H_SEGS_IN, SEGS_IN);
+#endif
+#ifdef OFF_TP_SEGS_OUT
+	HEALTH_PICK(TLT_H_SEGS_OUT, SEGS_OUT);
+#endif
+#ifdef OFF_TP_DATA_SEGS_IN
+	HEALTH_PICK(TLT_H_DATA_SEGS_IN, DATA_SEGS_IN);
+#endif
+#ifdef OFF_TP_DATA_SEGS_OUT
+	HEALTH_PICK(TLT_H_DATA_SEGS_OUT, DATA_SEGS_OUT);
+#endif
+#ifdef OFF_TP_LOST_OUT
+	HEALTH_PICK(TLT_H_LOST_OUT, LOST_OUT);
+#endif
+#ifdef OFF_TP_REORDERING
+	HEALTH_PICK(TLT_H_REORDERING, REORDERING);
+#endif
+#ifdef OFF_TP_DELIVERED
+	HEALTH_PICK(TLT_H_DELIVERED, DELIVERED);
+#endif
+#ifdef OFF_TP_RATE_DELIVERED
+	HEALTH_PICK(TLT_H_RATE_DELIVERED, RATE_DELIVERED);
+#endif
+#ifdef OFF_TP_RATE_INTERVAL_US
+	HEALTH_PICK(TLT_H_RATE_INTERVAL_US, RATE_INTERVAL_US);
+#endif
+#ifdef OFF_TP_MSS_CACHE
+	HEALTH_PICK(TLT_H_MSS_CACHE, MSS_CACHE);
+#endif
+#ifdef OFF_TP_SND_CWND
+	HEALTH_PICK(TLT_H_SND_CWND, SND_CWND);
+#endif
+#ifdef OFF_TP_RCV_RTT_US
+	HEALTH_PICK(TLT_H_RCV_RTT_US, RCV_RTT_US);
+#endif
+#ifdef OFF_TP_ICSK_RETRANSMITS
+	HEALTH_PICK(TLT_H_ICSK_RETRANSMITS, ICSK_RETRANSMITS);
+#endif
+	a->health_mask = mask;
+#endif
+}
+
 /* The connection's one record: its last transition (or its destruction) and the fold. */
 static __always_inline void agg_emit(void *ctx, u64 skaddr, struct conn *c, u64 now, u8 old, u8 new)
 {
@@ -595,6 +685,15 @@ static __always_inline void agg_emit(void *ctx, u64 skaddr, struct conn *c, u64 
 		e->flags |= TLT_F_BYTES;
 #endif
 	__builtin_memcpy(&l->agg, &c->agg, sizeof(l->agg));
+#ifdef TLT_HAVE_TCP_RETRANSMIT_SKB
+	l->agg.lflags |= TLT_L_RETRANS;
+#endif
+#ifdef TLT_HAVE_TCP_CONG_STATE_SET
+	l->agg.lflags |= TLT_L_CONG;
+#endif
+	/* the socket is whole at its CLOSE, and at its destruction; not if its address was born again */
+	if (new == TCP_CLOSE || !(c->agg.lflags & TLT_L_REUSED))
+		agg_health(&l->agg, skaddr);
 	ev_send(ctx, e);
 }
 #endif
@@ -705,7 +804,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (oldstate == TCP_CLOSE && newstate == TCP_LISTEN) { /* Tracker: listeners[(netns, lport)] = it */
 			struct listen_key k;
 			listen_key_of(&k, c, c->sport);
-			struct listen_owner o = {.gen = c->gen, .pid = c->agg.owner_pid};
+			struct listen_owner o = {.gen = c->gen, .cgroup_id = c->agg.cgroup_id, .pid = c->agg.owner_pid};
 			__builtin_memcpy(o.comm, c->agg.owner_comm, sizeof(o.comm));
 			if (listeners.update(&k, &o) != 0)
 				stat_inc(TLT_STAT_MAP_FULL); /* the listeners table is full: its accepted sockets' owner is not known */
@@ -993,6 +1092,54 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 	ev_tuple(e, args->sport, args->dport, args->family, args->saddr, args->daddr,
 		 args->saddr_v6, args->daddr_v6);
 	ev_send(args, e);
+	return 0;
+}
+#endif
+
+
+#define TCP_CA_RECOVERY 3
+#define TCP_CA_LOSS 4
+
+#ifdef TLT_HAVE_TCP_RETRANSMIT_SKB
+/* Retransmits as they happen, counted in the fold (no event): SYN retries in SYN_SENT apart
+ * from the rest. Only those sent count (err 0), as tcp_sock.total_retrans does. */
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+#ifdef TLT_HAVE_TCP_RETRANSMIT_SKB_ERR
+	if (args->err)
+		return 0;
+#endif
+	u64 skaddr = (u64)args->skaddr;
+	struct conn *c = conns.lookup(&skaddr);
+	if (!conn_folds(c) || c->keep == KEEP_NO)
+		return 0;
+	if (args->state == TCP_SYN_SENT) {
+		if (c->agg.syn_retrans < 0xffff)
+			c->agg.syn_retrans++;
+	} else if (c->agg.retrans < 0xffffffff) {
+		c->agg.retrans++;
+	}
+	return 0;
+}
+#endif
+
+#ifdef TLT_HAVE_TCP_CONG_STATE_SET
+/* Loss and recovery episodes: entries into TCP_CA_Recovery (fast retransmit) and TCP_CA_Loss
+ * (retransmit timeout), counted in the fold. */
+TRACEPOINT_PROBE(tcp, tcp_cong_state_set)
+{
+	u64 skaddr = (u64)args->skaddr;
+	struct conn *c = conns.lookup(&skaddr);
+	if (!conn_folds(c))
+		return 0;
+	u8 st = args->cong_state;
+	if (st != c->ca_state) {
+		if (st == TCP_CA_RECOVERY && c->agg.recoveries < 0xffff)
+			c->agg.recoveries++;
+		else if (st == TCP_CA_LOSS && c->agg.losses < 0xffff)
+			c->agg.losses++;
+		c->ca_state = st;
+	}
 	return 0;
 }
 #endif

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .event_layout import (AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, SRC_NONE, Event, EventKind,
-                           Flag, Life)
+from .event_layout import (AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, HEALTH_N, LIFE_DTYPE, LIFE_SIZE, SRC_NONE, Event,
+                           EventKind, Flag, Life)
 
 # `Ev`'s 21 fields, the first bytes of struct tlt_event; the fields appended after seq (the
 # kernel's fold, see event_layout) are skipped here: they are read as numpy columns
@@ -142,8 +142,9 @@ def as_ev(ev: tuple) -> Ev:
 
 # struct tlt_life: the event, then struct tlt_agg (start, eof, state_ns[16], owner_pid,
 # pids[4], rst_reason, owner_comm, state_mask, owner_src, npids, path_len, rst_state,
-# lflags, gaps, gap_had, gap_got, path, listener_pid, listener_comm)
-AGG_FMT = struct.Struct("<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16s")
+# lflags, gaps, gap_had, gap_got, path, listener_pid, listener_comm, cgroup_id, retrans,
+# syn_retrans, recoveries, losses, health_mask, health[HEALTH_N])
+AGG_FMT = struct.Struct(f"<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16sQIHHH2xI{HEALTH_N}Q")
 _LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
 assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
 N_EV_FIELDS = len(Ev._fields)
@@ -151,12 +152,13 @@ N_EV_FIELDS = len(Ev._fields)
 _AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), ("state_ns", 16), ("owner_pid", 1), ("pids", 4),
               ("rst_reason", 1), ("owner_comm", 1), ("state_mask", 1), ("owner_src", 1), ("npids", 1),
               ("path_len", 1), ("rst_state", 1), ("lflags", 1), ("gaps", 1), ("gap_had", 1), ("gap_got", 1),
-              ("path", 1), ("listener_pid", 1), ("listener_comm", 1)]
+              ("path", 1), ("listener_pid", 1), ("listener_comm", 1), ("cgroup_id", 1), ("retrans", 1),
+              ("syn_retrans", 1), ("recoveries", 1), ("losses", 1), ("health_mask", 1), ("health", HEALTH_N)]
 LIFE_INDEX: dict[str, int] = {}
 _at = N_EV_FIELDS
 for _name, _n in _AGG_SLOTS:
     LIFE_INDEX[_name], _at = _at, _at + _n
-assert [n for n, _ in _AGG_SLOTS] == [f for f, _ in Life._fields_[1][1]._fields_]
+assert [n for n, _ in _AGG_SLOTS] == [f for f, _ in Life._fields_[1][1]._fields_ if not f.startswith("_")]
 assert N_EV_FIELDS + sum(n for _, n in _AGG_SLOTS) == len(_LIFE_FMT.unpack(bytes(LIFE_SIZE)))
 _KIND_LIFE = int(EventKind.LIFE)
 _life_iter_unpack = _LIFE_FMT.iter_unpack

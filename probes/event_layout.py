@@ -46,6 +46,8 @@ class LifeFlag(enum.IntFlag):
     DESTROYED = 0x04
     REUSED = 0x08
     LISTENER = 0x10
+    RETRANS = 0x20   # retrans/syn_retrans counted (tcp:tcp_retransmit_skb traced)
+    CONG = 0x40      # recoveries/losses counted (tcp:tcp_cong_state_set traced)
 
 
 class XFlag(enum.IntFlag):
@@ -65,6 +67,7 @@ from ..analysis.rules import SRC_NONE  # noqa: E402,F401
 
 
 PATH_MAX = 32  # TLT_PATH_MAX
+HEALTH_N = 18  # TLT_HEALTH_N: struct tlt_agg.health[], in probes/btf.py TCP_SOCK_HEALTH's order
 PIDS_MAX = 4   # TLT_PIDS_MAX
 
 
@@ -134,6 +137,15 @@ class Agg(ctypes.Structure):
         ("path", ctypes.c_uint8 * PATH_MAX),
         ("listener_pid", ctypes.c_uint32),
         ("listener_comm", ctypes.c_char * 16),
+        # appended (issue 15)
+        ("cgroup_id", ctypes.c_uint64),
+        ("retrans", ctypes.c_uint32),
+        ("syn_retrans", ctypes.c_uint16),
+        ("recoveries", ctypes.c_uint16),
+        ("losses", ctypes.c_uint16),
+        ("_hpad", ctypes.c_uint16),
+        ("health_mask", ctypes.c_uint32),
+        ("health", ctypes.c_uint64 * HEALTH_N),
     ]
 
 
@@ -145,7 +157,7 @@ class Life(ctypes.Structure):
 EVENT_SIZE = ctypes.sizeof(Event)
 AGG_SIZE = ctypes.sizeof(Agg)
 LIFE_SIZE = ctypes.sizeof(Life)
-AGG_FIELD_NAMES = [name for name, _ in Agg._fields_]
+AGG_FIELD_NAMES = [name for name, _ in Agg._fields_ if not name.startswith("_")]
 FIELD_NAMES = [name for name, _ in Event._fields_ if not name.startswith("_")]
 V1_FIELD_NAMES = FIELD_NAMES[:21]  # struct tlt_event up to seq: recordings of schema 1, `Ev`
 # numpy view of the same bytes, for decoding a batch at once

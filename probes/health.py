@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import struct
 
+from .btf import TCP_SOCK_HEALTH
+
 # column -> (byte offset in struct tcp_info, format, scale); include/uapi/linux/tcp.h (the struct
 # only grows, at its end). Times are the kernel's microseconds as milliseconds; delivery_rate is
 # bytes per second (ss -ti prints bits per second).
@@ -98,3 +100,17 @@ def from_tcp_sock(raw: dict[str, int | None]) -> dict[str, float | int | None]:
            "delivery_rate": rate, "snd_cwnd": get("snd_cwnd"), "rcv_rtt_ms": us(get("rcv_rtt_us"), 3)}
     assert tuple(out) == COLUMNS
     return _no_samples(out)
+
+
+_NO_HEALTH = dict.fromkeys(COLUMNS)
+
+
+def from_fold(raw: tuple | None) -> dict[str, float | int | None]:
+    """The columns from a LIFE record's health (Lifecycle.health_raw: (health_mask, the values in
+    btf.TCP_SOCK_HEALTH order)); every column NA when nothing was read (None)."""
+    if raw is None:
+        return dict(_NO_HEALTH)
+
+    mask, values = raw
+    return from_tcp_sock({name: v if mask >> i & 1 else None
+                          for i, (name, v) in enumerate(zip(TCP_SOCK_HEALTH, values))})

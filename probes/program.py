@@ -110,6 +110,8 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
         raise ProgramError(str(e)) from None
     offsets, btf_notes = btf.kernel_offsets()
     notices += btf_notes
+    health, health_notes = btf.health_fields()
+    notices += health_notes
     defines = [
         f"#define TLT_MAX_CONNS {int(settings.max_conns)}",
         f"#define TLT_RB_PAGES {int(settings.rb_pages)}",
@@ -119,6 +121,7 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
     if settings.mode in ("stream", "both"):
         defines.append("#define TLT_STREAM")
     defines += [f"#define {k} {v}" for k, v in sorted(offsets.items())]
+    defines += [f"#define {k} {v}" for k, v in health_defines(health).items()]
     for (_category, name), flds in present.items():
         defines.append(f"#define TLT_HAVE_{name.upper()}")
         if name == "tcp_send_reset":
@@ -131,6 +134,17 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
                 defines.remove("#define TLT_HAVE_TCP_SEND_RESET")
                 notices.append("tracepoint tcp/tcp_send_reset has an unknown layout here: "
                                "local aborts are not told apart from other closes")
+        if name == "tcp_retransmit_skb":
+            if "skaddr" not in flds or "state" not in flds:
+                defines.remove("#define TLT_HAVE_TCP_RETRANSMIT_SKB")
+                notices.append("tracepoint tcp/tcp_retransmit_skb has an unknown layout here: "
+                               "retransmits are not counted as they happen (NA)")
+            elif "err" in flds:
+                defines.append("#define TLT_HAVE_TCP_RETRANSMIT_SKB_ERR")
+        if name == "tcp_cong_state_set" and ("skaddr" not in flds or "cong_state" not in flds):
+            defines.remove("#define TLT_HAVE_TCP_CONG_STATE_SET")
+            notices.append("tracepoint tcp/tcp_cong_state_set has an unknown layout here: "
+                           "loss and recovery episodes are not counted (NA)")
     defines += settings.filters.cdefines()
     with open(ebpf.PROGRAM) as f:
         body = f.read()
@@ -143,6 +157,20 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
     ] + layout_cflags()
     tps = [f"{c}:{n}" for (c, n) in present]
     return Source(text, cflags, notices, tps, settings.mode, settings.record_size, op)
+
+
+def health_defines(fields: dict) -> dict[str, int]:
+    """The health fields present (btf.health_fields) as the program's macros: OFF_TP_*/SZ_TP_*,
+    and TLT_HEALTH_BASE/TLT_HEALTH_SPAN, the one range of struct tcp_sock that holds them all
+    (read in one copy at a connection's end); none at all when no field is present."""
+    out = btf.health_cflags(fields)
+    present = [m for m in fields.values() if m is not None]
+    if present:
+        base = min(m.offset for m in present) & ~7
+        end = max(m.offset + m.size for m in present)
+        out["TLT_HEALTH_BASE"] = base
+        out["TLT_HEALTH_SPAN"] = (end - base + 7) & ~7
+    return out
 
 
 class LoadedProgram:

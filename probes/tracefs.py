@@ -17,6 +17,8 @@ OPTIONAL = {
     ("sock", "sock_recv_length"): "accepted sockets are attributed to the closer or listener, not the reader",
     ("sock", "sock_send_length"): "accepted sockets are attributed to the closer or listener, not the writer",
     ("tcp", "tcp_retransmit_synack"): "SYN-ACK retransmits (half-open handshakes) are not counted per listener",
+    ("tcp", "tcp_retransmit_skb"): "retransmits are not counted as they happen (retransmits, syn_retransmits are NA)",
+    ("tcp", "tcp_cong_state_set"): "loss and recovery episodes are not counted (recoveries, losses are NA)",
 }
 
 

@@ -5,8 +5,10 @@ import datetime as dt
 import errno as errno_mod
 import json
 
-from . import invocation
+from . import containers, invocation
 from .analysis.lifecycle import Lifecycle, Transition
+from .analysis.rules import handshake_ns
+from .probes import health
 from .probes.tcp_states import TcpState as S
 from .probes.tcp_states import state_name
 
@@ -50,6 +52,7 @@ class TextView:
         self.clock = clock
         self.hms = hms
         self.seconds = seconds
+        self.wide = wide  # -w: wider addresses and names, and the RTT and retransmits at the end
         self.addr_w = 39 if wide else 15
         self.comm_w = 16 if wide else 12
 
@@ -91,18 +94,54 @@ class TextView:
         return line + "  (" + t.note + ")" if t.note else line
 
     def lifecycle_header(self) -> str:
-        return self._prefix_header() + "%s %s %-5s %-5s %-10s %-14s %s" % (
+        return self._prefix_header() + "%s %s %-5s %-5s %-10s %-14s %s%s" % (
             "%-7s %-*s" % ("PID", self.comm_w, "COMM"),
             "%-*s %-5s %-*s %-5s" % (self.addr_w, "LADDR", "LPORT", self.addr_w, "RADDR", "RPORT"),
-            "TX_KB", "RX_KB", "MS", "END", "STATES (ms)")
+            "TX_KB", "RX_KB", "MS", "END", "%-9s %-5s " % ("RTT_MS", "RETR") if self.wide else "", "STATES (ms)")
 
     def lifecycle(self, lc: Lifecycle, *, still_open: bool = False) -> str:
         kb = (lambda b: "-" if b is None else str(b // 1024))
         end = "open" if still_open else lc.end_reason + ("+TW" if lc.time_wait else "")
         ts = lc.end_ns if lc.end_ns is not None else lc.last_ns
-        return self._prefix(ts) + "%s %s %-5s %-5s %-10s %-14s %s" % (
+        return self._prefix(ts) + "%s %s %-5s %-5s %-10s %-14s %s%s" % (
             self._owner(lc), self._endpoints(lc), kb(lc.tx_b), kb(lc.rx_b), lifetime_ms(lc),
-            end, states_compact(lc))
+            end, _health_cells(lc) if self.wide else "", states_compact(lc))
+
+
+def _health_cells(lc: Lifecycle) -> str:
+    """-w's RTT_MS (smoothed RTT at the end) and RETR (segments retransmitted, tcp_sock's
+    total_retrans) cells: '-' where the kernel's fold did not give them."""
+    if lc.health_raw is None:
+        return "%-9s %-5s " % ("-", "-")
+    h = health.from_fold(lc.health_raw)
+    rtt, retr = h["rtt_ms"], h["total_retrans"]
+    return "%-9s %-5s " % ("-" if rtt is None else "%.3f" % rtt, "-" if retr is None else retr)
+
+
+_resolver: containers.Resolver | None = None
+
+
+def home_columns(cgroup_id: int | None) -> dict[str, object]:
+    """containers.COLUMNS of an owner's cgroup id (one Resolver for the process: it caches);
+    all None without an id."""
+    global _resolver
+    if cgroup_id is None:
+        return dict.fromkeys(containers.COLUMNS)
+    if _resolver is None:
+        _resolver = containers.Resolver()
+    return _resolver.by_id(cgroup_id).columns()
+
+
+def lifecycle_extras(lc: Lifecycle) -> dict[str, object]:
+    """What the kernel's fold adds to a lifecycle's record: the handshake time, retransmits as
+    they happened, health at the end (probes/health.COLUMNS) and the owner's home
+    (containers.COLUMNS); None (NA) for what is not known."""
+    hs = handshake_ns(lc.role, lc.path, lc.state_ns)
+    out = {"handshake_ms": None if hs is None else hs / 1e6, "retransmits": lc.retrans,
+           "syn_retransmits": lc.syn_retrans, "recoveries": lc.recoveries, "losses": lc.losses}
+    out.update(health.from_fold(lc.health_raw))
+    out.update(home_columns(lc.cgroup_id))
+    return out
 
 
 def lifetime_ms(lc: Lifecycle) -> str:
@@ -171,6 +210,7 @@ def lifecycle_record(lc: Lifecycle, clock: Clock, *, still_open: bool = False) -
         "end_reason": "open" if still_open else lc.end_reason, "end_detail": lc.end_detail,
         "errno": errno_name(lc.errno), "time_wait": lc.time_wait, "tx_b": lc.tx_b, "rx_b": lc.rx_b,
         "eof_seen": clock.iso(lc.eof_ns), "incomplete": lc.incomplete or None,
+        **lifecycle_extras(lc),
     }
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from tcplife_trace import ebpf
+from tcplife_trace.probes import btf
 from tcplife_trace.probes import decode as dec
 from tcplife_trace.analysis.lifecycle import OWNER_SOURCES
-from tcplife_trace.probes.event_layout import (AGG_FIELD_NAMES, AGG_SIZE, EVENT_SIZE, FIELD_NAMES, LIFE_SIZE, N_KINDS,
+from tcplife_trace.probes.event_layout import (AGG_FIELD_NAMES, AGG_SIZE, EVENT_SIZE, HEALTH_N, FIELD_NAMES, LIFE_SIZE, N_KINDS,
                                                PATH_MAX, PIDS_MAX, STAT_NSLOTS, STAT_SPILLED, Event, EventKind,
                                                Flag, Life, LifeFlag, agg_field_offsets, field_offsets)
 
@@ -69,6 +70,10 @@ def test_constants_match_header():
     assert sources == {s: OWNER_SOURCES.index(s) for s in sources}
     assert int(re.search(r"#define TLT_PATH_MAX (\d+)", text)[1]) == PATH_MAX
     assert int(re.search(r"#define TLT_PIDS_MAX (\d+)", text)[1]) == PIDS_MAX
+    # struct tlt_agg.health[]: one slot per btf.TCP_SOCK_HEALTH field, in its order
+    slots = {m[0].lower(): int(m[1]) for m in re.findall(r"#define TLT_H_(\w+)\s+(\d+)", text)}
+    assert slots == {name: i for i, name in enumerate(btf.TCP_SOCK_HEALTH)}
+    assert int(re.search(r"#define TLT_HEALTH_N\s+(\d+)", text)[1]) == HEALTH_N == len(btf.TCP_SOCK_HEALTH)
 
 
 def test_bpf_program_static_asserts_every_field():
@@ -89,9 +94,11 @@ def test_life_decoder_agrees_with_ctypes():
         assert dec.Ev._make(t[:dec.N_EV_FIELDS]) == dec.decode(bytes(raw[:EVENT_SIZE]))
         a, i = life.agg, dec.LIFE_INDEX
         for name, _ in type(a)._fields_:
+            if name.startswith("_"):
+                continue
             want = getattr(a, name)
             got = t[i[name]]
-            if name in ("state_ns", "pids"):
+            if name in ("state_ns", "pids", "health"):
                 got, want = list(t[i[name]:i[name] + len(want)]), list(want)
             elif name in ("owner_comm", "listener_comm"):
                 got = got.split(b"\0")[0]  # ctypes cuts c_char arrays at the NUL

@@ -19,7 +19,7 @@ from netpair import GHOST, NetPair
 from tracing import Traced
 
 from tcplife_trace import load, recording
-from tcplife_trace.analysis.lifecycle import ENTRYLESS_BASE, ENTRYLESS_NOTE, Lifecycle
+from tcplife_trace.analysis.lifecycle import ENTRYLESS_BASE, ENTRYLESS_NOTE, FOLD_EXTRAS, Lifecycle
 from tcplife_trace.recording import RecordingWriter
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import conn_map
@@ -32,7 +32,8 @@ pytestmark = pytest.mark.privileged
 WORKLOAD = __file__.replace("test_kernel_aggregation.py", "agg_workload.py")
 # every field of the lifecycle, not the stream's own bookkeeping (a cached text line, the
 # sequence numbers and time it orders late events by): the fold has no stream to order
-FIELDS = [f for f in Lifecycle.__slots__ if f not in ("view_cache", "seq", "first_seq", "first_ts", "early")]
+# (FOLD_EXTRAS: only the kernel's fold has them; tests/test_fold_home_health.py holds them to the kernel)
+FIELDS = [f for f in Lifecycle.__slots__ if f not in ("view_cache", "seq", "first_seq", "first_ts", "early", *FOLD_EXTRAS)]
 # one round of agg_workload.py, per end reason (23 connection ends)
 ROUND = {"active_close": 9, "passive_close": 9, "local_abort": 2, "reset_by_peer": 2, "refused": 1}
 

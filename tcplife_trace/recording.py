@@ -38,6 +38,10 @@ SNAP_META_KEY = "tcplife_trace.snapshot_meta"
 FLUSH_SECONDS = 0.5
 FLUSH_TICK = 0.05
 FLUSH_EVENTS = 65536
+# the events the flusher may fall behind by before the consumer writes them itself: a bound on
+# the memory the recording holds (the ring buffer then fills instead, and what it cannot hold
+# is counted as lost, never kept in memory without end)
+MAX_PENDING_EVENTS = 4 * FLUSH_EVENTS
 
 # Arrow columns: struct tlt_event's fields (probes/event_layout.py ARROW_TYPES, declared once
 # there); addresses and comm stay raw fixed-size binary. Schema 1 had the first 21 (up to seq):
@@ -243,17 +247,20 @@ class RecordingWriter:
             return
         if events.dtype != EVENT_DTYPE:
             raise TypeError(f"add_batch takes EVENT_DTYPE records, not {events.dtype}")
-        self._add_blob(events.tobytes(), len(events))
+        # kept as it is until written (the caller's own array, never changed after: a Batch's)
+        self._add_blob(np.ascontiguousarray(events), len(events))
 
-    def _add_blob(self, blob: bytes, n: int) -> None:
+    def _add_blob(self, blob, n: int) -> None:
         with self._lock:
             if not self._pending:
                 self._oldest = time.monotonic()
             self._pending.append(blob)
-            self._pending_bytes += len(blob)
+            self._pending_bytes += n * EVENT_SIZE
             self.events += n
-            big = self._pending_bytes >= FLUSH_EVENTS * EVENT_SIZE
-        if big:
+            pending = self._pending_bytes
+        if pending >= MAX_PENDING_EVENTS * EVENT_SIZE:
+            self.flush()  # the flusher is behind: written here, at the consumer's cost
+        elif pending >= FLUSH_EVENTS * EVENT_SIZE:
             self._wake.set()
 
     def _flush_loop(self) -> None:
@@ -303,7 +310,7 @@ class RecordingWriter:
             blobs, self._pending, self._pending_bytes = self._pending, [], 0
         if not blobs:
             return True
-        blob = b"".join(blobs)
+        blob = b"".join(blobs)  # (bytes and EVENT_DTYPE arrays alike)
         if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
             return False
         self._unsynced += len(blob) // EVENT_SIZE

@@ -738,6 +738,30 @@ def take_fold_extras(lc: Lifecycle, rec: tuple) -> None:
         lc.health_raw = (rec[_I_HEALTH_MASK], rec[_I_HEALTH:_HEALTH_END])
 
 
+def take_fold_extras_batch(lifecycles: dict, lives) -> int:
+    """FOLD_EXTRAS of lifecycles built from events (a stream Tracker's `live`, by conn_id) from
+    a batch of LIFE records (probes.event_layout.LIFE_DTYPE: a stream Batch's `lives`), each
+    taken by its generation; returns how many found their lifecycle. A LIFE record is released
+    with its connection's CLOSE or after it (probes/stream.py), while the Tracker still holds
+    the closed lifecycle (hold_ns): a stream session calls this once it has fed the batch's
+    events, before it releases the held lifecycles, and they carry what the kernel's fold adds."""
+    if not len(lives) or not lifecycles:
+        return 0
+    found = 0
+    get = lifecycles.get
+    gens = lives["ev"]["gen"].tolist()
+    recs = None
+    for i, gen in enumerate(gens):
+        lc = get(gen)
+        if lc is None or not gen:
+            continue
+        if recs is None:
+            recs = dec.life_tuples(lives)
+        take_fold_extras(lc, recs[i])
+        found += 1
+    return found
+
+
 def copy_lifecycle(lc: Lifecycle) -> Lifecycle:
     out = Lifecycle.__new__(Lifecycle)
     for name in Lifecycle.__slots__:

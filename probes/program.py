@@ -76,10 +76,10 @@ class Settings:
 
     @property
     def lives_pages(self) -> int:
-        """Pages of the lives ring (struct tlt_life, 416 bytes, one per connection): the whole
+        """Pages of the lives ring (struct tlt_life, 584 bytes, one per connection): the whole
         size when that is all the kernel sends, else half (a connection is about 5.5 events
-        of 152 bytes, 836 bytes against its one 416-byte record: the two rings fill at about
-        the same rate)."""
+        of 152 bytes, 836 bytes against its one 584-byte record: the lives ring still fills
+        no faster than the events ring)."""
         return self.rb_pages if self.mode == "aggregate" else max(1, self.rb_pages // 2)
 
 

@@ -230,3 +230,45 @@ def test_health_defines_cover_the_fields_in_one_span():
         assert base <= m.offset and m.offset + m.size <= base + span, name
     assert span < 4096 and span % 8 == 0
     assert prog.health_defines(dict.fromkeys(fields)) == {}  # no field: nothing read at all
+
+
+def test_lifecycles_built_from_events_take_the_extras_from_their_life_records():
+    """A stream session's Tracker builds lifecycles from events; each batch's LIFE records give
+    them what only the fold knows (take_fold_extras_batch, called once the batch's events are
+    fed, before the held lifecycles are released): the same values the folds' own lifecycles
+    have (mode "both" holds both)."""
+    from tcplife_trace.analysis.lifecycle import FOLD_EXTRAS, take_fold_extras_batch
+    closed, transitions = [], []
+    s = LiveSession(prog.Settings(mode="both"), on_close=closed.append, on_transition=transitions.append)
+    assert not s.folds_only
+    taken = []
+    real = s._take_batch
+
+    def take_batch(batch, *args, **kw):  # (the wiring: after the batch's events are fed)
+        real(batch, *args, **kw)
+        taken.append(take_fold_extras_batch(s.tracker.live, batch.lives))
+    s._take_batch = take_batch
+    try:
+        lsock = socket.create_server(("127.0.0.1", 0))
+        ports = []
+        for _ in range(5):
+            c = socket.create_connection(lsock.getsockname())
+            a, _ = lsock.accept()
+            c.sendall(b"hello")
+            a.recv(5)
+            ports.append(c.getsockname()[1])
+            _abort(c)
+            a.close()
+        lsock.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(lc.lport in ports for lc in closed) < 5:
+            s.poll(50)
+    finally:
+        s.stop()
+    mine = {lc.conn_id: lc for lc in closed if lc.lport in ports}
+    assert len(mine) == 5 and sum(taken) >= 5
+    folded = {lc.conn_id: lc for lc in s.agg_lifecycles if lc.conn_id in mine}
+    assert set(folded) == set(mine)
+    for cid, lc in mine.items():
+        assert lc.health_raw is not None and lc.cgroup_id is not None
+        assert {f: getattr(lc, f) for f in FOLD_EXTRAS} == {f: getattr(folded[cid], f) for f in FOLD_EXTRAS}

@@ -114,3 +114,43 @@ def from_fold(raw: tuple | None) -> dict[str, float | int | None]:
     mask, values = raw
     return from_tcp_sock({name: v if mask >> i & 1 else None
                           for i, (name, v) in enumerate(zip(TCP_SOCK_HEALTH, values))})
+
+
+def fold_columns(mask, values) -> dict:
+    """from_fold for many LIFE records at once (numpy: health_mask (n,), health values (n,
+    HEALTH_N)): column -> (values, valid), valid False where from_fold gives None."""
+    import numpy as np
+    mask = np.asarray(mask, dtype=np.uint64)
+    values = np.asarray(values, dtype=np.uint64).reshape(len(mask), -1)
+    at = {name: i for i, name in enumerate(TCP_SOCK_HEALTH)}
+
+    def raw(name):
+        i = at[name]
+        return values[:, i], ((mask >> np.uint64(i)) & np.uint64(1)) == 1
+
+    def ms(name, shift):
+        v, ok = raw(name)
+        return np.round((v >> np.uint64(shift)).astype(np.float64) / 1000, 3), ok
+
+    out = {}
+    rtt, rtt_ok = ms("srtt_us", 3)
+    var, var_ok = ms("mdev_us", 2)
+    sampled = rtt != 0
+    out["rtt_ms"], out["rttvar_ms"] = (rtt, rtt_ok & sampled), (var, var_ok & (sampled | ~rtt_ok))
+    mn, mn_ok = ms("rtt_min", 0)
+    out["min_rtt_ms"] = (mn, mn_ok & (mn != round(NO_MIN_RTT * 1e-3, 3)))
+    for col, name in (("total_retrans", "total_retrans"), ("bytes_retrans", "bytes_retrans"),
+                      ("segs_in", "segs_in"), ("segs_out", "segs_out"), ("data_segs_in", "data_segs_in"),
+                      ("data_segs_out", "data_segs_out"), ("lost", "lost_out"), ("reordering", "reordering"),
+                      ("delivered", "delivered"), ("snd_cwnd", "snd_cwnd")):
+        v, ok = raw(name)
+        out[col] = (v.astype(np.int64), ok)
+    (d, d_ok), (intv, i_ok), (mss, m_ok) = raw("rate_delivered"), raw("rate_interval_us"), raw("mss_cache")
+    dm = d * mss  # (both 32-bit: no overflow) ; times 10^6 would overflow past ~1.8e13
+    rate = np.where((d != 0) & (intv != 0), dm * np.uint64(1_000_000) // np.maximum(intv, np.uint64(1)), 0)
+    for i in np.flatnonzero((dm > np.uint64(18_000_000_000_000)) & (intv != 0)):  # (exact, as tcp_get_info)
+        rate[i] = min(int(dm[i]) * 1_000_000 // int(intv[i]), (1 << 63) - 1)
+    out["delivery_rate"] = (rate.astype(np.int64), d_ok & i_ok & m_ok)
+    rcv, rcv_ok = ms("rcv_rtt_us", 3)
+    out["rcv_rtt_ms"] = (rcv, rcv_ok & (rcv != 0))
+    return {c: out[c] for c in COLUMNS}

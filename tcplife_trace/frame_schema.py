@@ -52,6 +52,13 @@ def _cols(*names_and_types) -> list[tuple[str, object]]:
     return [(c, KEYS[c]) if isinstance(c, str) else c for c in names_and_types]
 
 
+# a connection's health (probes/health.py COLUMNS), in the snapshots and lifecycles frames
+_HEALTH_COLS = [("rtt_ms", "float64"), ("rttvar_ms", "float64"), ("min_rtt_ms", "float64"),
+                ("total_retrans", "Int64"), ("bytes_retrans", "Int64"), ("segs_in", "Int64"),
+                ("segs_out", "Int64"), ("data_segs_in", "Int64"), ("data_segs_out", "Int64"),
+                ("lost", "Int64"), ("reordering", "Int64"), ("delivered", "Int64"),
+                ("delivery_rate", "Int64"), ("snd_cwnd", "Int64"), ("rcv_rtt_ms", "float64")]
+
 FRAMES: dict[str, list[tuple[str, object]]] = {
     "transitions": _cols("conn_id", ("time", UTC), ("ts_ns", "int64"), "oldstate", "newstate",
                          ("ms_in_old", "float64"), "cur_pid", "cur_comm", ("family", "Int8"),
@@ -62,7 +69,12 @@ FRAMES: dict[str, list[tuple[str, object]]] = {
                         ("owner_source", Vocab(OWNER_SOURCES)), ("uid", "UInt32"),
                         ("end_reason", Vocab([*END_REASONS, "open"])), ("end_detail", OPEN), ("rst_sent_reason", OPEN),
                         ("errno", OPEN), ("time_wait", "bool"), ("tx_b", "UInt64"), ("rx_b", "UInt64"),
-                        ("eof_seen", UTC), ("incomplete", "bool"), ("path", OPEN)),
+                        ("eof_seen", UTC), ("incomplete", "bool"), ("path", OPEN),
+                        # what the kernel's fold adds (issue 15): NA in recordings made before it
+                        ("handshake_ms", "float64"), ("retransmits", "Int64"), ("syn_retransmits", "Int64"),
+                        ("recoveries", "Int64"), ("losses", "Int64"), *_HEALTH_COLS,
+                        ("cgroup_id", "UInt64"), ("cgroup", TEXT), ("runtime", TEXT), ("container_id", TEXT),
+                        ("pod_uid", TEXT), ("pod_name", TEXT), ("pod_namespace", TEXT)),
     "state_durations": _cols("conn_id", "state", ("seconds", "float64")),
     "summary": _cols("state", ("count", "int64"), ("p50_s", "float64"), ("p90_s", "float64"),
                      ("p99_s", "float64"), ("max_s", "float64")),

@@ -17,11 +17,14 @@ import pyarrow as pa
 
 from .analysis import end_rules
 from .analysis.lifecycle import DEFAULT_HOLD_NS
-from .analysis.rules import ACTING, BIRTHS, END_REASONS, OWNER_SOURCES, ROLE_HINTS, ROLES
+from . import containers
+from .analysis.rules import ACTING, BIRTHS, END_REASONS, HANDSHAKE_STATE, OWNER_SOURCES, ROLE_HINTS, ROLES, SRC_NONE
 from .by_connection import _dropped
 from .frames import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
 from .probes import decode as dec
-from .probes.event_layout import EventKind
+from .probes import health
+from .probes.btf import TCP_SOCK_HEALTH
+from .probes.event_layout import EventKind, LifeFlag
 from .probes.tcp_states import TcpState as S
 from .probes.tcp_states import state_name
 
@@ -46,9 +49,10 @@ def _per_conn(ids: np.ndarray, conn: np.ndarray, values: np.ndarray, last: bool 
 
 
 def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None,
-               rst_reasons: list | None = None) -> pd.DataFrame:
+               rst_reasons: list | None = None, lives: pa.Table | None = None) -> pd.DataFrame:
     """rst_reasons: the reset reason table (end_rules.ResetReasons) of each recording file, in
-    the file order of the connection ids' top 16 bits (Recording._combine); default this kernel's."""
+    the file order of the connection ids' top 16 bits (Recording._combine); default this kernel's.
+    lives: the connections' fold extras (recording.LIVES_TYPES rows; None or empty: all NA)."""
     col = cols or Columns(table)
     kind = col["kind"]
 
@@ -199,6 +203,7 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
         "eof_seen": end["eof_seen"],
         "incomplete": end["incomplete"],
         "path": paths.result(),
+        "handshake_ms": _handshakes(seg, role, n),
     })
     unchanged = ~changed
     if unchanged.any():
@@ -210,7 +215,81 @@ def lifecycles(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = Non
             rows_, ids_ = rows_[~dropped], ids_[~dropped]
         if len(ids_):
             frame = _with_rows(frame, _io_only(col, events, rows_, ids_, mono_to_wall_ns))
-    return frame
+    return _with_fold_extras(frame, lives)
+
+
+def _handshakes(seg, role: np.ndarray, n: int) -> np.ndarray:
+    """Each connection's handshake ms (analysis/rules.py HANDSHAKE_STATE: the time in SYN_SENT
+    of a client, SYN_RECV of an accepted socket, when it was left for ESTABLISHED); NaN if none."""
+    out = np.full(n, np.nan)
+    if not n:
+        return out
+    pos, ns = seg.time_in_old()
+    c = seg.number[pos]
+    o, w, r = seg.old[pos], seg.new[pos], role[c]
+    hs = np.zeros(len(pos), bool)
+    for name, st in HANDSHAKE_STATE.items():
+        hs |= (r == _ROLE[name]) & (o == st)
+    hs &= w == S.ESTABLISHED
+    out[c[hs][::-1]] = ns[hs][::-1] / 1e6  # (the first per connection)
+    return out
+
+
+# the columns the kernel's fold adds (recording.LIVES_TYPES -> frame), NA without a LIFE record
+FOLD_COLUMNS = ("retransmits", "syn_retransmits", "recoveries", "losses", *health.COLUMNS, *containers.COLUMNS)
+
+
+def _with_fold_extras(frame: pd.DataFrame, lives: pa.Table | None) -> pd.DataFrame:
+    """frame with FOLD_COLUMNS from each connection's LIFE record (by conn_id; the last if more)."""
+    n = len(frame)
+    out = {}
+    if lives is None or not lives.num_rows or not n:
+        for c in FOLD_COLUMNS:
+            out[c] = pd.Series([None] * n, index=frame.index, dtype=object)
+        return frame.assign(**out)
+    conn = lives["conn_id"].to_numpy()
+    ids = frame["conn_id"].to_numpy(dtype=np.uint64)
+    last = len(conn) - 1 - np.unique(conn[::-1], return_index=True)[1]  # each id's last record
+    conn = conn[last]
+    at = np.minimum(np.searchsorted(conn, ids), len(conn) - 1)
+    has = conn[at] == ids
+    rows = last[at]
+
+    def get(name):
+        return lives[name].to_numpy()[rows]
+
+    lflags = get("lflags")
+    counted = has & ((lflags & int(LifeFlag.RETRANS)) != 0)
+    cong = has & ((lflags & int(LifeFlag.CONG)) != 0)
+    out["retransmits"] = _masked(get("retrans").astype(np.int64), counted, "Int64")
+    out["syn_retransmits"] = _masked(get("syn_retrans").astype(np.int64), counted, "Int64")
+    out["recoveries"] = _masked(get("recoveries").astype(np.int64), cong, "Int64")
+    out["losses"] = _masked(get("losses").astype(np.int64), cong, "Int64")
+    mask = np.where(has, get("health_mask"), 0)
+    values = np.stack([get(f"h_{nm}") for nm in TCP_SOCK_HEALTH], axis=1)
+    for c, (v, ok) in health.fold_columns(mask, values).items():
+        out[c] = pd.Series(v, index=frame.index).where(ok) if v.dtype.kind == "f" else \
+            pd.Series(pd.array(v, dtype="Int64"), index=frame.index).where(ok)
+    cg = get("cgroup_id")
+    owned = has & (get("owner_src") < SRC_NONE) & (cg != 0)
+    out["cgroup_id"] = _masked(cg, owned, "UInt64")
+    paths = lives["cgroup"].to_pylist()
+    homes: dict = {}
+    for c in containers.COLUMNS[1:]:
+        out[c] = [None] * n
+    for i in np.flatnonzero(owned).tolist():
+        p = paths[rows[i]]
+        if p is None:
+            continue
+        h = homes.get(p)
+        if h is None:
+            h = homes[p] = containers.classify(p).columns()
+        for c in containers.COLUMNS[2:]:
+            out[c][i] = h[c]
+        out["cgroup"][i] = p
+    for c in containers.COLUMNS[1:]:
+        out[c] = pd.Series(out[c], index=frame.index, dtype=object)
+    return frame.assign(**out)
 
 
 def _io_only(col: Columns, events, rows: np.ndarray, ids: np.ndarray, mono_to_wall_ns: int) -> pd.DataFrame:
@@ -271,7 +350,8 @@ def _with_rows(frame: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
     union of both sets of categories)."""
     out = {}
     for name in frame.columns:
-        a, b = frame[name], more[name]
+        a = frame[name]
+        b = more[name] if name in more.columns else pd.Series([None] * len(more), dtype=object)
         if isinstance(a.dtype, pd.CategoricalDtype):
             cats, theirs = a.cat.categories, b.cat.categories
             new = theirs[~theirs.isin(cats)]

@@ -24,15 +24,21 @@ import pyarrow.ipc as ipc
 
 from . import __version__
 from .probes.decode import events_array
-from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, SRC_NONE, V1_FIELD_NAMES
+from .probes.btf import TCP_SOCK_HEALTH
+from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, SRC_NONE, V1_FIELD_NAMES
 
-SCHEMA_VERSION = 2  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
+SCHEMA_VERSION = 3  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
+# 3: what only the fold knows of each ended connection (its LIFE record: the owner's cgroup,
+#    retransmits as they happened, health at the end) in batches of their own (LIVES_KEY)
 KEY = b"tcplife_trace"          # schema metadata: the recording's header (JSON)
 END_KEY = "tcplife_trace.end"   # metadata of the closing batch: the exit summary (JSON)
 # metadata of an empty batch: one sock_diag snapshot, its sockets as the detectors read them
 # (an Arrow IPC stream, zstd) and its time, namespaces' counters and sysctls (JSON)
 SNAP_KEY = "tcplife_trace.snapshot"
 SNAP_META_KEY = "tcplife_trace.snapshot_meta"
+# metadata of an empty batch: the fold's extras of connections that ended (LIVES_TYPES rows, an
+# Arrow IPC stream, zstd), written with the events flushed at the same time
+LIVES_KEY = "tcplife_trace.lives"
 # an event given to the writer is on the disk (fsynced) within FLUSH_SECONDS; the flusher
 # thread looks every FLUSH_TICK, and writes early once FLUSH_EVENTS are pending
 FLUSH_SECONDS = 0.5
@@ -50,6 +56,43 @@ _ARROW_TYPES = ARROW_TYPES
 _V1_TYPES = {n: _ARROW_TYPES[n] for n in V1_FIELD_NAMES}
 assert all(EVENT_DTYPE[n].itemsize == (t.byte_width if pa.types.is_fixed_size_binary(t) else t.bit_width // 8)
            for n, t in _ARROW_TYPES.items())  # each column's bytes are its Arrow values
+
+
+# one row per LIFE record (analysis/lifecycle.py FOLD_EXTRAS, raw as the kernel gave them):
+# conn_id is its generation; cgroup the cgroup's path, resolved when it was recorded (None: gone)
+_HEALTH_NAMES = [f"h_{n}" for n in TCP_SOCK_HEALTH]
+LIVES_TYPES = {"conn_id": pa.uint64(), "owner_src": pa.uint8(), "cgroup_id": pa.uint64(), "cgroup": pa.string(),
+               "lflags": pa.uint8(), "retrans": pa.uint32(), "syn_retrans": pa.uint16(),
+               "recoveries": pa.uint16(), "losses": pa.uint16(), "health_mask": pa.uint32(),
+               **{n: pa.uint64() for n in _HEALTH_NAMES}}
+LIVES_SCHEMA = pa.schema([pa.field(n, t) for n, t in LIVES_TYPES.items()])
+
+
+def lives_table(lives: np.ndarray, resolve=None) -> pa.Table:
+    """LIFE records (LIFE_DTYPE) as LIVES_TYPES rows; resolve: cgroup id -> path (None: not
+    resolved)."""
+    agg = lives["agg"]
+    cols = {"conn_id": lives["ev"]["gen"], "owner_src": agg["owner_src"], "cgroup_id": agg["cgroup_id"]}
+    ids = agg["cgroup_id"]
+    paths = [None] * len(lives)
+    if resolve is not None:
+        known = {int(i): resolve(int(i)) for i in np.unique(ids) if i}
+        paths = [known.get(int(i)) for i in ids.tolist()]
+    arrays = [pa.array(np.ascontiguousarray(v), type=LIVES_TYPES[k]) for k, v in cols.items()]
+    arrays.append(pa.array(paths, type=pa.string()))
+    for k in ("lflags", "retrans", "syn_retrans", "recoveries", "losses", "health_mask"):
+        arrays.append(pa.array(np.ascontiguousarray(agg[k]), type=LIVES_TYPES[k]))
+    health = agg["health"]
+    arrays += [pa.array(np.ascontiguousarray(health[:, i]), type=pa.uint64()) for i in range(len(_HEALTH_NAMES))]
+    return pa.Table.from_arrays(arrays, schema=LIVES_SCHEMA)
+
+
+def _lives_blob(tables: list) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, LIVES_SCHEMA, options=ipc.IpcWriteOptions(compression="zstd")) as w:
+        for t in tables:
+            w.write_table(t)
+    return sink.getvalue().to_pybytes()
 
 
 def _zero_column(typ, n: int) -> pa.Array:
@@ -216,6 +259,9 @@ class RecordingWriter:
         self._io = threading.RLock()    # the file
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        self._pending_lives: list[np.ndarray] = []  # LIFE records, written with the events
+        self.lives = 0              # LIFE records given to it
+        self._resolver = None       # cgroup id -> path (containers.Resolver), made at first use
         self._oldest = 0.0              # when the oldest pending event was given (monotonic)
         self.events = 0             # events given to it
         self.written = 0            # events in the file, fsynced
@@ -250,9 +296,23 @@ class RecordingWriter:
         # kept as it is until written (the caller's own array, never changed after: a Batch's)
         self._add_blob(np.ascontiguousarray(events), len(events))
 
+    def add_lives(self, lives: np.ndarray) -> None:
+        """LIFE records (LIFE_DTYPE: a stream Batch's `lives`): what only the kernel's fold knows
+        of each connection that ended (cgroup, retransmits, health), written with the events
+        pending at the same time (on the disk within FLUSH_SECONDS too)."""
+        if self.failed or not len(lives):
+            return
+        if lives.dtype != LIFE_DTYPE:
+            raise TypeError(f"add_lives takes LIFE_DTYPE records, not {lives.dtype}")
+        with self._lock:
+            if not self._pending and not self._pending_lives:
+                self._oldest = time.monotonic()
+            self._pending_lives.append(lives)
+            self.lives += len(lives)
+
     def _add_blob(self, blob, n: int) -> None:
         with self._lock:
-            if not self._pending:
+            if not self._pending and not self._pending_lives:
                 self._oldest = time.monotonic()
             self._pending.append(blob)
             self._pending_bytes += n * EVENT_SIZE
@@ -268,7 +328,7 @@ class RecordingWriter:
             self._wake.wait(FLUSH_TICK)
             self._wake.clear()
             with self._lock:
-                due = self._pending and (time.monotonic() - self._oldest >= FLUSH_SECONDS - FLUSH_TICK
+                due = (self._pending or self._pending_lives) and (time.monotonic() - self._oldest >= FLUSH_SECONDS - FLUSH_TICK
                                          or self._pending_bytes >= FLUSH_EVENTS * EVENT_SIZE)
             if due and not self._stopping:
                 try:
@@ -308,13 +368,24 @@ class RecordingWriter:
     def _write_pending(self) -> bool:
         with self._lock:
             blobs, self._pending, self._pending_bytes = self._pending, [], 0
-        if not blobs:
-            return True
-        blob = b"".join(blobs)  # (bytes and EVENT_DTYPE arrays alike)
-        if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
-            return False
-        self._unsynced += len(blob) // EVENT_SIZE
+            lives, self._pending_lives = self._pending_lives, []
+        if blobs:
+            blob = b"".join(blobs)  # (bytes and EVENT_DTYPE arrays alike)
+            if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
+                return False
+            self._unsynced += len(blob) // EVENT_SIZE
+        if lives:  # after the events written with them: a LIFE record follows its CLOSE
+            meta = {LIVES_KEY: _lives_blob([lives_table(x, self._cgroup_path) for x in lives])}
+            if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, b""), custom_metadata=meta)):
+                return False
         return True
+
+    def _cgroup_path(self, cgroup_id: int) -> str | None:
+        """The cgroup's path now (it may be gone by the time the recording is read)."""
+        if self._resolver is None:
+            from .containers import Resolver
+            self._resolver = Resolver()
+        return self._resolver.path_of(cgroup_id)
 
     def _sync(self) -> bool:
         if self._writing(lambda: (self._file.flush(), os.fsync(self._file.fileno()))):
@@ -474,8 +545,9 @@ def check(path: str) -> None:
             _checked_stream(f, path, size)
 
 
-def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
-    """(header, events table, exit summary or None, warnings, snapshots as (meta, sockets frame)).
+def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list, pa.Table]:
+    """(header, events table, exit summary or None, warnings, snapshots as (meta, sockets frame),
+    the connections' fold extras as LIVES_TYPES rows).
     Raises RecordingError."""
     f, size = _open(path)
     with f:
@@ -483,7 +555,7 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
         # a frame uses are ever touched (a 10M-event recording is 1.3 GB)
         src = _mapped(f, path, size)
         reader, head = _checked_stream(src, path, size)
-        batches, end, warnings, snaps = [], None, [], []
+        batches, end, warnings, snaps, lives = [], None, [], [], []
         while True:
             try:
                 batch, custom = reader.read_next_batch_with_custom_metadata()
@@ -498,6 +570,16 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
                     snaps.append(_snapshot(custom))
                 except (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError, MemoryError):
                     warnings.append(f"{path}: an unreadable socket snapshot (skipped)")
+            if custom and LIVES_KEY.encode() in custom:
+                try:
+                    t = ipc.open_stream(pa.py_buffer(custom[LIVES_KEY.encode()])).read_all()
+                    t.validate(full=True)
+                    if t.schema.remove_metadata() != LIVES_SCHEMA:
+                        raise ValueError("other columns")
+                    lives.append(t)
+                except (pa.ArrowException, OSError, ValueError):
+                    warnings.append(f"{path}: an unreadable batch of connection folds (skipped: those "
+                                    "connections' health, retransmits and cgroup are NA)")
             if custom and END_KEY.encode() in custom:
                 try:
                     end = json.loads(custom[END_KEY.encode()])
@@ -516,7 +598,14 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list]:
     table = pa.Table.from_batches(batches, schema=reader.schema)
     if table.num_columns < len(_ARROW_TYPES):
         table = _upgraded(table)
-    return head, table, end, warnings, snaps
+    return head, table, end, warnings, snaps, _one_lives(lives)
+
+
+def _one_lives(tables: list) -> pa.Table:
+    """The LIVES_TYPES rows of a file (none before schema 3), one per connection id (the last)."""
+    if not tables:
+        return LIVES_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
 
 
 def _snapshot(custom) -> tuple:
@@ -576,6 +665,15 @@ class Recording:
         return rec
 
     def _combine(self, loaded: list) -> None:
+        # each file's fold extras (LIVES_TYPES rows; none in a text import or an in-memory
+        # recording), their connection ids tagged by file as the events' are below
+        lives = [x[5] if len(x) > 5 else LIVES_SCHEMA.empty_table() for x in loaded]
+        loaded = [tuple(x[:5]) for x in loaded]
+        if len(lives) > 1:
+            import pyarrow.compute as pc
+            lives = [t if not i or not t.num_rows else t.set_column(0, "conn_id", pc.add(
+                t["conn_id"], pa.scalar(i << 48, pa.uint64()))) for i, t in enumerate(lives)]
+        self.lives = pa.concat_tables(lives) if len(lives) > 1 else lives[0]
         self.headers = [h for h, _, _, _, _ in loaded]
         self.ends = [e for _, _, e, _, _ in loaded]
         self.warnings = [w for _, _, _, ws, _ in loaded for w in ws]
@@ -654,7 +752,7 @@ class Recording:
             from .analysis.end_rules import ResetReasons
             self._all_lifecycles = conform("lifecycles", lifecycles(
                 self.events, self.mono_to_wall_ns, self.columns(),
-                rst_reasons=[ResetReasons.from_header(h) for h in self.headers]))
+                rst_reasons=[ResetReasons.from_header(h) for h in self.headers], lives=self.lives))
         return self._all_lifecycles
 
     def _kept_ids(self):

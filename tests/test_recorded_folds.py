@@ -1,0 +1,118 @@
+"""Recordings carry what only the kernel's fold knows of each connection (schema 3: its LIFE
+record's cgroup, retransmits and health at the end, in batches of their own); the offline
+lifecycles frame has the same handshake, health, retransmit and cgroup columns as the live
+lifecycles, and a recording without them (schema 2) loads with those columns NA."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tcplife_trace import load, recording, views
+from tcplife_trace.analysis.lifecycle import take_fold_extras_batch
+from tcplife_trace.live import LiveSession
+from tcplife_trace.probes import health
+from tcplife_trace.probes.event_layout import LIFE_DTYPE
+from tcplife_trace.probes.tcp_states import TcpState as S
+from tcplife_trace.recording import RecordingWriter
+
+
+def _aborted_pairs(n: int) -> list[int]:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    ports = []
+    for _ in range(n):
+        c = socket.create_connection(lsock.getsockname())
+        a, _ = lsock.accept()
+        c.sendall(b"hello")
+        a.recv(5)
+        a.sendall(b"x" * 3000)
+        c.recv(3000, socket.MSG_WAITALL)
+        ports.append(c.getsockname()[1])
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        a.close()
+    lsock.close()
+    return ports
+
+
+@pytest.mark.privileged
+def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
+    path = str(tmp_path / "folds.arrow")
+    offset = time.time_ns() - time.monotonic_ns()
+    w = RecordingWriter(path, recording.header("none", offset))
+    closed = []
+    s = LiveSession(recorder=w, on_close=closed.append, wall_offset_ns=offset)
+    real = s._take_batch
+
+    def take_batch(batch, *args, **kw):  # the wiring: a batch's LIFE records recorded, and joined
+        real(batch, *args, **kw)
+        w.add_lives(batch.lives)
+        take_fold_extras_batch(s.tracker.live, batch.lives)
+    s._take_batch = take_batch
+    try:
+        ports = _aborted_pairs(5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(lc.lport in ports for lc in closed) < 5:
+            s.poll(50)
+    finally:
+        report = s.stop()
+        w.close(report)
+    live = {lc.conn_id: lc for lc in closed if lc.lport in ports}
+    assert len(live) == 5 and w.lives >= 5
+    rec = load(path)
+    assert rec.header["schema_version"] == recording.SCHEMA_VERSION == 3 and rec.warnings == []
+    assert set(live) <= set(rec.lives["conn_id"].to_pylist())
+    frame = rec.lifecycles().set_index("conn_id")
+    mine = open("/proc/self/cgroup").read().strip().split("::", 1)[1]
+    for cid, lc in live.items():
+        r = frame.loc[cid]
+        want = views.lifecycle_record(lc, s.clock)
+        assert lc.health_raw is not None and want["rtt_ms"] is not None
+        for c in health.COLUMNS:
+            assert (None if pd.isna(r[c]) else r[c]) == want[c], c
+        assert r["retransmits"] == lc.retrans == 0 and r["syn_retransmits"] == 0 and r["losses"] == 0
+        assert r["cgroup_id"] == lc.cgroup_id and r["cgroup"] == mine
+        assert r["handshake_ms"] == pytest.approx(lc.state_ns[S.SYN_SENT] / 1e6) == want["handshake_ms"]
+        assert r["data_segs_out"] == 1 and r["data_segs_in"] == 1  # (its hello and the 3000 bytes back)
+    # its accepted peer: a handshake of SYN_RECV's time
+    passive = frame[frame["rport"].isin(ports)]
+    assert len(passive) == 5 and passive["handshake_ms"].notna().all()
+    assert passive["rtt_ms"].notna().all() and (passive["cgroup"] == mine).all()
+
+
+def test_a_recording_without_folds_loads_with_them_na(tmp_path):
+    """Schema 2 (events only): the fold's columns are there, NA; a lives batch that does not
+    read is skipped with a warning, not a failure."""
+    head = dict(recording.header("none", 0), schema_version=2)
+    p = str(tmp_path / "v2.arrow")
+    w = RecordingWriter(p, head)
+    from tcplife_trace.probes.decode import events_array
+    ev = [(1_000, 0xA, 7, 0, 0, 1, 10, 10, 0, 0, 0, 80, 2, 1, 7, 2, 0x04, bytes(16), bytes(16), b"c".ljust(16, b"\0"), 0),
+          (2_000, 0xA, 7, 0, 0, 1, 10, 10, 0, 0, 4000, 80, 2, 1, 2, 1, 0x04, bytes(16), bytes(16), b"c".ljust(16, b"\0"), 1)]
+    w.add_batch(events_array(ev))
+    w.close({})
+    rec = load(p)
+    lc = rec.lifecycles()
+    assert len(lc) == 1 and rec.lives.num_rows == 0
+    assert lc["handshake_ms"].iloc[0] == pytest.approx(1e-3)  # from the events alone: 1 us in SYN_SENT
+    for c in ("rtt_ms", "total_retrans", "retransmits", "cgroup_id", "cgroup", "container_id"):
+        assert lc[c].isna().all(), c
+    # a LIFE batch: recorded, read back as its rows
+    p3 = str(tmp_path / "v3.arrow")
+    w = RecordingWriter(p3, recording.header("none", 0))
+    w.add_batch(events_array(ev))
+    lives = np.zeros(1, LIFE_DTYPE)
+    lives["ev"]["gen"], lives["agg"]["retrans"], lives["agg"]["lflags"] = 7, 3, 0x20
+    lives["agg"]["health_mask"], lives["agg"]["health"][0, 0] = 1, 8 * 1500  # srtt_us << 3: 1.5 ms
+    lives["agg"]["owner_src"] = 5  # no owner: no cgroup
+    w.add_lives(lives)
+    w.close({})
+    lc = load(p3).lifecycles()
+    assert lc["retransmits"].iloc[0] == 3 and lc["rtt_ms"].iloc[0] == 1.5
+    assert lc["min_rtt_ms"].isna().all() and lc["cgroup_id"].isna().all()
+    assert os.path.getsize(p3) > os.path.getsize(p)

@@ -18,7 +18,7 @@ from .end_rules import ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT, RST_REASONS  
 # END_REASONS stay importable from here
 from .rules import (ACTING, BIRTHS, CLOSERS, END_REASONS, OWNER_RANK, OWNER_SOURCES, ROLES, SRC_NONE,  # noqa: F401
                     enters_time_wait, guess_role)
-from ..probes.event_layout import HEALTH_N, PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
+from ..probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
 from ..probes.filters import Filters
 from ..probes.tcp_states import TcpState as S
 
@@ -45,7 +45,7 @@ _F_EOF = int(Flag.EOF)
 (_I_CGROUP, _I_RETRANS, _I_SYN_RETRANS, _I_RECOVERIES, _I_LOSSES, _I_HEALTH_MASK, _I_HEALTH) = (
     dec.LIFE_INDEX[k] for k in ("cgroup_id", "retrans", "syn_retrans", "recoveries", "losses", "health_mask", "health"))
 _L_RETRANS, _L_CONG = int(LifeFlag.RETRANS), int(LifeFlag.CONG)
-_HEALTH_END = _I_HEALTH + HEALTH_N
+
 DEFAULT_HOLD_NS = 50_000_000  # trailing events (reset sent, errno) arrive right after CLOSE
 DEFAULT_MAX_OPEN = 262_144
 
@@ -59,7 +59,7 @@ class Lifecycle:
         "last_ns", "listener_pid", "listener_comm", "view_cache", "seq", "first_seq", "first_ts", "early",
         # the kernel's fold adds (a LIFE record; None: not known, as from events alone): the owner's
         # cgroup v2 id, retransmits counted as they happened, and tcp_sock's health at the end as
-        # (health_mask, raw values in btf.TCP_SOCK_HEALTH order): probes/health.from_fold makes the columns
+        # (health_mask, health[] as its bytes, btf.TCP_SOCK_HEALTH order): probes/health.from_fold makes the columns
         "cgroup_id", "retrans", "syn_retrans", "recoveries", "losses", "health_raw",
     )
 
@@ -735,7 +735,7 @@ def take_fold_extras(lc: Lifecycle, rec: tuple) -> None:
     if lflags & _L_CONG:
         lc.recoveries, lc.losses = rec[_I_RECOVERIES], rec[_I_LOSSES]
     if rec[_I_HEALTH_MASK]:
-        lc.health_raw = (rec[_I_HEALTH_MASK], rec[_I_HEALTH:_HEALTH_END])
+        lc.health_raw = (rec[_I_HEALTH_MASK], rec[_I_HEALTH])  # (health[] as bytes: health.from_fold)
 
 
 def take_fold_extras_batch(lifecycles: dict, lives) -> int:

@@ -144,7 +144,9 @@ def as_ev(ev: tuple) -> Ev:
 # pids[4], rst_reason, owner_comm, state_mask, owner_src, npids, path_len, rst_state,
 # lflags, gaps, gap_had, gap_got, path, listener_pid, listener_comm, cgroup_id, retrans,
 # syn_retrans, recoveries, losses, health_mask, health[HEALTH_N])
-AGG_FMT = struct.Struct(f"<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16sQIHHH2xI{HEALTH_N}Q")
+# (health[] stays one bytes value: most records are never asked for it, and a tuple of 18 ints
+# per record is the decode's cost; health.from_fold unpacks it)
+AGG_FMT = struct.Struct(f"<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16sQIHHH2xI{HEALTH_N * 8}s")
 _LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
 assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
 N_EV_FIELDS = len(Ev._fields)
@@ -153,7 +155,7 @@ _AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), (
               ("rst_reason", 1), ("owner_comm", 1), ("state_mask", 1), ("owner_src", 1), ("npids", 1),
               ("path_len", 1), ("rst_state", 1), ("lflags", 1), ("gaps", 1), ("gap_had", 1), ("gap_got", 1),
               ("path", 1), ("listener_pid", 1), ("listener_comm", 1), ("cgroup_id", 1), ("retrans", 1),
-              ("syn_retrans", 1), ("recoveries", 1), ("losses", 1), ("health_mask", 1), ("health", HEALTH_N)]
+              ("syn_retrans", 1), ("recoveries", 1), ("losses", 1), ("health_mask", 1), ("health", 1)]
 LIFE_INDEX: dict[str, int] = {}
 _at = N_EV_FIELDS
 for _name, _n in _AGG_SLOTS:

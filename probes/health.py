@@ -112,6 +112,8 @@ def from_fold(raw: tuple | None) -> dict[str, float | int | None]:
         return dict(_NO_HEALTH)
 
     mask, values = raw
+    if isinstance(values, (bytes, bytearray)):  # (a decoded LIFE record's health[], as it came)
+        values = struct.unpack(f"<{len(values) // 8}Q", values)
     return from_tcp_sock({name: v if mask >> i & 1 else None
                           for i, (name, v) in enumerate(zip(TCP_SOCK_HEALTH, values))})
 

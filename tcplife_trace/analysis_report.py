@@ -95,6 +95,55 @@ def peer_health(snapshots: pd.DataFrame) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
+def peer_health_at_close(lifecycles: pd.DataFrame) -> pd.DataFrame:
+    """Per peer address, from each connection's health read by the kernel at its CLOSE and its
+    handshake (the lifecycles frame, recordings of schema 3): connections with health, median
+    and largest smoothed RTT at close, the smallest min RTT, segments retransmitted
+    (total_retrans) and retransmits counted as they happened summed, how many connections
+    retransmitted, and handshake ms at p50/p90/p99. Slowest first; empty without such columns."""
+    cols = ["raddr", "connections", "rtt_ms_median", "rtt_ms_max", "min_rtt_ms", "total_retrans",
+            "retransmits", "retransmitting", "handshake_ms_p50", "handshake_ms_p90", "handshake_ms_p99"]
+    if "rtt_ms" not in lifecycles:
+        return pd.DataFrame(columns=cols)
+    have = lifecycles[lifecycles["rtt_ms"].notna() | lifecycles["total_retrans"].notna()
+                      | lifecycles["handshake_ms"].notna()]
+    have = have[have["raddr"].notna()]
+    if have.empty:
+        return pd.DataFrame(columns=cols)
+    g = have.groupby("raddr", observed=True, sort=False)
+    hs = g["handshake_ms"]
+    out = pd.DataFrame({
+        "connections": g.size(), "rtt_ms_median": g["rtt_ms"].median(), "rtt_ms_max": g["rtt_ms"].max(),
+        "min_rtt_ms": g["min_rtt_ms"].min(), "total_retrans": g["total_retrans"].sum(min_count=1),
+        "retransmits": g["retransmits"].sum(min_count=1),
+        "retransmitting": g["total_retrans"].apply(lambda v: int((v.fillna(0) > 0).sum())),
+        "handshake_ms_p50": hs.quantile(0.5), "handshake_ms_p90": hs.quantile(0.9),
+        "handshake_ms_p99": hs.quantile(0.99),
+    }).reset_index()
+    out["raddr"] = out["raddr"].astype(str)
+    return out.sort_values("rtt_ms_median", ascending=False, na_position="last", kind="stable")[cols] \
+        .reset_index(drop=True)
+
+
+def _close_health_text(lifecycles: pd.DataFrame) -> list[str]:
+    peers = peer_health_at_close(lifecycles)
+    if peers.empty:
+        return []
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    out = [f"\nslowest peers by RTT at close (the kernel's read of each connection's tcp_sock; top {TOP})",
+           peers.head(TOP).to_string(index=False, float_format=fmt)]
+    retrans = peers[peers.total_retrans.fillna(0) > 0].sort_values("total_retrans", ascending=False, kind="stable")
+    if len(retrans):
+        out.append(f"\nmost retransmits per peer at close (top {TOP})")
+        out.append(retrans.head(TOP).to_string(index=False, float_format=fmt))
+    slow = peers[peers.handshake_ms_p50.notna()].sort_values("handshake_ms_p90", ascending=False, kind="stable")
+    if len(slow):
+        out.append(f"\nhandshake ms per peer, slowest p90 first (top {TOP})")
+        out.append(slow.head(TOP)[["raddr", "connections", "handshake_ms_p50", "handshake_ms_p90",
+                                   "handshake_ms_p99"]].to_string(index=False, float_format=fmt))
+    return out
+
+
 def _health_text(snapshots: pd.DataFrame) -> list[str]:
     peers = peer_health(snapshots)
     if peers.empty:
@@ -187,6 +236,7 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
         if len(still):
             out.append(f"\nopen at the end of the recording ({len(still)})")
             out.append(still[cols[:-2] + ["start"]].head(TOP).to_string(index=False))
+    out += _close_health_text(lc)
     out += _health_text(f["snapshots"])
     lk = f["leaks"]
     out.append(f"\nfindings ({len(lk)})" + ("" if len(lk) else ": none"))

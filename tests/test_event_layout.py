@@ -2,6 +2,7 @@
 import random
 import re
 import shutil
+import struct
 import subprocess
 
 import numpy as np
@@ -98,7 +99,9 @@ def test_life_decoder_agrees_with_ctypes():
                 continue
             want = getattr(a, name)
             got = t[i[name]]
-            if name in ("state_ns", "pids", "health"):
+            if name == "health":
+                got, want = list(struct.unpack(f"<{len(want)}Q", got)), list(want)
+            elif name in ("state_ns", "pids"):
                 got, want = list(t[i[name]:i[name] + len(want)]), list(want)
             elif name in ("owner_comm", "listener_comm"):
                 got = got.split(b"\0")[0]  # ctypes cuts c_char arrays at the NUL

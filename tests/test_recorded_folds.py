@@ -83,6 +83,15 @@ def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
     passive = frame[frame["rport"].isin(ports)]
     assert len(passive) == 5 and passive["handshake_ms"].notna().all()
     assert passive["rtt_ms"].notna().all() and (passive["cgroup"] == mine).all()
+    # analyze: per peer, RTT at close, retransmits, handshake percentiles
+    from tcplife_trace import analysis_report
+    mine_rows = rec.lifecycles()
+    mine_rows = mine_rows[mine_rows.lport.isin(ports) | mine_rows.rport.isin(ports)]
+    (row,) = analysis_report.peer_health_at_close(mine_rows).itertuples()
+    assert row.raddr == "127.0.0.1" and row.connections == 10 and row.retransmits == 0
+    assert row.rtt_ms_median == mine_rows.rtt_ms.median()
+    assert row.handshake_ms_p50 == pytest.approx(mine_rows.handshake_ms.median())
+    assert "handshake ms per peer" in "\n".join(analysis_report._close_health_text(mine_rows))
 
 
 def test_a_recording_without_folds_loads_with_them_na(tmp_path):

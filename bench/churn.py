@@ -329,7 +329,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the table shows medians")
     ap.add_argument("--clients", type=int, default=2, help="client processes of the native load")
     ap.add_argument("--servers", type=int, default=2, help="server processes of the native load")
-    ap.add_argument("--only", help="comma list of tool name substrings to run")
+    ap.add_argument("--only", help="comma list of tool name substrings to run (=NAME: that name exactly, "
+                    "e.g. =tcplife-trace for the default view alone)")
     ap.add_argument("--load", type=int, help=argparse.SUPPRESS)  # internal: the Python churn, here
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -343,7 +344,8 @@ def main() -> int:
         print("bench: --seconds 1-600, --rounds 1-20", file=sys.stderr)
         return 2
     selected = [t for t in tools() if t.available()
-                and (not args.only or "floor" in t.name or any(s in t.name for s in args.only.split(",")))]
+                and (not args.only or "floor" in t.name or any(s[1:] == t.name if s.startswith("=") else s in t.name
+                                                                for s in args.only.split(",")))]
     missing = [t.name for t in tools() if not t.available()]
     results: dict[str, list[dict]] = {t.name: [] for t in selected}
     untraced: list[float] = []

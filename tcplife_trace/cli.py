@@ -310,10 +310,26 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     def on_close(lc):
         add(fmt(lifecycle_record(lc, holder["s"].clock)) if records else view.lifecycle(lc))
 
+    # the per-transition views from each batch's columns and the kernel's fold (batch_views),
+    # when no filter needs the tracker's per-connection verdict: the tracker then follows the
+    # folds and the few events the kernel does not fold (LiveSession.folds_only)
+    columns = None
+    if not lifecycles and not quiet and not settings.filters.active():
+        from .batch_views import ColumnTransitions
+        columns = ColumnTransitions()
+
     def flush():
         if pending:
             sys.stdout.write("\n".join(pending) + "\n")
             pending.clear()
+        data = columns.take() if columns is not None else b""
+        if data:  # one write per poll
+            out = getattr(sys.stdout, "buffer", None)
+            if out is None:
+                sys.stdout.write(data.decode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+            else:
+                sys.stdout.flush()  # (the header, written as text)
+                out.write(data)
         sys.stdout.flush()
 
     def on_loss(new, total, why):
@@ -341,10 +357,17 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     from .session import Session
     session = Session(settings, poll_interval_s=poll_interval, thresholds=thresholds, metrics=metrics,
                       recorder=recorder, wall_offset_ns=wall_offset,
-                      on_transition=None if lifecycles or quiet else on_transition,
+                      on_transition=None if lifecycles or quiet or columns is not None else on_transition,
                       on_close=on_close if lifecycles and not quiet else None, on_loss=on_loss,
-                      on_finding=say_finding, on_notice=say_notice, on_recorder_failed=say_recorder_failed)
+                      on_finding=say_finding, on_notice=say_notice, on_recorder_failed=say_recorder_failed,
+                      on_batch=columns.on_batch if columns is not None else None)
     holder["s"] = session
+    if columns is not None:
+        from .batch_views import BatchFormatter
+        columns.fmt = BatchFormatter(session.clock, "json" if as_json else "csv" if as_csv else "text",
+                                     wide=wide, hms=hms, seconds=seconds, csv_rows=fmt if as_csv else None,
+                                     encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors or "strict")
+        columns.attach(session.live)
     if metrics is not None:
         try:
             session.serve_metrics(metrics_port, metrics_addr)
@@ -371,6 +394,10 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         # the reader went away (e.g. `| head`): stop quietly, still summarise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         report = session.stop()
+    if columns is not None and columns.unmatched:
+        click.echo(f"tcplife-trace: warning: {columns.unmatched} transitions of sockets the full connection map "
+                   "had no entry for were printed without their owner and time in the old state (the "
+                   "tracker's line for them was not found)", err=True)
     click.echo(summary_text(report), err=True)
     if as_json:
         click.echo(json.dumps({"type": "summary", **report}), err=True)

@@ -19,6 +19,8 @@ from .program import LoadedProgram
 from .ringbuf import RingBufferReader
 
 HOLDBACK_NS = 20_000_000  # event time a spilled event may lag the ring events around it
+PACE_S = 0.01     # reads at most this often...
+PACE_FILL = 0.25  # ...while both rings are less full than this
 KIND_NAMES = {k.value: k.name.lower() for k in EventKind}
 _LIFE = int(EventKind.LIFE)
 _NO_EVENTS = np.empty(0, dtype=EVENT_DTYPE)
@@ -269,6 +271,9 @@ class EventStream:
         self.reader.watch(lfd)
         self.tuple_lives = program.source.mode != "stream"
         self.merge = OrderedMerge(holdback_ns)
+        self.pace_s = PACE_S
+        self._last_read = 0.0
+        self._read_full = False
         # perf's own count of the records the overflow buffer refused: the same drops the
         # kernel side counts per kind (STAT_DROPPED), reported late and without a kind, so
         # a cross-check, never added to the losses
@@ -329,6 +334,8 @@ class EventStream:
         # read next are at least as far on (the time cut releases a record with its events)
         lblob = self.lives_reader.read_array()
         blob = self.reader.read_array()
+        # a read that took all it may (max_batch) left more waiting: the next is not paced
+        self._read_full = len(blob) >= self.reader.max_batch or len(lblob) >= self.lives_reader.max_batch
         if not len(blob) and not len(lblob):
             return False
         events = split_records(blob, EVENT_SIZE)[0] if len(blob) else _NO_EVENTS
@@ -361,9 +368,17 @@ class EventStream:
 
     def poll_batch(self, timeout_ms: int) -> Batch:
         """The next records, waiting up to timeout_ms (one ring read: up to the reader's
-        max_batch records)."""
+        max_batch records). Reads are paced PACE_S apart while the rings are less than
+        PACE_FILL full: each poll has a fixed cost, and a consumer that read whatever had
+        just arrived would spend it on a handful of records at a time, all its CPU at any
+        rate; paced, a busy second is read in ~100 batches of thousands."""
+        now = time.monotonic()
+        wait = self._last_read + self.pace_s - now
+        if wait > 0 and timeout_ms > 0 and not self._read_full and self.ring_fill() < PACE_FILL:
+            time.sleep(min(wait, timeout_ms / 1000))
         if not self.lives_reader.pending():
             self.reader.wait(timeout_ms)
+        self._last_read = time.monotonic()
         self._read_ring()
         return self._release(final=False)
 

@@ -181,7 +181,7 @@ def test_scrape_during_a_real_traced_workload():
         assert s[("tcplife_metrics_connections_total", ())] >= scrapes - 1
         # the tracer's own health
         # the events ring (16 MiB by default) and the folded records ring, half of it in the stream mode
-        assert s[("tcplife_ring_buffer_size_bytes", ())] == 4096 * 4096 * 3 // 2
+        assert s[("tcplife_ring_buffer_size_bytes", ())] == 4096 * 4096 * 2
         assert 0 < s[("tcplife_ring_buffer_peak_fill_ratio", ())] < 1
         assert s[("tcplife_conn_map_capacity", ())] == 65536
         assert 0 <= s[("tcplife_conn_map_entries", ())] <= 65536

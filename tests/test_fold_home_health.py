@@ -160,14 +160,15 @@ def test_passive_handshake_is_the_syn_recv_time():
         a, _ = lsock.accept()
         a.sendall(b"x")
         c.recv(1)
-        lport = c.getsockname()[1]
+        lport, sport = c.getsockname()[1], lsock.getsockname()[1]
         c.close()
         a.close()
         lsock.close()
-        assert t.wait(lambda: len([lc for lc in t.closed if lport in (lc.lport, lc.rport)]) == 2)
+        pair = lambda: [x for x in t.closed if (x.lport, x.rport) in ((lport, sport), (sport, lport))]  # noqa: E731
+        assert t.wait(lambda: len(pair()) == 2)
     finally:
         t.stop()
-    for lc in (x for x in t.closed if lport in (x.lport, x.rport)):
+    for lc in pair():
         st = S.SYN_SENT if lc.role == "active" else S.SYN_RECV
         assert t.record(lc)["handshake_ms"] == lc.state_ns[st] / 1e6, lc.role
         assert lc.cgroup_id == os.stat(_my_cgroup_dir()).st_ino  # this process's own cgroup
@@ -206,14 +207,15 @@ def test_btf_without_a_field_and_kernel_without_the_tracepoints(monkeypatch):
         a, _ = lsock.accept()
         c.sendall(b"hello")
         a.recv(5)
-        lport = c.getsockname()[1]
+        lport, sport = c.getsockname()[1], lsock.getsockname()[1]
         _abort(c)
-        assert t.wait(lambda: t.by_lport(lport))
+        ours = lambda: [lc for lc in t.by_lport(lport) if lc.rport == sport]  # noqa: E731
+        assert t.wait(ours)
         a.close()
         lsock.close()
     finally:
         t.stop()
-    (lc,) = t.by_lport(lport)
+    (lc,) = ours()
     h = health.from_fold(lc.health_raw)
     assert h["rtt_ms"] is None and h["rttvar_ms"] is not None  # the missing field alone is NA
     assert h["data_segs_out"] == 1 and h["min_rtt_ms"] is not None
@@ -250,6 +252,7 @@ def test_lifecycles_built_from_events_take_the_extras_from_their_life_records():
     s._take_batch = take_batch
     try:
         lsock = socket.create_server(("127.0.0.1", 0))
+        sport = lsock.getsockname()[1]
         ports = []
         for _ in range(5):
             c = socket.create_connection(lsock.getsockname())
@@ -261,11 +264,11 @@ def test_lifecycles_built_from_events_take_the_extras_from_their_life_records():
             a.close()
         lsock.close()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and sum(lc.lport in ports for lc in closed) < 5:
+        while time.monotonic() < deadline and sum(lc.lport in ports and lc.rport == sport for lc in closed) < 5:
             s.poll(50)
     finally:
         s.stop()
-    mine = {lc.conn_id: lc for lc in closed if lc.lport in ports}
+    mine = {lc.conn_id: lc for lc in closed if lc.lport in ports and lc.rport == sport}
     assert len(mine) == 5 and sum(taken) >= 5
     folded = {lc.conn_id: lc for lc in s.agg_lifecycles if lc.conn_id in mine}
     assert set(folded) == set(mine)

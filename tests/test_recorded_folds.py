@@ -22,8 +22,10 @@ from tcplife_trace.probes.tcp_states import TcpState as S
 from tcplife_trace.recording import RecordingWriter
 
 
-def _aborted_pairs(n: int) -> list[int]:
+def _aborted_pairs(n: int) -> tuple[list[int], int]:
+    """(the clients' ports, the listener's port) of n loopback connections the client aborted."""
     lsock = socket.create_server(("127.0.0.1", 0))
+    sport = lsock.getsockname()[1]
     ports = []
     for _ in range(n):
         c = socket.create_connection(lsock.getsockname())
@@ -37,7 +39,7 @@ def _aborted_pairs(n: int) -> list[int]:
         c.close()
         a.close()
     lsock.close()
-    return ports
+    return ports, sport
 
 
 @pytest.mark.privileged
@@ -55,14 +57,15 @@ def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
         take_fold_extras_batch(s.tracker.live, batch.lives)
     s._take_batch = take_batch
     try:
-        ports = _aborted_pairs(5)
+        ports, sport = _aborted_pairs(5)
+        ours = lambda: {lc.conn_id: lc for lc in closed if lc.lport in ports and lc.rport == sport}  # noqa: E731
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and sum(lc.lport in ports for lc in closed) < 5:
+        while time.monotonic() < deadline and len(ours()) < 5:
             s.poll(50)
     finally:
         report = s.stop()
         w.close(report)
-    live = {lc.conn_id: lc for lc in closed if lc.lport in ports}
+    live = ours()
     assert len(live) == 5 and w.lives >= 5
     rec = load(path)
     assert rec.header["schema_version"] == recording.SCHEMA_VERSION == 3 and rec.warnings == []
@@ -80,13 +83,14 @@ def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
         assert r["handshake_ms"] == pytest.approx(lc.state_ns[S.SYN_SENT] / 1e6) == want["handshake_ms"]
         assert r["data_segs_out"] == 1 and r["data_segs_in"] == 1  # (its hello and the 3000 bytes back)
     # its accepted peer: a handshake of SYN_RECV's time
-    passive = frame[frame["rport"].isin(ports)]
+    passive = frame[frame["rport"].isin(ports) & (frame["lport"] == sport)]
     assert len(passive) == 5 and passive["handshake_ms"].notna().all()
     assert passive["rtt_ms"].notna().all() and (passive["cgroup"] == mine).all()
     # analyze: per peer, RTT at close, retransmits, handshake percentiles
     from tcplife_trace import analysis_report
     mine_rows = rec.lifecycles()
-    mine_rows = mine_rows[mine_rows.lport.isin(ports) | mine_rows.rport.isin(ports)]
+    mine_rows = mine_rows[(mine_rows.lport.isin(ports) & (mine_rows.rport == sport))
+                          | (mine_rows.rport.isin(ports) & (mine_rows.lport == sport))]
     (row,) = analysis_report.peer_health_at_close(mine_rows).itertuples()
     assert row.raddr == "127.0.0.1" and row.connections == 10 and row.retransmits == 0
     assert row.rtt_ms_median == mine_rows.rtt_ms.median()

@@ -29,6 +29,7 @@ import numpy as np
 from ..probes import decode as dec
 from ..probes.decode import life_tuples
 from ..probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
+from ..probes.event_layout import LIFE_SIZE
 from ..probes.stream import Batch, _cat, _take
 from ..probes.tcp_states import TcpState as S
 from . import end_rules
@@ -38,6 +39,7 @@ _AGG, _BIRTH_UNSEEN, _NETNS = int(Flag.AGG), int(Flag.BIRTH_UNSEEN), int(Flag.NE
 _RST_RECEIVED, _RST_SENT, _DESTROYED, _LISTENER = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
                                                   int(LifeFlag.DESTROYED), int(LifeFlag.LISTENER))
 _ERROR = int(EventKind.ERROR)
+_RAW = np.dtype((np.void, LIFE_SIZE))
 _CLOSE = int(S.CLOSE)
 NONE = np.iinfo(np.int64).min  # the code of a None value in a ClosedRows column
 COUNT_EVERY_NS = 100_000_000  # the held records are counted this often (and at the end)
@@ -211,16 +213,28 @@ class FoldedCloses:
         self.end_reasons = end_reasons
         self.watchers = watchers
         self.hold_ns = tracker.hold_ns
-        self.held: np.ndarray | None = None  # records waiting for trailing events (LIFE_DTYPE)
+        self._chunks: list[np.ndarray] = []  # records waiting for trailing events (LIFE_DTYPE)
         self._next_count = 0
         self.counted = 0  # records counted here (not by the tracker)
         self.handed = 0   # records handed to the tracker
 
     def _hold(self, lives: np.ndarray) -> None:
-        if self.held is None or not len(self.held):
-            self.held = lives
-        else:
-            self.held = _cat(self.held, lives)
+        self._chunks.append(lives)  # joined when counted or searched, not at each batch
+
+    def _joined(self) -> np.ndarray | None:
+        if len(self._chunks) > 1:
+            self._chunks = [_cat(*self._chunks) if len(self._chunks) == 2 else
+                            np.concatenate([c.view(_RAW) for c in self._chunks]).view(self._chunks[0].dtype)]
+        return self._chunks[0] if self._chunks else None
+
+    @property
+    def held(self) -> np.ndarray | None:
+        """The records waiting for trailing events (LIFE_DTYPE), or None."""
+        return self._joined()
+
+    @held.setter
+    def held(self, value) -> None:
+        self._chunks = [value] if value is not None and len(value) else []
 
     def route(self, events: np.ndarray, lives: np.ndarray) -> list:
         """events: the batch's events the tracker follows (EVENT_DTYPE); lives: its LIFE
@@ -250,7 +264,7 @@ class FoldedCloses:
             held = mine & ~destroyed
             if held.any():
                 self._hold(_take(lives, held) if not held.all() else lives)
-        if len(events) and self.held is not None and len(self.held):
+        if len(events) and self._chunks and self._wants(events):
             promoted = self._followed(events)
             if promoted is not None:
                 to_tracker.append(promoted)
@@ -258,6 +272,12 @@ class FoldedCloses:
             _cat(*to_tracker) if to_tracker else lives[:0])
         self.handed += len(tracked)
         return Batch(events, tracked).tuples(True)
+
+    @staticmethod
+    def _wants(events: np.ndarray) -> bool:
+        """Could an event of these follow a held record (one with a generation, or an errno
+        report: by ports)?"""
+        return bool((events["gen"] != 0).any() or (events["kind"] == _ERROR).any())
 
     def _followed(self, events: np.ndarray):
         """The held records that an event of their connection follows, taken out of the hold."""
@@ -277,9 +297,9 @@ class FoldedCloses:
         """Count the records whose hold is over at now_ns; at most every COUNT_EVERY_NS
         unless at_once (each count has a fixed cost in numpy calls: a busy consumer polls
         small batches)."""
-        held = self.held
-        if held is None or not len(held) or (not at_once and now_ns < self._next_count):
+        if not self._chunks or (not at_once and now_ns < self._next_count):
             return
+        held = self.held
         self._next_count = now_ns + COUNT_EVERY_NS
         due = held["ev"]["ts_ns"].astype(np.int64) + self.hold_ns <= now_ns
         if due.all():

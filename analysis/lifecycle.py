@@ -821,6 +821,9 @@ def join_fold(lc: Lifecycle, fold: Lifecycle, rec: tuple):
     lc.incomplete += [note for note in fold.incomplete if note not in lc.incomplete]
     if lc.role == "unknown":
         lc.role = fold.role
+    for f in FOLD_EXTRAS:  # what only the kernel's fold counts (cgroup, retransmits, health)
+        if getattr(fold, f) is not None:
+            setattr(lc, f, getattr(fold, f))
     return times.items() if joined else None
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from . import losses
 from .analysis.closes import FoldedCloses
-from .analysis.lifecycle import DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition
+from .analysis.lifecycle import (DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition,
+                                 take_fold_extras_batch)
 from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
@@ -213,10 +214,21 @@ class LiveSession:
         """One batch (the start-up check's records read meanwhile first): to the recording
         (unless `recorded`: the pump wrote it), to on_batch, to the tracker."""
         early = self._take_early()
-        if self.recorder is not None and not recorded and len(batch.events):
-            self.recorder.add_batch(batch.events)  # the batch's columns as they are
+        if self.recorder is not None and not recorded:
+            self._record(batch)
         self._hand_out(batch.events)
         self._consume(early + self._tracked(batch))
+        if not self.folds_only and self.settings.mode != "aggregate" and len(batch.lives):
+            # lifecycles built from the events take what only the fold knows (cgroup,
+            # retransmits, health) from the LIFE records, while the tracker holds them closed
+            take_fold_extras_batch(self.tracker.live, batch.lives)
+
+    def _record(self, batch: Batch) -> None:
+        """The batch's columns as they are: its events, and its LIFE records' extras."""
+        if len(batch.events):
+            self.recorder.add_batch(batch.events)
+        if len(batch.lives):
+            self.recorder.add_lives(batch.lives)
 
     def _tracked(self, batch: Batch) -> list:
         """What the tracker follows, as tuples: every event (and in the aggregated modes the
@@ -281,8 +293,7 @@ class LiveSession:
             try:
                 while not done.is_set():
                     batch = self._without_own(self.stream.poll_batch(50))
-                    if len(batch.events):
-                        self.recorder.add_batch(batch.events)
+                    self._record(batch)
                     if len(batch):
                         backlog.append(batch)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread

@@ -44,7 +44,7 @@ def test_metrics_from_columns_equal_the_per_transition_ones():
         _run([s], rounds=4, workers=2)
     finally:
         report = s.stop()
-    assert report["events_lost"] == 0 or report["recursion_misses"]  # (a skipped run is the same to both)
+    assert report["events_lost"] == 0 or any((report["recursion_misses"] or {}).values())  # (a skipped run is the same to both)
     assert sum(objects.transitions.values()) >= 4 * sum(ROUND.values()) * 4 * 2  # the workload's, at the least
     assert columns.transitions == objects.transitions
     assert columns.opened == objects.opened

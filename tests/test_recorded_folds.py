@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from tcplife_trace import load, recording, views
-from tcplife_trace.analysis.lifecycle import take_fold_extras_batch
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import health
 from tcplife_trace.probes.event_layout import LIFE_DTYPE
@@ -48,14 +47,10 @@ def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
     offset = time.time_ns() - time.monotonic_ns()
     w = RecordingWriter(path, recording.header("none", offset))
     closed = []
+    # the session records each batch's LIFE records and joins them to the lifecycles it
+    # builds from the events (LiveSession._take_batch), as `tcplife-trace --record` does (here
+    # it follows the folds only: no transition is wanted)
     s = LiveSession(recorder=w, on_close=closed.append, wall_offset_ns=offset)
-    real = s._take_batch
-
-    def take_batch(batch, *args, **kw):  # the wiring: a batch's LIFE records recorded, and joined
-        real(batch, *args, **kw)
-        w.add_lives(batch.lives)
-        take_fold_extras_batch(s.tracker.live, batch.lives)
-    s._take_batch = take_batch
     try:
         ports, sport = _aborted_pairs(5)
         ours = lambda: {lc.conn_id: lc for lc in closed if lc.lport in ports and lc.rport == sport}  # noqa: E731

@@ -26,6 +26,7 @@ class StateTimes:
         self._w: dict[int, float] = {}     # algorithm L's running weight, per state
         self._next: dict[int, int] = {}    # count at which the next sample is kept
         self._rng = random.Random(seed)
+        self._np_rng = np.random.default_rng(seed)  # add_many's draws, a block at a time
 
     def add(self, state: int, dur_ns: int) -> None:
         a = self._exact.get(state)
@@ -37,8 +38,9 @@ class StateTimes:
         self._add_sampled(state, dur_ns)
 
     def add_many(self, state: int, durs_ns) -> None:
-        """add() for each value of a numpy column, in its order: the same samples kept (and
-        with the same seed the same reservoir), Python work only for the values sampled."""
+        """add() for each value of a numpy column, in its order: the exact samples the same, and
+        beyond EXACT a uniform reservoir by the same algorithm (its random steps drawn in
+        blocks by numpy, so not the same reservoir as add() one at a time would keep)."""
         durs = np.asarray(durs_ns, dtype=np.int64)
         a = self._exact.get(state)
         if a is None:
@@ -55,14 +57,24 @@ class StateTimes:
             if not len(durs):
                 return
         start = self._count[state]  # samples counted so far; durs[i] is sample start + i + 1
-        self._count[state] = start + len(durs)
+        end = self._count[state] = start + len(durs)
         self._max[state] = max(self._max[state], int(durs.max()))
-        res = self._res[state]
-        while self._next[state] <= start + len(durs):
-            n = self._next[state]
-            res[self._rng.randrange(self.reservoir)] = int(durs[n - start - 1])
-            self._w[state] *= math.exp(math.log(self._rng.random()) / self.reservoir)
-            self._next[state] = self._skip(state, n)
+        size = self.reservoir
+        while self._next[state] <= end:
+            # algorithm L's steps drawn a block at a time: the weight after each kept sample,
+            # the skip to the next one, the slot it takes (the same law as _add_sampled's steps)
+            k = min(max(int(size * math.log(end / self._next[state])) + 16, 16), 65536)
+            u = self._np_rng.random((3, k))
+            u[u == 0] = 1e-300
+            w = self._w[state] * np.exp(np.cumsum(np.log(u[0])) / size)
+            skips = np.floor(np.log(u[1]) / np.log1p(-np.minimum(w, 1 - 1e-16))).astype(np.int64) + 1
+            pos = self._next[state] + np.concatenate(([0], np.cumsum(skips[:-1])))
+            m = int(np.searchsorted(pos, end, side="right"))  # the kept ones within these samples
+            res = np.frombuffer(self._res[state], dtype=np.int64)
+            res[(u[2][:m] * size).astype(np.int64)] = durs[pos[:m] - start - 1]
+            del res
+            self._w[state] = float(w[m - 1])
+            self._next[state] = int(pos[m]) if m < k else int(pos[-1] + skips[-1])
 
     def _add_sampled(self, state: int, dur_ns: int) -> None:
         """Reservoir sampling by skips (Li's algorithm L): one comparison per sample, random

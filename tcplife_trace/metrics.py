@@ -26,7 +26,8 @@ from .analysis.closes import NONE, group
 from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
 from .analysis.rules import KERNEL_ROLES
 from .probes import decode as dec
-from .probes.event_layout import EventKind, Flag, XFlag
+from .probes import health as health_mod
+from .probes.event_layout import EventKind, Flag, LifeFlag, XFlag
 from .probes.tcp_states import state_name
 
 # time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
@@ -37,6 +38,10 @@ _STATE, _X_DUR, _F_NETNS = int(EventKind.STATE), int(XFlag.DUR), int(Flag.NETNS)
 _PASSIVE_BIRTH = next(pair for pair, role in BIRTHS.items() if role == "passive")  # an accepted socket's
 _ROLE_ACTIVE = KERNEL_ROLES.index("active")  # struct tlt_event.role
 POLL_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+# smoothed RTT at a connection's end, seconds: loopback and LAN up to a satellite link
+RTT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5)
+_RTT_BUCKETS_MS = np.asarray([b * 1000 for b in RTT_BUCKETS_S])
+_L_RETRANS = int(LifeFlag.RETRANS)
 OPT_IN_LABELS = ("port", "comm")
 OTHER = "other"
 
@@ -71,6 +76,10 @@ class Metrics:
         self.opened: Counter[tuple] = Counter()
         self.closed: Counter[tuple] = Counter()
         self.hist: dict[int, list] = {}   # state -> [bucket counts..., +Inf count, sum ns]
+        # the kernel's fold at each end (issue 15): smoothed RTT read at CLOSE, by the opt-in
+        # labels only -> [bucket counts..., +Inf count, sum ms]; retransmits sent, (kind, labels...)
+        self.rtt_hist: dict[tuple, list] = {}
+        self.retransmits: Counter[tuple] = Counter()
         self.session_report: dict = {}    # refreshed by the main loop (kernel counters)
         self.sockets: dict[str, int] = {}  # state -> sockets now, from the last sock_diag snapshot
         self.findings: Counter[tuple[str, str]] = Counter()
@@ -170,7 +179,26 @@ class Metrics:
     def on_close(self, lc: Lifecycle) -> None:
         if self._own_port and lc.lport == self._own_port and self._own(lc):
             return
-        self.closed[(lc.role, lc.end_reason, *self._extra(lc)) if self.labels else (lc.role, lc.end_reason)] += 1
+        extra = self._extra(lc) if self.labels else ()
+        self.closed[(lc.role, lc.end_reason, *extra)] += 1
+        if lc.retrans is not None:  # counted where tcp:tcp_retransmit_skb was traced
+            if lc.retrans:
+                self.retransmits[("data", *extra)] += lc.retrans
+            if lc.syn_retrans:
+                self.retransmits[("syn", *extra)] += lc.syn_retrans
+        if lc.health_raw is not None:
+            rtt = health_mod.from_fold(lc.health_raw).get("rtt_ms")
+            if rtt is not None:
+                self._rtt(extra, np.asarray([rtt], dtype=np.float64))
+
+    def _rtt(self, key: tuple, rtt_ms: np.ndarray) -> None:
+        h = self.rtt_hist.get(key)
+        if h is None:
+            h = self.rtt_hist[key] = [0] * (len(RTT_BUCKETS_S) + 2)
+        add = np.bincount(np.searchsorted(_RTT_BUCKETS_MS, rtt_ms, side="left"), minlength=len(RTT_BUCKETS_S) + 1)
+        for i, n in enumerate(add.tolist()):
+            h[i] += n
+        h[-1] += float(rtt_ms.sum())
 
     def closed_columns(self, rows) -> None:
         """on_close for the connections of one release as columns (analysis/closes.ClosedRows),
@@ -187,6 +215,16 @@ class Metrics:
             keep = ~own
         for (role, reason), n, _ in group([rows.role, rows.end_reason], keep):
             self.closed[(role, reason)] += n
+        agg = rows.lives["agg"]
+        counted = keep & ((agg["lflags"] & _L_RETRANS) != 0)
+        for kind, field in (("data", "retrans"), ("syn", "syn_retrans")):
+            n = int(agg[field][counted].sum())
+            if n:
+                self.retransmits[(kind,)] += n
+        if "rtt_ms" in health_mod.COLUMNS and keep.any():
+            rtt, ok = health_mod.fold_columns(agg["health_mask"][keep], agg["health"][keep])["rtt_ms"]
+            if ok.any():
+                self._rtt((), np.asarray(rtt, dtype=np.float64)[ok])
 
     # -- slow path (main loop, about once a second) --------------------------------------
     def attach(self, session, port: int | None = None, addr: str | None = None) -> None:
@@ -247,6 +285,24 @@ class Metrics:
             buckets.append(("+Inf", cum))
             h.add_metric([state_name(state)], buckets, counts[-1] / 1e9)
         yield h
+        h = HistogramMetricFamily("tcplife_rtt_at_close_seconds", "Smoothed RTT of each connection at its "
+                                  "end, read in the kernel at CLOSE (where this kernel's BTF has it).",
+                                  labels=extra)
+        for key, counts in sorted(self.rtt_hist.items()):
+            cum, buckets = 0, []
+            for bound, n in zip(RTT_BUCKETS_S, counts[:-2]):
+                cum += n
+                buckets.append((_fmt(bound), cum))
+            cum += counts[-2]
+            buckets.append(("+Inf", cum))
+            h.add_metric([str(k) for k in key], buckets, counts[-1] / 1e3)
+        yield h
+        c = CounterMetricFamily("tcplife_retransmits", "Segments retransmitted by connections that ended "
+                                "(tcp:tcp_retransmit_skb): kind data, or syn (SYN retries in SYN_SENT).",
+                                labels=["kind", *extra])
+        for key, n in sorted(self.retransmits.items()):
+            c.add_metric([str(k) for k in key], n)
+        yield c
         g = GaugeMetricFamily("tcplife_sockets", "TCP sockets per state now, all network namespaces "
                               "(sock_diag; includes TIME_WAIT and half-open SYN_RECV).", labels=["state"])
         for state, n in sorted(self.sockets.items()):

@@ -188,5 +188,11 @@ def test_folds_counted_as_columns_equal_the_trackers_lifecycles():
         assert sorted(s.state_times._exact[st]) == sorted(samples), st
     assert s.state_times.table() == ref_times.table()
     assert metrics.closed == ref_metrics.closed and sum(metrics.closed.values()) == theirs.closed
+    # the fold's health and retransmits at each end: serve's RTT histogram and retransmit counter
+    assert set(metrics.rtt_hist) == set(ref_metrics.rtt_hist) == {()}
+    ours_rtt, ref_rtt = metrics.rtt_hist[()], ref_metrics.rtt_hist[()]
+    assert ours_rtt[:-1] == ref_rtt[:-1] and ours_rtt[-1] == pytest.approx(ref_rtt[-1])
+    assert sum(ours_rtt[:-1]) >= 0.5 * theirs.closed and ours_rtt[-1] > 0  # most ends had an RTT
+    assert metrics.retransmits == ref_metrics.retransmits
     assert watch.ended == ref_watch.ended and watch.owner_at == ref_watch.owner_at
     assert sum(sum(c.values()) for c in watch.ended.values()) > 0

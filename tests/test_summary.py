@@ -41,3 +41,30 @@ def test_exact_up_to_the_cap_the_readme_states():
     assert row["count"] == n and row["max_ms"] == n / 1000
     for p, key in ((0.5, "p50_ms"), (0.9, "p90_ms"), (0.99, "p99_ms")):
         assert row[key] == (int(p * n) + 1) / 1000  # nearest rank over every sample
+
+
+def test_add_many_keeps_the_exact_samples_then_a_uniform_reservoir():
+    """StateTimes.add_many (the folded records' time in state, a column at a time): the exact
+    samples are add()'s, in order; past them the reservoir is a uniform sample of every value
+    given (counted, the max exact), by add_many's blocks and add()'s steps alike."""
+    import numpy as np
+    a, b = StateTimes(exact=1000, reservoir=500), StateTimes(exact=1000, reservoir=500)
+    first = np.arange(10, 1010, dtype=np.int64)[::-1]
+    for v in first.tolist():
+        a.add(3, v)
+    b.add_many(3, first[:400])
+    b.add_many(3, first[400:])
+    assert list(a._exact[3]) == list(b._exact[3]) and a.table() == b.table()
+    n = 2_000_000
+    values = np.arange(n, dtype=np.int64)
+    for chunk in np.array_split(values, 613):
+        b.add_many(3, chunk)
+    for v in range(n, n + 2000):  # and one at a time after the blocks
+        b.add(3, v)
+    res = np.array(b._res[3])
+    assert b._count[3] == 1000 + n + 2000 and b._max[3] == n + 1999
+    assert len(res) == 500 and len(set(res.tolist())) == 500 and res.min() >= 0
+    # uniform over the 2 M values: a quarter below n/4, the mean near n/2 (500 samples: +-10%)
+    assert 0.18 < (res < n / 4).mean() < 0.32
+    assert 0.9 < res.mean() / (n / 2) < 1.1
+    assert (res >= n).sum() <= 5  # the last 2000 of 2 M: about 0.5 expected

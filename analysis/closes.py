@@ -38,9 +38,9 @@ from .rules import BIRTHS, ROLES, guess_role, time_wait_from
 _AGG, _BIRTH_UNSEEN, _NETNS = int(Flag.AGG), int(Flag.BIRTH_UNSEEN), int(Flag.NETNS)
 _RST_RECEIVED, _RST_SENT, _DESTROYED, _LISTENER = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
                                                   int(LifeFlag.DESTROYED), int(LifeFlag.LISTENER))
-_ERROR = int(EventKind.ERROR)
+_ERROR, _STATE = int(EventKind.ERROR), int(EventKind.STATE)
 _RAW = np.dtype((np.void, LIFE_SIZE))
-_CLOSE = int(S.CLOSE)
+_CLOSE, _LISTEN = int(S.CLOSE), int(S.LISTEN)
 NONE = np.iinfo(np.int64).min  # the code of a None value in a ClosedRows column
 COUNT_EVERY_NS = 100_000_000  # the held records are counted this often (and at the end)
 _ACTIVE_CLOSE = end_rules.REASON_OF_RULE.index("active_close")
@@ -215,6 +215,7 @@ class FoldedCloses:
         self.hold_ns = tracker.hold_ns
         self._chunks: list[np.ndarray] = []  # records waiting for trailing events (LIFE_DTYPE)
         self._next_count = 0
+        self._last_now = 0  # the latest advance: records due by then count as finished
         self.counted = 0  # records counted here (not by the tracker)
         self.handed = 0   # records handed to the tracker
 
@@ -238,40 +239,55 @@ class FoldedCloses:
 
     def route(self, events: np.ndarray, lives: np.ndarray) -> list:
         """events: the batch's events the tracker follows (EVENT_DTYPE); lives: its LIFE
-        records. Returns what the tracker is fed, in order."""
+        records. Returns what the tracker is fed, in order: held records of earlier batches
+        that an event of this one follows first, then the batch's events with its records
+        the tracker must see at their time."""
+        first = None
+        if len(events) and self._chunks and self._wants(events):
+            first = self._followed(events)  # (they are older than anything in this batch)
         to_tracker = []
-        if len(lives):
-            agg = lives["agg"]
+        if len(lives) and any(cols is None for _, cols in self.watchers()):
+            to_tracker.append(lives)  # a watcher wants Lifecycle objects: the tracker's, at once
+        elif len(lives):
+            agg, ev = lives["agg"], lives["ev"]
             lflags = agg["lflags"]
             keep = ~(((lflags & _DESTROYED) != 0) & (agg["path_len"] == 0))  # never a state change
             tracker_rows = np.zeros(len(lives), dtype=bool)
-            if self.tracker.entryless.at:  # its start may be an entry-less lifecycle of the tracker's
-                tracker_rows |= (lives["ev"]["flags"] & _BIRTH_UNSEEN) != 0
-            if self.tracker.listeners:
+            state = events["kind"] == _STATE if len(events) else None
+            # its start may be an entry-less lifecycle of the tracker's, or become one in this batch
+            if self.tracker.entryless.at or (state is not None and (state & (events["gen"] == 0)).any()):
+                tracker_rows |= (ev["flags"] & _BIRTH_UNSEEN) != 0
+            born = state is not None and (state & (events["oldstate"] == _CLOSE) & (events["newstate"] == _LISTEN)).any()
+            if self.tracker.listeners or born:  # the tracker names an accepted socket's owner from its listener
                 role, _ = shapes(lives)
-                maybe = (role == ROLES.index("passive")) & ((lflags & _LISTENER) == 0)
-                for i in np.flatnonzero(maybe & keep).tolist():
-                    ev = lives["ev"][i]
-                    netns = int(ev["netns"]) if ev["flags"] & _NETNS else None
-                    if (netns, int(ev["sport"])) in self.tracker.listeners:
-                        tracker_rows[i] = True
-            if tracker_rows.any():
-                to_tracker.append(_take(lives, tracker_rows))
+                maybe = (role == ROLES.index("passive")) & ((lflags & _LISTENER) == 0) & keep
+                if born:  # a listener of this batch, not known to the tracker yet
+                    tracker_rows |= maybe
+                else:
+                    for i in np.flatnonzero(maybe).tolist():
+                        netns = int(ev["netns"][i]) if ev["flags"][i] & _NETNS else None
+                        if (netns, int(ev["sport"][i])) in self.tracker.listeners:
+                            tracker_rows[i] = True
             mine = keep & ~tracker_rows
             destroyed = mine & ((lflags & _DESTROYED) != 0)  # finished at once, as Tracker._life does
+            held = mine & ~destroyed
+            if held.any() and len(events) and self._wants(events):  # followed within this batch
+                rows = _take(lives, held)
+                hit = self._hits(rows, events)
+                if hit.any():
+                    idx = np.flatnonzero(held)
+                    tracker_rows[idx[hit]] = True
+                    held[idx[hit]] = False
+            if tracker_rows.any():
+                to_tracker.append(_take(lives, tracker_rows))
             if destroyed.any():
                 self._count(_take(lives, destroyed))
-            held = mine & ~destroyed
             if held.any():
                 self._hold(_take(lives, held) if not held.all() else lives)
-        if len(events) and self._chunks and self._wants(events):
-            promoted = self._followed(events)
-            if promoted is not None:
-                to_tracker.append(promoted)
-        tracked = to_tracker[0] if len(to_tracker) == 1 else (
-            _cat(*to_tracker) if to_tracker else lives[:0])
-        self.handed += len(tracked)
-        return Batch(events, tracked).tuples(True)
+        tracked = to_tracker[0] if to_tracker else lives[:0]
+        self.handed += len(tracked) + (0 if first is None else len(first))
+        out = Batch(events, tracked).tuples(True)
+        return life_tuples(first) + out if first is not None else out
 
     @staticmethod
     def _wants(events: np.ndarray) -> bool:
@@ -279,15 +295,26 @@ class FoldedCloses:
         report: by ports)?"""
         return bool((events["gen"] != 0).any() or (events["kind"] == _ERROR).any())
 
-    def _followed(self, events: np.ndarray):
-        """The held records that an event of their connection follows, taken out of the hold."""
-        held = self.held
-        gens = held["ev"]["gen"]
+    @staticmethod
+    def _hits(rows: np.ndarray, events: np.ndarray) -> np.ndarray:
+        """Rows (LIFE records) an event of their connection follows: by generation, or by ports
+        for an errno report without one (Tracker._error)."""
+        gens = rows["ev"]["gen"]
         hit = np.isin(gens, events["gen"][events["gen"] != 0])
         errs = events[(events["kind"] == _ERROR) & (events["gen"] == 0)]
-        if len(errs):  # an errno report without a generation goes by ports (Tracker._error)
-            ports = held["ev"]["sport"].astype(np.int64) << 16 | held["ev"]["dport"].astype(np.int64)
+        if len(errs):
+            ports = rows["ev"]["sport"].astype(np.int64) << 16 | rows["ev"]["dport"].astype(np.int64)
             hit |= np.isin(ports, errs["sport"].astype(np.int64) << 16 | errs["dport"].astype(np.int64))
+        return hit
+
+    def _followed(self, events: np.ndarray):
+        """The held records that an event of their connection follows, taken out of the hold;
+        not those whose hold was over at the last advance (the Tracker would have finished
+        them then: the event finds no connection there either)."""
+        held = self.held
+        hit = self._hits(held, events)
+        if self._last_now:
+            hit &= held["ev"]["ts_ns"].astype(np.int64) + self.hold_ns > self._last_now
         if not hit.any():
             return None
         self.held = _take(held, ~hit)
@@ -297,6 +324,7 @@ class FoldedCloses:
         """Count the records whose hold is over at now_ns; at most every COUNT_EVERY_NS
         unless at_once (each count has a fixed cost in numpy calls: a busy consumer polls
         small batches)."""
+        self._last_now = max(self._last_now, now_ns)
         if not self._chunks or (not at_once and now_ns < self._next_count):
             return
         held = self.held
@@ -322,10 +350,12 @@ class FoldedCloses:
             return
         n = len(lives)
         self.counted += n
+        lives = _take(lives, np.argsort(lives["ev"]["ts_ns"], kind="stable"))  # in end order ("latest")
         ev, agg = lives["ev"], lives["agg"]
         c = self.tracker.counters
         c.connections += n
         c.closed += n
+        c.events += n  # (as the Tracker counts each record fed)
         c.sequence_gaps += int(agg["gaps"].sum())
         # the time in each state the fold timed (Tracker._life: on_state_time for each)
         mask = agg["state_mask"].astype(np.int64)

@@ -17,9 +17,11 @@ _NO_COMM = b"\0" * 16
 
 
 def open_folds(bpf, states: set[int] | None = None) -> list[tuple]:
-    """struct tlt_life tuples of every open, kept connection with at least one transition
-    folded: ts_ns is when it entered its current state, old and new state both that state
-    (the Lifecycle takes its times from the fold itself). `states`: only those states."""
+    """struct tlt_life tuples of every open, kept connection the kernel is folding: ts_ns is
+    when it entered its current state, old and new state both that state (the Lifecycle takes
+    its times from the fold itself). One opened before the trace that has only read or
+    written since (no state change: state 0) is there too, as the Tracker has it from its
+    reads (Tracker._io), unless `states` asks for some states only."""
     table = bpf[b"conns"]
     try:
         items = list(table.items_lookup_batch())  # one syscall per batch (kernel 5.6+)
@@ -29,7 +31,9 @@ def open_folds(bpf, states: set[int] | None = None) -> list[tuple]:
     for k, v in items:
         # (a listener is folded too, for its events' owner and times, but its lifecycle is
         # made of events: streamed)
-        if v.closed or v.streamed or not v.state or v.keep == _KEEP_NO or (states is not None and v.state not in states):
+        if v.closed or v.streamed or v.keep == _KEEP_NO or (states is not None and v.state not in states):
+            continue
+        if not v.state and not v.agg.start_ns:  # (an entry made for another reason, nothing folded)
             continue
         flags = v.flags | (_UNSEEN if v.unseen else 0)
         skaddr = k if isinstance(k, int) else k.value

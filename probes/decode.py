@@ -179,5 +179,10 @@ def life_tuples(lives: np.ndarray) -> list[tuple]:
     return list(_life_iter_unpack(lives.tobytes())) if len(lives) else []
 
 
+def lives_array(recs: list[tuple]) -> np.ndarray:
+    """LIFE tuples (life_tuples' form) back into a LIFE_DTYPE array, byte for byte."""
+    return np.frombuffer(bytearray(b"".join(_LIFE_FMT.pack(*r) for r in recs)), dtype=LIFE_DTYPE)
+
+
 def decode_many(chunks: list[bytes]) -> list[Ev]:
     return list(map(_make, _iter_unpack(b"".join(chunks))))

@@ -79,8 +79,9 @@ class RingBufferReader:
         n = avail // self.record_size
         # a view of the mapped pages (mapped twice: a batch that wraps is contiguous), let go
         # before returning (an mmap with a view on it cannot be closed)
-        view = np.frombuffer(self._prod, dtype=np.uint8, count=n * self.record_size, offset=start)
+        view = lens = good = None
         try:
+            view = np.frombuffer(self._prod, dtype=np.uint8, count=n * self.record_size, offset=start)
             lens = view.view("<u4")[::self._words]
             good = lens == self.sample_size
             if not good.all():

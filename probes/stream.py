@@ -193,7 +193,7 @@ class OrderedMerge:
 
     def _events_before(self, cut_ts: int) -> np.ndarray:
         """The held events before the cut, in ring order: whole chunks all before it, then
-        the first one that is not, up to the cut (its times are nearly sorted)."""
+        the first one that is not, up to its first event at or past the cut."""
         chunks, n = self._held, 0
         parts = []
         while n < len(chunks) and chunks[n][2] < cut_ts:
@@ -201,7 +201,8 @@ class OrderedMerge:
             n += 1
         if n < len(chunks) and chunks[n][1] < cut_ts:
             recs = chunks[n][0]
-            k = int(np.searchsorted(recs["ts_ns"], cut_ts, side="left"))
+            late = recs["ts_ns"] >= cut_ts
+            k = int(np.argmax(late)) if late.any() else len(recs)  # the prefix before the first at the cut
             if k:
                 parts.append([recs[:k]])
                 chunks[n][0] = recs[k:]
@@ -376,6 +377,7 @@ class EventStream:
         wait = self._last_read + self.pace_s - now
         if wait > 0 and timeout_ms > 0 and not self._read_full and self.ring_fill() < PACE_FILL:
             time.sleep(min(wait, timeout_ms / 1000))
+            timeout_ms = max(0, timeout_ms - int((time.monotonic() - now) * 1000))  # (timeout_ms in all)
         if not self.lives_reader.pending():
             self.reader.wait(timeout_ms)
         self._last_read = time.monotonic()

@@ -25,7 +25,7 @@ from .analysis.lifecycle import (DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, T
 from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
-from .probes.decode import events_array
+from .probes.decode import events_array, lives_array
 from .probes.event_layout import EventKind, Flag
 from .probes.stream import KIND_NAMES, Batch, EventStream, _take
 
@@ -217,7 +217,9 @@ class LiveSession:
         if self.recorder is not None and not recorded:
             self._record(batch)
         self._hand_out(batch.events)
-        self._consume(early + self._tracked(batch))
+        if early:  # fed first: what the tracker knows decides where the batch's folds go
+            self._consume(early)
+        self._consume(self._tracked(batch))
         if not self.folds_only and self.settings.mode != "aggregate" and len(batch.lives):
             # lifecycles built from the events take what only the fold knows (cgroup,
             # retransmits, health) from the LIFE records, while the tracker holds them closed
@@ -250,8 +252,11 @@ class LiveSession:
         early, self._early = self._early, []
         if not early:
             return early
-        if self.recorder is not None:
-            self.recorder.add(early)
+        if self.recorder is not None:  # its events as events, its LIFE records as lives
+            self.recorder.add([e for e in early if e[13] != _LIFE])
+            lives = [e for e in early if e[13] == _LIFE]
+            if lives:
+                self.recorder.add_lives(lives_array(lives))
         if self.on_batch is not None:
             self._hand_out(events_array([e for e in early if e[13] != _LIFE]))
         if self.folds_only:

@@ -212,6 +212,7 @@ class Session:
                 self.watch.final()
                 findings = True
             else:
+                self.live.release_held(time.monotonic_ns())  # the endings due, counted before the look
                 with self.live.pumping():
                     findings = self.watch.final(full=False)
         report = self.live.stop()

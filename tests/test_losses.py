@@ -208,7 +208,8 @@ def test_every_loss_series_is_there_at_zero_from_the_first_scrape():
     series = {dict(k[1])["kind"]: v for k, v in s.items() if k[0] == "tcplife_events_lost_total"}
     tracepoints = ["sock:inet_sock_set_state", "tcp:tcp_destroy_sock", "tcp:tcp_receive_reset",
                    "tcp:tcp_send_reset", "sock:inet_sk_error_report", "sock:sock_recv_length",
-                   "sock:sock_send_length", "tcp:tcp_retransmit_synack"]  # all present on this kernel
+                   "sock:sock_send_length", "tcp:tcp_retransmit_synack", "tcp:tcp_retransmit_skb",
+                   "tcp:tcp_cong_state_set"]  # all present on this kernel
     want = set(KIND_NAMES.values()) | {f"recursion:{tp}" for tp in tracepoints} | {"ring_discarded"}
     assert set(series) == want
     assert all(series[k] == 0 for k in KIND_NAMES.values())  # nothing refused by the buffers at start

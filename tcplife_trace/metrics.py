@@ -277,25 +277,13 @@ class Metrics:
         h = HistogramMetricFamily("tcplife_state_duration_seconds", "Time connections spent in each state.",
                                   labels=["state"])
         for state, counts in sorted(self.hist.items()):
-            cum, buckets = 0, []
-            for bound, n in zip(BUCKETS_S, counts[:-2]):
-                cum += n
-                buckets.append((_fmt(bound), cum))
-            cum += counts[-2]
-            buckets.append(("+Inf", cum))
-            h.add_metric([state_name(state)], buckets, counts[-1] / 1e9)
+            h.add_metric([state_name(state)], _cumulative(BUCKETS_S, counts), counts[-1] / 1e9)
         yield h
         h = HistogramMetricFamily("tcplife_rtt_at_close_seconds", "Smoothed RTT of each connection at its "
                                   "end, read in the kernel at CLOSE (where this kernel's BTF has it).",
                                   labels=extra)
         for key, counts in sorted(self.rtt_hist.items()):
-            cum, buckets = 0, []
-            for bound, n in zip(RTT_BUCKETS_S, counts[:-2]):
-                cum += n
-                buckets.append((_fmt(bound), cum))
-            cum += counts[-2]
-            buckets.append(("+Inf", cum))
-            h.add_metric([str(k) for k in key], buckets, counts[-1] / 1e3)
+            h.add_metric([str(k) for k in key], _cumulative(RTT_BUCKETS_S, counts), counts[-1] / 1e3)
         yield h
         c = CounterMetricFamily("tcplife_retransmits", "Segments retransmitted by connections that ended "
                                 "(tcp:tcp_retransmit_skb): kind data, or syn (SYN retries in SYN_SENT).",
@@ -334,12 +322,7 @@ class Metrics:
                        "the connection counters).", self.own_connections)
         h = HistogramMetricFamily("tcplife_socket_poll_duration_seconds", "How long each sock_diag look at "
                                   "every socket held the consumer up.")
-        cum, buckets = 0, []
-        for bound, n in zip(POLL_BUCKETS_S, self._poll_hist[:-2]):
-            cum += n
-            buckets.append((_fmt(bound), cum))
-        buckets.append(("+Inf", cum + self._poll_hist[-2]))
-        h.add_metric([], buckets, self._poll_hist[-1])
+        h.add_metric([], _cumulative(POLL_BUCKETS_S, self._poll_hist), self._poll_hist[-1])
         yield h
         ports = _ephemeral_ports()
         if ports is not None:
@@ -394,6 +377,16 @@ def _gauge1(name: str, doc: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], value)
     return g
+
+
+def _cumulative(bounds, counts: list) -> list[tuple[str, int]]:
+    """A histogram's [per-bucket counts..., +Inf count, sum] as Prometheus' cumulative buckets."""
+    cum, out = 0, []
+    for bound, n in zip(bounds, counts[:-2]):
+        cum += n
+        out.append((_fmt(bound), cum))
+    out.append(("+Inf", cum + counts[-2]))
+    return out
 
 
 def _fmt(bound: float) -> str:

@@ -239,17 +239,16 @@ def test_lifecycles_built_from_events_take_the_extras_from_their_life_records():
     them what only the fold knows (take_fold_extras_batch, called once the batch's events are
     fed, before the held lifecycles are released): the same values the folds' own lifecycles
     have (mode "both" holds both)."""
-    from tcplife_trace.analysis.lifecycle import FOLD_EXTRAS, take_fold_extras_batch
+    from tcplife_trace.analysis import lifecycle
+    from tcplife_trace.analysis.lifecycle import FOLD_EXTRAS
     closed, transitions = [], []
     s = LiveSession(prog.Settings(mode="both"), on_close=closed.append, on_transition=transitions.append)
     assert not s.folds_only
     taken = []
-    real = s._take_batch
-
-    def take_batch(batch, *args, **kw):  # (the wiring: after the batch's events are fed)
-        real(batch, *args, **kw)
-        taken.append(take_fold_extras_batch(s.tracker.live, batch.lives))
-    s._take_batch = take_batch
+    real = lifecycle.take_fold_extras_batch
+    from tcplife_trace import live as live_mod
+    # the session's own wiring (LiveSession._take_batch), counted on the way
+    live_mod.take_fold_extras_batch = lambda lcs, lives: taken.append(real(lcs, lives)) or taken[-1]
     try:
         lsock = socket.create_server(("127.0.0.1", 0))
         sport = lsock.getsockname()[1]
@@ -268,6 +267,7 @@ def test_lifecycles_built_from_events_take_the_extras_from_their_life_records():
             s.poll(50)
     finally:
         s.stop()
+        live_mod.take_fold_extras_batch = real
     mine = {lc.conn_id: lc for lc in closed if lc.lport in ports and lc.rport == sport}
     assert len(mine) == 5 and sum(taken) >= 5
     folded = {lc.conn_id: lc for lc in s.agg_lifecycles if lc.conn_id in mine}

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import losses
+from . import heap, losses
 from .analysis.closes import FoldedCloses
 from .analysis.lifecycle import (DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition,
                                  take_fold_extras_batch)
@@ -43,6 +43,7 @@ class LiveSession:
                  max_open: int = DEFAULT_MAX_OPEN, hold_ns: int = DEFAULT_HOLD_NS,
                  on_batch: Callable[[np.ndarray], None] | None = None):
         t0 = time.monotonic()
+        heap.fix_mmap_threshold()  # freed batch buffers go back to the kernel (tcplife_trace/heap.py)
         self.settings = settings or prog.Settings()
         if (self.settings.mode != "stream" and recorder is not None) or (self.settings.mode == "aggregate" and keep_events):
             raise ValueError("recording needs every transition: use mode='stream'")

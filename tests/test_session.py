@@ -53,3 +53,11 @@ def test_session_without_detectors_has_no_detector_keys():
     assert s.watch is None
     assert not set(DETECTOR_KEYS) & set(report)
     assert report["closed"] == 0
+
+
+def test_a_live_session_fixes_the_heaps_mmap_threshold():
+    """tcplife_trace/heap.py: on glibc, mallopt takes the fixed threshold (so freed batch
+    buffers above it are unmapped, not kept in RSS); a second call does nothing more."""
+    from tcplife_trace import heap
+    assert heap.fix_mmap_threshold() is True and heap.fix_mmap_threshold() is True
+    assert heap.THRESHOLD >= 128 * 1024

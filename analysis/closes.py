@@ -29,7 +29,6 @@ import numpy as np
 from ..probes import decode as dec
 from ..probes.decode import life_tuples
 from ..probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
-from ..probes.event_layout import LIFE_SIZE
 from ..probes.stream import Batch, _cat, _take
 from ..probes.tcp_states import TcpState as S
 from . import end_rules
@@ -39,7 +38,6 @@ _AGG, _BIRTH_UNSEEN, _NETNS = int(Flag.AGG), int(Flag.BIRTH_UNSEEN), int(Flag.NE
 _RST_RECEIVED, _RST_SENT, _DESTROYED, _LISTENER = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
                                                   int(LifeFlag.DESTROYED), int(LifeFlag.LISTENER))
 _ERROR, _STATE = int(EventKind.ERROR), int(EventKind.STATE)
-_RAW = np.dtype((np.void, LIFE_SIZE))
 _CLOSE, _LISTEN = int(S.CLOSE), int(S.LISTEN)
 NONE = np.iinfo(np.int64).min  # the code of a None value in a ClosedRows column
 COUNT_EVERY_NS = 100_000_000  # the held records are counted this often (and at the end)
@@ -133,9 +131,6 @@ def group(cols: list[Col], mask: np.ndarray) -> list[tuple[tuple, int, int]]:
             for row, k, at in zip(uniq.tolist(), counts.tolist(), last.tolist())]
 
 
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
 class ClosedRows:
     """The connections one release finished, as columns, with the values a Lifecycle would
     hold (Tracker.from_fold): role, end_reason, time_wait, netns, family, laddr, raddr, lport,
@@ -171,12 +166,9 @@ class ClosedRows:
             n = self.n
             sa = np.ascontiguousarray(ev["saddr"]).reshape(n, 16)
             da = np.ascontiguousarray(ev["daddr"]).reshape(n, 16)
-            mapped_d = (da[:, :12] == np.frombuffer(_V4MAPPED, np.uint8)).all(axis=1)
-            mapped_s = (sa[:, :12] == np.frombuffer(_V4MAPPED, np.uint8)).all(axis=1)
-            zero_d = (da == 0).all(axis=1)
-            family = np.where(af == dec.AF_INET, 4,
-                              np.where(af == dec.AF_INET6, np.where(mapped_d | (zero_d & mapped_s), 4, 6), NONE))
-            known = family != NONE
+            family = dec.endpoint_families(af, sa, da).astype(np.int64)
+            known = family != 0
+            family[~known] = NONE
             both = np.concatenate([sa, da])
             both_af = np.concatenate([af, af])
             key = np.concatenate([both, both_af.astype(np.uint8)[:, None]], axis=1)
@@ -224,8 +216,7 @@ class FoldedCloses:
 
     def _joined(self) -> np.ndarray | None:
         if len(self._chunks) > 1:
-            self._chunks = [_cat(*self._chunks) if len(self._chunks) == 2 else
-                            np.concatenate([c.view(_RAW) for c in self._chunks]).view(self._chunks[0].dtype)]
+            self._chunks = [_cat(*self._chunks)]
         return self._chunks[0] if self._chunks else None
 
     @property
@@ -245,9 +236,9 @@ class FoldedCloses:
         first = None
         if len(events) and self._chunks and self._wants(events):
             first = self._followed(events)  # (they are older than anything in this batch)
-        to_tracker = []
+        tracked = lives[:0]
         if len(lives) and any(cols is None for _, cols in self.watchers()):
-            to_tracker.append(lives)  # a watcher wants Lifecycle objects: the tracker's, at once
+            tracked = lives  # a watcher wants Lifecycle objects: the tracker's, at once
         elif len(lives):
             agg, ev = lives["agg"], lives["ev"]
             lflags = agg["lflags"]
@@ -279,12 +270,11 @@ class FoldedCloses:
                     tracker_rows[idx[hit]] = True
                     held[idx[hit]] = False
             if tracker_rows.any():
-                to_tracker.append(_take(lives, tracker_rows))
+                tracked = _take(lives, tracker_rows)
             if destroyed.any():
                 self._count(_take(lives, destroyed))
             if held.any():
                 self._hold(_take(lives, held) if not held.all() else lives)
-        tracked = to_tracker[0] if to_tracker else lives[:0]
         self.handed += len(tracked) + (0 if first is None else len(first))
         out = Batch(events, tracked).tuples(True)
         return life_tuples(first) + out if first is not None else out

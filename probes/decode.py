@@ -95,6 +95,16 @@ def endpoint_family(ev: Ev) -> int | None:
     return 6
 
 
+def endpoint_families(af: np.ndarray, saddr: np.ndarray, daddr: np.ndarray) -> np.ndarray:
+    """endpoint_family per row of columns (the family column, (n, 16) uint8 addresses):
+    4 (v4-mapped IPv6 too), 6, else 0."""
+    mapped_d = (daddr[:, :10] == 0).all(1) & (daddr[:, 10] == 255) & (daddr[:, 11] == 255)
+    mapped_s = (saddr[:, :10] == 0).all(1) & (saddr[:, 10] == 255) & (saddr[:, 11] == 255)
+    zero_d = (daddr == 0).all(1)
+    v6 = np.where(mapped_d | (zero_d & mapped_s), 4, 6)
+    return np.where(af == AF_INET, 4, np.where(af == AF_INET6, v6, 0))
+
+
 def netns(ev: Ev) -> int | None:
     return ev.netns_raw if ev.flags & F_NETNS else None
 

@@ -31,9 +31,10 @@ _NO_LIVES = np.empty(0, dtype=LIFE_DTYPE)
 _RAW = {EVENT_DTYPE: np.dtype((np.void, EVENT_SIZE)), LIFE_DTYPE: np.dtype((np.void, LIFE_SIZE))}
 
 
-def _cat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    raw = _RAW[a.dtype]
-    return np.concatenate((a.view(raw), b.view(raw))).view(a.dtype)
+def _cat(*arrays: np.ndarray) -> np.ndarray:
+    """Record arrays of one dtype end to end, copied as bytes."""
+    raw = _RAW[arrays[0].dtype]
+    return np.concatenate([a.view(raw) for a in arrays]).view(arrays[0].dtype)
 
 
 def _take(a: np.ndarray, index) -> np.ndarray:
@@ -137,10 +138,7 @@ class OrderedMerge:
     def _joined(chunks: list[list], empty: np.ndarray) -> np.ndarray:
         if not chunks:
             return empty
-        if len(chunks) == 1:
-            return chunks[0][0]
-        raw = _RAW[empty.dtype]
-        return np.concatenate([c[0].view(raw) for c in chunks]).view(empty.dtype)
+        return chunks[0][0] if len(chunks) == 1 else _cat(*(c[0] for c in chunks))
 
     @property
     def held(self) -> np.ndarray:

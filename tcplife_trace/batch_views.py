@@ -367,15 +367,6 @@ class BatchFormatter:
         inv = inv.ravel()
         return [_table(heads)[inv], _fixed(us, 6), _table(tails)[inv]]
 
-    def _family(self, ev: np.ndarray, saddr: np.ndarray, daddr: np.ndarray) -> np.ndarray:
-        """decode.endpoint_family per row: 4 (v4-mapped IPv6 too), 6, else 0."""
-        af = ev["family"]
-        mapped_d = (daddr[:, :10] == 0).all(1) & (daddr[:, 10] == 255) & (daddr[:, 11] == 255)
-        mapped_s = (saddr[:, :10] == 0).all(1) & (saddr[:, 10] == 255) & (saddr[:, 11] == 255)
-        zero_d = (daddr == 0).all(1)
-        v6 = np.where(mapped_d | (zero_d & mapped_s), 4, 6)
-        return np.where(af == _AF_INET, 4, np.where(af == _AF_INET6, v6, 0))
-
     # -- lines
     def lines(self, ev: np.ndarray, inserts: dict[int, bytes] | None = None) -> bytes:
         """The lines of these STATE rows (EVENT_DTYPE, folded), in order; inserts: rows whose
@@ -438,7 +429,7 @@ class BatchFormatter:
                 sep("cur_comm"), self._comms(_bytes_col(ev, "comm")),
                 sep("role"), self._names(ev["role"], ROLE_NAMES)]
         saddr, daddr = _bytes_col(ev, "saddr"), _bytes_col(ev, "daddr")
-        fam = self._family(ev, saddr, daddr)
+        fam = dec.endpoint_families(ev["family"], saddr, daddr)
         ports = self.port_table()
         af = ev["family"]
         netns = (ev["flags"] & _F_NETNS) != 0

@@ -22,7 +22,7 @@ from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
-from .analysis.closes import NONE, group
+from .analysis.closes import group
 from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
 from .analysis.rules import KERNEL_ROLES
 from .probes import decode as dec
@@ -167,9 +167,8 @@ class Metrics:
         """Rows of the endpoint's own accepted sockets (see _own): not active, its local port,
         its namespace (or none known), its address if it is bound to one."""
         own = (ev["sport"] == self._own_port) & (ev["role"] != _ROLE_ACTIVE)
-        if self._own_netns is not None:
-            known = (ev["flags"] & _F_NETNS) != 0
-            own &= ~known | (ev["netns"] == self._own_netns)
+        known = (ev["flags"] & _F_NETNS) != 0  # (_own: netns None or ours; ours unknown: None only)
+        own &= ~known | ((ev["netns"] == self._own_netns) if self._own_netns is not None else False)
         if self._own_addr is not None and own.any():
             for i in np.flatnonzero(own).tolist():
                 if dec.addr(int(ev["family"][i]), ev["saddr"][i].tobytes()) != self._own_addr:
@@ -203,16 +202,9 @@ class Metrics:
     def closed_columns(self, rows) -> None:
         """on_close for the connections of one release as columns (analysis/closes.ClosedRows),
         row for row the same counts; only without labels (Session registers it so)."""
-        keep = np.ones(rows.n, dtype=bool)
-        if self._own_port:
-            _, laddr, _, lport, _ = rows.endpoints()
-            netns = rows.netns.codes
-            own = (lport.codes == self._own_port) & ~rows.role_is("active")
-            own &= (netns == NONE) | ((netns == self._own_netns) if self._own_netns is not None else False)
-            if self._own_addr is not None and own.any():
-                for i in np.flatnonzero(own).tolist():
-                    own[i] = laddr.decode(int(laddr.codes[i])) == self._own_addr
-            keep = ~own
+        # the endpoint's own by the rule its events go by (_own_rows): a LIFE record's event
+        # part is the connection's last event, with the fold's role
+        keep = ~self._own_rows(rows.lives["ev"]) if self._own_port else np.ones(rows.n, dtype=bool)
         for (role, reason), n, _ in group([rows.role, rows.end_reason], keep):
             self.closed[(role, reason)] += n
         agg = rows.lives["agg"]

@@ -18,6 +18,7 @@ import pytest
 from netpair import B_ADDR, GHOST, NetPair
 from test_containers import ID, TOP, _workload_in, mount, space  # noqa: F401 - fixtures
 from test_health import Retransmitted, _ss
+from tracing import Traced
 from tcplife_trace import views
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import btf, health, tracefs
@@ -37,12 +38,7 @@ class Folds:
         assert self.session.folds_only
 
     def wait(self, predicate, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.session.poll(50)
-            if predicate():
-                return True
-        return False
+        return Traced.wait_for(self, predicate, timeout)  # (the same poll loop, a longer default)
 
     def by_lport(self, port, netns=None):
         return [lc for lc in self.closed if lc.lport == port and (netns is None or lc.netns == netns)]

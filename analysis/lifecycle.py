@@ -345,12 +345,13 @@ class Tracker:
     def matches(self, lc: Lifecycle) -> bool:
         """The filters' verdict on what is known so far. A connection whose port or owner is
         not known yet does not match: under -p a pre-forked worker's accepted socket
-        appears from its first read or write."""
+        appears from its first read or write; under a cgroup filter the owner's cgroup is the
+        kernel fold's (the events' and the LIFE record's cgroup_id)."""
         pids = set(lc.pids)
         if lc.listener_pid is not None:
             pids.add(lc.listener_pid)
         return self.filters.match(family=lc.family, lport=lc.lport or None, rport=lc.rport or None,
-                                  role=lc.role, owner_pids=tuple(pids))
+                                  role=lc.role, owner_pids=tuple(pids), cgroup_id=lc.cgroup_id)
 
     def kept(self, lc: Lifecycle) -> bool:
         """Passes the filters (always, when there are none)."""
@@ -365,7 +366,7 @@ class Tracker:
     # -- event handlers ----------------------------------------------------
     def _state(self, ev: Ev) -> None:
         (ts, skaddr, gen, _tx, _rx, _netns, pid, _tid, _uid, _value, sport, dport, _af, _kind,
-         old, new, flags, _sa, _da, comm_raw, seq) = ev
+         old, new, flags, _sa, _da, comm_raw, seq, cgroup) = ev
         role = BIRTHS.get((old, new))
         lc = self.live.get(gen) if gen else None
         if lc is not None and lc.seq is not None and (seq - lc.seq) & 0xFFFF >= 0x8000:
@@ -407,6 +408,8 @@ class Tracker:
         path.append(new)
         lc.state = new
         lc.state_enter_ns = lc.last_ns = ts
+        if cgroup:  # the kernel's fold's owner's cgroup after this event (0: no owner yet, no fold)
+            lc.cgroup_id = cgroup
         if gen:
             lc.seq = seq
             if lc.first_seq is None:
@@ -548,6 +551,8 @@ class Tracker:
             lc.pids.add(ev.pid)
         if ev.flags & _F_EOF and lc.eof_ns is None:
             lc.eof_ns = ev.ts_ns
+        if ev.cgroup_id:  # (the owner it made, its cgroup, as the kernel's fold has them)
+            lc.cgroup_id = ev.cgroup_id
         if lc.uid is None:
             lc.uid = dec.uid(ev)
         if lc.netns is None:

@@ -125,6 +125,8 @@ struct tlt_event {
 	__u8 role;       /* TLT_ROLE_* */
 	__u8 xflags;     /* TLT_X_* */
 	__u8 _pad;
+	__u64 cgroup_id; /* Lifecycle.cgroup_id after this event: the owner's cgroup v2 id (tlt_agg.cgroup_id);
+	                    0 = no owner yet, or no fold */
 };
 
 /* What the kernel folds per connection (every mode): the lifecycle the Python

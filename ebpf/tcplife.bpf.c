@@ -7,7 +7,7 @@
  *   OFF_*                                           struct offsets from BTF (absent = unknown)
  *   TLT_HAVE_<TP>                                   tracepoints present on this kernel
  *   TLT_FILTER_*, TLT_PID_OK(p), TLT_LPORT_OK(p),
- *   TLT_RPORT_OK(p)                                 kernel-side filters
+ *   TLT_RPORT_OK(p), TLT_CGROUP_OK()                kernel-side filters
  *   TLT_EVSZ, TLT_EVOFF_<field>, TLT_AGGSZ,
  *   TLT_AGGOFF_<field>                              the layout Python expects
  *   TLT_LIVES_PAGES                                 pages of the lives ring buffer
@@ -18,7 +18,7 @@
  *                                                   map entry and send one TLT_EV_LIFE record
  *                                                   at its end, into the lives ring buffer
  * Every mode folds: with TLT_STREAM each event also carries the fold after it (dur_ns,
- * owner_*, role, xflags), so user space needs no state of its own to show a transition.
+ * owner_*, role, xflags, cgroup_id), so user space needs no state of its own to show a transition.
  */
 #include "event.h"
 
@@ -42,7 +42,7 @@ TLT_CHECK(netns); TLT_CHECK(pid); TLT_CHECK(tid); TLT_CHECK(uid); TLT_CHECK(valu
 TLT_CHECK(sport); TLT_CHECK(dport); TLT_CHECK(family); TLT_CHECK(kind); TLT_CHECK(oldstate);
 TLT_CHECK(newstate); TLT_CHECK(flags); TLT_CHECK(saddr); TLT_CHECK(daddr); TLT_CHECK(comm);
 TLT_CHECK(seq); TLT_CHECK(dur_ns); TLT_CHECK(owner_pid); TLT_CHECK(owner_comm); TLT_CHECK(owner_src);
-TLT_CHECK(role); TLT_CHECK(xflags);
+TLT_CHECK(role); TLT_CHECK(xflags); TLT_CHECK(cgroup_id);
 #define TLT_ACHECK(f) _Static_assert(__builtin_offsetof(struct tlt_agg, f) == TLT_AGGOFF_##f, \
 	"struct tlt_agg." #f " differs from probes/event_layout.py")
 _Static_assert(sizeof(struct tlt_agg) == TLT_AGGSZ, "struct tlt_agg size differs from probes/event_layout.py");
@@ -233,6 +233,15 @@ static __always_inline u8 verdict(u16 family, const u8 *daddr6, u16 sport, u16 d
 		undecided = 1;
 	}
 #endif
+#ifdef TLT_FILTER_CGROUP
+	/* the current task's cgroup is the owner's where it is the owner (connect(), listen()) */
+	if (pid_known) {
+		if (!TLT_CGROUP_OK())
+			return KEEP_NO;
+	} else {
+		undecided = 1;
+	}
+#endif
 #ifdef TLT_FILTER_LPORT
 	if (sport) {
 		if (!TLT_LPORT_OK(sport))
@@ -315,6 +324,7 @@ static __always_inline void ev_fold(struct tlt_event *e, struct conn *c)
 	__builtin_memcpy(e->owner_comm, c->agg.owner_comm, sizeof(e->owner_comm));
 	e->owner_src = c->agg.owner_src;
 	e->role = c->role;
+	e->cgroup_id = c->agg.cgroup_id;
 	e->xflags |= TLT_X_FOLDED;
 }
 

@@ -15,10 +15,11 @@ import numpy as np
 from .event_layout import (AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, HEALTH_N, LIFE_DTYPE, LIFE_SIZE, SRC_NONE, Event,
                            EventKind, Flag, Life)
 
-# `Ev`'s 21 fields, the first bytes of struct tlt_event; the fields appended after seq (the
-# kernel's fold, see event_layout) are skipped here: they are read as numpy columns
-_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH" + "x" * (EVENT_SIZE - 120))
-assert _FMT.size == EVENT_SIZE and Event.seq.offset == 118
+# `Ev`'s fields: struct tlt_event's first 21 (up to seq), then its last (cgroup_id: the
+# connection's home, which the Tracker keeps); the fold's other fields appended after seq
+# (dur_ns, owner_*, role, xflags: see event_layout) are skipped here, read as numpy columns
+_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH" + "x" * (Event.cgroup_id.offset - 120) + "Q")
+assert _FMT.size == EVENT_SIZE and Event.seq.offset == 118 and Event.cgroup_id.offset + 8 == EVENT_SIZE
 
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
@@ -49,6 +50,7 @@ class Ev(NamedTuple):
     daddr_raw: bytes
     comm_raw: bytes
     seq: int            # per-connection event counter (wraps at 65536)
+    cgroup_id: int = 0  # the fold's owner's cgroup v2 id after this event; 0: none (yet), or no fold
 
 
 _addr_cache: dict[tuple[int, bytes], str] = {}
@@ -117,6 +119,7 @@ def byte_counts(ev: Ev) -> tuple[int | None, int | None]:
     return (ev.tx_b, ev.rx_b) if ev.flags & F_BYTES else (None, None)
 
 
+N_EV_FIELDS = len(Ev._fields)
 _make = Ev._make
 _unpack = _FMT.unpack_from
 _iter_unpack = _FMT.iter_unpack
@@ -138,16 +141,19 @@ def event_tuples(events: np.ndarray) -> list[tuple]:
 
 
 def events_array(tuples) -> np.ndarray:
-    """`Ev`-ordered tuples (21 fields) as an EVENT_DTYPE array, with no fold (as the kernel
-    sends an event without one: xflags 0, owner_src SRC_NONE, the rest past seq zero)."""
+    """`Ev`-ordered tuples as an EVENT_DTYPE array, with no fold (as the kernel sends an event
+    without one: xflags 0, owner_src SRC_NONE, the rest past seq zero) but the cgroup id they
+    carry (a tuple of the first 21 fields only: 0)."""
     pack = _FMT.pack
-    out = np.frombuffer(bytearray(b"".join([pack(*t[:21]) for t in tuples])), dtype=EVENT_DTYPE)
+    n = N_EV_FIELDS
+    out = np.frombuffer(bytearray(b"".join([pack(*t) if len(t) == n else pack(*t[:21], 0) for t in tuples])),
+                        dtype=EVENT_DTYPE)
     out["owner_src"] = SRC_NONE
     return out
 
 
 def as_ev(ev: tuple) -> Ev:
-    return ev if type(ev) is Ev else _make(ev)
+    return ev if type(ev) is Ev else _make(ev) if len(ev) == N_EV_FIELDS else Ev(*ev[:21])
 
 
 # struct tlt_life: the event, then struct tlt_agg (start, eof, state_ns[16], owner_pid,
@@ -159,7 +165,6 @@ def as_ev(ev: tuple) -> Ev:
 AGG_FMT = struct.Struct(f"<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16sQIHHH2xI{HEALTH_N * 8}s")
 _LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
 assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
-N_EV_FIELDS = len(Ev._fields)
 # position of each struct tlt_agg field in a decoded LIFE tuple (arrays take one slot per element)
 _AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), ("state_ns", 16), ("owner_pid", 1), ("pids", 4),
               ("rst_reason", 1), ("owner_comm", 1), ("state_mask", 1), ("owner_src", 1), ("npids", 1),

@@ -110,6 +110,8 @@ class Event(ctypes.Structure):
         ("role", ctypes.c_uint8),
         ("xflags", ctypes.c_uint8),
         ("_pad", ctypes.c_uint8),
+        # appended (issue 15): the fold's owner's cgroup v2 id after this event (0: none yet)
+        ("cgroup_id", ctypes.c_uint64),
     ]
 
 
@@ -159,7 +161,8 @@ AGG_SIZE = ctypes.sizeof(Agg)
 LIFE_SIZE = ctypes.sizeof(Life)
 AGG_FIELD_NAMES = [name for name, _ in Agg._fields_ if not name.startswith("_")]
 FIELD_NAMES = [name for name, _ in Event._fields_ if not name.startswith("_")]
-V1_FIELD_NAMES = FIELD_NAMES[:21]  # struct tlt_event up to seq: recordings of schema 1, `Ev`
+V1_FIELD_NAMES = FIELD_NAMES[:21]  # struct tlt_event up to seq: recordings of schema 1
+V3_FIELD_NAMES = FIELD_NAMES[:FIELD_NAMES.index("cgroup_id")]  # up to xflags: recordings of schema 2 and 3
 # numpy view of the same bytes, for decoding a batch at once
 
 

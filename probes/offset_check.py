@@ -23,9 +23,9 @@ _CLOSE = 7
 
 
 def possible(filters) -> bool:
-    """Whether a kernel filter would hide our own connection (-p, -L, -D do; -4/-6 do not:
-    the connection takes the family traced)."""
-    return not (filters.pids or filters.lports or filters.rports)
+    """Whether a kernel filter would hide our own connection (-p, -L, -D, --cgroup and
+    --container do; -4/-6 do not: the connection takes the family traced)."""
+    return not (filters.pids or filters.lports or filters.rports or filters.cgroups)
 
 
 def _connection(family: int) -> tuple[set[int], int]:

@@ -76,9 +76,9 @@ class Settings:
 
     @property
     def lives_pages(self) -> int:
-        """Pages of the lives ring (struct tlt_life, 584 bytes, one per connection): as many
+        """Pages of the lives ring (struct tlt_life, 592 bytes, one per connection): as many
         as the events ring's in every mode. A socket of a churning connection is about 5
-        events of 160 ring bytes against its one 592-byte record: at half the size the lives
+        events of 168 ring bytes against its one record of 600: at half the size the lives
         ring filled first (measured: 0.87 of it at the native churn load), at the same size
         it fills no faster than the events ring."""
         return self.rb_pages
@@ -96,8 +96,10 @@ class Source:
     lives_record_size: int = LIFE_SIZE
 
 
-def build_source(settings: Settings, tracefs_root: str) -> Source:
-    """The program text and flags for this kernel; raises ProgramError if it cannot trace."""
+def build_source(settings: Settings, tracefs_root: str, ancestor: bool = True) -> Source:
+    """The program text and flags for this kernel; raises ProgramError if it cannot trace.
+    ancestor: a tracepoint program may call bpf_get_current_ancestor_cgroup_id here (else a
+    cgroup filter is applied in user space alone, with a notice)."""
     if settings.mode not in MODES:
         raise ProgramError(f"unknown mode {settings.mode!r}: one of {', '.join(MODES)}")
     if settings.rb_pages < 1 or settings.rb_pages & (settings.rb_pages - 1):
@@ -146,7 +148,10 @@ def build_source(settings: Settings, tracefs_root: str) -> Source:
             defines.remove("#define TLT_HAVE_TCP_CONG_STATE_SET")
             notices.append("tracepoint tcp/tcp_cong_state_set has an unknown layout here: "
                            "loss and recovery episodes are not counted (NA)")
-    defines += settings.filters.cdefines()
+    defines += settings.filters.cdefines(ancestor=ancestor)
+    if settings.filters.cgroups and not ancestor:
+        notices.append("this kernel does not let a tracepoint program call bpf_get_current_ancestor_cgroup_id: "
+                       "the cgroup filter is applied in user space only (every connection reaches it)")
     with open(ebpf.PROGRAM) as f:
         body = f.read()
     text = "\n".join(defines) + "\n" + body
@@ -242,6 +247,36 @@ class LoadedProgram:
             self.bpf.cleanup()
 
 
+_ANCESTOR_PROBE = b"""
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	return bpf_get_current_ancestor_cgroup_id(0) == 1;
+}
+"""
+_ancestor: list[bool] = []
+
+
+def ancestor_helper(bcc) -> bool:
+    """Whether a tracepoint program may call bpf_get_current_ancestor_cgroup_id on this kernel:
+    a tiny program that does nothing else, loaded once per process (bcc attaches it for that
+    moment) and unloaded; the verifier's refusal is not printed."""
+    if not _ancestor:
+        saved = os.dup(2)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            try:
+                bcc.BPF(text=_ANCESTOR_PROBE).cleanup()
+                _ancestor.append(True)
+            except Exception:  # noqa: BLE001 - bcc raises Exception for everything
+                _ancestor.append(False)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return _ancestor[0]
+
+
 def load(settings: Settings) -> LoadedProgram:
     """Compile and attach; every failure becomes a ProgramError with one clear line."""
     check_privileges()
@@ -249,9 +284,9 @@ def load(settings: Settings) -> LoadedProgram:
         root = tracefs.find_tracefs()
     except tracefs.TracefsError as e:
         raise ProgramError(str(e)) from None
-    source = build_source(settings, root)
     bcc = import_bcc()
     os.environ["BCC_KERNEL_SOURCE"] = ebpf.STUB_KERNEL_SOURCE
+    source = build_source(settings, root, ancestor=not settings.filters.cgroups or ancestor_helper(bcc))
     try:
         # clang and the verifier write to fd 2 directly; bcc raises a bare Exception
         bpf = bcc.BPF(text=source.text.encode(), cflags=source.cflags)

@@ -1,6 +1,6 @@
 """The per-transition views (text, JSON, CSV) formatted a batch at a time from the events'
 numpy columns and the kernel's fold on each event (probes/event_layout.py: dur_ns, owner_*,
-role, xflags), with no Python object per event: byte for byte what views.TextView.transition,
+role, xflags, cgroup_id), with no Python object per event: byte for byte what views.TextView.transition,
 dumps(transition_record(...)) and csv_view.CsvRows give for the same transitions
 (tests/test_batch_views.py holds them equal on a real workload, line for line).
 
@@ -44,7 +44,7 @@ from .analysis.lifecycle import ENTRYLESS_BASE, Lifecycle, Tracker, Transition
 from .probes import decode as dec
 from .probes.event_layout import OWNER_SOURCE_NAMES, ROLE_NAMES, SRC_NONE, EventKind, Flag, XFlag
 from .probes.tcp_states import state_name
-from .views import Clock, TextView, dumps, transition_record
+from .views import Clock, TextView, dumps, transition_home, transition_record
 
 _STATE = int(EventKind.STATE)
 _FOLDED, _DUR, _TW = int(XFlag.FOLDED), int(XFlag.DUR), int(XFlag.TIME_WAIT)
@@ -238,6 +238,9 @@ class BatchFormatter:
             self._comm = _Cached(lambda raw: string(dec.comm(raw)))
             sep = b"," if view == "csv" else b',"newstate":'
             self._states = _Cached(lambda k: string(state_name(k >> 8)) + sep + string(state_name(k & 255)))
+        # a JSON record's home (views.TRANSITION_HOME) by the fold's cgroup id: resolved once per id
+        self._home = _Cached(lambda cg: "".join(f',"{k}":{json.dumps(v)}'
+                                                for k, v in transition_home(cg or None).items()).encode())
         self._iso_parts: dict[int, tuple[bytes, bytes]] = {}
         self._ports: np.ndarray | None = None
 
@@ -440,8 +443,11 @@ class BatchFormatter:
                 sep("oldstate"), self._state_pairs(ev)]
         x = ev["xflags"]
         out += [sep("ms"), self._repr_ms(ev["dur_ns"], (x & _DUR) != 0),
-                sep("note"), _choose((x & _TW) != 0, _const(self._string("TIME_WAIT"), n), null),
-                _const(b"}\n" if js else b"\n", n)]
+                sep("note"), _choose((x & _TW) != 0, _const(self._string("TIME_WAIT"), n), null)]
+        if js:  # the connection's home: one lookup per distinct cgroup id of the batch
+            ids, inv = np.unique(ev["cgroup_id"], return_inverse=True)
+            out.append(self._home.block(ids.tolist(), inv.ravel()))
+        out.append(_const(b"}\n" if js else b"\n", n))
         if not js:
             out[0] = np.zeros((n, 1), np.uint8)  # (the CSV row starts with its first cell)
         return out
@@ -452,7 +458,7 @@ class BatchFormatter:
         if self.view == "text":
             t.lc.view_cache = None  # (another view of the same Lifecycle may have left its own there)
             return self._enc(self.text.transition(t)) + b"\n"
-        record = transition_record(t, self.clock)
+        record = transition_record(t, self.clock, home=self.view == "json")
         if self.view == "json":
             return dumps(record).encode() + b"\n"
         return self._enc(self.csv_rows(record)) + b"\n"
@@ -462,7 +468,7 @@ class BatchFormatter:
         rows = self.csv_rows
         if self.view != "csv" or rows.fields is not None:
             return b""
-        return self._enc(rows(transition_record(_HEADER_ONLY, self.clock)).split("\n", 1)[0]) + b"\n"
+        return self._enc(rows(transition_record(_HEADER_ONLY, self.clock, home=False)).split("\n", 1)[0]) + b"\n"
 
 
 # a Transition on an empty Lifecycle: its record gives CsvRows the field names (only its keys are used)

@@ -58,11 +58,33 @@ def _int_list(value: str | None, what: str, lo: int, hi: int) -> tuple[int, ...]
     return tuple(out)
 
 
-def _filters(pid, lport, rport, ipv4, ipv6) -> Filters:
+def _filters(pid, lport, rport, ipv4, ipv6, cgroup=(), container=()) -> Filters:
     if ipv4 and ipv6:
         raise click.UsageError("-4 and -6 exclude each other")
+    homes = ()
+    if cgroup or container:
+        from . import containers
+        try:
+            homes = containers.targets(cgroup, container)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     return Filters(pids=_int_list(pid, "pid", 1, 2**22), lports=_int_list(lport, "port", 1, 65535),
-                   rports=_int_list(rport, "port", 1, 65535), family=4 if ipv4 else 6 if ipv6 else None)
+                   rports=_int_list(rport, "port", 1, 65535), family=4 if ipv4 else 6 if ipv6 else None,
+                   cgroups=homes)
+
+
+def _home_options(f):
+    """--cgroup and --container, on the commands that trace (trace, serve, doctor)."""
+    for opt in reversed([
+        click.option("--cgroup", "cgroups", metavar="PATH", multiple=True,
+                     help="Only connections whose owner's cgroup v2 is PATH or below it (a directory "
+                          "under the cgroup2 mount, or a path relative to it; repeatable)."),
+        click.option("--container", "containers", metavar="ID", multiple=True,
+                     help="Only connections whose owner is in this container (its id, or a unique "
+                          "prefix of 12 or more hex digits; repeatable)."),
+    ]):
+        f = opt(f)
+    return f
 
 
 def _filter_options(f):
@@ -114,6 +136,7 @@ thresholds (--threshold NAME=VALUE):
 @click.option("-D", "--remoteport", metavar="PORT[,PORT]", help="Only these remote ports.")
 @click.option("-4", "--ipv4", is_flag=True, help="IPv4 only (v4-mapped IPv6 counts as IPv4).")
 @click.option("-6", "--ipv6", is_flag=True, help="IPv6 only.")
+@_home_options
 @click.option("--duration", type=Seconds(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: until Ctrl-C or SIGTERM).")
 @click.option("--lifecycles", is_flag=True, help="One line per finished connection instead of per state change.")
@@ -158,7 +181,7 @@ thresholds (--threshold NAME=VALUE):
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
-def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duration, lifecycles,
+def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, cgroups, containers, duration, lifecycles,
         as_json, strict, max_conns, ring_pages, niceness, record_path, record_host, report_path, poll_interval,
         threshold_pairs, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, kernel_mode, print_ebpf,
         as_csv):
@@ -168,8 +191,8 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, duratio
     """
     if ctx.invoked_subcommand is not None:
         return
-    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages,
-                             _kernel_mode(kernel_mode, lifecycles, record_path, metrics_port))
+    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers), max_conns,
+                             ring_pages, _kernel_mode(kernel_mode, lifecycles, record_path, metrics_port))
     if print_ebpf:
         src = prog.build_source(settings, tracefs.find_tracefs())
         _out(src.text)
@@ -228,6 +251,7 @@ DEFAULT_METRICS_PORT = 9470
               help="Change a detector threshold, e.g. close_wait_age_s=30 (repeatable; the names are "
                    "listed at the end of `tcplife-trace --help`).")
 @_filter_options
+@_home_options
 @click.option("--duration", type=Seconds(min=0, min_open=True), metavar="S",
               help="Stop after S seconds (default: until SIGTERM).")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
@@ -246,8 +270,8 @@ DEFAULT_METRICS_PORT = 9470
 @click.option("--strict", is_flag=True, help="Exit 1 if any event was lost or any connection went untracked.")
 @click.pass_context
 def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap, poll_interval,
-              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, duration, record_path, record_host, niceness,
-              max_conns, ring_pages, report_path, strict):
+              threshold_pairs, pid, localport, remoteport, ipv4, ipv6, cgroups, containers, duration, record_path,
+              record_host, niceness, max_conns, ring_pages, report_path, strict):
     """Long-running agent: trace without printing events, serve Prometheus metrics, print
     leak findings to stderr (the journal) as they appear. Stops on SIGTERM.
 
@@ -255,7 +279,8 @@ def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap
     `journalctl -u tcplife-trace -p warning` shows the warnings, errors and findings."""
     from . import journal
     journal.use_priorities()
-    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6), max_conns, ring_pages)
+    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers), max_conns,
+                             ring_pages)
     ctx.exit(trace(settings, niceness=niceness, hms=False, seconds=False, wide=False, duration=duration,
                    lifecycles=False, as_json=False, strict=strict, report_path=report_path, record_path=record_path,
                    record_host=_record_host(record_host, record_path),
@@ -305,7 +330,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     add = pending.append
 
     def on_transition(t):
-        add(fmt(transition_record(t, holder["s"].clock)) if records else view.transition(t))
+        add(fmt(transition_record(t, holder["s"].clock, home=as_json)) if records else view.transition(t))
 
     def on_close(lc):
         add(fmt(lifecycle_record(lc, holder["s"].clock)) if records else view.lifecycle(lc))
@@ -676,17 +701,18 @@ _THRESHOLD_HELP = ("Change a detector threshold, e.g. close_wait_age_s=30 (repea
 @click.option("--threshold", "threshold_pairs", multiple=True, metavar="NAME=VALUE", help=_THRESHOLD_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @_filter_options
+@_home_options
 @click.pass_context
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also record every event and snapshot to FILE, for `tcplife-trace analyze FILE` later.")
 def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, localport, remoteport, ipv4,
-               ipv6, record_path):
+               ipv6, cgroups, containers, record_path):
     """Snapshot every TCP socket (all namespaces), trace for a while, report leaks and piles.
 
     Exit status: 0 healthy, 1 findings at or above --fail-on, 2 could not run.
     """
     from . import doctor, findings_view
-    filters = _filters(pid, localport, remoteport, ipv4, ipv6)
+    filters = _filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers)
     thresholds = _thresholds(threshold_pairs)
     stop = StopRequest()
 

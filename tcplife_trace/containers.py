@@ -14,13 +14,13 @@ What the host does not show is None (NA), never guessed.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+
+from .probes import cgroup_tree
 
 PODS_LOG_DIR = "/var/log/pods"
 DEFAULT_CAP = 4096          # cgroups remembered (ids are never reused: an entry stays true)
@@ -115,19 +115,7 @@ def pod_name(uid: str, pods_dir: str = PODS_LOG_DIR) -> tuple[str | None, str | 
     return None, None
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Where the cgroup2 file system is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
-    a hybrid host); None without one."""
-    try:
-        with open(mountinfo) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        if right.split(" ", 1)[0] == "cgroup2":
-            return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), left.split(" ")[4])
-    return None
+cgroup2_mount = cgroup_tree.mount  # (the tree's rules live in probes/cgroup_tree.py)
 
 
 def pid_cgroup(pid: int) -> str | None:
@@ -150,20 +138,46 @@ def pid_netns(pid: int) -> int | None:
         return None
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_FILEID_KERNFS = 0xFE
-_O_PATH = getattr(os, "O_PATH", 0o10000000)
+_HEX_PREFIX = re.compile(r"[0-9a-f]{12,64}")
 
 
-def _open_by_id(mount_fd: int, cgroup_id: int) -> int:
-    """An O_PATH descriptor of the cgroup whose id this is (its kernfs file handle is the id;
-    needs CAP_DAC_READ_SEARCH); OSError otherwise."""
-    handle = ctypes.create_string_buffer(struct.pack("<IiQ", 8, _FILEID_KERNFS, cgroup_id))
-    fd = _libc.open_by_handle_at(mount_fd, handle, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return fd
+def container_cgroups(prefix: str, mount: str | None = None, pods_dir: str = PODS_LOG_DIR) -> list[str]:
+    """The cgroup paths of the container whose id is `prefix` (the full 64 hex digits or a
+    unique prefix of at least 12): the cgroups the runtimes' layouts name it by (not its
+    conmon's), without those below another of them. ValueError (one line) for a prefix that is
+    not such, names no container on this host, or more than one."""
+    if not _HEX_PREFIX.fullmatch(prefix):
+        raise ValueError(f"container {prefix}: give its id, 12 to 64 lowercase hex digits")
+    mount = mount if mount is not None else cgroup2_mount()
+    if mount is None:
+        raise ValueError("this host has no cgroup v2 file system mounted: --cgroup and --container need one")
+    found: dict[str, list[str]] = {}
+    for path in sorted(cgroup_tree.walk(mount).values()):
+        home = classify(path, pods_dir)
+        if home.container_id and home.container_id.startswith(prefix) and not home.runtime.endswith("conmon"):
+            paths = found.setdefault(home.container_id, [])
+            if not any(path.startswith(p + "/") for p in paths):
+                paths.append(path)
+    if not found:
+        raise ValueError(f"container {prefix}: no such container's cgroup under {mount}")
+    if len(found) > 1:
+        raise ValueError(f"container {prefix}: the prefix of {len(found)} containers' ids "
+                         f"({', '.join(sorted(i[:16] for i in found))}): give more of it")
+    return next(iter(found.values()))
+
+
+def targets(cgroups=(), containers=(), mount: str | None = None, pods_dir: str = PODS_LOG_DIR) -> tuple:
+    """The --cgroup PATH and --container ID arguments as probes.filters.CgroupTarget, for
+    Filters(cgroups=...): a connection matches when its owner's cgroup is one of them or below
+    one. ValueError (one line) for a path that is no cgroup, an id that names no container."""
+    from .probes.filters import cgroup_target
+    mount = mount if mount is not None else cgroup2_mount()
+    out = [cgroup_target(c, mount) for c in cgroups]
+    for prefix in containers:
+        for path in container_cgroups(prefix, mount, pods_dir):
+            t = cgroup_target(path, mount)
+            out.append(replace(t, label=f"container {prefix}"))
+    return tuple(dict.fromkeys(out))
 
 
 class Resolver:
@@ -188,7 +202,7 @@ class Resolver:
             return None
         if self.handles:
             try:
-                return self._by_handle(cgroup_id)
+                return cgroup_tree.path_by_handle(self.mount, cgroup_id)
             except FileNotFoundError:
                 return None             # (ESTALE too: the cgroup is gone)
             except OSError:
@@ -199,38 +213,9 @@ class Resolver:
             path = self._walked.get(cgroup_id)
         return path
 
-    def _by_handle(self, cgroup_id: int) -> str:
-        import errno
-        mfd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            try:
-                fd = _open_by_id(mfd, cgroup_id)
-            except OSError as e:
-                if e.errno in (errno.ESTALE, errno.ENOENT):
-                    raise FileNotFoundError(e.errno, e.strerror) from None
-                raise
-            try:
-                where = os.readlink(f"/proc/self/fd/{fd}")
-            finally:
-                os.close(fd)
-        finally:
-            os.close(mfd)
-        if where == self.mount:
-            return "/"
-        if not where.startswith(self.mount.rstrip("/") + "/"):
-            raise FileNotFoundError(f"cgroup {cgroup_id} is outside {self.mount}: {where}")
-        return where[len(self.mount.rstrip("/")):]
-
     def _walk(self) -> None:
         self._walked_at = time.monotonic()
-        found = {}
-        root = self.mount.rstrip("/")
-        for here, dirs, _files in os.walk(self.mount):
-            try:
-                found[os.stat(here).st_ino] = here[len(root):] or "/"
-            except OSError:
-                continue
-        self._walked = found
+        self._walked = cgroup_tree.walk(self.mount)
 
     # -- Homes ---------------------------------------------------------------------------
     def by_id(self, cgroup_id: int) -> Home:
@@ -267,10 +252,7 @@ class Resolver:
         """A cgroup path's id (its directory's inode); None if it is not there."""
         if self.mount is None:
             return None
-        try:
-            return os.stat(self.mount.rstrip("/") + path).st_ino
-        except OSError:
-            return None
+        return cgroup_tree.id_of(self.mount, path)
 
     def _netns(self, path: str) -> int | None:
         """The network namespace of the first process found in the cgroup (a container's

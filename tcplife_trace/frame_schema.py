@@ -62,7 +62,9 @@ _HEALTH_COLS = [("rtt_ms", "float64"), ("rttvar_ms", "float64"), ("min_rtt_ms", 
 FRAMES: dict[str, list[tuple[str, object]]] = {
     "transitions": _cols("conn_id", ("time", UTC), ("ts_ns", "int64"), "oldstate", "newstate",
                          ("ms_in_old", "float64"), "cur_pid", "cur_comm", ("family", "Int8"),
-                         "laddr", "lport", "raddr", "rport", "netns"),
+                         "laddr", "lport", "raddr", "rport", "netns",
+                         # the connection's home after the change (schema 4 recordings)
+                         ("cgroup_id", "UInt64"), ("cgroup", TEXT), ("container_id", TEXT)),
     "lifecycles": _cols("conn_id", ("role", Vocab(ROLES)), ("family", "Int8"), "laddr", "lport", "raddr",
                         "rport", "netns", ("birth_seen", "bool"), ("start", UTC), ("end", UTC),
                         ("duration_s", "float64"), "listener_pid", "pid", "comm",

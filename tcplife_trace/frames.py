@@ -198,12 +198,16 @@ def _masked(values: np.ndarray, valid: np.ndarray, dtype: str):
     return pd.arrays.IntegerArray(values, ~np.asarray(valid, dtype=bool))
 
 
-def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None) -> pd.DataFrame:
+def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = None,
+                cgroup_paths: dict | None = None) -> pd.DataFrame:
     """One row per state change, in recorded order.
 
     ms_in_old is the time spent in `oldstate` (NaN when its start was not recorded, or
     when events in between are missing); cur_pid/cur_comm is the task the kernel was
-    running, which in softirq transitions is not the connection's owner.
+    running, which in softirq transitions is not the connection's owner. cgroup_id is the
+    connection's owner's cgroup after the change (the kernel's fold: NA before an owner, and
+    in recordings before schema 4); cgroup and container_id what its path showed
+    (cgroup_paths: id -> path as recorded; NA for an id it does not name).
     """
     cols = cols or Columns(table)
     by = cols.by_connection()
@@ -234,4 +238,21 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
     frame["raddr"] = addresses(col, "daddr", af)
     frame["rport"] = _masked(dport, dport != 0, "UInt16")
     frame["netns"] = _masked(col("netns"), (flags & dec.F_NETNS) != 0, "UInt32")
+    cg = col("cgroup_id")
+    frame["cgroup_id"] = _masked(cg, cg != 0, "UInt64")
+    frame["cgroup"], frame["container_id"] = _homes(cg, cgroup_paths or {})
     return frame
+
+
+def _homes(cg: np.ndarray, paths: dict) -> tuple[pd.Series, pd.Series]:
+    """(cgroup path, container id) per row of cgroup ids, each distinct id classified once."""
+    from .containers import classify
+    ids, inv = np.unique(cg, return_inverse=True)
+    path = np.empty(len(ids), dtype=object)
+    container = np.empty(len(ids), dtype=object)
+    for i, c in enumerate(ids.tolist()):
+        p = paths.get(c) if c else None
+        path[i] = p
+        container[i] = None if p is None else classify(p).container_id
+    inv = inv.ravel()
+    return pd.Series(path[inv], dtype=object), pd.Series(container[inv], dtype=object)

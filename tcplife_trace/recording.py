@@ -25,11 +25,13 @@ import pyarrow.ipc as ipc
 from . import __version__
 from .probes.decode import events_array
 from .probes.btf import TCP_SOCK_HEALTH
-from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, SRC_NONE, V1_FIELD_NAMES
+from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, SRC_NONE, V1_FIELD_NAMES, V3_FIELD_NAMES
 
-SCHEMA_VERSION = 3  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
+SCHEMA_VERSION = 4  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
 # 3: what only the fold knows of each ended connection (its LIFE record: the owner's cgroup,
 #    retransmits as they happened, health at the end) in batches of their own (LIVES_KEY)
+# 4: each event's cgroup_id (the fold's owner's after it), and the paths of the cgroup ids
+#    the events name, as they were when recorded (CGROUPS_KEY)
 KEY = b"tcplife_trace"          # schema metadata: the recording's header (JSON)
 END_KEY = "tcplife_trace.end"   # metadata of the closing batch: the exit summary (JSON)
 # metadata of an empty batch: one sock_diag snapshot, its sockets as the detectors read them
@@ -39,6 +41,9 @@ SNAP_META_KEY = "tcplife_trace.snapshot_meta"
 # metadata of an empty batch: the fold's extras of connections that ended (LIVES_TYPES rows, an
 # Arrow IPC stream, zstd), written with the events flushed at the same time
 LIVES_KEY = "tcplife_trace.lives"
+# metadata of an events batch: {cgroup id: its path, None if gone} of the ids its events name
+# that no batch before named (JSON), resolved when they were written
+CGROUPS_KEY = "tcplife_trace.cgroups"
 # an event given to the writer is on the disk (fsynced) within FLUSH_SECONDS; the flusher
 # thread looks every FLUSH_TICK, and writes early once FLUSH_EVENTS are pending
 FLUSH_SECONDS = 0.5
@@ -50,10 +55,12 @@ FLUSH_EVENTS = 65536
 MAX_PENDING_EVENTS = 4 * FLUSH_EVENTS
 
 # Arrow columns: struct tlt_event's fields (probes/event_layout.py ARROW_TYPES, declared once
-# there); addresses and comm stay raw fixed-size binary. Schema 1 had the first 21 (up to seq):
-# such files load with the columns added since as zeros (xflags 0: no fold of the kernel's).
+# there); addresses and comm stay raw fixed-size binary. Schema 1 had the first 21 (up to seq),
+# schemas 2 and 3 all but cgroup_id: such files load with the columns added since as zeros
+# (xflags 0: no fold of the kernel's; cgroup_id 0: NA).
 _ARROW_TYPES = ARROW_TYPES
 _V1_TYPES = {n: _ARROW_TYPES[n] for n in V1_FIELD_NAMES}
+_V3_TYPES = {n: _ARROW_TYPES[n] for n in V3_FIELD_NAMES}
 assert all(EVENT_DTYPE[n].itemsize == (t.byte_width if pa.types.is_fixed_size_binary(t) else t.bit_width // 8)
            for n, t in _ARROW_TYPES.items())  # each column's bytes are its Arrow values
 
@@ -101,11 +108,11 @@ def _zero_column(typ, n: int) -> pa.Array:
 
 
 def _upgraded(table: pa.Table) -> pa.Table:
-    """A schema-1 table with the columns added since (zeros; owner_src SRC_NONE, no owner
+    """A table of schema 1 to 3 with the columns added since (zeros; owner_src SRC_NONE, no owner
     known, as the kernel sends it without a fold), in today's order."""
     n = table.num_rows
     for name, typ in _ARROW_TYPES.items():
-        if name not in _V1_TYPES:
+        if name not in table.column_names:
             col = _zero_column(typ, n)
             if name == "owner_src":
                 col = pa.Array.from_buffers(typ, n, [None, pa.py_buffer(np.full(n, SRC_NONE, EVENT_DTYPE[name]))])
@@ -262,6 +269,7 @@ class RecordingWriter:
         self._pending_lives: list[np.ndarray] = []  # LIFE records, written with the events
         self.lives = 0              # LIFE records given to it
         self._resolver = None       # cgroup id -> path (containers.Resolver), made at first use
+        self._cgroups_named: set[int] = set()  # cgroup ids whose path a batch's CGROUPS_KEY holds
         self._oldest = 0.0              # when the oldest pending event was given (monotonic)
         self.events = 0             # events given to it
         self.written = 0            # events in the file, fsynced
@@ -371,7 +379,8 @@ class RecordingWriter:
             lives, self._pending_lives = self._pending_lives, []
         if blobs:
             blob = b"".join(blobs)  # (bytes and EVENT_DTYPE arrays alike)
-            if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob))):
+            meta = self._new_cgroups(blob)
+            if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, blob), custom_metadata=meta)):
                 return False
             self._unsynced += len(blob) // EVENT_SIZE
         if lives:  # after the events written with them: a LIFE record follows its CLOSE
@@ -379,6 +388,16 @@ class RecordingWriter:
             if not self._writing(lambda: self._writer.write_batch(_batch(self._schema, b""), custom_metadata=meta)):
                 return False
         return True
+
+    def _new_cgroups(self, blob: bytes) -> dict | None:
+        """CGROUPS_KEY metadata for the cgroup ids these events name that no batch before did
+        (one lookup per distinct id); None when there are none."""
+        ids = np.unique(np.frombuffer(blob, dtype=EVENT_DTYPE)["cgroup_id"]).tolist()
+        new = [i for i in ids if i and i not in self._cgroups_named]
+        if not new:
+            return None
+        self._cgroups_named.update(new)
+        return {CGROUPS_KEY: json.dumps({str(i): self._cgroup_path(i) for i in new})}
 
     def _cgroup_path(self, cgroup_id: int) -> str | None:
         """The cgroup's path now (it may be gone by the time the recording is read)."""
@@ -513,7 +532,8 @@ def _checked_stream(f, path: str, size: int):
         columns = [(fl.name, fl.type) for fl in reader.schema]
     except UnicodeDecodeError:
         columns = None
-    if columns != list(_ARROW_TYPES.items()) and (version > 1 or columns != list(_V1_TYPES.items())):
+    older = {1: _V1_TYPES, 2: _V3_TYPES, 3: _V3_TYPES}.get(max(version, 1))  # (what that schema had)
+    if columns != list(_ARROW_TYPES.items()) and (older is None or columns != list(older.items())):
         raise RecordingError(f"{path}: corrupt recording (unexpected columns)")
     return reader, head
 
@@ -545,9 +565,10 @@ def check(path: str) -> None:
             _checked_stream(f, path, size)
 
 
-def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list, pa.Table]:
+def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list, pa.Table, dict]:
     """(header, events table, exit summary or None, warnings, snapshots as (meta, sockets frame),
-    the connections' fold extras as LIVES_TYPES rows).
+    the connections' fold extras as LIVES_TYPES rows, {cgroup id: path or None} of the ids the
+    events name, as recorded).
     Raises RecordingError."""
     f, size = _open(path)
     with f:
@@ -555,7 +576,7 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list, pa.Ta
         # a frame uses are ever touched (a 10M-event recording is 1.3 GB)
         src = _mapped(f, path, size)
         reader, head = _checked_stream(src, path, size)
-        batches, end, warnings, snaps, lives = [], None, [], [], []
+        batches, end, warnings, snaps, lives, cgroups = [], None, [], [], [], {}
         while True:
             try:
                 batch, custom = reader.read_next_batch_with_custom_metadata()
@@ -580,6 +601,13 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list, pa.Ta
                 except (pa.ArrowException, OSError, ValueError):
                     warnings.append(f"{path}: an unreadable batch of connection folds (skipped: those "
                                     "connections' health, retransmits and cgroup are NA)")
+            if custom and CGROUPS_KEY.encode() in custom:
+                named = _cgroup_paths(custom[CGROUPS_KEY.encode()])
+                if named is None:
+                    warnings.append(f"{path}: an unreadable table of cgroup paths (skipped: those cgroups' "
+                                    "paths and containers are NA in the transitions frame)")
+                else:
+                    cgroups.update(named)
             if custom and END_KEY.encode() in custom:
                 try:
                     end = json.loads(custom[END_KEY.encode()])
@@ -598,7 +626,20 @@ def read(path: str) -> tuple[dict, pa.Table, dict | None, list[str], list, pa.Ta
     table = pa.Table.from_batches(batches, schema=reader.schema)
     if table.num_columns < len(_ARROW_TYPES):
         table = _upgraded(table)
-    return head, table, end, warnings, snaps, _one_lives(lives)
+    return head, table, end, warnings, snaps, _one_lives(lives), cgroups
+
+
+def _cgroup_paths(blob: bytes) -> dict[int, str | None] | None:
+    """A CGROUPS_KEY value as {id: path or None}; None when it is not one."""
+    try:
+        named = json.loads(blob)
+    except ValueError:
+        return None
+    if not isinstance(named, dict) or not all(
+            k.isascii() and k.isdigit() and 0 < int(k) < 1 << 64 and (v is None or isinstance(v, str))
+            for k, v in named.items()):
+        return None
+    return {int(k): v for k, v in named.items()}
 
 
 def _one_lives(tables: list) -> pa.Table:
@@ -668,6 +709,18 @@ class Recording:
         # each file's fold extras (LIVES_TYPES rows; none in a text import or an in-memory
         # recording), their connection ids tagged by file as the events' are below
         lives = [x[5] if len(x) > 5 else LIVES_SCHEMA.empty_table() for x in loaded]
+        # the paths of the cgroup ids the events name, as recorded (schema 4), then those of
+        # the LIFE records' (schema 3): the first file that names an id wins
+        self.cgroup_paths: dict[int, str | None] = {}
+        for x, t in zip(loaded, lives):
+            named = dict(x[6]) if len(x) > 6 else {}
+            if t.num_rows:
+                for cg, path in zip(t["cgroup_id"].to_pylist(), t["cgroup"].to_pylist()):
+                    if cg and named.get(cg) is None:
+                        named[cg] = path
+            for cg, path in named.items():
+                if self.cgroup_paths.get(cg) is None:
+                    self.cgroup_paths[cg] = path
         loaded = [tuple(x[:5]) for x in loaded]
         if len(lives) > 1:
             import pyarrow.compute as pc
@@ -736,7 +789,8 @@ class Recording:
         """One row per state change (see README, "Recordings")."""
         from .frames import transitions
         if not hasattr(self, "_transitions"):
-            self._transitions = self._kept_rows(transitions(self.events, self.mono_to_wall_ns, self.columns()))
+            self._transitions = self._kept_rows(transitions(self.events, self.mono_to_wall_ns, self.columns(),
+                                                            cgroup_paths=self.cgroup_paths))
         return self._transitions
 
     def lifecycles(self):

@@ -184,9 +184,20 @@ def states_compact(lc: Lifecycle) -> str:
     return fmt % tuple([state_ns[st] / 1e6 for st in timed]) if timed else fmt
 
 
-def transition_record(t: Transition, clock: Clock) -> dict:
+# what a transition record carries of its connection's home (JSON; the CSV row keeps bcc's columns)
+TRANSITION_HOME = ("cgroup_id", "cgroup", "container_id")
+
+
+def transition_home(cgroup_id: int | None) -> dict[str, object]:
+    """TRANSITION_HOME of the owner's cgroup id after a transition (home_columns' values)."""
+    h = home_columns(cgroup_id)
+    return {k: h[k] for k in TRANSITION_HOME}
+
+
+def transition_record(t: Transition, clock: Clock, *, home: bool = True) -> dict:
+    """A transition as a record; home: with TRANSITION_HOME (the JSON view's; not the CSV's)."""
     lc = t.lc
-    return {
+    record = {
         "type": "transition", "time": clock.iso(t.ts_ns), "ts_ns": t.ts_ns, "conn_id": lc.conn_id,
         "pid": lc.owner_pid, "comm": lc.owner_comm, "owner_source": lc.owner_source,
         "cur_pid": t.cur_pid, "cur_comm": t.cur_comm, "role": lc.role, "family": lc.family,
@@ -194,6 +205,9 @@ def transition_record(t: Transition, clock: Clock) -> dict:
         "netns": lc.netns, "oldstate": state_name(t.oldstate), "newstate": state_name(t.newstate),
         "ms": None if t.dur_ns is None else t.dur_ns / 1e6, "note": t.note or None,
     }
+    if home:
+        record.update(transition_home(lc.cgroup_id))
+    return record
 
 
 def lifecycle_record(lc: Lifecycle, clock: Clock, *, still_open: bool = False) -> dict:

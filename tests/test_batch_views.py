@@ -62,7 +62,7 @@ class Views:
             t.lc.view_cache = None  # (a Lifecycle caches one view's rendering: here there are four)
             self.ref[k].append(v.transition(t).encode())
         self.ref["json"].append(dumps(transition_record(t, self.json_clock)).encode())
-        self.ref["csv"] += self.csv_rows(transition_record(t, self.csv_clock)).encode().split(b"\n")  # (header first)
+        self.ref["csv"] += self.csv_rows(transition_record(t, self.csv_clock, home=False)).encode().split(b"\n")  # (header first)
 
     def batch(self, events):
         for c in self.columns.values():
@@ -156,6 +156,12 @@ def test_the_lines_cover_the_hard_cases(traced):
     assert {r["owner_source"] for r in records} >= {"connect", "listen", "io", "close", "listener", "none"}
     assert {r["role"] for r in records} >= {"active", "passive", "listener", "unknown"}
     assert traced.cols["csv"][0].startswith(b"time,ts_ns,conn_id,pid,comm,")
+    assert traced.cols["csv"][0].endswith(b",ms,note")  # (the CSV row keeps its columns: no home)
+    # each record carries its connection's home after the change: the fold's owner's cgroup
+    mine = open("/proc/self/cgroup").read().strip().split("::", 1)[1]
+    assert all(r["cgroup_id"] is not None for r in records if r["owner_source"] in ("connect", "listen"))
+    assert all(r["cgroup_id"] is None and r["cgroup"] is None for r in records if r["owner_source"] == "none")
+    assert any(r["cgroup"] == mine and r["container_id"] is None for r in records)
 
 
 @pytest.mark.privileged

@@ -1,7 +1,8 @@
 """Recordings carry what only the kernel's fold knows of each connection (schema 3: its LIFE
-record's cgroup, retransmits and health at the end, in batches of their own); the offline
-lifecycles frame has the same handshake, health, retransmit and cgroup columns as the live
-lifecycles, and a recording without them (schema 2) loads with those columns NA."""
+record's cgroup, retransmits and health at the end, in batches of their own; schema 4: each
+event's cgroup and the paths of the cgroups they name); the offline lifecycles frame has the
+same handshake, health, retransmit and cgroup columns as the live lifecycles, the transitions
+frame each change's cgroup, and a recording without them (schema 2) loads with those columns NA."""
 from __future__ import annotations
 
 import os
@@ -63,7 +64,7 @@ def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
     live = ours()
     assert len(live) == 5 and w.lives >= 5
     rec = load(path)
-    assert rec.header["schema_version"] == recording.SCHEMA_VERSION == 3 and rec.warnings == []
+    assert rec.header["schema_version"] == recording.SCHEMA_VERSION == 4 and rec.warnings == []
     assert set(live) <= set(rec.lives["conn_id"].to_pylist())
     frame = rec.lifecycles().set_index("conn_id")
     mine = open("/proc/self/cgroup").read().strip().split("::", 1)[1]
@@ -77,6 +78,15 @@ def test_recorded_lifecycles_carry_the_folds_extras(tmp_path):
         assert r["cgroup_id"] == lc.cgroup_id and r["cgroup"] == mine
         assert r["handshake_ms"] == pytest.approx(lc.state_ns[S.SYN_SENT] / 1e6) == want["handshake_ms"]
         assert r["data_segs_out"] == 1 and r["data_segs_in"] == 1  # (its hello and the 3000 bytes back)
+    # each transition carries its connection's home after it (schema 4): the client's from its
+    # SYN_SENT on (connect() took the owner), the accepted peer's from SYN_RECV on (its listener's)
+    tr = rec.transitions
+    client = tr[tr["conn_id"].isin(list(live))]
+    assert len(client) >= 5 * 3 and (client["cgroup_id"] == client["conn_id"].map(
+        {cid: lc.cgroup_id for cid, lc in live.items()})).all()
+    assert (client["cgroup"] == mine).all() and client["container_id"].isna().all()
+    accepted = tr[tr["rport"].isin(ports) & (tr["lport"] == sport)]
+    assert len(accepted) >= 5 * 2 and (accepted["cgroup"] == mine).all()
     # its accepted peer: a handshake of SYN_RECV's time
     passive = frame[frame["rport"].isin(ports) & (frame["lport"] == sport)]
     assert len(passive) == 5 and passive["handshake_ms"].notna().all()
@@ -110,6 +120,8 @@ def test_a_recording_without_folds_loads_with_them_na(tmp_path):
     assert lc["handshake_ms"].iloc[0] == pytest.approx(1e-3)  # from the events alone: 1 us in SYN_SENT
     for c in ("rtt_ms", "total_retrans", "retransmits", "cgroup_id", "cgroup", "container_id"):
         assert lc[c].isna().all(), c
+    for c in ("cgroup_id", "cgroup", "container_id"):
+        assert rec.transitions[c].isna().all(), c
     # a LIFE batch: recorded, read back as its rows
     p3 = str(tmp_path / "v3.arrow")
     w = RecordingWriter(p3, recording.header("none", 0))
@@ -124,6 +136,40 @@ def test_a_recording_without_folds_loads_with_them_na(tmp_path):
     assert lc["retransmits"].iloc[0] == 3 and lc["rtt_ms"].iloc[0] == 1.5
     assert lc["min_rtt_ms"].isna().all() and lc["cgroup_id"].isna().all()
     assert os.path.getsize(p3) > os.path.getsize(p)
+
+
+def test_a_schema_3_recording_loads_with_the_events_cgroup_na(tmp_path):
+    """Before schema 4 an event had no cgroup_id column: such a file loads, the column zero
+    (the transitions frame's cgroup columns NA), its lifecycles' cgroup from its LIFE records."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from tcplife_trace.probes.decode import events_array
+    from tcplife_trace.probes.event_layout import ARROW_TYPES, V3_FIELD_NAMES
+    ev = [(1_000, 0xA, 7, 0, 0, 1, 10, 10, 0, 0, 0, 80, 2, 1, 7, 2, 0x04, bytes(16), bytes(16), b"c".ljust(16, b"\0"), 0),
+          (2_000, 0xA, 7, 0, 0, 1, 10, 10, 0, 0, 4000, 80, 2, 1, 2, 1, 0x04, bytes(16), bytes(16), b"c".ljust(16, b"\0"), 1)]
+    events = events_array(ev)
+    head = {**recording.header("none", 0), "schema_version": 3, "event_size": 152}
+    v3 = [(n, ARROW_TYPES[n]) for n in V3_FIELD_NAMES]
+    schema = pa.schema([pa.field(n, t) for n, t in v3], metadata={recording.KEY: json.dumps(head).encode()})
+    cols = [pa.Array.from_buffers(t, len(events), [None, pa.py_buffer(np.ascontiguousarray(events[n]).tobytes())])
+            for n, t in v3]
+    lives = np.zeros(1, LIFE_DTYPE)
+    lives["ev"]["gen"], lives["agg"]["owner_src"], lives["agg"]["cgroup_id"] = 7, 0, 4242
+    path = tmp_path / "v3.arrow"
+    with pa.OSFile(str(path), "wb") as f, ipc.new_stream(f, schema) as w:
+        w.write_batch(pa.RecordBatch.from_arrays(cols, schema=schema))
+        w.write_batch(pa.RecordBatch.from_arrays([c[:0] for c in cols], schema=schema), custom_metadata={
+            recording.LIVES_KEY: recording._lives_blob([recording.lives_table(lives, lambda i: "/gone.scope")])})
+    rec = load(str(path))
+    assert rec.warnings[-1].endswith("no exit summary); loaded every complete batch") and len(rec.warnings) == 1
+    assert rec.events.column_names == list(ARROW_TYPES) and rec.events["cgroup_id"].to_pylist() == [0, 0]
+    tr = rec.transitions
+    assert len(tr) == 2 and tr["cgroup_id"].isna().all() and tr["cgroup"].isna().all()
+    lc = rec.lifecycles()
+    assert lc["cgroup_id"].tolist() == [4242] and lc["cgroup"].tolist() == ["/gone.scope"]
 
 
 def test_the_start_up_windows_folds_are_recorded_as_folds_not_events(tmp_path):

@@ -6,7 +6,9 @@ snapshots, or a recording): `Evidence` holds
   - `sockets`: one row per socket present now (SOCKET_COLUMNS),
   - `ended`: connections that ended during the observation (ENDED_COLUMNS; an optional
     column `n` says how many connections a row stands for, 1 without it),
-  - per-namespace counter deltas and settings, and how long we watched.
+  - per-namespace counter deltas and settings, and how long we watched,
+  - `ended_health` / `ended_times`: the ended connections' health at their CLOSE per peer
+    and owner (PeerTally: retransmits, deaths, handshake and RTT histograms).
 Each detector returns `Finding`s with the sockets, owner, ages and rates that
 back it, and advice. Thresholds are in `Thresholds`; every one is a flag.
 """
@@ -47,6 +49,15 @@ class Thresholds:
     time_wait_rate: float = 500.0      # active closes per second to one destination
     idle_established_s: float = 600.0  # no data either way, keepalive off
     peer_connections: int = 200        # ESTABLISHED + CLOSE_WAIT held by one peer
+    # the health of the connections that ended (the kernel's fold at each CLOSE), per peer
+    retrans_storm_connections: int = 3   # ended connections to one peer that retransmitted...
+    retrans_storm_segments: int = 100    # ...or segments re-sent to it
+    retrans_storm_share: float = 0.01    # and at least this share of the data segments sent re-sent
+    slow_peer_samples: int = 20          # handshakes (or RTTs) a peer needs to be compared...
+    slow_peer_others: int = 2            # ...with at least this many other peers that have as many
+    slow_peer_factor: float = 4.0        # its median this many times the others' median...
+    slow_peer_excess_ms: float = 10.0    # ...and this much above it
+    retrans_deaths: int = 3              # connections to one peer that died after retransmitting
 
     @classmethod
     def names(cls) -> list[str]:
@@ -102,6 +113,10 @@ class Evidence:
     complete_snapshot: bool = True               # sockets include ESTABLISHED and TIME_WAIT
     # netns -> every listener there ("addr:port"): the per-namespace counters are theirs together
     counter_scope: dict[int, list[str]] = field(default_factory=dict)
+    # the ended connections' health, per peer and owner (PeerTally.frames): TALLY_COLUMNS, and
+    # their handshake and RTT times as histograms (TIMES_COLUMNS); None: not known
+    ended_health: pd.DataFrame | None = None
+    ended_times: pd.DataFrame | None = None
 
 
 def sockets_frame(rows: list) -> pd.DataFrame:
@@ -680,8 +695,364 @@ def new_listeners(ev: Evidence, t: Thresholds) -> list[Finding]:
     return out
 
 
+# -- the ended connections' health, per peer (issue 15) ------------------------------------
+# One rule for every path: ending_values() judges each ended connection from its columns (a
+# live session's LIFE records or Lifecycles, a recording's lifecycles frame), PeerTally adds
+# them up per peer and owner; the detectors below read its frames (Evidence.ended_health,
+# Evidence.ended_times).
+
+TALLY_KEYS = ("netns", "raddr", "owner_pid", "owner_comm")
+TALLY_COUNTS = (
+    "connections",      # ended connections
+    "retransmitting",   # ... that re-sent data (resent above 0)
+    "resent",           # data segments re-sent: total_retrans less the SYN retries where the health
+                        # has it (0 when tcp:tcp_retransmit_skb counted none), else the retransmits
+    "syn_retransmits",  # SYN retries (tcp:tcp_retransmit_skb in SYN_SENT)
+    "losses",           # loss episodes (tcp:tcp_cong_state_set into Loss: retransmit timeouts)
+    "share_resent",     # total_retrans of the connections whose health has it and data_segs_out...
+    "share_sent",       # ...and their data_segs_out: the share of data segments re-sent
+    "died",             # established, then a timeout, or a reset / abort after re-sending or a loss
+    "timed_out", "reset", "aborted",  # died, by end reason
+)
+TALLY_COLUMNS = TALLY_KEYS + TALLY_COUNTS
+TIME_METRICS = ("handshake_ms", "rtt_ms")
+TIMES_COLUMNS = ("netns", "raddr", "owner_pid", "owner_comm", "metric", "bucket", "n")
+# handshake and RTT times as log-spaced histograms: PER_DOUBLING buckets per doubling from 1 us
+# (a bucket's value is within 4.5% of its samples), the last one open-ended (~2 min and up)
+PER_DOUBLING = 8
+TIME_BUCKETS = 27 * PER_DOUBLING
+
+
+def time_buckets(ms: np.ndarray) -> np.ndarray:
+    """Each time's histogram bucket (-1 for NaN: no sample)."""
+    ms = np.asarray(ms, dtype=np.float64)
+    ok = ~np.isnan(ms)
+    us = np.where(ok, np.maximum(ms, 0.0) * 1000.0, 1.0)
+    b = np.floor(np.log2(np.maximum(us, 1.0)) * PER_DOUBLING).astype(np.int64)
+    return np.where(ok, np.clip(b, 0, TIME_BUCKETS - 1), -1)
+
+
+def bucket_ms(bucket) -> np.ndarray:
+    """A bucket's value (ms): the geometric middle of its span."""
+    return 2.0 ** ((np.asarray(bucket, dtype=np.float64) + 0.5) / PER_DOUBLING) / 1000.0
+
+
+def ending_values(*, established, timed_out, reset, aborted, retrans, syn_retrans, losses,
+                  total_retrans, data_segs_out, rtt_ms, handshake_ms):
+    """The one rule: per ended connection (numpy columns; counts -1 where not known, times
+    NaN), its TALLY_COUNTS row and its handshake and RTT buckets. `reset`: reset_by_peer,
+    `aborted`: local_abort, `timed_out`: end reason timeout; `established`: it got there."""
+    n = len(established)
+    retrans, syn_retrans, losses = (np.asarray(x, dtype=np.int64) for x in (retrans, syn_retrans, losses))
+    total, sent = np.asarray(total_retrans, dtype=np.int64), np.asarray(data_segs_out, dtype=np.int64)
+    # data re-sent: total_retrans counts the handshake's retries too (SYN, and an accepted
+    # socket's SYN-ACKs): less the SYN retries, and none when the kernel counted no data retransmit
+    resent = np.where(total >= 0, np.maximum(total - np.maximum(syn_retrans, 0), 0), np.maximum(retrans, 0))
+    resent = np.where(retrans == 0, 0, resent)
+    resending = resent > 0
+    est = np.asarray(established, dtype=bool)
+    to, rs, ab = (np.asarray(x, dtype=bool) & est for x in (timed_out, reset, aborted))
+    after = resending | (losses > 0)
+    rs, ab = rs & after, ab & after
+    share = (total >= 0) & (sent >= 0)
+    out = np.stack([np.ones(n, dtype=np.int64), resending.astype(np.int64), resent,
+                    np.maximum(syn_retrans, 0), np.maximum(losses, 0),
+                    np.where(share, total, 0), np.where(share, sent, 0),
+                    (to | rs | ab).astype(np.int64), to.astype(np.int64), rs.astype(np.int64),
+                    ab.astype(np.int64)], axis=1) if n else np.zeros((0, len(TALLY_COUNTS)), dtype=np.int64)
+    return out, time_buckets(handshake_ms), time_buckets(rtt_ms)
+
+
+class PeerTally:
+    """ending_values() added up per (netns, raddr, owner_pid, owner_comm): counts, and the
+    handshake and RTT histograms (sparse). max_keys: at most this many keys (a live session's
+    memory); the connections of further keys are counted in `untallied` only."""
+
+    def __init__(self, max_keys: int | None = None):
+        self.counts: dict[tuple, np.ndarray] = {}
+        self.times: dict[tuple, int] = {}  # (key, metric index, bucket) -> connections
+        self.max_keys = max_keys
+        self.untallied = 0
+
+    def add(self, keys: list[tuple], index: np.ndarray, values, hs_bucket, rtt_bucket) -> None:
+        """keys: the distinct keys; index: each connection's key (into keys); the rest as
+        ending_values returns them."""
+        index = np.asarray(index, dtype=np.int64)
+        if not len(index):
+            return
+        room = None if self.max_keys is None else self.max_keys - len(self.counts)
+        if room is not None:
+            new = [i for i, k in enumerate(keys) if k not in self.counts]
+            if len(new) > room:
+                drop = np.zeros(len(keys), dtype=bool)
+                drop[new[max(room, 0):]] = True
+                out = drop[index]
+                self.untallied += int(out.sum())
+                keep = ~out
+                index, values, hs_bucket, rtt_bucket = index[keep], values[keep], hs_bucket[keep], rtt_bucket[keep]
+                if not len(index):
+                    return
+        sums = np.zeros((len(keys), len(TALLY_COUNTS)), dtype=np.int64)
+        np.add.at(sums, index, values)
+        for k, row in zip(keys, sums):
+            have = self.counts.get(k)
+            if have is None:
+                self.counts[k] = row
+            else:
+                have += row
+        for m, b in enumerate((hs_bucket, rtt_bucket)):
+            ok = b >= 0
+            if not ok.any():
+                continue
+            pairs, n = np.unique(index[ok] * TIME_BUCKETS + b[ok], return_counts=True)
+            for p, c in zip(pairs.tolist(), n.tolist()):
+                tk = (keys[p // TIME_BUCKETS], m, p % TIME_BUCKETS)
+                self.times[tk] = self.times.get(tk, 0) + c
+
+    def merge(self, other: "PeerTally") -> None:
+        for k, row in other.counts.items():
+            have = self.counts.get(k)
+            self.counts[k] = row.copy() if have is None else have + row
+        for k, n in other.times.items():
+            self.times[k] = self.times.get(k, 0) + n
+        self.untallied += other.untallied
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(Evidence.ended_health, Evidence.ended_times)."""
+        keys = list(self.counts)
+        health = pd.DataFrame(keys, columns=list(TALLY_KEYS)) if keys else \
+            pd.DataFrame({c: [] for c in TALLY_KEYS})
+        counts = np.stack([self.counts[k] for k in keys]) if keys else np.zeros((0, len(TALLY_COUNTS)), np.int64)
+        for i, c in enumerate(TALLY_COUNTS):
+            health[c] = counts[:, i]
+        rows = [(*k, TIME_METRICS[m], b, n) for (k, m, b), n in self.times.items()]
+        times = pd.DataFrame(rows, columns=list(TIMES_COLUMNS))
+        for frame in (health, times):
+            for c in ("netns", "raddr", "owner_pid", "owner_comm"):
+                frame[c] = frame[c].astype(object)
+        times["bucket"] = times["bucket"].astype(np.int64)
+        times["n"] = times["n"].astype(np.int64)
+        return health, times
+
+
+def _na_int(s: pd.Series) -> np.ndarray:
+    """An Int64 (or float) column as int64, -1 for NA."""
+    return pd.to_numeric(s).astype("Float64").fillna(-1).to_numpy(dtype=np.float64).astype(np.int64)
+
+
+def established_paths(paths: pd.Series) -> np.ndarray:
+    """Which connections of a lifecycles frame got to ESTABLISHED (its `path` column)."""
+    p = paths.astype(str)
+    seen = {v: "ESTABLISHED" in v.split() for v in pd.unique(p)}
+    return p.map(seen).to_numpy(dtype=bool)
+
+
+def tally_frame(lc: pd.DataFrame) -> PeerTally:
+    """A lifecycles frame's ended connections (the columns of a recording of schema 3) tallied:
+    the offline side of the same rule. Without those columns, nothing."""
+    t = PeerTally()
+    done = lc[lc["end"].notna()] if "end" in lc else lc
+    if "rtt_ms" not in done or not len(done):
+        return t
+    reason = done["end_reason"].astype(str).to_numpy()
+    values = ending_values(
+        established=established_paths(done["path"]), timed_out=reason == "timeout",
+        reset=reason == "reset_by_peer", aborted=reason == "local_abort",
+        retrans=_na_int(done["retransmits"]), syn_retrans=_na_int(done["syn_retransmits"]),
+        losses=_na_int(done["losses"]), total_retrans=_na_int(done["total_retrans"]),
+        data_segs_out=_na_int(done["data_segs_out"]),
+        rtt_ms=pd.to_numeric(done["rtt_ms"]).astype("float64").to_numpy(),
+        handshake_ms=pd.to_numeric(done["handshake_ms"]).astype("float64").to_numpy())
+    keys = pd.DataFrame({"netns": done["netns"].astype(object), "raddr": done["raddr"].astype(object),
+                         "owner_pid": done["pid"].astype(object), "owner_comm": done["comm"].astype(object)})
+    keys = keys.where(keys.notna(), None)
+    codes = keys.groupby(list(TALLY_KEYS), sort=False, dropna=False).ngroup().to_numpy()
+    first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
+    distinct = [tuple(_plain(v) for v in keys.iloc[i]) for i in first]
+    t.add(distinct, codes, *values)
+    return t
+
+
+def _plain(v):
+    """A key value as the live paths hold it: int, str or None."""
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
+        return int(v)
+    return str(v) if not isinstance(v, (int, float)) else v
+
+
+def _peer_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """A tally frame with its peer as group keys: _ns (-1: unknown), _peer ("?": unknown)."""
+    return frame.assign(_ns=pd.to_numeric(frame["netns"]).astype("Float64").fillna(-1).astype("int64"),
+                        _peer=frame["raddr"].fillna("?").astype(str))
+
+
+def _per_peer(ev: Evidence) -> pd.DataFrame:
+    """Evidence.ended_health summed per (netns, raddr)."""
+    h = ev.ended_health
+    if h is None or h.empty:
+        return pd.DataFrame()
+    return _peer_keys(h).groupby(["_ns", "_peer"], sort=False)[list(TALLY_COUNTS)].sum()
+
+
+def _peer_owner(ev: Evidence, ns: int, peer: str, column: str) -> tuple[int | None, str | None]:
+    """The owner with the most `column` among the peer's connections (None: unknown)."""
+    h = _peer_keys(ev.ended_health)
+    rows = h[(h["_ns"] == ns) & (h["_peer"] == peer) & h["owner_pid"].notna()]
+    rows = rows[rows[column] > 0]
+    if rows.empty:
+        return None, None
+    r = rows.sort_values([column, "owner_pid"], ascending=[False, True], kind="stable").iloc[0]
+    return int(r["owner_pid"]), r["owner_comm"]
+
+
+def retransmit_storms(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """Many ended connections to one peer re-sent data, or many segments re-sent to it, and a
+    real share of what was sent to it."""
+    per = _per_peer(ev)
+    if per.empty:
+        return []
+    share = np.where(per["share_sent"] > 0, per["share_resent"] / per["share_sent"].clip(lower=1), np.nan)
+    per = per.assign(_share=share)
+    hit = ((per["retransmitting"] >= t.retrans_storm_connections) | (per["resent"] >= t.retrans_storm_segments)) \
+        & (per["resent"] > 0) & (per["_share"].isna() | (per["_share"] >= t.retrans_storm_share))
+    out = []
+    for (ns, peer), r in per[hit].iterrows():
+        conns, resending, resent = int(r["connections"]), int(r["retransmitting"]), int(r["resent"])
+        share = None if np.isnan(r["_share"]) else float(r["_share"])
+        pid, comm = _peer_owner(ev, ns, peer, "retransmitting")
+        summary = (f"retransmit storm to {peer}: {resending} of the {conns} connections that ended re-sent "
+                   f"data, {resent} segments in all"
+                   + (f" ({share:.1%} of the data segments sent to it)" if share is not None else ""))
+        if r["losses"]:
+            summary += f"; {int(r['losses'])} retransmit timeouts"
+        if r["died"]:
+            summary += f"; {int(r['died'])} died after it"
+        sev = "critical" if (share or 0) >= 0.1 or resending >= t.pile_critical else "warning"
+        out.append(Finding(
+            "retransmit_storm", sev, resending, summary,
+            "Packets to or from this peer are being lost: check the interfaces on both ends for errors "
+            "and drops (ip -s link), the path (a congested or flapping link, a path MTU black hole that "
+            "drops only large segments) and the peer's load (a full receive queue drops too); "
+            "`ss -ti dst ADDR` shows the connections still open and their retransmits.",
+            netns=None if ns < 0 else int(ns), owner_pid=pid, owner_comm=comm, peer=peer,
+            rate_per_s=round(resent / ev.duration_s, 3) if ev.duration_s > 0 else None,
+            evidence={"connections": conns, "retransmitting": resending, "segments_resent": resent,
+                      "share_resent": None if share is None else round(share, 4),
+                      "retransmit_timeouts": int(r["losses"]), "syn_retransmits": int(r["syn_retransmits"]),
+                      "died": int(r["died"])}))
+    return out
+
+
+def _medians(times: pd.DataFrame, metric: str, min_samples: int) -> pd.DataFrame:
+    """Per (netns, raddr) with at least min_samples: samples and the median of the metric's
+    histogram (the middle sample's bucket value)."""
+    m = times[times["metric"] == metric]
+    if m.empty:
+        return pd.DataFrame(columns=["samples", "median_ms"])
+    peer = ["_ns", "_peer"]
+    m = _peer_keys(m).groupby(peer + ["bucket"], sort=True)["n"].sum().reset_index()
+    total = m.groupby(peer, sort=False)["n"].transform("sum")
+    m, total = m[total >= min_samples], total[total >= min_samples]
+    if m.empty:
+        return pd.DataFrame(columns=["samples", "median_ms"])
+    cum = m.groupby(peer, sort=False)["n"].cumsum()
+    mid = m[cum >= (total + 1) / 2].groupby(peer, sort=False).head(1)
+    return pd.DataFrame({"samples": total[mid.index].to_numpy(), "median_ms": bucket_ms(mid["bucket"].to_numpy())},
+                        index=pd.MultiIndex.from_frame(mid[peer]))
+
+
+_SLOW = {
+    "handshake_ms": ("handshake",
+                     "Handshakes this slow mean SYNs or SYN-ACKs lost and re-sent (the first retry waits "
+                     "1 s, then 3 s, 7 s), a listener whose SYN queue is full, or a long path: compare "
+                     "with the peer's RTT, check the route and the peer's listen backlog."),
+    "rtt_ms": ("RTT at close",
+               "The path to this peer is long or queueing (bufferbloat on a congested link), or the peer "
+               "answers slowly (a loaded host, delayed ACKs): check the route (mtr) and whether the "
+               "RTT grew recently; `ss -ti dst ADDR` shows it for the connections still open."),
+}
+
+
+def _ms(v: float) -> str:
+    """Milliseconds as people read them: 1003, 12.4, 0.0476."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _median_of_the_others(values: np.ndarray) -> np.ndarray:
+    """For each value, the median of all the others (at least two values)."""
+    order = np.argsort(values, kind="stable")
+    vs = values[order]
+    j = np.empty(len(vs), dtype=np.int64)
+    j[order] = np.arange(len(vs))       # each value's place in the sorted ones
+    n = len(vs) - 1                     # the others
+
+    def nth(k):                         # the others' k-th smallest: skip the value itself
+        return np.where(k < j, vs[k], vs[np.minimum(k + 1, len(vs) - 1)])
+    return (nth((n - 1) // 2) + nth(n // 2)) / 2
+
+
+def slow_peers(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """A peer whose median handshake (or RTT at close) stands far above the median of the
+    other peers' medians, each with enough samples that jitter cannot do it."""
+    if ev.ended_times is None or ev.ended_times.empty:
+        return []
+    out = []
+    for metric, (what, advice) in _SLOW.items():
+        med = _medians(ev.ended_times, metric, t.slow_peer_samples)
+        if len(med) < t.slow_peer_others + 1:
+            continue
+        rest = _median_of_the_others(med["median_ms"].to_numpy())
+        for ((ns, peer), r), others in zip(med.iterrows(), rest.tolist()):
+            mine = float(r["median_ms"])
+            if mine < t.slow_peer_factor * others or mine - others < t.slow_peer_excess_ms:
+                continue
+            ratio = mine / others if others > 0 else float("inf")
+            pid, comm = _peer_owner(ev, ns, peer, "connections")
+            n = int(r["samples"])
+            kw = dict(netns=None if ns < 0 else int(ns), owner_pid=pid, owner_comm=comm, peer=peer,
+                      evidence={"metric": metric, "median_ms": round(mine, 3),
+                                "others_median_ms": round(others, 3), "samples": n, "peers_compared": len(med)})
+            args = ("warning" if ratio >= 10 else "info", n,
+                    f"slow peer {peer}: median {what} {_ms(mine)} ms over {n} connections, {ratio:.0f}x the "
+                    f"median of the other {len(med) - 1} peers ({_ms(others)} ms)", advice)
+            out.append(Finding("slow_peer_handshake", *args, **kw) if metric == "handshake_ms"
+                       else Finding("slow_peer_rtt", *args, **kw))
+    return out
+
+
+def retransmit_deaths(ev: Evidence, t: Thresholds) -> list[Finding]:
+    """Established connections that timed out, or were reset or aborted after re-sending
+    data or a retransmit timeout: per peer."""
+    per = _per_peer(ev)
+    if per.empty:
+        return []
+    out = []
+    for (ns, peer), r in per[per["died"] >= t.retrans_deaths].iterrows():
+        died = int(r["died"])
+        parts = [f"{int(r[c])} {name}" for c, name in (("timed_out", "timed out"), ("reset", "reset by the peer"),
+                                                        ("aborted", "aborted here")) if r[c]]
+        pid, comm = _peer_owner(ev, ns, peer, "died")
+        out.append(Finding(
+            "retransmit_deaths", "critical" if died >= t.pile_critical else "warning", died,
+            f"{died} connections with {peer} died after retransmitting: {', '.join(parts)} "
+            f"(of {int(r['connections'])} that ended)",
+            "The peer stopped answering in the middle of connections (it crashed or rebooted, a NAT or "
+            "firewall dropped the flows' state, the path broke) and the retransmissions went unanswered "
+            "until the kernel gave up (net.ipv4.tcp_retries2, TCP_USER_TIMEOUT) or someone reset; check "
+            "the peer and the stateful devices on the way. An application that aborts connections "
+            "stuck retransmitting shows here too.",
+            netns=None if ns < 0 else int(ns), owner_pid=pid, owner_comm=comm, peer=peer,
+            rate_per_s=round(died / ev.duration_s, 3) if ev.duration_s > 0 else None,
+            evidence={"timed_out": int(r["timed_out"]), "reset_by_peer": int(r["reset"]),
+                      "aborted": int(r["aborted"]), "connections": int(r["connections"]),
+                      "segments_resent": int(r["resent"]), "retransmit_timeouts": int(r["losses"])}))
+    return out
+
+
 DETECTORS = (close_wait_leaks, close_piles, syn_sent_storms, syn_floods, time_wait_churn,
-             idle_established, new_listeners)
+             idle_established, new_listeners, retransmit_storms, slow_peers, retransmit_deaths)
 
 
 def find(ev: Evidence, thresholds: Thresholds | None = None) -> list[Finding]:

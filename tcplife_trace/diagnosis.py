@@ -23,7 +23,10 @@ import pandas as pd
 from .analysis import leaks
 from .analysis.closes import Col, group
 from .analysis.lifecycle import Lifecycle
+from .analysis.rules import HANDSHAKE_STATE, ROLES, handshake_ns
+from .probes import health as health_mod
 from .probes import sock_diag, socket_age, socket_snapshot
+from .probes.event_layout import HEALTH_N, PATH_MAX, LifeFlag
 from .probes.socket_snapshot import Snapshot
 from .probes.tcp_states import state_name
 
@@ -34,6 +37,10 @@ ESTABLISHED_COST_SHARE = 0.01     # ...and no more than 1% of the time: a look t
 _ESTABLISHED = 1 << sock_diag.S.ESTABLISHED
 # the detectors whose findings come from ESTABLISHED sockets: a look without them judges nothing there
 _NEEDS_ESTABLISHED = {"idle_established", "peer_connection_pile"}
+_PENDING_MAX = 4096               # Lifecycles' health waits in a list, tallied as columns this often
+HEALTH_KEYS_PER_SLOT = 10_000     # peer-and-owner keys a slot's health tally holds (memory), at most
+_EST = int(sock_diag.S.ESTABLISHED)
+_L_RETRANS, _L_CONG = int(LifeFlag.RETRANS), int(LifeFlag.CONG)
 
 
 def _sock_key(s) -> tuple:
@@ -61,6 +68,10 @@ class Watch:
         # a minute of churn is a few keys, not a million rows
         self.ended: dict[int, Counter] = {}
         self.owner_at: dict[tuple, tuple] = {}  # (netns, addr, port) -> (pid, comm) of the latest ending
+        # slot -> the endings' health per peer and owner (leaks.PeerTally, issue 15); Lifecycles'
+        # wait in _pending as tuples and are tallied as columns, by the rule the records' are
+        self.health: dict[int, leaks.PeerTally] = {}
+        self._pending: list[tuple] = []
         self.synack_seed: dict[tuple, tuple[int, int]] = {}
         self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
         self.history: dict[tuple, leaks.Finding] = {}  # every finding of the run, by key (latest version)
@@ -76,8 +87,17 @@ class Watch:
 
     # -- inputs --------------------------------------------------------------------------
     def closed(self, lc: Lifecycle) -> None:
-        """LiveSession close watcher: count the endings the detectors use (cheap: one dict bump)."""
-        if not (lc.time_wait or lc.end_reason in ("refused", "timeout")):
+        """LiveSession close watcher: count the endings the detectors use (cheap: a tuple for
+        the health tally, a dict bump)."""
+        hs = handshake_ns(lc.role, lc.path, lc.state_ns)
+        est = _EST in lc.path
+        self._pending.append(((lc.end_ns or 0) // SLOT_NS, lc.netns, lc.raddr, lc.owner_pid, lc.owner_comm,
+                              lc.end_reason, est, lc.retrans, lc.syn_retrans, lc.losses, lc.health_raw, hs))
+        if len(self._pending) >= _PENDING_MAX:
+            self._tally_pending()
+        # failed connects: refused, or timed out before ESTABLISHED (an established connection
+        # that timed out is retransmit_deaths', not a connect that failed)
+        if not (lc.time_wait or (lc.end_reason in ("refused", "timeout") and not est)):
             return
         active = lc.role == "active"
         # the client side is known by where it connects, the server side by its own port
@@ -96,7 +116,10 @@ class Watch:
     def closed_columns(self, rows) -> None:
         """closed() for the connections of one release as columns (analysis/closes.ClosedRows):
         the same keys and counts, one dict bump per distinct key."""
-        wanted = rows.time_wait | rows.reason_is("refused", "timeout")
+        est = _established(rows)
+        if rows.n:
+            self._tally_rows(rows, est)
+        wanted = rows.time_wait | (rows.reason_is("refused", "timeout") & ~est)
         if not wanted.any():
             return
         active = rows.role_is("active")
@@ -115,6 +138,87 @@ class Watch:
             for values, _, last in group(where, rows.time_wait):
                 self.owner_at[values] = (rows.owner_pid.decode(int(rows.owner_pid.codes[last])),
                                          rows.owner_comm.decode(int(rows.owner_comm.codes[last])))
+
+    # -- the endings' health (leaks.ending_values: the one rule, fed as columns) ----------
+    def _tally(self, slots: np.ndarray, cols: list[Col], values) -> None:
+        """Add ending_values' rows to the slots' tallies, keyed by cols (netns, raddr,
+        owner_pid, owner_comm as Col), one dict step per distinct key."""
+        codes = np.stack([slots] + [c.codes for c in cols], axis=1)
+        uniq, inv = np.unique(codes, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        for slot in np.unique(uniq[:, 0]).tolist():
+            ids = np.flatnonzero(uniq[:, 0] == slot)
+            local = np.full(len(uniq), -1, dtype=np.int64)
+            local[ids] = np.arange(len(ids))
+            keys = [tuple(c.decode(int(v)) for c, v in zip(cols, uniq[i, 1:])) for i in ids.tolist()]
+            sel = local[inv] >= 0
+            tally = self.health.get(slot)
+            if tally is None:
+                tally = self.health[slot] = leaks.PeerTally(HEALTH_KEYS_PER_SLOT)
+            tally.add(keys, local[inv][sel], *(v[sel] for v in values))
+
+    def _tally_rows(self, rows, est: np.ndarray) -> None:
+        """A release's LIFE records (ClosedRows; est: _established): their fold's columns into
+        ending_values."""
+        agg = rows.lives["agg"]
+        lflags = agg["lflags"]
+        counted, cong = (lflags & _L_RETRANS) != 0, (lflags & _L_CONG) != 0
+        h = health_mod.fold_columns(agg["health_mask"], agg["health"])
+        hs = fold_handshake_ms(rows.role.codes, agg["path"], agg["path_len"], agg["state_mask"], agg["state_ns"])
+        values = leaks.ending_values(
+            established=est, timed_out=rows.reason_is("timeout"), reset=rows.reason_is("reset_by_peer"),
+            aborted=rows.reason_is("local_abort"),
+            retrans=np.where(counted, agg["retrans"].astype(np.int64), -1),
+            syn_retrans=np.where(counted, agg["syn_retrans"].astype(np.int64), -1),
+            losses=np.where(cong, agg["losses"].astype(np.int64), -1),
+            total_retrans=_valid(h["total_retrans"]), data_segs_out=_valid(h["data_segs_out"]),
+            rtt_ms=np.where(h["rtt_ms"][1], h["rtt_ms"][0], np.nan), handshake_ms=hs)
+        _, _, raddr, _, _ = rows.endpoints()
+        self._tally(rows.end_ns // SLOT_NS, [rows.netns, raddr, rows.owner_pid, rows.owner_comm], values)
+
+    def _tally_pending(self) -> None:
+        """The Lifecycles closed() kept: as columns into ending_values."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        (slot, netns, raddr, pid, comm, reason, est, retrans, syn_retrans, losses, raw, hs) = zip(*pending)
+        n = len(pending)
+        masks = np.array([0 if r is None else r[0] for r in raw], dtype=np.uint64)
+        vals = np.zeros((n, HEALTH_N), dtype=np.uint64)
+        for i, r in enumerate(raw):
+            if r is not None:
+                v = r[1]
+                vals[i] = np.frombuffer(v, dtype="<u8") if isinstance(v, (bytes, bytearray)) else np.asarray(v)
+        h = health_mod.fold_columns(masks, vals)
+        reason = np.array(reason, dtype=object)
+
+        def ints(xs):
+            return np.array([-1 if x is None else x for x in xs], dtype=np.int64)
+
+        values = leaks.ending_values(
+            established=np.array(est, dtype=bool), timed_out=reason == "timeout",
+            reset=reason == "reset_by_peer", aborted=reason == "local_abort",
+            retrans=ints(retrans), syn_retrans=ints(syn_retrans), losses=ints(losses),
+            total_retrans=_valid(h["total_retrans"]), data_segs_out=_valid(h["data_segs_out"]),
+            rtt_ms=np.where(h["rtt_ms"][1], h["rtt_ms"][0], np.nan),
+            handshake_ms=np.array([np.nan if x is None else x / 1e6 for x in hs], dtype=np.float64))
+        self._tally(np.array(slot, dtype=np.int64), [_col(netns), _col(raddr), _col(pid), _col(comm)], values)
+
+    @property
+    def health_untallied(self) -> int:
+        """Endings of the window left out of the health tally (their slot was full of keys)."""
+        return sum(t.untallied for t in self.health.values())
+
+    def health_frames(self, now_ns: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The endings' health of the last minute (Evidence.ended_health, .ended_times)."""
+        self._tally_pending()
+        oldest = (now_ns - ENDED_WINDOW_NS) // SLOT_NS
+        for slot in [k for k in self.health if k < oldest]:
+            del self.health[slot]
+        total = leaks.PeerTally()
+        for tally in self.health.values():
+            total.merge(tally)
+        return total.frames()
 
     def _synack_now(self) -> dict[tuple, tuple[int, int]]:
         if self.tracker is None:
@@ -253,9 +357,10 @@ class Watch:
                 synack[key] = (n - n0, reqs if not r0 else max(reqs - r0, 1))
         synack = leaks.scoped_synack(synack, sockets, self.filters)
         span = min(snap.taken_ns - self.started_ns, ENDED_WINDOW_NS) / 1e9
+        ended_health, ended_times = self.health_frames(snap.taken_ns)
         return leaks.Evidence(sockets, self._filtered(self.ended_frame(snap.taken_ns)), max(span, 1e-3), deltas,
                               snap.sysctls, new_lis, synack=synack, complete_snapshot=snap.complete,
-                              counter_scope=scope)
+                              counter_scope=scope, ended_health=ended_health, ended_times=ended_times)
 
     # -- outputs -------------------------------------------------------------------------
     def iso(self, mono_ns: int) -> str:
@@ -331,6 +436,56 @@ class Watch:
         out = self.errors[self._errors_told:]
         self._errors_told = len(self.errors)
         return out
+
+
+def _established(rows) -> np.ndarray:
+    """Which of a release's connections (ClosedRows) got to ESTABLISHED: in the path a
+    Lifecycle gets (its first path_len states)."""
+    agg = rows.lives["agg"]
+    plen = np.minimum(agg["path_len"].astype(np.int64), PATH_MAX)
+    return ((np.ascontiguousarray(agg["path"]).reshape(rows.n, PATH_MAX) == _EST)
+            & (np.arange(PATH_MAX) < plen[:, None])).any(axis=1)
+
+
+def _valid(col: tuple) -> np.ndarray:
+    """A health.fold_columns column (values, valid) as int64 with -1 where not valid."""
+    v, ok = col
+    return np.where(ok, v, -1).astype(np.int64)
+
+
+def _col(values) -> Col:
+    """A tuple of plain values (None included) as a Col of codes."""
+    index: dict = {}
+    codes = np.array([index.setdefault(v, len(index)) for v in values], dtype=np.int64)
+    return Col(codes, list(index))
+
+
+_HS_OF_ROLE = np.full(len(ROLES), -1, dtype=np.int64)
+for _role, _st in HANDSHAKE_STATE.items():
+    _HS_OF_ROLE[ROLES.index(_role)] = _st
+
+
+def fold_handshake_ms(role: np.ndarray, path: np.ndarray, path_len: np.ndarray, state_mask: np.ndarray,
+                      state_ns: np.ndarray) -> np.ndarray:
+    """rules.handshake_ns of LIFE records' folds as columns (role: codes into rules.ROLES; the
+    path a Lifecycle gets, its first path_len states): the time in the handshake state when
+    its first visit was left for ESTABLISHED, in ms; NaN if none."""
+    n = len(role)
+    out = np.full(n, np.nan)
+    if not n:
+        return out
+    st = _HS_OF_ROLE[np.asarray(role, dtype=np.int64)]
+    path = np.ascontiguousarray(path).reshape(n, PATH_MAX).astype(np.int64)
+    plen = np.minimum(np.asarray(path_len, dtype=np.int64), PATH_MAX)
+    at = (path == st[:, None]) & (np.arange(PATH_MAX) < (plen - 1)[:, None])
+    has = at.any(axis=1) & (st >= 0)
+    first = at.argmax(axis=1)
+    rows = np.arange(n)
+    nxt = path[rows, np.minimum(first + 1, PATH_MAX - 1)]
+    timed = (np.asarray(state_mask, dtype=np.int64) >> np.maximum(st, 0) & 1) != 0
+    ok = has & (nxt == _EST) & timed
+    out[ok] = np.asarray(state_ns)[rows[ok], st[ok]].astype(np.float64) / 1e6
+    return out
 
 
 def _listener_owners(df: pd.DataFrame) -> pd.DataFrame:

@@ -3,7 +3,7 @@
 The hot path only bumps plain dict counters; a custom collector turns them into
 metric families when Prometheus scrapes (so tracing pays no client-library cost per
 event). Labels are bounded: states, roles, end reasons and finding kinds are closed
-sets; per-port and per-command labels are opt-in and capped, the rest is "other".
+sets; per-port, per-command and per-container labels are opt-in and capped, the rest is "other".
 """
 from __future__ import annotations
 
@@ -42,8 +42,11 @@ POLL_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 RTT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5)
 _RTT_BUCKETS_MS = np.asarray([b * 1000 for b in RTT_BUCKETS_S])
 _L_RETRANS = int(LifeFlag.RETRANS)
-OPT_IN_LABELS = ("port", "comm")
+OPT_IN_LABELS = ("port", "comm", "container")
 OTHER = "other"
+NO_CONTAINER = "none"  # the container label of a connection whose owner is in none (or unknown)
+CONTAINER_ID_LEN = 12  # the short form `docker ps` shows
+_PID_HOMES_MAX = 4096  # owners' containers remembered by pid (for a birth before the cgroup id)
 
 
 class CappedLabel:
@@ -66,12 +69,19 @@ class CappedLabel:
 
 
 class Metrics:
-    def __init__(self, labels: tuple[str, ...] = (), label_cap: int = 50):
+    def __init__(self, labels: tuple[str, ...] = (), label_cap: int = 50, resolver=None):
         unknown = set(labels) - set(OPT_IN_LABELS)
         if unknown:
             raise ValueError(f"unknown metric label {sorted(unknown)[0]!r}; choose from {', '.join(OPT_IN_LABELS)}")
         self.labels = tuple(label for label in OPT_IN_LABELS if label in labels)
         self.capped = {label: CappedLabel(label_cap) for label in self.labels}
+        # the container label: the owner's cgroup (the kernel's id, else the owner's /proc) to a
+        # container id (tcplife_trace/containers.py Resolver)
+        self.resolver = resolver
+        if "container" in self.labels and resolver is None:
+            from .containers import Resolver
+            self.resolver = Resolver()
+        self._pid_homes: dict[tuple, str] = {}
         self.transitions: Counter[tuple[int, int]] = Counter()
         self.opened: Counter[tuple] = Counter()
         self.closed: Counter[tuple] = Counter()
@@ -99,9 +109,31 @@ class Metrics:
             if label == "port":
                 port = lc.rport if lc.role == "active" else lc.lport
                 out.append(self.capped["port"](port or None))
-            else:
+            elif label == "comm":
                 out.append(self.capped["comm"](lc.owner_comm))
+            else:
+                out.append(self.capped["container"](self._container(lc)))
         return tuple(out)
+
+    def _container(self, lc: Lifecycle) -> str:
+        """The owner's container id, short; "none" when it is in none or is not known. From the
+        cgroup id the kernel took with the owner (a lifecycle's fold), else (a birth followed
+        from events, before the fold is joined) from the owner's /proc/PID/cgroup."""
+        if lc.cgroup_id:
+            cid = self.resolver.by_id(lc.cgroup_id).container_id
+            return cid[:CONTAINER_ID_LEN] if cid else NO_CONTAINER
+        if lc.owner_pid is None:
+            return NO_CONTAINER
+        key = (lc.owner_pid, lc.owner_comm)
+        got = self._pid_homes.get(key)
+        if got is None:
+            home = self.resolver.by_pid(lc.owner_pid)
+            cid = home.container_id if home is not None else None
+            got = cid[:CONTAINER_ID_LEN] if cid else NO_CONTAINER
+            if len(self._pid_homes) >= _PID_HOMES_MAX:
+                self._pid_homes.clear()
+            self._pid_homes[key] = got
+        return got
 
     def _own(self, lc: Lifecycle) -> bool:
         return (lc.role != "active" and lc.lport == self._own_port and lc.netns in (None, self._own_netns)
@@ -130,7 +162,7 @@ class Metrics:
         (the tracker passes every transition then), so the hot path holds no Python object
         per event."""
         if self.labels:
-            raise ValueError("per-port and per-command labels need the lifecycles: use on_transition")
+            raise ValueError("opt-in labels (port, comm, container) need the lifecycles: use on_transition")
         ev = events[events["kind"] == _STATE]
         if not len(ev):
             return

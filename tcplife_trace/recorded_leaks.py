@@ -9,6 +9,9 @@ connections still open at the end (in their last state, aged from the transition
 plus the TIME_WAIT sockets of active closes in the last minute: no request sockets (SYN
 floods), no kernel counters, no sockets opened before the recording, and the ephemeral port
 range is Linux's default unless given.
+The ended connections' health (retransmits, deaths, handshake and RTT times per peer) is
+tallied from the lifecycles frame's columns (a recording of schema 3) by the rule the live
+detectors use (leaks.tally_frame, leaks.ending_values).
 """
 from __future__ import annotations
 
@@ -65,7 +68,9 @@ def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
     new_lis = pd.DataFrame(_endpoints(open_[(open_["role"] == "listener") & open_["birth_seen"]]))
     duration = max((now - t0).total_seconds(), 1e-3)
     sysctls = {int(ns): {"ip_local_port_range": port_range} for ns in pd.unique(lc["netns"].dropna())}
-    return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True)
+    health, times = leaks.tally_frame(lc).frames()
+    return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True,
+                          ended_health=health, ended_times=times)
 
 
 def _time_wait(lc: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
@@ -77,8 +82,11 @@ def _time_wait(lc: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
 
 
 def _ended(lc: pd.DataFrame) -> pd.DataFrame:
-    """The detectors' endings frame: one row per connection that ended."""
+    """The detectors' endings frame: one row per connection that ended (as the live Watch
+    counts them: not an established connection that timed out, which is no failed connect)."""
     done = lc[lc["end"].notna()]
+    if len(done) and "path" in done:
+        done = done[~((done["end_reason"].astype(str) == "timeout").to_numpy() & leaks.established_paths(done["path"]))]
     return pd.DataFrame({**_endpoints(done), "role": done["role"].astype(str),
                          "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool)},
                         columns=list(leaks.ENDED_COLUMNS))
@@ -109,8 +117,10 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     new_lis = new_lis[new_lis["_old"].isna()].drop(columns="_old")
     t0 = transitions["time"].min() if len(transitions) else now
     duration = max((now - min(t0, pd.Timestamp(t_first, unit="ns", tz="UTC"))).total_seconds(), 1e-3)
+    health, times = leaks.tally_frame(lc[lc["end"] <= now]).frames()
     return leaks.Evidence(sockets, _ended(lc[lc["end"] <= now]), duration, deltas, meta.get("sysctls", {}),
-                          new_lis, complete_snapshot=bool(meta["complete"]), counter_scope=scope)
+                          new_lis, complete_snapshot=bool(meta["complete"]), counter_scope=scope,
+                          ended_health=health, ended_times=times)
 
 
 def snapshot_kind(meta: dict) -> str:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from synthetic import ev
+from test_containers import mount, space  # noqa: F401 - fixtures
 from tcplife_trace.analysis.lifecycle import Tracker
 from tcplife_trace.metrics import Metrics
 
@@ -206,3 +207,79 @@ def test_metrics_port_in_use_is_one_line_exit_2():
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(err) == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in err[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.privileged
+def test_container_label_from_the_owners_cgroup(mount, space):  # noqa: F811
+    """`serve --metrics-labels container`: a workload in a docker-shaped cgroup (and a network
+    namespace) the test creates; its connections are counted under its container's short id, the
+    RTT the kernel read at each CLOSE too, this process's own connections under "none"."""
+    import os
+    from collections import Counter
+    from test_containers import ID, TOP, _workload_in
+    from tcplife_trace.analysis.lifecycle import Lifecycle
+    from tcplife_trace.metrics import CONTAINER_ID_LEN
+    short = ID[:CONTAINER_ID_LEN]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        mport = probe.getsockname()[1]
+    agent = subprocess.Popen([sys.executable, "-m", "tcplife_trace.cli", "serve", "--metrics-port", str(mport),
+                              "--metrics-labels", "container,port", "--duration", "20", "--poll-interval", "0"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        line = agent.stderr.readline()
+        assert "metrics on http://127.0.0.1:" in line, line
+        path = f"{TOP}/system.slice/docker-{ID}.scope"
+        p = _workload_in(mount, path, space)
+        p.stdin.write("go\n")  # it exits: its three connections (both ends) and its listener close
+        p.stdin.flush()
+        p.wait(10)
+        srv = socket.create_server(("127.0.0.1", 0))  # this process's own: no container
+        port = srv.getsockname()[1]
+        c = socket.create_connection(("127.0.0.1", port))
+        a, _ = srv.accept()
+        c.sendall(b"x")
+        a.recv(1)
+        c.close()
+        a.close()
+        srv.close()
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            s = samples(text)
+            closed = {k: v for k, v in s.items() if k[0] == "tcplife_connections_closed_total"}
+            theirs = sum(v for k, v in closed.items() if ("container", short) in k[1])
+            ours = sum(v for k, v in closed.items() if ("container", "none") in k[1] and ("port", str(port)) in k[1])
+            if (theirs >= 7 and ours >= 3) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        by_role = Counter()
+        for k, v in closed.items():
+            if ("container", short) in k[1]:
+                by_role[dict(k[1])["role"]] += v
+        assert theirs == 7 and by_role == {"active": 3, "passive": 3, "listener": 1}, closed
+        assert ours == 3  # its client, the accepted side, the listener
+        opened = Counter()
+        for k, v in s.items():
+            if k[0] == "tcplife_connections_opened_total" and ("container", short) in k[1]:
+                opened[dict(k[1])["role"]] += v
+        assert opened.get("active") == 3, opened
+        rtt = sum(v for k, v in s.items() if k[0] == "tcplife_rtt_at_close_seconds_count"
+                  and ("container", short) in k[1])
+        assert rtt >= 6  # each end had an RTT sample (the handshake, the hello)
+        assert promtool_check_metrics(text) == ""
+    finally:
+        agent.terminate()
+        agent.wait(timeout=20)
+    assert agent.returncode == 0
+    # the retransmit counter takes the same label (a lifecycle as the fold gives it)
+    m = Metrics(("container",))
+    lc = Lifecycle(1, 0, "active", 0, True)
+    lc.cgroup_id, lc.retrans, lc.syn_retrans, lc.end_reason = os.stat(mount + path).st_ino, 5, 1, "timeout"
+    m.on_close(lc)
+    got = scrape(m)
+    assert got[("tcplife_retransmits_total", (("container", short), ("kind", "data")))] == 5
+    assert got[("tcplife_retransmits_total", (("container", short), ("kind", "syn")))] == 1
+    with pytest.raises(ValueError, match="choose from port, comm, container"):
+        Metrics(("pod",))

@@ -411,9 +411,10 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     try:
         report = session.run(duration, should_stop=lambda: stop.requested, after_poll=flush)
         if lifecycles:
-            for lc in session.still_open:
-                add(fmt(lifecycle_record(lc, session.clock, still_open=True)) if records
-                    else view.lifecycle(lc, still_open=True))
+            for lc in session.still_open:  # (their health from the last look at the sockets)
+                seen = session.open_health.get(lc.conn_id)
+                add(fmt(lifecycle_record(lc, session.clock, still_open=True, health=seen)) if records
+                    else view.lifecycle(lc, still_open=True, health=seen))
         flush()
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, still summarise

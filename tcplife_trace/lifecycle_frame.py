@@ -292,6 +292,38 @@ def _with_fold_extras(frame: pd.DataFrame, lives: pa.Table | None) -> pd.DataFra
     return frame.assign(**out)
 
 
+def with_open_health(frame: pd.DataFrame, sockets: pd.DataFrame | None, rows: np.ndarray | None = None) -> pd.DataFrame:
+    """frame with the health columns (probes/health.COLUMNS) of its still-open rows (end_reason
+    open, and no health from the kernel's fold) taken from a snapshot's sockets (a recording's
+    last look, with tcp_info: recordings since issue 15), joined on views.OPEN_HEALTH_KEY, as a
+    live session does (Session.open_health). rows: only these rows may take it (a mask)."""
+    from .views import OPEN_HEALTH_KEY
+    if sockets is None or not len(sockets) or not len(frame) or health.COLUMNS[0] not in sockets:
+        return frame
+    want = (frame["end_reason"] == "open").to_numpy(dtype=bool) & frame[list(health.COLUMNS)].isna().all(axis=1).to_numpy()
+    if rows is not None:
+        want &= rows
+    if not want.any():
+        return frame
+    socks = sockets[sockets[list(health.COLUMNS)].notna().any(axis=1)]
+    if not len(socks):
+        return frame
+
+    def keys(df):
+        return pd.MultiIndex.from_arrays([df[k].astype(object).where(df[k].notna(), None).to_numpy()
+                                          for k in OPEN_HEALTH_KEY])
+    socks = socks[~keys(socks).duplicated(keep="last")]
+    at = keys(socks).get_indexer(keys(frame[want]))
+    found = at >= 0
+    if not found.any():
+        return frame
+    idx = frame.index[want][found]
+    out = frame.copy()
+    for c in health.COLUMNS:
+        out.loc[idx, c] = socks[c].to_numpy()[at[found]]
+    return out
+
+
 def _io_only(col: Columns, events, rows: np.ndarray, ids: np.ndarray, mono_to_wall_ns: int) -> pd.DataFrame:
     """Rows for connections the trace saw only through reads and writes (or a reset, an EOF),
     never a state change: sockets open before the trace that stayed open, as the Tracker

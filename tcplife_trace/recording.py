@@ -804,10 +804,25 @@ class Recording:
         from .lifecycle_frame import lifecycles
         if not hasattr(self, "_all_lifecycles"):
             from .analysis.end_rules import ResetReasons
-            self._all_lifecycles = conform("lifecycles", lifecycles(
+            frame = conform("lifecycles", lifecycles(
                 self.events, self.mono_to_wall_ns, self.columns(),
                 rst_reasons=[ResetReasons.from_header(h) for h in self.headers], lives=self.lives))
+            self._all_lifecycles = self._open_health(frame)
         return self._all_lifecycles
+
+    def _open_health(self, frame):
+        """The connections still open at the end with the health of each file's last snapshot
+        (the live session's last look at exit), joined on views.OPEN_HEALTH_KEY."""
+        from .lifecycle_frame import with_open_health
+        last = {}
+        for (_, _, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True):
+            last[i] = df  # (in time order: the last one stays)
+        if not last:
+            return frame
+        file_of = frame["conn_id"].to_numpy(dtype=np.uint64, na_value=0) >> np.uint64(48)
+        for i, df in last.items():
+            frame = with_open_health(frame, df, file_of == i)
+        return frame
 
     def _kept_ids(self):
         """The ids of the connections each file's applied filters keep; None when no file has any."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from .live import LiveSession
 from .probes import program as prog
 from .probes.filters import Filters
+from .views import OPEN_HEALTH_KEY
 
 # the report keys the detectors add to the tracer's report
 DETECTOR_KEYS = ("socket_polls", "socket_poll_max_s", "sockets_at_start", "findings", "snapshot_errors")
@@ -91,6 +92,9 @@ class Session:
         self._next_metrics = 0.0
         self._said_recorder = False
         self.report: dict | None = None
+        # conn_id -> health (probes/health.COLUMNS) of the connections still open at the end,
+        # from the detectors' last look at the sockets (finish): see open_health()
+        self.open_health: dict = {}
 
     # what the caller reads
     @property
@@ -216,6 +220,8 @@ class Session:
                 with self.live.pumping():
                     findings = self.watch.final(full=False)
         report = self.live.stop()
+        if self.watch is not None and self.watch.latest is not None:
+            self.open_health = open_health(self.live.still_open, self.watch.latest.sockets)
         if findings is not None:
             report["socket_polls"] = len(self.poll_s)
             report["socket_poll_max_s"] = round(max(self.poll_s, default=0.0), 3)
@@ -240,3 +246,18 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+
+def open_health(lifecycles, sockets) -> dict:
+    """conn_id -> the health a look at the sockets read (sock_diag.Sock.health: tcp_info) of
+    each of these lifecycles whose kernel fold read none (connections still open), joined on
+    OPEN_HEALTH_KEY; those not found (not a full socket then, not looked at) are left out."""
+    by_key = {tuple(getattr(s, k) for k in OPEN_HEALTH_KEY): s.health for s in sockets if s.health}
+    out = {}
+    for lc in lifecycles:
+        if lc.health_raw is None:
+            h = by_key.get(tuple(getattr(lc, k) for k in OPEN_HEALTH_KEY))
+            if h is not None:
+                out[lc.conn_id] = h
+    return out

@@ -99,21 +99,22 @@ class TextView:
             "%-*s %-5s %-*s %-5s" % (self.addr_w, "LADDR", "LPORT", self.addr_w, "RADDR", "RPORT"),
             "TX_KB", "RX_KB", "MS", "END", "%-9s %-5s " % ("RTT_MS", "RETR") if self.wide else "", "STATES (ms)")
 
-    def lifecycle(self, lc: Lifecycle, *, still_open: bool = False) -> str:
+    def lifecycle(self, lc: Lifecycle, *, still_open: bool = False, health: dict | None = None) -> str:
+        """health: an open connection's health from the last look at the sockets (lifecycle_extras)."""
         kb = (lambda b: "-" if b is None else str(b // 1024))
         end = "open" if still_open else lc.end_reason + ("+TW" if lc.time_wait else "")
         ts = lc.end_ns if lc.end_ns is not None else lc.last_ns
         return self._prefix(ts) + "%s %s %-5s %-5s %-10s %-14s %s%s" % (
             self._owner(lc), self._endpoints(lc), kb(lc.tx_b), kb(lc.rx_b), lifetime_ms(lc),
-            end, _health_cells(lc) if self.wide else "", states_compact(lc))
+            end, _health_cells(lc, health) if self.wide else "", states_compact(lc))
 
 
-def _health_cells(lc: Lifecycle) -> str:
+def _health_cells(lc: Lifecycle, seen: dict | None = None) -> str:
     """-w's RTT_MS (smoothed RTT at the end) and RETR (segments retransmitted, tcp_sock's
-    total_retrans) cells: '-' where the kernel's fold did not give them."""
-    if lc.health_raw is None:
+    total_retrans) cells: '-' where neither the kernel's fold nor the last look gave them."""
+    if lc.health_raw is None and seen is None:
         return "%-9s %-5s " % ("-", "-")
-    h = health.from_fold(lc.health_raw)
+    h = health.from_fold(lc.health_raw) if lc.health_raw is not None else seen
     rtt, retr = h["rtt_ms"], h["total_retrans"]
     return "%-9s %-5s " % ("-" if rtt is None else "%.3f" % rtt, "-" if retr is None else retr)
 
@@ -132,14 +133,23 @@ def home_columns(cgroup_id: int | None) -> dict[str, object]:
     return _resolver.by_id(cgroup_id).columns()
 
 
-def lifecycle_extras(lc: Lifecycle) -> dict[str, object]:
+# how a connection still open at the end is found among the sockets of a look at them
+# (sock_diag.Sock, Lifecycle and the frames name these alike): Session.open_health live, the
+# lifecycles frame's join on a recording's last snapshot offline (lifecycle_frame.with_open_health)
+OPEN_HEALTH_KEY = ("netns", "laddr", "lport", "raddr", "rport")
+
+
+def lifecycle_extras(lc: Lifecycle, seen: dict | None = None) -> dict[str, object]:
     """What the kernel's fold adds to a lifecycle's record: the handshake time, retransmits as
     they happened, health at the end (probes/health.COLUMNS) and the owner's home
-    (containers.COLUMNS); None (NA) for what is not known."""
+    (containers.COLUMNS); None (NA) for what is not known. seen: for a connection still open,
+    its health from the session's last look at the sockets (Session.open_health), used where
+    the fold read none."""
     hs = handshake_ns(lc.role, lc.path, lc.state_ns)
     out = {"handshake_ms": None if hs is None else hs / 1e6, "retransmits": lc.retrans,
            "syn_retransmits": lc.syn_retrans, "recoveries": lc.recoveries, "losses": lc.losses}
-    out.update(health.from_fold(lc.health_raw))
+    out.update(health.from_fold(lc.health_raw) if lc.health_raw is not None or seen is None
+               else {c: seen.get(c) for c in health.COLUMNS})
     out.update(home_columns(lc.cgroup_id))
     return out
 
@@ -210,7 +220,8 @@ def transition_record(t: Transition, clock: Clock, *, home: bool = True) -> dict
     return record
 
 
-def lifecycle_record(lc: Lifecycle, clock: Clock, *, still_open: bool = False) -> dict:
+def lifecycle_record(lc: Lifecycle, clock: Clock, *, still_open: bool = False, health: dict | None = None) -> dict:
+    """health: a still-open connection's health from the last look (lifecycle_extras)."""
     total = lc.duration_ns
     return {
         "type": "lifecycle", "conn_id": lc.conn_id, "role": lc.role, "family": lc.family,
@@ -224,7 +235,7 @@ def lifecycle_record(lc: Lifecycle, clock: Clock, *, still_open: bool = False) -
         "end_reason": "open" if still_open else lc.end_reason, "end_detail": lc.end_detail,
         "errno": errno_name(lc.errno), "time_wait": lc.time_wait, "tx_b": lc.tx_b, "rx_b": lc.rx_b,
         "eof_seen": clock.iso(lc.eof_ns), "incomplete": lc.incomplete or None,
-        **lifecycle_extras(lc),
+        **lifecycle_extras(lc, health),
     }
 
 

@@ -111,6 +111,8 @@ examples:
     tcplife-trace --lifecycles -w    # one line per finished connection, wide
     tcplife-trace -p 181 -L 80,443   # owned by PID 181, local ports 80 and 443
     tcplife-trace -D 5432 -6         # IPv6 connections to remote port 5432
+    tcplife-trace --cgroup /system.slice/nginx.service   # connections of one cgroup (and below)
+    tcplife-trace --container 4f0c1d2e3b4a --json     # one container's, with its cgroup on each
     tcplife-trace --json --lifecycles > conns.jsonl   # JSON Lines, summary as JSON on stderr
     tcplife-trace --record /var/tmp/t.arrow           # also record for offline analysis
     tcplife-trace analyze /var/tmp/t.arrow            # ... and analyse the recording
@@ -122,6 +124,8 @@ thresholds (--threshold NAME=VALUE):
     close_wait_age_s fin_wait1_age_s fin_wait2_age_s last_ack_age_s closing_age_s
     pile_warning pile_critical syn_sent_failures syn_sent_age_s fanout_destinations
     syn_recv_per_listener time_wait_use time_wait_rate idle_established_s peer_connections
+    retrans_storm_connections retrans_storm_segments retrans_storm_share slow_peer_samples
+    slow_peer_others slow_peer_factor slow_peer_excess_ms retrans_deaths
 """
 
 

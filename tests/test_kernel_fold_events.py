@@ -15,6 +15,7 @@ pre-forked server whose worker accepts (the listener's owner, then the worker's)
 opened before the trace that exchange data and close during it. Loopback transitions run
 in softirq context: the task current then is not the owner.
 """
+import os
 import socket
 import subprocess
 import sys
@@ -196,6 +197,13 @@ def test_durations_and_owners_cover_the_hard_cases(traced):
     unseen = events[(events["flags"] & int(Flag.BIRTH_UNSEEN)) != 0]
     assert len(unseen) >= 8
     assert (unseen["role"] == ROLE_NAMES.index("unknown")).any()
+    # each carries its owner's cgroup after it: none before an owner, the workload's (ours) on its own
+    folded = events[(events["xflags"] & _FOLDED) != 0]
+    owned = folded["owner_src"] != SRC_NONE
+    assert (folded["cgroup_id"][owned] != 0).all() and (folded["cgroup_id"][~owned] == 0).all()
+    from tcplife_trace import containers
+    here = containers.Resolver().by_pid(os.getpid()).cgroup_id
+    assert (folded["cgroup_id"] == here).sum() > 400
 
 
 def test_every_life_record_equals_the_trackers_lifecycle(traced):

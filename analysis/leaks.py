@@ -848,7 +848,7 @@ def established_paths(paths: pd.Series) -> np.ndarray:
 
 
 def tally_frame(lc: pd.DataFrame) -> PeerTally:
-    """A lifecycles frame's ended connections (the columns of a recording of schema 3) tallied:
+    """A lifecycles frame's ended connections (the columns of a recording of schema 3 on) tallied:
     the offline side of the same rule. Without those columns, nothing."""
     t = PeerTally()
     done = lc[lc["end"].notna()] if "end" in lc else lc
@@ -868,7 +868,7 @@ def tally_frame(lc: pd.DataFrame) -> PeerTally:
     keys = keys.where(keys.notna(), None)
     codes = keys.groupby(list(TALLY_KEYS), sort=False, dropna=False).ngroup().to_numpy()
     first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
-    distinct = [tuple(_plain(v) for v in keys.iloc[i]) for i in first]
+    distinct = [tuple(_plain(v) for v in row) for row in keys.iloc[first].itertuples(index=False, name=None)]
     t.add(distinct, codes, *values)
     return t
 
@@ -879,7 +879,7 @@ def _plain(v):
         return None
     if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
         return int(v)
-    return str(v) if not isinstance(v, (int, float)) else v
+    return str(v)
 
 
 def _peer_keys(frame: pd.DataFrame) -> pd.DataFrame:

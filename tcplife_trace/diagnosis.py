@@ -146,11 +146,12 @@ class Watch:
         codes = np.stack([slots] + [c.codes for c in cols], axis=1)
         uniq, inv = np.unique(codes, axis=0, return_inverse=True)
         inv = inv.reshape(-1)
+        listed = uniq.tolist()
         for slot in np.unique(uniq[:, 0]).tolist():
             ids = np.flatnonzero(uniq[:, 0] == slot)
             local = np.full(len(uniq), -1, dtype=np.int64)
             local[ids] = np.arange(len(ids))
-            keys = [tuple(c.decode(int(v)) for c, v in zip(cols, uniq[i, 1:])) for i in ids.tolist()]
+            keys = [tuple(c.decode(v) for c, v in zip(cols, listed[i][1:])) for i in ids.tolist()]
             sel = local[inv] >= 0
             tally = self.health.get(slot)
             if tally is None:
@@ -166,8 +167,8 @@ class Watch:
         h = health_mod.fold_columns(agg["health_mask"], agg["health"])
         hs = fold_handshake_ms(rows.role.codes, agg["path"], agg["path_len"], agg["state_mask"], agg["state_ns"])
         values = leaks.ending_values(
-            established=est, timed_out=rows.reason_is("timeout"), reset=rows.reason_is("reset_by_peer"),
-            aborted=rows.reason_is("local_abort"),
+            established=est, timed_out=_reason(rows, "timeout"), reset=_reason(rows, "reset_by_peer"),
+            aborted=_reason(rows, "local_abort"),
             retrans=np.where(counted, agg["retrans"].astype(np.int64), -1),
             syn_retrans=np.where(counted, agg["syn_retrans"].astype(np.int64), -1),
             losses=np.where(cong, agg["losses"].astype(np.int64), -1),
@@ -436,6 +437,12 @@ class Watch:
         out = self.errors[self._errors_told:]
         self._errors_told = len(self.errors)
         return out
+
+
+def _reason(rows, name: str) -> np.ndarray:
+    """rows.reason_is(name) for one reason (a comparison of codes, no isin)."""
+    values = rows.end_reason.values
+    return rows.end_reason.codes == values.index(name) if name in values else np.zeros(rows.n, dtype=bool)
 
 
 def _established(rows) -> np.ndarray:

@@ -228,7 +228,9 @@ def test_retransmit_storm_deaths_and_a_slow_peer_live_and_offline(tmp_path):
         report, watch, other = _run(pair, _trouble, path)
         a, mine = pair.inode(pair.a), {pair.inode(pair.a), pair.inode(pair.b)}
     live = {f["kind"]: f for f in report["findings"] if f["kind"] in KINDS and f["netns"] == a}
-    assert set(live) >= {"retransmit_storm", "retransmit_deaths", "slow_peer_handshake"}, report["findings"]
+    h_end, _ = watch.health_frames(time.monotonic_ns())
+    assert set(live) >= {"retransmit_storm", "retransmit_deaths", "slow_peer_handshake"}, \
+        (live, report["end_reasons"], report["events_lost"], h_end[h_end["netns"] == a].to_dict("records"))
     storm, deaths, slow = live["retransmit_storm"], live["retransmit_deaths"], live["slow_peer_handshake"]
     assert storm["peer"] == B_ADDR and storm["evidence"]["retransmitting"] >= 4
     assert storm["evidence"]["share_resent"] >= 0.01 and storm["evidence"]["segments_resent"] > 0

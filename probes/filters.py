@@ -66,8 +66,7 @@ class Filters:
             parts.append("rport " + ",".join(map(str, self.rports)))
         if self.family:
             parts.append(f"IPv{self.family}")
-        for t in self.cgroups:
-            parts.append(t.label or f"cgroup {t.path}")
+        parts += dict.fromkeys(t.label or f"cgroup {t.path}" for t in self.cgroups)  # (a container: one)
         return "; ".join(parts) or "none"
 
     def cdefines(self, ancestor: bool = True) -> list[str]:

@@ -6,6 +6,7 @@ thousand TIME_WAIT, SYN_SENT and SYN_RECV (the peer's SYN-ACKs dropped), IPv6, a
 v4-mapped IPv6 (a dual-stack listener's connections from 127.0.0.1)."""
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
@@ -83,7 +84,7 @@ class Zoo:
             for _ in range(HALF_OPEN):
                 c = socket.socket()
                 c.setblocking(False)
-                assert c.connect_ex((B_ADDR, self.half_port)) in (socket.errno.EINPROGRESS, 0)
+                assert c.connect_ex((B_ADDR, self.half_port)) in (errno.EINPROGRESS, 0)
                 self.held.append(c)
         time.sleep(0.4)
         for s in answers:                       # (the last data received and sent 0.4 s apart)

@@ -173,8 +173,9 @@ thresholds (--threshold NAME=VALUE):
               help="Serve Prometheus metrics on PORT while tracing (see also `serve`).")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="Address the metrics endpoint binds to (loopback unless you say otherwise).")
-@click.option("--metrics-labels", default="", metavar="port,comm",
-              help="Opt-in labels on the connection counters: the service port, the owner's command.")
+@click.option("--metrics-labels", default="", metavar="port,comm,container",
+              help="Opt-in labels on the connection counters: the service port, the owner's command, "
+                   "the owner's container.")
 @click.option("--metrics-label-cap", type=click.IntRange(1, 100_000), default=50, show_default=True,
               help="Distinct values kept per opt-in label; the rest are counted as \"other\".")
 @click.option("--kernel-mode", type=click.Choice(["auto", "stream", "aggregate"]), default="auto",
@@ -246,7 +247,7 @@ DEFAULT_METRICS_PORT = 9470
               metavar="PORT", help="Port of the Prometheus endpoint (/metrics).")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="Address to bind; loopback by default (0.0.0.0 exposes it to the network).")
-@click.option("--metrics-labels", default="", metavar="port,comm", help="Opt-in labels (capped).")
+@click.option("--metrics-labels", default="", metavar="port,comm,container", help="Opt-in labels (capped).")
 @click.option("--metrics-label-cap", type=click.IntRange(1, 100_000), default=50, show_default=True,
               help="Distinct values kept per opt-in label.")
 @click.option("--poll-interval", type=Seconds(min=0), default=5.0, show_default=True, metavar="S",

@@ -87,7 +87,7 @@ struct conn {
 	u8 streamed; /* a listener: its lifecycle is built from events, never folded */
 	u8 role;     /* TLT_ROLE_*: Lifecycle.role */
 	u8 ca_state; /* the last tcp_cong_state_set state (TCP_CA_*) */
-	u8 _pad2;
+	u8 uncounted; /* the tracer's own (self_ends): its transitions are not in tcounts */
 #ifdef TLT_AGGREGATE
 	struct tlt_agg agg; /* the lifecycle so far */
 	u8 saddr[16];       /* the tuple as the transitions told it */
@@ -131,6 +131,7 @@ struct listen_owner {
 	u64 cgroup_id;
 	u32 pid;
 	char comm[16];
+	u8 uncounted; /* the tracer's own listener: its accepted sockets are its own too */
 };
 
 BPF_RINGBUF_OUTPUT(events, TLT_RB_PAGES);
@@ -143,6 +144,70 @@ BPF_HASH(conns, u64, struct conn, TLT_MAX_CONNS);
 BPF_ARRAY(generation, u64, 1);
 BPF_PERCPU_ARRAY(stats, u64, TLT_STAT_NSLOTS);
 BPF_PERCPU_ARRAY(last_close_cpu, struct last_closes, 1);
+
+/* Transitions counted here, for the metrics (probes/transition_counts.py reads them,
+ * tcplife_trace/metrics.py exports them): no event has to reach user space to be counted,
+ * and a lost event leaves no hole in the counts. The tracer's own connections are left
+ * out: those born of a socket of the tracer's process on a port it listed in self_ends
+ * (its start-up check's two ports, its metrics endpoint's), and a listed listener's
+ * accepted sockets. The dur bounds are tcplife_trace/metrics.py's BUCKETS_S, in ns. */
+#define TLT_DUR_SUM 15
+struct tlt_counts {
+	u64 trans[256];   /* [old * 16 + new]: transitions kept (past the kernel filters) */
+	u64 dur[256];     /* [old * 16 + i]: time in the old state; i <= 12: the bucket (i bounds
+	                     below it, 12 = +Inf), TLT_DUR_SUM: the sum in ns (one dimension:
+	                     bcc's Python type of a map value misreads two) */
+	u64 self_births;  /* accepted sockets of the tracer's own listeners (left out above) */
+	u64 self_trans;   /* transitions of the tracer's own connections (left out above) */
+};
+_Static_assert(sizeof(struct tlt_counts) == 4112, "struct tlt_counts differs from probes/transition_counts.py");
+#define TLT_SELF_PORTS 4
+struct tlt_self {
+	u32 tgid;                    /* the tracer's process; 0 = not set yet */
+	u16 ports[TLT_SELF_PORTS];   /* local ports of its own sockets (0 = unused) */
+	u16 _pad;
+};
+BPF_PERCPU_ARRAY(tcounts, struct tlt_counts, 1);
+BPF_ARRAY(self_ends, struct tlt_self, 1);
+
+static __always_inline u8 self_socket(u32 tgid, u16 sport)
+{
+	int zero = 0;
+	struct tlt_self *s = self_ends.lookup(&zero);
+	if (!s || !sport || s->tgid != tgid)
+		return 0;
+	u8 hit = 0;
+#pragma unroll
+	for (int i = 0; i < TLT_SELF_PORTS; i++)
+		hit |= s->ports[i] == sport;
+	return hit;
+}
+
+static __always_inline u32 dur_bucket(u64 d)
+{
+	return (d > 100000ULL) + (d > 1000000ULL) + (d > 10000000ULL) + (d > 100000000ULL) +
+	       (d > 500000000ULL) + (d > 1000000000ULL) + (d > 5000000000ULL) + (d > 10000000000ULL) +
+	       (d > 30000000000ULL) + (d > 60000000000ULL) + (d > 300000000000ULL) + (d > 3600000000000ULL);
+}
+
+static __always_inline void count_transition(struct conn *c, u8 old, u8 new, u8 x, u64 dur)
+{
+	int zero = 0;
+	struct tlt_counts *t = tcounts.lookup(&zero);
+	if (!t)
+		return;
+	if (c && c->uncounted) {
+		t->self_trans++;
+		if (old == TCP_LISTEN && new == TCP_SYN_RECV)
+			t->self_births++;
+		return;
+	}
+	t->trans[((old & 15) << 4) | (new & 15)]++;
+	if (x & TLT_X_DUR) {
+		t->dur[((old & 15) << 4) | (dur_bucket(dur) & 15)]++;
+		t->dur[((old & 15) << 4) | TLT_DUR_SUM] += dur;
+	}
+}
 
 static __always_inline void stat_inc(int slot)
 {
@@ -477,6 +542,7 @@ static __always_inline u8 agg_listener(struct conn *c, u16 lport)
 	a->listener_pid = o->pid;
 	__builtin_memcpy(a->listener_comm, o->comm, sizeof(a->listener_comm));
 	a->lflags |= TLT_L_LISTENER;
+	c->uncounted = o->uncounted;
 	if (TLT_SRC_LISTENER < a->owner_src) {
 		a->owner_src = TLT_SRC_LISTENER;
 		a->owner_pid = o->pid;
@@ -785,8 +851,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (listener)
 			c->streamed = 1;
 	}
-	if (c && active_birth)
+	if (c && active_birth) {
 		c->io_pid = tgid; /* the owner's own reads and writes say nothing new */
+		c->uncounted = self_socket(tgid, sport);
+	}
 
 	if (newstate == TCP_CLOSE) {
 		int zero = 0;
@@ -814,7 +882,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (oldstate == TCP_CLOSE && newstate == TCP_LISTEN) { /* Tracker: listeners[(netns, lport)] = it */
 			struct listen_key k;
 			listen_key_of(&k, c, c->sport);
-			struct listen_owner o = {.gen = c->gen, .cgroup_id = c->agg.cgroup_id, .pid = c->agg.owner_pid};
+			struct listen_owner o = {.gen = c->gen, .cgroup_id = c->agg.cgroup_id, .pid = c->agg.owner_pid,
+						 .uncounted = c->uncounted};
 			__builtin_memcpy(o.comm, c->agg.owner_comm, sizeof(o.comm));
 			if (listeners.update(&k, &o) != 0)
 				stat_inc(TLT_STAT_MAP_FULL); /* the listeners table is full: its accepted sockets' owner is not known */
@@ -822,6 +891,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			listener_forget(c);
 		}
 	}
+	count_transition(c, oldstate, newstate, x, dur);
 #ifdef TLT_STREAM
 	int send = 1;
 #else

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+from . import transition_counts
 from .event_layout import EventKind
 
 PAYLOAD = 1500            # bytes the client sends, the server reads and echoes
@@ -28,26 +29,37 @@ def possible(filters) -> bool:
     return not (filters.pids or filters.lports or filters.rports or filters.cgroups)
 
 
-def _connection(family: int) -> tuple[set[int], int]:
-    """A loopback connection of our own, ended: (its two ports, bytes each way)."""
+def _connection(family: int, program=None) -> tuple[set[int], int]:
+    """A loopback connection of our own, ended: (its two ports, bytes each way). Both ports
+    are bound first and listed to the kernel as the tracer's own (probes/transition_counts.py)
+    before the listener listens and the client connects, so its transitions are not counted."""
     af, host = (socket.AF_INET6, "::1") if family == 6 else (socket.AF_INET, "127.0.0.1")
-    with socket.socket(af, socket.SOCK_STREAM) as ls:
+    with socket.socket(af, socket.SOCK_STREAM) as ls, socket.socket(af, socket.SOCK_STREAM) as c:
         ls.bind((host, 0))
-        ls.listen(1)
-        port = ls.getsockname()[1]
-        with socket.create_connection((host, port), timeout=2) as c:
+        c.bind((host, 0))
+        port, cport = ls.getsockname()[1], c.getsockname()[1]
+        if program is not None:
+            transition_counts.own_port(program, port)
+            transition_counts.own_port(program, cport)
+        try:
+            ls.listen(1)
+            c.settimeout(2)
+            c.connect((host, port))
             a, _ = ls.accept()
-            with a:
-                a.settimeout(2)
-                c.sendall(b"x" * PAYLOAD)
-                got = 0
-                while got < PAYLOAD:
-                    got += len(a.recv(PAYLOAD - got) or b"")
-                a.sendall(b"y" * PAYLOAD)
-                got = 0
-                while got < PAYLOAD:
-                    got += len(c.recv(PAYLOAD - got) or b"")
-                cport = c.getsockname()[1]
+        finally:  # the kernel marked both sockets at their birth: the list is free again
+            if program is not None:
+                transition_counts.forget_port(program, port)
+                transition_counts.forget_port(program, cport)
+        with a:
+            a.settimeout(2)
+            c.sendall(b"x" * PAYLOAD)
+            got = 0
+            while got < PAYLOAD:
+                got += len(a.recv(PAYLOAD - got) or b"")
+            a.sendall(b"y" * PAYLOAD)
+            got = 0
+            while got < PAYLOAD:
+                got += len(c.recv(PAYLOAD - got) or b"")
     return {port, cport}, PAYLOAD
 
 
@@ -86,7 +98,7 @@ def check(stream, offsets_known: set[str], family: int | None = None,
     ports and generations that tell later stragglers of ours, see is_own). Our
     own events are not passed on: they are the tracer's, not the workload's (the kernel's
     counters of emitted events include them)."""
-    ports, n = _connection(6 if family == 6 else 4)
+    ports, n = _connection(6 if family == 6 else 4, getattr(stream, "program", None))
     others, mine = [], []
     deadline = time.monotonic() + WAIT_S
     closes = 0

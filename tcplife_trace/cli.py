@@ -182,7 +182,8 @@ thresholds (--threshold NAME=VALUE):
               show_default=True,
               help="stream: the kernel sends every state change; aggregate: it folds each connection "
                    "in its map and sends one record when it ends (far less work per connection). auto: "
-                   "aggregate for --lifecycles without --record or --metrics-port, else stream.")
+                   "aggregate for --lifecycles without --record (and without --metrics-labels or a filter "
+                   "with --metrics-port), else stream.")
 @click.option("--ebpf", "print_ebpf", is_flag=True, help="Print the BPF program for this kernel and exit.")
 @click.version_option(__version__, "-V", "--version")
 @click.pass_context
@@ -196,8 +197,10 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, cgroups
     """
     if ctx.invoked_subcommand is not None:
         return
-    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers), max_conns,
-                             ring_pages, _kernel_mode(kernel_mode, lifecycles, record_path, metrics_port))
+    filters = _filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers)
+    metrics_args = _metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)
+    settings = prog.Settings(filters, max_conns, ring_pages,
+                             _kernel_mode(kernel_mode, lifecycles, record_path, metrics_args.get("metrics"), filters))
     if print_ebpf:
         src = prog.build_source(settings, tracefs.find_tracefs())
         _out(src.text)
@@ -207,19 +210,22 @@ def cli(ctx, hms, seconds, wide, pid, localport, remoteport, ipv4, ipv6, cgroups
                    lifecycles=lifecycles, as_json=as_json, as_csv=as_csv, strict=strict, report_path=report_path,
                    record_path=record_path, record_host=_record_host(record_host, record_path),
                    poll_interval=poll_interval,
-                   thresholds=_thresholds(threshold_pairs),
-                   **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
+                   thresholds=_thresholds(threshold_pairs), **metrics_args))
 
 
-def _kernel_mode(asked: str, lifecycles: bool, record_path, metrics_port) -> str:
-    """What the kernel sends. Aggregated, no transition reaches user space until its
-    connection ends: fine for one line per connection, not for the per-transition view,
-    a recording of every event, or metrics that count connections as they open."""
+def _kernel_mode(asked: str, lifecycles: bool, record_path, metrics, filters) -> str:
+    """What the kernel sends (session.kernel_mode). Aggregated, no transition reaches user
+    space until its connection ends: fine for one line per connection, not for the
+    per-transition view, a recording of every event, or metrics with opt-in labels or under
+    -p/-L/-D/-4/-6 (those count each transition's Lifecycle; without them the kernel counts)."""
+    from .session import counts_in_kernel, kernel_mode
     if asked == "auto":
-        return "aggregate" if lifecycles and not record_path and metrics_port is None else "stream"
+        return kernel_mode(transitions=not lifecycles, recording=bool(record_path), metrics=metrics, filters=filters)
     if asked == "aggregate":
         needs = ("the per-transition view (add --lifecycles)" if not lifecycles else
-                 "--record" if record_path else "--metrics-port" if metrics_port is not None else None)
+                 "--record" if record_path else
+                 "--metrics-port with --metrics-labels or a filter"
+                 if metrics is not None and not counts_in_kernel(metrics, filters) else None)
         if needs:
             raise click.UsageError(f"--kernel-mode aggregate sends one record per connection; {needs} "
                                    "needs every transition: use --kernel-mode stream")
@@ -284,13 +290,19 @@ def serve_cmd(ctx, metrics_port, metrics_addr, metrics_labels, metrics_label_cap
     `journalctl -u tcplife-trace -p warning` shows the warnings, errors and findings."""
     from . import journal
     journal.use_priorities()
-    settings = prog.Settings(_filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers), max_conns,
-                             ring_pages)
+    from .session import kernel_mode
+    filters = _filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers)
+    metrics_args = _metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)
+    # no view: the kernel folds every connection unless a recording or labelled metrics want
+    # every transition
+    settings = prog.Settings(filters, max_conns, ring_pages,
+                             kernel_mode(transitions=False, recording=bool(record_path),
+                                         metrics=metrics_args.get("metrics"), filters=filters))
     ctx.exit(trace(settings, niceness=niceness, hms=False, seconds=False, wide=False, duration=duration,
                    lifecycles=False, as_json=False, strict=strict, report_path=report_path, record_path=record_path,
                    record_host=_record_host(record_host, record_path),
                    poll_interval=poll_interval, thresholds=_thresholds(threshold_pairs), quiet=True,
-                   **_metrics_args(metrics_port, metrics_addr, metrics_labels, metrics_label_cap)))
+                   **metrics_args))
 
 
 def _record_host(name: str | None, record_path: str | None) -> str | None:

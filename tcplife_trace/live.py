@@ -25,6 +25,7 @@ from .analysis.lifecycle import (DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, T
 from .analysis.summary import StateTimes
 from .probes import program as prog
 from .probes import btf, conn_map, offset_check
+from .probes import transition_counts as tcounts
 from .probes.decode import events_array, lives_array
 from .probes.event_layout import EventKind, Flag
 from .probes.stream import KIND_NAMES, Batch, EventStream, _take
@@ -57,6 +58,8 @@ class LiveSession:
         self.folds_only = self.settings.mode == "stream" and on_transition is None and not keep_events
         self.on_batch = on_batch
         self.program = prog.load(self.settings)
+        tcounts.check_layout(self.program)
+        self._final_counts: tcounts.Counts | None = None
         self.notices = list(self.program.source.notices)
         self.stream = self._open_stream()
         self._early: list = []  # events read while the offsets were checked, consumed first
@@ -228,6 +231,8 @@ class LiveSession:
 
     def _record(self, batch: Batch) -> None:
         """The batch's columns as they are: its events, and its LIFE records' extras."""
+        if self.recorder is None:
+            return
         if len(batch.events):
             self.recorder.add_batch(batch.events)
         if len(batch.lives):
@@ -282,13 +287,11 @@ class LiveSession:
     @contextlib.contextmanager
     def pumping(self):
         """While the body holds the caller up (the detectors' import, a look at every socket),
-        a thread goes on reading the kernel's buffers into the recording, so that it stays
-        within a second of the kernel (the README's promise to a SIGKILL); the tracker gets
-        those batches afterwards, in order, as if they had waited in the ring. Without a
-        recorder the events simply wait in the ring."""
-        if self.recorder is None:
-            yield
-            return
+        a thread goes on reading the kernel's buffers (into the recording, if any), so that
+        the rings do not fill while it lasts (a look at a host with a few hundred thousand
+        TIME_WAIT sockets takes about a second, and a churn fills the rings in less) and a
+        recording stays within a second of the kernel (the README's promise to a SIGKILL);
+        the tracker gets those batches afterwards, in order, as if they had waited in the ring."""
         # the events read during the offset check came first: recorded and taken first too
         self._consume(self._take_early())
         failed: list[BaseException] = []
@@ -358,6 +361,13 @@ class LiveSession:
             folded = [lc for lc in folded if lc.state in states]
         return folded, replaced
 
+    def transition_counts(self) -> tcounts.Counts:
+        """The transitions the kernel counted so far (probes/transition_counts.py), the final
+        counts once stopped."""
+        if self._final_counts is not None:
+            return self._final_counts
+        return tcounts.read(self.program)
+
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""
         if self.report is not None:
@@ -421,6 +431,7 @@ class LiveSession:
             # the emitted and received figures above, and nowhere else
             "startup_check_events": dict(self.startup_check_events),
         }
+        self._final_counts = tcounts.read(self.program)  # detached: final
         self.stream.close()
         self.program.close()
         if self.recorder is not None:

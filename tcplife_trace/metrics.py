@@ -98,6 +98,10 @@ class Metrics:
         self._own_addr: str | None = None  # None: any local address
         self._own_netns: int | None = None
         self.own_connections = 0
+        # transitions, opened and time in state counted by the kernel (count_in_kernel)
+        self._kernel = None
+        self._kernel_last = None
+        self._kernel_own0 = 0
         self.session = None  # a LiveSession, for the tracer's own health (ring, map, consumer)
         self._consumer_tid: int | None = None
         self._poll_hist = [0] * (len(POLL_BUCKETS_S) + 2)  # sock_diag looks: buckets, +Inf, sum s
@@ -163,6 +167,8 @@ class Metrics:
         per event."""
         if self.labels:
             raise ValueError("opt-in labels (port, comm, container) need the lifecycles: use on_transition")
+        if self._kernel is not None:  # the kernel counts them (count_in_kernel)
+            return
         ev = events[events["kind"] == _STATE]
         if not len(ev):
             return
@@ -250,6 +256,35 @@ class Metrics:
             if ok.any():
                 self._rtt((), np.asarray(rtt, dtype=np.float64)[ok])
 
+    def count_in_kernel(self, live) -> None:
+        """Take transitions, connections opened and the time in each state from the kernel's
+        own counts (probes/transition_counts.py, read from `live`, a LiveSession, at each
+        scrape) instead of counting events: nothing per event in user space, and no hole where
+        events were lost. For sessions without opt-in labels and without user-space filters
+        (Session decides so); the endpoint's own connections are left out by the kernel."""
+        if self.labels:
+            raise ValueError("opt-in labels (port, comm, container) need the lifecycles: use on_transition")
+        self._kernel = live
+        self._kernel_last = live.transition_counts()
+        self._kernel_own0 = self._kernel_last.self_births  # the start-up check's, before this endpoint
+
+    def _counted(self):
+        """(transitions, opened, hist, own connections): the kernel's counts (count_in_kernel)
+        or the ones counted here."""
+        if self._kernel is None:
+            return self.transitions, self.opened, self.hist, self.own_connections
+        try:
+            self._kernel_last = self._kernel.transition_counts()
+        except Exception:  # noqa: BLE001 - bcc raises Exception: stopping now, the last read stands
+            pass
+        c = self._kernel_last
+        opened: Counter = Counter()
+        for pair, n in c.transitions.items():
+            role = BIRTHS.get(pair)
+            if role is not None:
+                opened[(role,)] += n
+        return c.transitions, opened, c.hist, c.self_births - self._kernel_own0
+
     # -- slow path (main loop, about once a second) --------------------------------------
     def attach(self, session, port: int | None = None, addr: str | None = None) -> None:
         """Follow `session`'s health, from the thread that polls it (the consumer); leave the
@@ -258,6 +293,9 @@ class Metrics:
         self._consumer_tid = threading.get_native_id()
         if port:
             self._own_port = port
+            from .probes import transition_counts
+            if session is not None:  # the kernel's counts leave it out too
+                transition_counts.own_port(session.program, port)
             self._own_addr = None if addr in (None, "", "0.0.0.0", "::") else socket.getaddrinfo(
                 addr, port, type=socket.SOCK_STREAM)[0][4][0]
             try:
@@ -284,13 +322,14 @@ class Metrics:
                      {("version", "kernel"): {(__version__, os.uname().release): 1}})
         c = CounterMetricFamily("tcplife_transitions", "TCP state transitions seen.",
                                 labels=["old_state", "new_state"])
-        for (old, new), n in sorted(self.transitions.items()):
+        transitions, opened, hist, own = self._counted()
+        for (old, new), n in sorted(transitions.items()):
             c.add_metric([state_name(old), state_name(new)], n)
         yield c
         extra = list(self.labels)
         c = CounterMetricFamily("tcplife_connections_opened", "Connections born during the trace, by role.",
                                 labels=["role", *extra])
-        for key, n in sorted(self.opened.items()):
+        for key, n in sorted(opened.items()):
             c.add_metric([str(k) for k in key], n)
         yield c
         c = CounterMetricFamily("tcplife_connections_closed", "Connections that ended, by role and how.",
@@ -300,7 +339,7 @@ class Metrics:
         yield c
         h = HistogramMetricFamily("tcplife_state_duration_seconds", "Time connections spent in each state.",
                                   labels=["state"])
-        for state, counts in sorted(self.hist.items()):
+        for state, counts in sorted(hist.items()):
             h.add_metric([state_name(state)], _cumulative(BUCKETS_S, counts), counts[-1] / 1e9)
         yield h
         h = HistogramMetricFamily("tcplife_rtt_at_close_seconds", "Smoothed RTT of each connection at its "
@@ -338,12 +377,12 @@ class Metrics:
                        r.get("conn_map_full", 0))
         yield _counter("tcplife_label_overflow", "Label values folded into \"other\" by the cap.",
                        sum(cl.overflowed for cl in self.capped.values()))
-        yield from self._health()
+        yield from self._health(own)
 
-    def _health(self):
+    def _health(self, own_connections: int):
         """The tracer's own health, read when scraped."""
         yield _counter("tcplife_metrics_connections", "Connections to this metrics endpoint (left out of "
-                       "the connection counters).", self.own_connections)
+                       "the connection counters).", own_connections)
         h = HistogramMetricFamily("tcplife_socket_poll_duration_seconds", "How long each sock_diag look at "
                                   "every socket held the consumer up.")
         h.add_metric([], _cumulative(POLL_BUCKETS_S, self._poll_hist), self._poll_hist[-1])

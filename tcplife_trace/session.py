@@ -25,6 +25,23 @@ from .views import OPEN_HEALTH_KEY
 DETECTOR_KEYS = ("socket_polls", "socket_poll_max_s", "sockets_at_start", "findings", "snapshot_errors")
 
 
+def counts_in_kernel(metrics, filters: Filters) -> bool:
+    """Whether the metrics' transitions, connections opened and time in state come from the
+    kernel's counts (Metrics.count_in_kernel): without opt-in labels and user-space filters,
+    which need each transition's Lifecycle."""
+    return metrics is not None and not metrics.labels and not filters.active()
+
+
+def kernel_mode(*, transitions: bool, recording: bool, metrics=None, filters: Filters | None = None) -> str:
+    """What the kernel must send for a session: "stream" (every transition) when something
+    wants each one (a per-transition view, a recording of every event, metrics that count
+    Lifecycle transitions), else "aggregate": one folded record per connection at its end,
+    far less work per connection on both sides of the ring."""
+    if transitions or recording or (metrics is not None and not counts_in_kernel(metrics, filters or Filters())):
+        return "stream"
+    return "aggregate"
+
+
 class Session:
     """A LiveSession with the detectors and metrics around it.
 
@@ -53,18 +70,11 @@ class Session:
         self.final_full = final_full
         self.on_finding, self.on_notice, self.on_recorder_failed = on_finding, on_notice, on_recorder_failed
         handler = on_transition
-        if metrics is not None and not metrics.labels and not self.settings.filters.active():
-            # counted from each batch's columns (the kernel's fold): no object per event, and
-            # with no other per-transition consumer the tracker follows the folds alone
-            if on_batch is None:
-                on_batch = metrics.on_batch
-            else:
-                viewer, counter = on_batch, metrics.on_batch
-
-                def on_batch(events):
-                    viewer(events)
-                    counter(events)
-        elif metrics is not None:
+        # without opt-in labels and user-space filters the kernel counts the transitions
+        # (Metrics.count_in_kernel): no event is needed for them, and with no other
+        # per-transition consumer the tracker follows the folds alone
+        in_kernel = counts_in_kernel(metrics, self.settings.filters)
+        if metrics is not None and not in_kernel:
             counted = metrics.on_transition
             if on_transition is None:
                 handler = counted
@@ -79,6 +89,8 @@ class Session:
             if recorder is not None:  # nothing was recorded: leave no empty file behind
                 recorder.discard()
             raise
+        if in_kernel:
+            metrics.count_in_kernel(self.live)
         if metrics is not None:
             self.live.close_watchers.append(metrics.on_close)
             if not metrics.labels:  # counted from columns when the folds are (analysis/closes.py)

@@ -29,7 +29,7 @@ import numpy as np
 from ..probes import decode as dec
 from ..probes.decode import life_tuples
 from ..probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
-from ..probes.stream import Batch, _cat, _take
+from ..probes.stream import Batch, _cat, _split, _take
 from ..probes.tcp_states import TcpState as S
 from . import end_rules
 from .rules import BIRTHS, ROLES, guess_role, time_wait_from
@@ -38,7 +38,7 @@ _AGG, _BIRTH_UNSEEN, _NETNS = int(Flag.AGG), int(Flag.BIRTH_UNSEEN), int(Flag.NE
 _RST_RECEIVED, _RST_SENT, _DESTROYED, _LISTENER = (int(LifeFlag.RST_RECEIVED), int(LifeFlag.RST_SENT),
                                                   int(LifeFlag.DESTROYED), int(LifeFlag.LISTENER))
 _ERROR, _STATE = int(EventKind.ERROR), int(EventKind.STATE)
-_CLOSE, _LISTEN = int(S.CLOSE), int(S.LISTEN)
+_CLOSE, _LISTEN, _SYN_SENT = int(S.CLOSE), int(S.LISTEN), int(S.SYN_SENT)
 NONE = np.iinfo(np.int64).min  # the code of a None value in a ClosedRows column
 COUNT_EVERY_NS = 100_000_000  # the held records are counted this often (and at the end)
 _ACTIVE_CLOSE = end_rules.REASON_OF_RULE.index("active_close")
@@ -64,6 +64,40 @@ def _shape(path: tuple, unseen: bool) -> tuple[str, int]:
     return role, before
 
 
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
+                dtype=np.uint64)
+
+
+def unique_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the first row of each distinct row of the 2-D array m, each row's distinct index):
+    np.unique(m, axis=0, return_index=True, return_inverse=True) but in no particular order,
+    found by a 64-bit hash of each row sorted as one integer (numpy sorts rows as bytes,
+    several times slower); rows the hash would confuse are checked for and then found the
+    exact way."""
+    n = len(m)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    words = np.ascontiguousarray(m)
+    width = words.shape[1] * words.dtype.itemsize
+    if width % 8:  # pad each row to whole 64-bit words
+        pad = np.zeros((n, 8 - width % 8), dtype=np.uint8)
+        words = np.ascontiguousarray(np.concatenate([words.view(np.uint8).reshape(n, width), pad], axis=1))
+    words = words.view(np.uint64).reshape(n, -1)
+    with np.errstate(over="ignore"):
+        h = np.zeros(n, dtype=np.uint64)
+        for j in range(words.shape[1]):
+            h ^= words[:, j] * _MIX[j % len(_MIX)] + np.uint64(j)
+            h ^= h >> np.uint64(29)
+            h *= _MIX[(j + 3) % len(_MIX)]
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not (words[first][inverse] == words).all():  # two distinct rows, one hash
+        _, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    return first, inverse
+
+
 _SHAPES: dict[bytes, tuple[int, int]] = {}  # path bytes + unseen flag -> (role index, before)
 _ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
 
@@ -80,11 +114,11 @@ def shapes(lives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     path = np.where(np.arange(PATH_MAX) < keep[:, None], path, 0).astype(np.uint8)
     unseen = ((lives["ev"]["flags"] & _BIRTH_UNSEEN) != 0).astype(np.uint8)
     key = np.ascontiguousarray(np.concatenate([path, keep.astype(np.uint8)[:, None], unseen[:, None]], axis=1))
-    uniq, inverse = np.unique(key.view(np.dtype((np.void, PATH_MAX + 2))).reshape(-1), return_inverse=True)
-    role = np.empty(len(uniq), dtype=np.int8)
-    before = np.empty(len(uniq), dtype=np.int64)
-    for i, k in enumerate(uniq):
-        b = bytes(k)
+    first, inverse = unique_rows(key)
+    role = np.empty(len(first), dtype=np.int8)
+    before = np.empty(len(first), dtype=np.int64)
+    for i, k in enumerate(key[first]):
+        b = k.tobytes()
         hit = _SHAPES.get(b)
         if hit is None:
             r, bf = _shape(tuple(b[:b[PATH_MAX]]), bool(b[PATH_MAX + 1]))
@@ -92,7 +126,6 @@ def shapes(lives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if len(_SHAPES) > 4096:
                 _SHAPES.clear()
         role[i], before[i] = hit
-    inverse = inverse.reshape(-1)
     return role[inverse], before[inverse]
 
 
@@ -124,11 +157,12 @@ def group(cols: list[Col], mask: np.ndarray) -> list[tuple[tuple, int, int]]:
     idx = np.flatnonzero(mask)
     if not len(idx):
         return []
-    m = np.stack([c.codes[idx] for c in cols], axis=1)[::-1]
-    uniq, first, counts = np.unique(m, axis=0, return_index=True, return_counts=True)
+    m = np.ascontiguousarray(np.stack([c.codes[idx] for c in cols], axis=1)[::-1])
+    first, inverse = unique_rows(m)
+    counts = np.bincount(inverse, minlength=len(first))
     last = idx[len(idx) - 1 - first]
     return [(tuple(c.decode(v) for c, v in zip(cols, row)), int(k), int(at))
-            for row, k, at in zip(uniq.tolist(), counts.tolist(), last.tolist())]
+            for row, k, at in zip(m[first].tolist(), counts.tolist(), last.tolist())]
 
 
 class ClosedRows:
@@ -172,13 +206,11 @@ class ClosedRows:
             both = np.concatenate([sa, da])
             both_af = np.concatenate([af, af])
             key = np.concatenate([both, both_af.astype(np.uint8)[:, None]], axis=1)
-            uniq, inv = np.unique(np.ascontiguousarray(key).view(np.dtype((np.void, 17))).reshape(-1),
-                                  return_inverse=True)
+            first, inv = unique_rows(key)
             names = []
-            for k in uniq.tolist():
+            for k in key[first]:
                 a = int(k[16])
-                names.append(dec.addr(a, k[:16]) if a in (dec.AF_INET, dec.AF_INET6) else None)
-            inv = inv.reshape(-1)
+                names.append(dec.addr(a, k[:16].tobytes()) if a in (dec.AF_INET, dec.AF_INET6) else None)
             laddr = np.where(known, inv[:n], NONE)
             raddr = np.where(known, inv[n:], NONE)
             zero = np.zeros(n, dtype=np.int64)
@@ -250,8 +282,14 @@ class FoldedCloses:
                 tracker_rows |= (ev["flags"] & _BIRTH_UNSEEN) != 0
             born = state is not None and (state & (events["oldstate"] == _CLOSE) & (events["newstate"] == _LISTEN)).any()
             if self.tracker.listeners or born:  # the tracker names an accepted socket's owner from its listener
-                role, _ = shapes(lives)
-                maybe = (role == ROLES.index("passive")) & ((lflags & _LISTENER) == 0) & keep
+                # (a connect()ed socket's path starts CLOSE -> SYN_SENT: no need to work out its role)
+                path = agg["path"]
+                cand = ((lflags & _LISTENER) == 0) & keep & ~(
+                    (path[:, 0] == _CLOSE) & (path[:, 1] == _SYN_SENT) & ((ev["flags"] & _BIRTH_UNSEEN) == 0))
+                maybe = np.zeros(len(lives), dtype=bool)
+                if cand.any():
+                    role, _ = shapes(_take(lives, cand))
+                    maybe[np.flatnonzero(cand)[role == ROLES.index("passive")]] = True
                 if born:  # a listener of this batch, not known to the tracker yet
                     tracker_rows |= maybe
                 else:
@@ -317,15 +355,22 @@ class FoldedCloses:
         self._last_now = max(self._last_now, now_ns)
         if not self._chunks or (not at_once and now_ns < self._next_count):
             return
-        held = self.held
         self._next_count = now_ns + COUNT_EVERY_NS
-        due = held["ev"]["ts_ns"].astype(np.int64) + self.hold_ns <= now_ns
-        if due.all():
-            self.held = None
-            self._count(held)
-        elif due.any():
-            self.held = _take(held, ~due)
-            self._count(_take(held, due))
+        cut = now_ns - self.hold_ns  # records at or before it are due
+        due, keep = [], []
+        for chunk in self._chunks:  # whole chunks, and the one the cut goes through split
+            ts = chunk["ev"]["ts_ns"].astype(np.int64)
+            if int(ts.max()) <= cut:
+                due.append(chunk)
+            elif int(ts.min()) > cut:
+                keep.append(chunk)
+            else:
+                before, rest = _split(chunk, ts <= cut)
+                due.append(before)
+                keep.append(rest)
+        self._chunks = keep
+        if due:
+            self._count(_cat(*due) if len(due) > 1 else due[0])
 
     def finish(self) -> None:
         held, self.held = self.held, None
@@ -340,7 +385,9 @@ class FoldedCloses:
             return
         n = len(lives)
         self.counted += n
-        lives = _take(lives, np.argsort(lives["ev"]["ts_ns"], kind="stable"))  # in end order ("latest")
+        ts = lives["ev"]["ts_ns"]
+        if not (ts[1:] >= ts[:-1]).all():  # in end order ("latest"); a ring's usually is
+            lives = _take(lives, np.argsort(ts, kind="stable"))
         ev, agg = lives["ev"], lives["agg"]
         c = self.tracker.counters
         c.connections += n

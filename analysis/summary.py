@@ -82,7 +82,9 @@ class StateTimes:
         res = self._res.get(state)
         if res is None:  # switch to a reservoir seeded with a uniform sample of the exact ones
             a = self._exact[state]
-            res = self._res[state] = array("q", self._rng.sample(list(a), self.reservoir))
+            # (numpy's draw without replacement: random.sample of 200,000 took a third of a second)
+            picked = np.sort(self._np_rng.choice(len(a), self.reservoir, replace=False))
+            res = self._res[state] = array("q", np.frombuffer(a, dtype=np.int64)[picked].tobytes())
             self._count[state] = len(a)
             self._max[state] = max(a)
             self._w[state] = math.exp(math.log(self._rng.random()) / self.reservoir)

@@ -396,14 +396,23 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     def say_recorder_failed(text):
         click.echo(f"tcplife-trace: error: {text}; free space or record elsewhere", err=True)
 
+    # the lifecycle lines from the folded records' columns (lifecycle_lines), when no filter needs
+    # the tracker's per-connection verdict: a Lifecycle object only for the few that need one
+    lines = None
+    if lifecycles and not records and not quiet and not settings.filters.active():
+        from .lifecycle_lines import ColumnLifecycles
+        lines = ColumnLifecycles(add)
     from .session import Session
     session = Session(settings, poll_interval_s=poll_interval, thresholds=thresholds, metrics=metrics,
                       recorder=recorder, wall_offset_ns=wall_offset,
                       on_transition=None if lifecycles or quiet or columns is not None else on_transition,
-                      on_close=on_close if lifecycles and not quiet else None, on_loss=on_loss,
+                      on_close=on_close if lifecycles and not quiet and lines is None else None, on_loss=on_loss,
                       on_finding=say_finding, on_notice=say_notice, on_recorder_failed=say_recorder_failed,
                       on_batch=columns.on_batch if columns is not None else None)
     holder["s"] = session
+    if lines is not None:
+        lines.attach(session.live, wide=wide, hms=hms, seconds=seconds,
+                     encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors or "strict")
     if columns is not None:
         from .batch_views import BatchFormatter
         columns.fmt = BatchFormatter(session.clock, "json" if as_json else "csv" if as_csv else "text",

@@ -32,6 +32,7 @@ from .probes.stream import KIND_NAMES, Batch, EventStream, _take
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
+PUMP_BACKLOG_BYTES = 256 << 20  # records read ahead while the caller is held up, without a recorder
 from .views import Clock
 
 
@@ -291,20 +292,28 @@ class LiveSession:
         the rings do not fill while it lasts (a look at a host with a few hundred thousand
         TIME_WAIT sockets takes about a second, and a churn fills the rings in less) and a
         recording stays within a second of the kernel (the README's promise to a SIGKILL);
-        the tracker gets those batches afterwards, in order, as if they had waited in the ring."""
+        the tracker gets those batches afterwards, in order, as if they had waited in the ring.
+        Without a recorder the batches held meanwhile are bounded (PUMP_BACKLOG_BYTES): past
+        that the rings hold the rest, as they would without the pump."""
         # the events read during the offset check came first: recorded and taken first too
         self._consume(self._take_early())
         failed: list[BaseException] = []
         backlog: list[Batch] = []
         done = threading.Event()
 
+        held = [0]  # bytes in the backlog
+
         def pump():
             try:
                 while not done.is_set():
+                    if self.recorder is None and held[0] > PUMP_BACKLOG_BYTES:
+                        done.wait(0.05)  # (the rings take the rest; what they refuse is counted as lost)
+                        continue
                     batch = self._without_own(self.stream.poll_batch(50))
                     self._record(batch)
                     if len(batch):
                         backlog.append(batch)
+                        held[0] += batch.events.nbytes + batch.lives.nbytes
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                 failed.append(e)
         thread = threading.Thread(target=pump, name="tcplife-pump", daemon=True)

@@ -197,26 +197,36 @@ class OrderedMerge:
         else:
             cut_ts = max(progress - self.holdback_ns, 0)
             out = self._events_before(cut_ts)
-            out_lives = self._lives_before(cut_ts)
+            # a LIFE record leaves with the events of its time or after them: no later than
+            # the oldest event still held (a chunk across the cut waits whole, see below)
+            held_ts = min((c[1] for c in self._held), default=cut_ts)
+            out_lives = self._lives_before(min(cut_ts, held_ts))
         if len(out):
             self.released_ts = max(self.released_ts, int(out["ts_ns"][-64:].max()))
         return Batch(out, out_lives)
 
     def _events_before(self, cut_ts: int) -> np.ndarray:
-        """The held events before the cut, in ring order: whole chunks all before it, then
-        the first one that is not, up to its first event at or past the cut."""
+        """Held events before the cut, in ring order: the whole chunks all before it; or, when
+        there is none, the first chunk up to its first event at or past the cut. A chunk
+        across the cut waits for the next release when whole chunks go (the held events are
+        then always a suffix of the ring, and a release most often one chunk as it was read,
+        not a copy of two joined)."""
         chunks, n = self._held, 0
         parts = []
         while n < len(chunks) and chunks[n][2] < cut_ts:
             parts.append(chunks[n])
             n += 1
-        if n < len(chunks) and chunks[n][1] < cut_ts:
+        if n == 0 and chunks and chunks[0][1] < cut_ts:
             recs = chunks[n][0]
             late = recs["ts_ns"] >= cut_ts
             k = int(np.argmax(late)) if late.any() else len(recs)  # the prefix before the first at the cut
             if k:
                 parts.append([recs[:k]])
-                chunks[n][0] = recs[k:]
+                rest = chunks[n][0] = recs[k:]
+                if len(rest):  # (its oldest, for the LIFE records' cut)
+                    chunks[n][1] = int(rest["ts_ns"].min())
+                else:
+                    n = 1
         del chunks[:n]
         return self._joined(parts, _NO_EVENTS)
 

@@ -128,8 +128,8 @@ def _timer(f: Ends):
 # (end_reason, detail(before, rst_reason, reasons) or None, errno shown, test(f, reasons)); the first
 # that holds wins
 RULES = (
+    ("open", None, True, lambda f, rs: f.open),  # (a listener still open is open, not closed)
     ("listener_closed", None, True, lambda f, rs: f.listener),
-    ("open", None, True, lambda f, rs: f.open),
     ("unknown", None, True, lambda f, rs: f.before == 0),
     ("refused", lambda b, r, rs: "ECONNREFUSED", True,
      lambda f, rs: (f.rr | (f.errno == ECONNREFUSED)) & (f.before == S.SYN_SENT)),

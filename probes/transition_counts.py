@@ -6,8 +6,8 @@ histogram buckets of tcplife_trace/metrics.py (BUCKETS_S): no event has to reach
 to be counted, so the counters hold no hole where the ring lost events, and a session that
 wants only counts needs no stream of transitions at all. The tracer's own connections (its
 start-up check, its metrics endpoint's listener and the scrapes that listener accepts) are
-left out: their sockets' ports are listed here before they are bound (`own_port`), and the
-kernel marks a socket of this process born on a listed port, and a listed listener's
+left out: their sockets' ports are listed here before they listen or connect (`own_port`),
+and the kernel marks a socket of this process born on a listed port, and a listed listener's
 accepted sockets.
 
     counts = transition_counts.read(program)   # summed over CPUs
@@ -77,15 +77,29 @@ def from_words(words: np.ndarray) -> Counts:
     return out
 
 
+_tgid: dict[int, int] = {}  # program map fd -> the tracer's tgid as the kernel sees it (set_tgid)
+
+
+def set_tgid(program, tgid: int) -> None:
+    """The tracer's tgid as the kernel sees it, where it differs from os.getpid() (a PID
+    namespace of its own): the ports listed from now on are matched with it."""
+    table = program.bpf[b"self_ends"]
+    _tgid[table.map_fd] = tgid
+    key = table.Key(0)
+    me = _Self.from_buffer_copy(bytes(table[key]))
+    me.tgid = tgid
+    table[key] = table.Leaf.from_buffer_copy(bytes(me))
+
+
 def own_port(program, port: int) -> None:
-    """List a local port of the tracer's own sockets (bound, not yet listening or connected):
+    """List a local port of the tracer's own sockets (before it listens or connects):
     the kernel leaves the connections born of it out of the counts. At most SELF_PORTS; a
     full list is a RuntimeError (a bug: the tracer has two ports of its own at the most)."""
     table = program.bpf[b"self_ends"]
     key = table.Key(0)
     cur = table[key]
     me = _Self.from_buffer_copy(bytes(cur))
-    me.tgid = os.getpid()
+    me.tgid = _tgid.get(table.map_fd, os.getpid())
     ports = list(me.ports)
     if port in ports:
         return

@@ -31,6 +31,7 @@ from .probes.event_layout import EventKind, Flag
 from .probes.stream import KIND_NAMES, Batch, EventStream, _take
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
+_STATE_KIND, _CLOSE_STATE, _SYN_SENT_STATE = int(EventKind.STATE), 7, 2
 OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
 PUMP_BACKLOG_BYTES = 256 << 20  # records read ahead while the caller is held up, without a recorder
 from .views import Clock
@@ -151,6 +152,7 @@ class LiveSession:
                                     f"own ({e.strerror or e}): netns, uid and byte counts are as BTF says")
                 return
             self.startup_check_events = Counter(KIND_NAMES.get(ev[13], str(ev[13])) for ev in mine)
+            self._check_self_marking(mine)
             # records of it that come later (a loaded machine) are left out too, for a while
             (self._own_ports, self._own_gens), self._own_until = own, time.monotonic() + OWN_CHECK_S
             if wrong is None:
@@ -372,10 +374,29 @@ class LiveSession:
 
     def transition_counts(self) -> tcounts.Counts:
         """The transitions the kernel counted so far (probes/transition_counts.py), the final
-        counts once stopped."""
+        counts once stopped (a read that the stop overtook gives them too)."""
         if self._final_counts is not None:
             return self._final_counts
-        return tcounts.read(self.program)
+        try:
+            return tcounts.read(self.program)
+        except Exception:  # noqa: BLE001 - bcc raises Exception: the program closed meanwhile
+            if self._final_counts is not None:
+                return self._final_counts
+            raise
+
+    def _check_self_marking(self, mine: list) -> None:
+        """Did the kernel tell the start-up check's sockets as the tracer's own (by this
+        process's tgid)? In a PID namespace of its own the tracer's pid is not the kernel's
+        tgid: learn it from the check's connect() and say that the check's transitions are
+        in the metrics' counts."""
+        if not mine or tcounts.read(self.program).self_transitions:
+            return
+        for ev in mine:
+            if ev[13] == _STATE_KIND and ev[14] == _CLOSE_STATE and ev[15] == _SYN_SENT_STATE and ev[6]:
+                tcounts.set_tgid(self.program, ev[6])
+                break
+        self.notices.append("the kernel did not tell the start-up check's connection as the tracer's own (a PID "
+                            "namespace of its own?): its transitions are in the metrics' counts")
 
     def stop(self) -> dict:
         """Drain the buffer, finish every connection, detach; returns the report."""

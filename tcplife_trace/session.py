@@ -234,6 +234,12 @@ class Session:
         report = self.live.stop()
         if self.watch is not None and self.watch.latest is not None:
             self.open_health = open_health(self.live.still_open, self.watch.latest.sockets)
+        elif self.live.still_open:  # no detectors (--poll-interval 0): one look for their health
+            from .probes import sock_diag, socket_snapshot
+            from .probes.tcp_states import TcpState as S
+            full = sock_diag.ALL_STATES & ~((1 << S.TIME_WAIT) | (1 << S.LISTEN) | (1 << S.SYN_RECV))
+            snap = socket_snapshot.take(full, owners=False)  # (a namespace it cannot read: not joined)
+            self.open_health = open_health(self.live.still_open, snap.sockets)
         if findings is not None:
             report["socket_polls"] = len(self.poll_s)
             report["socket_poll_max_s"] = round(max(self.poll_s, default=0.0), 3)

@@ -76,3 +76,29 @@ def test_open_connections_take_the_last_looks_health(tmp_path):
     assert ended.conn_id not in s.open_health and ended.health_raw is not None
     assert frame.loc[ended.conn_id, "end_reason"] != "open"
     assert frame.loc[ended.conn_id, "rtt_ms"] == health.from_fold(ended.health_raw)["rtt_ms"]
+
+
+def test_without_detectors_one_look_at_the_end_gives_the_open_ones_health():
+    """--poll-interval 0: no detectors, yet the connections still open take their health from
+    one look at the full sockets at the end."""
+    s = Session(poll_interval_s=0)
+    lis = socket.create_server(("127.0.0.1", 0))
+    try:
+        c = socket.create_connection(lis.getsockname())
+        a, _ = lis.accept()
+        c.sendall(b"x" * 2000)
+        a.recv(2000, socket.MSG_WAITALL)
+        for _ in range(5):
+            s.step(30)
+        s.finish()
+        cport, lport = c.getsockname()[1], lis.getsockname()[1]
+    finally:
+        c.close()
+        a.close()
+        lis.close()
+    assert s.watch is None
+    import os
+    here = os.stat("/proc/self/ns/net").st_ino
+    (client,) = [lc for lc in s.still_open if (lc.lport, lc.rport, lc.netns) == (cport, lport, here)]
+    seen = s.open_health[client.conn_id]
+    assert seen["rtt_ms"] is not None and seen["rtt_ms"] > 0 and seen["data_segs_out"] >= 1

@@ -119,6 +119,26 @@ def test_own_rows_answer_as_is_own_row_for_row():
         assert cols.tolist() == rows and 0 < cols.sum() < len(ev)
 
 
+def spy_taken(s: LiveSession) -> list:
+    """What the session takes, in order, as it runs: the start-up window's records (a list of
+    tuples, to the tracker) and each batch as the session had it (the start-up check's own
+    records left out)."""
+    from tcplife_trace.probes.stream import Batch
+    taken = []
+    take_early, take_batch = s._take_early, s._take_batch
+
+    def early():
+        out = take_early()
+        taken.append(list(out))
+        return out
+
+    def batch(b, recorded=False):
+        taken.append(Batch(b.events.copy(), b.lives.copy()))
+        return take_batch(b, recorded)
+    s._take_early, s._take_batch = early, batch
+    return taken
+
+
 def test_folds_counted_as_columns_equal_the_trackers_lifecycles():
     """A session that wants no Lifecycle object counts the kernel's folded records as columns
     (analysis/closes.FoldedCloses). The same batches from the same program, fed to the Python
@@ -139,20 +159,7 @@ def test_folds_counted_as_columns_equal_the_trackers_lifecycles():
     assert s.folds_only and s.closes is not None
     s.close_watchers += [metrics.on_close, watch.closed]
     s.column_watchers.update({metrics.on_close: metrics.closed_columns, watch.closed: watch.closed_columns})
-    # what the session took, in order: the start-up window's records (tuples, to the tracker)
-    # and each batch, as the session had it (the start-up check's own records left out)
-    taken = []
-    take_early, take_batch = s._take_early, s._take_batch
-
-    def early():
-        out = take_early()
-        taken.append(list(out))
-        return out
-
-    def batch(b, recorded=False):
-        taken.append(Batch(b.events.copy(), b.lives.copy()))
-        return take_batch(b, recorded)
-    s._take_early, s._take_batch = early, batch
+    taken = spy_taken(s)
     try:
         _run([s], rounds=4, workers=2)
     finally:

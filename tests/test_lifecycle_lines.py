@@ -5,7 +5,7 @@ resets), in the plain view, with -w (RTT and retransmits) and with -T -t (the ti
 from collections import Counter
 
 import pytest
-from test_batch_path import _run
+from test_batch_path import _run, spy_taken
 
 from tcplife_trace.analysis.lifecycle import Tracker
 from tcplife_trace.lifecycle_lines import ColumnLifecycles, states_shape
@@ -26,18 +26,7 @@ def test_column_lines_equal_the_lifecycle_objects_lines(mode):
     got: dict[str, list[str]] = {k: [] for k in FLAVOURS}
     for name, flags in FLAVOURS.items():
         ColumnLifecycles(lambda text, name=name: got[name].extend(text.split("\n"))).attach(s, **flags)
-    taken = []
-    take_early, take_batch = s._take_early, s._take_batch
-
-    def early():
-        out = take_early()
-        taken.append(list(out))
-        return out
-
-    def batch(b, recorded=False):
-        taken.append(Batch(b.events.copy(), b.lives.copy()))
-        return take_batch(b, recorded)
-    s._take_early, s._take_batch = early, batch
+    taken = spy_taken(s)
     try:
         _run([s], rounds=3, workers=2)
     finally:

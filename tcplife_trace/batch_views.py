@@ -138,9 +138,9 @@ def _joined(blocks: list[np.ndarray], inserts: dict[int, bytes] | None = None) -
     """The blocks side by side, NULs removed: the rows' lines, in order; inserts: lines of
     their own at these rows (whose blocks must be all NUL)."""
     grid = np.concatenate(blocks, axis=1)
+    if not inserts:  # (bytes.translate drops the NULs a quarter faster than a boolean mask)
+        return grid.tobytes().translate(None, b"\0")
     flat = grid[grid != 0]  # (faster than np.compress on a line's runs of text)
-    if not inserts:
-        return flat.tobytes()
     ends = np.cumsum(_lengths(grid))
     out, at = [], 0
     for row in sorted(inserts):

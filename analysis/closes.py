@@ -30,6 +30,7 @@ from ..probes import decode as dec
 from ..probes.decode import life_tuples
 from ..probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
 from ..probes.stream import Batch, _cat, _split, _take
+from ..probes.unique_rows import unique_rows
 from ..probes.tcp_states import TcpState as S
 from . import end_rules
 from .rules import BIRTHS, ROLES, guess_role, time_wait_from
@@ -62,40 +63,6 @@ def _shape(path: tuple, unseen: bool) -> tuple[str, int]:
         role = guess_role(path[0], path[1] if len(path) > 1 else path[0], "unknown")
     before = path[-2] if len(path) >= 2 and path[-1] == _CLOSE else 0
     return role, before
-
-
-_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-                 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
-                dtype=np.uint64)
-
-
-def unique_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the first row of each distinct row of the 2-D array m, each row's distinct index):
-    np.unique(m, axis=0, return_index=True, return_inverse=True) but in no particular order,
-    found by a 64-bit hash of each row sorted as one integer (numpy sorts rows as bytes,
-    several times slower); rows the hash would confuse are checked for and then found the
-    exact way."""
-    n = len(m)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    words = np.ascontiguousarray(m)
-    width = words.shape[1] * words.dtype.itemsize
-    if width % 8:  # pad each row to whole 64-bit words
-        pad = np.zeros((n, 8 - width % 8), dtype=np.uint8)
-        words = np.ascontiguousarray(np.concatenate([words.view(np.uint8).reshape(n, width), pad], axis=1))
-    words = words.view(np.uint64).reshape(n, -1)
-    with np.errstate(over="ignore"):
-        h = np.zeros(n, dtype=np.uint64)
-        for j in range(words.shape[1]):
-            h ^= words[:, j] * _MIX[j % len(_MIX)] + np.uint64(j)
-            h ^= h >> np.uint64(29)
-            h *= _MIX[(j + 3) % len(_MIX)]
-    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if not (words[first][inverse] == words).all():  # two distinct rows, one hash
-        _, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-    return first, inverse
 
 
 _SHAPES: dict[bytes, tuple[int, int]] = {}  # path bytes + unseen flag -> (role index, before)

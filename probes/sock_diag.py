@@ -27,6 +27,7 @@ from pyroute2.netlink.diag import DiagSocket
 from . import health as health_mod
 from . import netns as netns_mod
 from .tcp_states import TcpState as S
+from .unique_rows import unique_rows
 
 INET_DIAG_INFO = 1 << (2 - 1)
 ALL_STATES = (1 << 12) - 1
@@ -175,22 +176,6 @@ def _headers(words: np.ndarray, at: np.ndarray) -> np.ndarray:
     return out
 
 
-def _distinct(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(a row of each distinct key, each row's distinct number) for keys of one or two columns."""
-    if len(keys) == 1:
-        _, first, number = np.unique(keys[0], return_index=True, return_inverse=True)
-        return first, number.ravel()
-    order = np.lexsort(keys[::-1])
-    new = np.zeros(len(order), dtype=bool)
-    new[0] = True
-    for k in keys:
-        s = k[order]
-        new[1:] |= s[1:] != s[:-1]
-    number = np.empty(len(order), dtype=np.int64)
-    number[order] = np.cumsum(new) - 1
-    return order[new], number
-
-
 def _addresses(family: np.ndarray, src: np.ndarray, dst: np.ndarray) -> tuple[list, list, list]:
     """(laddr, family 4/6 of laddr, raddr) as lists, each distinct address formatted once."""
     n = len(family)
@@ -204,11 +189,11 @@ def _addresses(family: np.ndarray, src: np.ndarray, dst: np.ndarray) -> tuple[li
             continue
         if af == socket.AF_INET:                            # (its address: the first 4 bytes, the rest 0)
             raw = np.ascontiguousarray(both[rows, :4])
-            first, number[rows] = _distinct(raw.view("<u4")[:, 0])
+            first, number[rows] = unique_rows(raw.view("<u4"))
         else:
             raw = both[rows]
             halves = raw.view("<u8")
-            first, number[rows] = _distinct(halves[:, 0], halves[:, 1])
+            first, number[rows] = unique_rows(halves)
         number[rows] += len(texts)
         for text, fam in (_addr_of(af, raw[i].tobytes()) for i in first.tolist()):
             texts.append(text)

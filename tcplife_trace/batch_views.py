@@ -44,6 +44,7 @@ from .analysis.lifecycle import ENTRYLESS_BASE, Lifecycle, Tracker, Transition
 from .probes import decode as dec
 from .probes.event_layout import OWNER_SOURCE_NAMES, ROLE_NAMES, SRC_NONE, EventKind, Flag, XFlag
 from .probes.tcp_states import state_name
+from .probes.unique_rows import unique_rows
 from .views import Clock, TextView, dumps, transition_home, transition_record
 
 _STATE = int(EventKind.STATE)
@@ -124,6 +125,20 @@ def _fixed(v: np.ndarray, k: int) -> np.ndarray:
     return _digit_block(np.asarray(v).astype(np.int64), k)
 
 
+def ms_text(ns: np.ndarray, places: int) -> np.ndarray:
+    """'%.<places>f' % (ns / 1e6) of each value (0 < places <= 6) as a block: digits from the
+    integers (no tie left: rounding up at .5 of the last place is exact), Python's own digits
+    on a tie or past 1e15 ns, where the double's rounding decides."""
+    unit = 10 ** (6 - places)
+    d = np.asarray(ns).astype(np.uint64)
+    q = (d + np.uint64(unit // 2)) // np.uint64(unit)
+    block = np.concatenate([_digits(q // np.uint64(10 ** places)), _const(b".", len(d)),
+                            _fixed(q % np.uint64(10 ** places), places)], axis=1)
+    odd = np.flatnonzero((d % np.uint64(unit) == unit // 2) | (d >= _TIE_OR_HUGE))
+    fmt = b"%%.%df" % places
+    return _put(block, odd, [fmt % (int(x) / 1e6) for x in d[odd].tolist()])
+
+
 def _pad_to(lengths: np.ndarray, width: int) -> np.ndarray:
     """Spaces that take a field of these lengths to width (NUL where it is already wider)."""
     j = np.arange(width)
@@ -150,29 +165,6 @@ def _joined(blocks: list[np.ndarray], inserts: dict[int, bytes] | None = None) -
         at = start
     out.append(flat[at:].tobytes())
     return b"".join(out)
-
-
-def _u64_key(cols: np.ndarray) -> np.ndarray:
-    """(n, k) uint64 -> one uint64 per row (a hash; _distinct checks it)."""
-    h = np.zeros(len(cols), np.uint64)
-    for i in range(cols.shape[1]):
-        h = (h ^ cols[:, i]) * np.uint64(0x9E3779B97F4A7C15 + 2 * i)
-        h ^= h >> np.uint64(29)
-    return h
-
-
-def _distinct(raw: np.ndarray):
-    """(index of one row per distinct value, each row's distinct value) of an (n, bytes)
-    uint8 array: hashed to uint64 and sorted, the hash checked against the bytes."""
-    n, w = raw.shape
-    if w % 8:
-        raw = np.concatenate([raw, np.zeros((n, 8 - w % 8), np.uint8)], axis=1)
-    cols = np.ascontiguousarray(raw).view(np.uint64)
-    _, first, inv = np.unique(_u64_key(cols), return_index=True, return_inverse=True)
-    if not (cols == cols[first[inv]]).all():  # a collision: sort the bytes themselves
-        _, first, inv = np.unique(np.ascontiguousarray(raw).view(f"V{raw.shape[1]}").ravel(),
-                                  return_index=True, return_inverse=True)
-    return first, inv.ravel()
 
 
 def _bytes_col(events: np.ndarray, name: str) -> np.ndarray:
@@ -273,7 +265,7 @@ class BatchFormatter:
     # -- columns
     def _addresses(self, af: np.ndarray, raw: np.ndarray) -> np.ndarray:
         key = np.concatenate([af.astype(np.uint64).view(np.uint8).reshape(-1, 8), raw], axis=1)
-        first, inv = _distinct(key)
+        first, inv = unique_rows(key)
         keys = [(int(af[i]), raw[i].tobytes()) for i in first.tolist()]
         block = self._addr.block(keys, inv)
         if self.view != "text":
@@ -285,7 +277,7 @@ class BatchFormatter:
     def _comms(self, raw: np.ndarray, none: np.ndarray | None = None) -> np.ndarray:
         if none is not None and none.any():
             raw = np.where(none[:, None], 0, raw).astype(np.uint8)
-        first, inv = _distinct(raw)
+        first, inv = unique_rows(raw)
         block = self._comm.block([raw[i].tobytes() for i in first.tolist()], inv)
         if none is not None and self.view != "text" and none.any():
             block = _choose(none, _const(self._null, len(raw)), block)
@@ -302,13 +294,7 @@ class BatchFormatter:
 
     def _text_ms(self, dur: np.ndarray, has: np.ndarray) -> np.ndarray:
         """'%.3f' of dur_ns / 1e6, '-' without one (Python's digits on a tie or past 1e15)."""
-        d = np.where(has, dur, 0).astype(np.uint64)
-        q = (d + np.uint64(500)) // np.uint64(1000)  # (no tie left: rounding up at .5 is exact)
-        block = np.concatenate([_digits(q // np.uint64(1000)), _const(b".", len(d)),
-                                _fixed(q % np.uint64(1000), 3)], axis=1)
-        block = _choose(has, block, _const(b"-", len(d)))
-        odd = np.flatnonzero(has & ((d % np.uint64(1000) == 500) | (d >= _TIE_OR_HUGE)))
-        return _put(block, odd, [b"%.3f" % (int(x) / 1e6) for x in d[odd].tolist()])
+        return _choose(has, ms_text(np.where(has, dur, 0), 3), _const(b"-", len(dur)))
 
     def _repr_ms(self, dur: np.ndarray, has: np.ndarray) -> np.ndarray:
         """repr(dur_ns / 1e6) (the JSON and CSV number), null without one. Below 1e15 ns the

@@ -20,18 +20,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .analysis.closes import NONE, ClosedRows, unique_rows
+from .analysis.closes import NONE, ClosedRows
 from .analysis.rules import BIRTHS
-from .batch_views import BatchFormatter, _choose, _const, _digits, _fixed, _joined, _pad_to, _put, _table
+from .batch_views import BatchFormatter, _choose, _const, _digits, _joined, _pad_to, _table, ms_text
 from .probes import health as health_mod
 from .probes.event_layout import PATH_MAX, Flag, LifeFlag
 from .probes.tcp_states import TcpState as S
 from .probes.tcp_states import state_name
+from .probes.unique_rows import unique_rows
 from .views import Clock, TextView
 
 _F_BYTES, _F_BIRTH_UNSEEN = int(Flag.BYTES), int(Flag.BIRTH_UNSEEN)
 _L_DESTROYED = int(LifeFlag.DESTROYED)
-_TIE_OR_HUGE = 10 ** 15  # (batch_views': past it a float's digits are Python's)
 _CLOSE = int(S.CLOSE)
 
 
@@ -76,15 +76,6 @@ class LifecycleLines:
         vals = [self._enc(fmt % ("-" if c == NONE else col.decode(int(c)) or "-")) for c in uniq.tolist()]
         return _table(vals)[inv.reshape(-1)]
 
-    def _ms2(self, ns: np.ndarray) -> np.ndarray:
-        """'%.2f' of ns / 1e6 (the lifetime), Python's digits on a tie or past 1e15."""
-        d = ns.astype(np.uint64)
-        q = (d + np.uint64(5000)) // np.uint64(10000)
-        block = np.concatenate([_digits(q // np.uint64(100)), _const(b".", len(d)),
-                                _fixed(q % np.uint64(100), 2)], axis=1)
-        odd = np.flatnonzero((d % np.uint64(10000) == 5000) | (d >= _TIE_OR_HUGE))
-        return _put(block, odd, [b"%.2f" % (int(x) / 1e6) for x in d[odd].tolist()])
-
     def _kb(self, b: np.ndarray, has: np.ndarray) -> np.ndarray:
         """'%-5s' of str(bytes // 1024), '-' without a count."""
         return _choose(has, _digits(np.where(has, b // 1024, 0), 5), _const(b"-    ", len(b)))
@@ -125,7 +116,7 @@ class LifecycleLines:
                 self._kb(ev["rx_b"].astype(np.int64), has_bytes), sp]
         # the lifetime: '%.2f' ms, '>' before it when the birth was not seen; '%-10s'
         birth_seen = self._birth_seen(lives)
-        life = self._ms2(np.maximum(end_ns - agg["start_ns"].astype(np.int64), 0))
+        life = ms_text(np.maximum(end_ns - agg["start_ns"].astype(np.int64), 0), 2)
         life = np.concatenate([_choose(birth_seen, np.zeros((n, 1), np.uint8), _const(b">", n)), life], axis=1)
         out += [self._padded(life, 10), sp]
         # the end: '%-14s' of the reason, +TW
@@ -153,10 +144,8 @@ class LifecycleLines:
         """-w's RTT_MS and RETR cells: '%-9s %-5s ', '-' where the fold did not give them."""
         n = len(agg)
         cols = health_mod.fold_columns(agg["health_mask"], agg["health"])
-        read = agg["health_mask"] != 0
-        rtt, rtt_ok = cols["rtt_ms"]
+        rtt, rtt_ok = cols["rtt_ms"]  # (not ok where the fold read nothing: no mask bit)
         retr, retr_ok = cols["total_retrans"]
-        rtt_ok, retr_ok = rtt_ok & read, retr_ok & read
         vals = np.where(rtt_ok, rtt, -1.0)
         uniq, inv = np.unique(vals, return_inverse=True)
         rtt_cells = _table([self._enc("%-9s " % ("-" if v < 0 else "%.3f" % v)) for v in uniq.tolist()])[inv.reshape(-1)]

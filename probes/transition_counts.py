@@ -77,44 +77,41 @@ def from_words(words: np.ndarray) -> Counts:
     return out
 
 
-_tgid: dict[int, int] = {}  # program map fd -> the tracer's tgid as the kernel sees it (set_tgid)
+def _edit(program, change) -> None:
+    """Read struct tlt_self, change(it), write it back (one entry: the map's key 0)."""
+    table = program.bpf[b"self_ends"]
+    key = table.Key(0)
+    me = _Self.from_buffer_copy(bytes(table[key]))
+    change(me)
+    table[key] = table.Leaf.from_buffer_copy(bytes(me))
 
 
 def set_tgid(program, tgid: int) -> None:
     """The tracer's tgid as the kernel sees it, where it differs from os.getpid() (a PID
-    namespace of its own): the ports listed from now on are matched with it."""
-    table = program.bpf[b"self_ends"]
-    _tgid[table.map_fd] = tgid
-    key = table.Key(0)
-    me = _Self.from_buffer_copy(bytes(table[key]))
-    me.tgid = tgid
-    table[key] = table.Leaf.from_buffer_copy(bytes(me))
+    namespace of its own): the ports listed are matched with it from now on."""
+    _edit(program, lambda me: setattr(me, "tgid", tgid))
 
 
 def own_port(program, port: int) -> None:
     """List a local port of the tracer's own sockets (before it listens or connects):
     the kernel leaves the connections born of it out of the counts. At most SELF_PORTS; a
     full list is a RuntimeError (a bug: the tracer has two ports of its own at the most)."""
-    table = program.bpf[b"self_ends"]
-    key = table.Key(0)
-    cur = table[key]
-    me = _Self.from_buffer_copy(bytes(cur))
-    me.tgid = _tgid.get(table.map_fd, os.getpid())
-    ports = list(me.ports)
-    if port in ports:
-        return
-    if 0 not in ports:
-        raise RuntimeError("the tracer's own ports are full (probes/transition_counts.py SELF_PORTS)")
-    me.ports[ports.index(0)] = port
-    table[key] = table.Leaf.from_buffer_copy(bytes(me))
+    def add(me):
+        me.tgid = me.tgid or os.getpid()  # (set_tgid's, once it was learnt)
+        ports = list(me.ports)
+        if port in ports:
+            return
+        if 0 not in ports:
+            raise RuntimeError("the tracer's own ports are full (probes/transition_counts.py SELF_PORTS)")
+        me.ports[ports.index(0)] = port
+    _edit(program, add)
 
 
 def forget_port(program, port: int) -> None:
-    """Take a port off the list (the start-up check's, once its connection has ended)."""
-    table = program.bpf[b"self_ends"]
-    key = table.Key(0)
-    me = _Self.from_buffer_copy(bytes(table[key]))
-    for i, p in enumerate(me.ports):
-        if p == port:
-            me.ports[i] = 0
-    table[key] = table.Leaf.from_buffer_copy(bytes(me))
+    """Take a port off the list (the start-up check's, once its sockets were born: the kernel
+    marked them then)."""
+    def drop(me):
+        for i, p in enumerate(me.ports):
+            if p == port:
+                me.ports[i] = 0
+    _edit(program, drop)

@@ -29,9 +29,10 @@ from .probes import transition_counts as tcounts
 from .probes.decode import events_array, lives_array
 from .probes.event_layout import EventKind, Flag
 from .probes.stream import KIND_NAMES, Batch, EventStream, _take
+from .probes.tcp_states import TcpState as S
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
-_STATE_KIND, _CLOSE_STATE, _SYN_SENT_STATE = int(EventKind.STATE), 7, 2
+_STATE_KIND, _CLOSE_STATE, _SYN_SENT_STATE = int(EventKind.STATE), int(S.CLOSE), int(S.SYN_SENT)
 OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
 PUMP_BACKLOG_BYTES = 256 << 20  # records read ahead while the caller is held up, without a recorder
 from .views import Clock

@@ -266,7 +266,6 @@ class Session:
         self.stop()
 
 
-
 def open_health(lifecycles, sockets) -> dict:
     """conn_id -> the health a look at the sockets read (sock_diag.Sock.health: tcp_info) of
     each of these lifecycles whose kernel fold read none (connections still open), joined on

@@ -29,6 +29,7 @@ from .probes import sock_diag, socket_age, socket_snapshot
 from .probes.event_layout import HEALTH_N, PATH_MAX, LifeFlag
 from .probes.socket_snapshot import Snapshot
 from .probes.tcp_states import state_name
+from .probes.unique_rows import unique_rows
 
 ENDED_WINDOW_NS = 60_000_000_000  # rates are over the last minute at most
 SLOT_NS = 5_000_000_000           # endings are counted in 5-second slots, per endpoint and owner
@@ -144,8 +145,11 @@ class Watch:
         """Add ending_values' rows to the slots' tallies, keyed by cols (netns, raddr,
         owner_pid, owner_comm as Col), one dict step per distinct key."""
         codes = np.stack([slots] + [c.codes for c in cols], axis=1)
-        uniq, inv = np.unique(codes, axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
+        first, inv = unique_rows(codes)
+        order = np.argsort(first, kind="stable")  # the keys in the order they first came
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        uniq, inv = codes[first[order]], rank[inv]
         listed = uniq.tolist()
         for slot in np.unique(uniq[:, 0]).tolist():
             ids = np.flatnonzero(uniq[:, 0] == slot)

@@ -42,6 +42,7 @@ import numpy as np
 
 from .analysis.lifecycle import ENTRYLESS_BASE, Lifecycle, Tracker, Transition
 from .probes import decode as dec
+from .probes.stream import _take
 from .probes.event_layout import OWNER_SOURCE_NAMES, ROLE_NAMES, SRC_NONE, EventKind, Flag, XFlag
 from .probes.tcp_states import state_name
 from .probes.unique_rows import unique_rows
@@ -509,7 +510,7 @@ class ColumnTransitions:
         return b"".join(out)
 
     def _lines(self, events: np.ndarray) -> bytes:
-        st = events[events["kind"] == _STATE]
+        st = _take(events, events["kind"] == _STATE)  # (by positions: a mask on records is slow)
         if not len(st):
             return b""
         unfolded = np.flatnonzero((st["xflags"] & _FOLDED) == 0)

@@ -15,7 +15,7 @@ from .probes import tracefs
 from .probes.bcc_import import BccMissing
 from .probes.filters import Filters
 from .stop_signals import StopRequest
-from .views import TextView, dumps, lifecycle_record, summary_text, transition_record
+from .views import summary_text
 
 EXIT_OK, EXIT_DEGRADED, EXIT_ERROR = 0, 1, 2
 
@@ -334,43 +334,20 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             raise UserError(f"cannot write report {report_path}: {e.strerror}") from None
     if as_json and as_csv:
         raise click.UsageError("--json and -s/--csv exclude each other")
-    records = as_json or as_csv  # records on stdout instead of the text view
-    if as_csv:
-        from .csv_view import CsvRows
-        fmt = CsvRows()
-    else:
-        fmt = dumps
+    from .trace_output import TraceOutput
+    output = TraceOutput(view="json" if as_json else "csv" if as_csv else "text", lifecycles=lifecycles,
+                         wide=wide, hms=hms, seconds=seconds, quiet=quiet,
+                         encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors or "strict")
     stop = StopRequest()
-    view: TextView | None = None
-    holder: dict = {}
-    pending: list[str] = []  # lines of one batch, written at once
-    add = pending.append
-
-    def on_transition(t):
-        add(fmt(transition_record(t, holder["s"].clock, home=as_json)) if records else view.transition(t))
-
-    def on_close(lc):
-        add(fmt(lifecycle_record(lc, holder["s"].clock)) if records else view.lifecycle(lc))
-
-    # the per-transition views from each batch's columns and the kernel's fold (batch_views),
-    # when no filter needs the tracker's per-connection verdict: the tracker then follows the
-    # folds and the few events the kernel does not fold (LiveSession.folds_only)
-    columns = None
-    if not lifecycles and not quiet and not settings.filters.active():
-        from .batch_views import ColumnTransitions
-        columns = ColumnTransitions()
 
     def flush():
-        if pending:
-            sys.stdout.write("\n".join(pending) + "\n")
-            pending.clear()
-        data = columns.take() if columns is not None else b""
+        data = output.take()
         if data:  # one write per poll
             out = getattr(sys.stdout, "buffer", None)
             if out is None:
-                sys.stdout.write(data.decode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+                sys.stdout.write(data.decode(output.encoding, output.errors))
             else:
-                sys.stdout.flush()  # (the header, written as text)
+                sys.stdout.flush()  # (anything written as text before)
                 out.write(data)
         sys.stdout.flush()
 
@@ -396,29 +373,12 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     def say_recorder_failed(text):
         click.echo(f"tcplife-trace: error: {text}; free space or record elsewhere", err=True)
 
-    # the lifecycle lines from the folded records' columns (lifecycle_lines), when no filter needs
-    # the tracker's per-connection verdict: a Lifecycle object only for the few that need one
-    lines = None
-    if lifecycles and not records and not quiet and not settings.filters.active():
-        from .lifecycle_lines import ColumnLifecycles
-        lines = ColumnLifecycles(add)
     from .session import Session
     session = Session(settings, poll_interval_s=poll_interval, thresholds=thresholds, metrics=metrics,
-                      recorder=recorder, wall_offset_ns=wall_offset,
-                      on_transition=None if lifecycles or quiet or columns is not None else on_transition,
-                      on_close=on_close if lifecycles and not quiet and lines is None else None, on_loss=on_loss,
+                      recorder=recorder, wall_offset_ns=wall_offset, on_loss=on_loss,
                       on_finding=say_finding, on_notice=say_notice, on_recorder_failed=say_recorder_failed,
-                      on_batch=columns.on_batch if columns is not None else None)
-    holder["s"] = session
-    if lines is not None:
-        lines.attach(session.live, wide=wide, hms=hms, seconds=seconds,
-                     encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors or "strict")
-    if columns is not None:
-        from .batch_views import BatchFormatter
-        columns.fmt = BatchFormatter(session.clock, "json" if as_json else "csv" if as_csv else "text",
-                                     wide=wide, hms=hms, seconds=seconds, csv_rows=fmt if as_csv else None,
-                                     encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors or "strict")
-        columns.attach(session.live)
+                      **output.session_callbacks(settings.filters))
+    output.attach(session)
     if metrics is not None:
         try:
             session.serve_metrics(metrics_port, metrics_addr)
@@ -426,28 +386,24 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
             raise UserError(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {e.strerror}; "
                             "choose another --metrics-port or --metrics-addr") from None
     _set_priority(niceness)
-    view = TextView(session.clock, wide=wide, hms=hms, seconds=seconds)
     click.echo(f"tcplife-trace: tracing TCP state changes ({len(session.live.program.source.tracepoints)} "
                f"tracepoints, ready in {session.live.startup_s:.2f} s)"
                + (f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if metrics is not None else "")
                + (f" for {duration:g} s" if duration else "; Ctrl-C to end"), err=True)
     session.seed()  # the detectors' first look (pumped), then the notices
-    if not records and not quiet:
-        _out(view.lifecycle_header() if lifecycles else view.transition_header())
+    header = output.header()
+    if header is not None:
+        _out(header)
     try:
         report = session.run(duration, should_stop=lambda: stop.requested, after_poll=flush)
-        if lifecycles:
-            for lc in session.still_open:  # (their health from the last look at the sockets)
-                seen = session.open_health.get(lc.conn_id)
-                add(fmt(lifecycle_record(lc, session.clock, still_open=True, health=seen)) if records
-                    else view.lifecycle(lc, still_open=True, health=seen))
+        output.still_open()  # (their health from the last look at the sockets)
         flush()
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, still summarise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         report = session.stop()
-    if columns is not None and columns.unmatched:
-        click.echo(f"tcplife-trace: warning: {columns.unmatched} transitions of sockets the full connection map "
+    if output.unmatched:
+        click.echo(f"tcplife-trace: warning: {output.unmatched} transitions of sockets the full connection map "
                    "had no entry for were printed without their owner and time in the old state (the "
                    "tracker's line for them was not found)", err=True)
     click.echo(summary_text(report), err=True)

@@ -33,6 +33,7 @@ What the columns cannot say, the Tracker renders:
 """
 from __future__ import annotations
 
+import collections
 import csv
 import datetime as dt
 import io
@@ -56,6 +57,7 @@ _SP, _NL = 32, 10
 _P10 = 10 ** np.arange(20, dtype=np.uint64)  # 10^0 .. 10^19
 _TIE_OR_HUGE = 10 ** 15  # at or past it (11 days in one state) a float's digits are Python's
 _CACHE_MAX = 65536
+CHUNK_ROWS = 16384  # events formatted at once (a JSON line is about 450 bytes wide as blocks)
 
 
 # -- blocks ------------------------------------------------------------------------------
@@ -496,18 +498,36 @@ class ColumnTransitions:
         self.pending.append(events)
 
     def take(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def chunks(self, rows: int = CHUNK_ROWS):
+        """take()'s lines as pieces of at most `rows` events' lines each, each kept batch let go
+        once formatted: after a look at the sockets the rings' backlog comes as one poll's
+        batches (several hundred thousand events at churn), whose lines at once would be
+        several times their size in memory."""
         if not self.pending:
-            return b""
+            return
         batches, self.pending = self.pending, []
         packed = [b for b in batches if _from_tuples(b)]
         if packed:  # (LiveSession.poll hands them out after its first batch: they came first)
             batches = packed + [b for b in batches if not any(b is p for p in packed)]
-        out = [self.fmt.header()]
-        for events in batches:
-            out.append(self._own_tracker_lines(events) if any(events is p for p in packed)
-                       else self._lines(events))
-        self.tracked.clear()
-        return b"".join(out)
+        queue = collections.deque(batches)
+        del batches
+        try:
+            head = self.fmt.header()
+            if head:
+                yield head
+            while queue:
+                events = queue.popleft()
+                if any(events is p for p in packed):
+                    yield self._own_tracker_lines(events)
+                    continue
+                for at in range(0, len(events), rows):
+                    data = self._lines(events[at:at + rows])
+                    if data:
+                        yield data
+        finally:
+            self.tracked.clear()
 
     def _lines(self, events: np.ndarray) -> bytes:
         st = _take(events, events["kind"] == _STATE)  # (by positions: a mask on records is slow)

@@ -341,13 +341,13 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
     stop = StopRequest()
 
     def flush():
-        data = output.take()
-        if data:  # one write per poll
-            out = getattr(sys.stdout, "buffer", None)
+        out = getattr(sys.stdout, "buffer", None)
+        if out is not None:
+            sys.stdout.flush()  # (anything written as text before)
+        for data in output.chunks():  # a poll's lines, a bounded piece at a time
             if out is None:
                 sys.stdout.write(data.decode(output.encoding, output.errors))
             else:
-                sys.stdout.flush()  # (anything written as text before)
                 out.write(data)
         sys.stdout.flush()
 

@@ -107,15 +107,17 @@ class TraceOutput:
 
     def take(self) -> bytes:
         """The lines made since the last take(), in order, as bytes (one write per poll)."""
-        out = b""
+        return b"".join(self.chunks())
+
+    def chunks(self):
+        """take()'s bytes in pieces (each a bounded number of lines), to be written one after
+        the other: after a look at the sockets a poll may hand out the rings' whole backlog."""
         if self._pending:
-            out = ("\n".join(self._pending) + "\n").encode(self.encoding, self.errors)
+            data = ("\n".join(self._pending) + "\n").encode(self.encoding, self.errors)
             self._pending.clear()
+            yield data
         if self._columns is not None:
-            data = self._columns.take()
-            if data:
-                out = out + data if out else data
-        return out
+            yield from self._columns.chunks()
 
     @property
     def unmatched(self) -> int:

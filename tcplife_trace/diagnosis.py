@@ -336,7 +336,10 @@ class Watch:
         return df
 
     def _filtered(self, df: pd.DataFrame) -> pd.DataFrame:
-        return leaks.sockets_matching(df, self.filters)
+        df = leaks.sockets_matching(df, self.filters)
+        if self.filters.cgroups and "cgroup_id" in df.columns and len(df):  # (the endings are kept ones)
+            df = df[in_cgroups(df, self.filters)]
+        return df
 
     def evidence(self, snap: Snapshot) -> leaks.Evidence:
         frame = self.sockets_frame(snap)
@@ -497,6 +500,31 @@ def fold_handshake_ms(role: np.ndarray, path: np.ndarray, path_len: np.ndarray, 
     ok = has & (nxt == _EST) & timed
     out[ok] = np.asarray(state_ns)[rows[ok], st[ok]].astype(np.float64) / 1e6
     return out
+
+
+def in_cgroups(sockets: pd.DataFrame, filters) -> np.ndarray:
+    """The rows of a sockets frame (with its cgroup columns) that a cgroup filter keeps: a
+    socket by the cgroup sock_diag gives it (the task that made it; an accepted socket's is its
+    listener's), one verdict per distinct id (Filters.cgroup_match). A request socket and a
+    TIME_WAIT socket have no cgroup of their own: one on a listener's port (same namespace) goes
+    with that listener, any other with the connection it was, kept when the trace gave it an
+    owner (the trace hands over only the connections the filter kept)."""
+    ids = sockets["cgroup_id"].astype("UInt64")
+    known = (ids.notna() & (ids.fillna(0) != 0)).to_numpy(dtype=bool)
+    codes = ids.fillna(0).to_numpy(dtype=np.uint64)
+    verdict = {int(i): filters.cgroup_match(int(i)) for i in np.unique(codes[known]).tolist()}
+    keep = np.zeros(len(sockets), dtype=bool)
+    keep[known] = [verdict[int(i)] for i in codes[known].tolist()]
+    state = sockets["state"].to_numpy()
+    listeners = {(n, p): bool(k) for n, p, k, st in zip(sockets["netns"], sockets["lport"], keep, state)
+                 if st == "LISTEN"}
+    netns, lport, owner = sockets["netns"], sockets["lport"], sockets["owner_pid"]
+    for i in np.flatnonzero(~known).tolist():
+        on = listeners.get((netns.iat[i], lport.iat[i]))
+        # (a server's side goes with the listener it was accepted on; a client's, its owner from
+        # the trace, which knows only the kept connections)
+        keep[i] = on if on is not None else pd.notna(owner.iat[i])
+    return keep
 
 
 def _listener_owners(df: pd.DataFrame) -> pd.DataFrame:

@@ -268,3 +268,47 @@ def test_the_column_rule_is_the_live_rule_for_cgroups(tree):
         assert [f.cgroup_match(i) for i in ids] == [True, True, False, False, False]
     assert Filters(cgroups=containers.targets([paths["a"]])).describe() == f"cgroup {paths['a']}"
     assert Filters(cgroups=containers.targets(["/"])).cgroup_match(ids[2])  # the root holds every cgroup
+
+
+# a process that moves itself into a cgroup, then leaks: it accepts N connections from its own
+# clients, which close, and never closes them (CLOSE_WAIT); it prints its listener's port
+LEAKER = r"""
+import os, socket, sys, time
+with open(sys.argv[1] + "/cgroup.procs", "w") as f:
+    f.write(str(os.getpid()))
+lis = socket.create_server(("127.0.0.1", 0))
+held = []
+for _ in range(int(sys.argv[2])):
+    c = socket.create_connection(lis.getsockname(), timeout=5)
+    held.append(lis.accept()[0])
+    c.close()
+print(lis.getsockname()[1], flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_detectors_look_at_the_chosen_cgroups_sockets_only(tree):
+    """doctor --cgroup A: a CLOSE_WAIT leak in cgroup a is found, the same leak in cgroup b is
+    not (the look at every socket is narrowed to the cgroup: a socket by the cgroup sock_diag
+    gives it, its FIN_WAIT2 peers with no cgroup of their own by their owner from the trace);
+    without the filter both are found."""
+    mount, paths = tree
+    procs = {k: subprocess.Popen([sys.executable, "-c", LEAKER, mount + paths[k], "12"], stdout=subprocess.PIPE,
+                                 text=True) for k in ("a", "b")}
+    try:
+        ports = {k: int(p.stdout.readline()) for k, p in procs.items()}
+
+        def leaks(args):
+            r = subprocess.run([EXE, "doctor", "--duration", "0", "--json", "--threshold", "close_wait_age_s=0",
+                                *args], capture_output=True, text=True, timeout=120)
+            assert r.returncode in (0, 1), r.stderr
+            found = json.loads(r.stdout)["findings"]
+            return {f["owner_pid"] for f in found if f["kind"] == "close_wait_leak"}
+        assert leaks(["--cgroup", paths["a"]]) & {procs["a"].pid, procs["b"].pid} == {procs["a"].pid}
+        assert leaks(["--cgroup", paths["b"]]) & {procs["a"].pid, procs["b"].pid} == {procs["b"].pid}
+        assert leaks([]) >= {procs["a"].pid, procs["b"].pid}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    assert ports["a"] != ports["b"]

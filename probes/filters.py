@@ -118,6 +118,15 @@ class Filters:
             for cid in cgroup_tree.walk(root, t.path):
                 self._verdicts[cid] = True
 
+    def cgroup_match_recorded(self, cgroup_id: int | None, path: str | None) -> bool:
+        """cgroup_match for a recording read later or elsewhere: by the id, and by the path the
+        recording resolved it to when it was written (None: gone by then), held by a target as
+        cgroup_match holds it (CgroupTarget.holds)."""
+        if not cgroup_id:
+            return False
+        return any(t.id == cgroup_id for t in self.cgroups) or (
+            path is not None and any(t.holds(path) for t in self.cgroups))
+
     def _mount(self) -> str | None:
         if not self._root:
             self._root.append(cgroup_tree.mount())

@@ -338,7 +338,7 @@ class Watch:
     def _filtered(self, df: pd.DataFrame) -> pd.DataFrame:
         df = leaks.sockets_matching(df, self.filters)
         if self.filters.cgroups and "cgroup_id" in df.columns and len(df):  # (the endings are kept ones)
-            df = df[in_cgroups(df, self.filters)]
+            df = df[in_cgroups(df, lambda cid, _path: self.filters.cgroup_match(cid))]
         return df
 
     def evidence(self, snap: Snapshot) -> leaks.Evidence:
@@ -502,17 +502,19 @@ def fold_handshake_ms(role: np.ndarray, path: np.ndarray, path_len: np.ndarray, 
     return out
 
 
-def in_cgroups(sockets: pd.DataFrame, filters) -> np.ndarray:
+def in_cgroups(sockets: pd.DataFrame, match: Callable[[int, str | None], bool]) -> np.ndarray:
     """The rows of a sockets frame (with its cgroup columns) that a cgroup filter keeps: a
     socket by the cgroup sock_diag gives it (the task that made it; an accepted socket's is its
-    listener's), one verdict per distinct id (Filters.cgroup_match). A request socket and a
+    listener's), one verdict per distinct id: match(id, its path in the frame) (live:
+    Filters.cgroup_match; a recording: Filters.cgroup_match_recorded). A request socket and a
     TIME_WAIT socket have no cgroup of their own: one on a listener's port (same namespace) goes
     with that listener, any other with the connection it was, kept when the trace gave it an
     owner (the trace hands over only the connections the filter kept)."""
     ids = sockets["cgroup_id"].astype("UInt64")
     known = (ids.notna() & (ids.fillna(0) != 0)).to_numpy(dtype=bool)
     codes = ids.fillna(0).to_numpy(dtype=np.uint64)
-    verdict = {int(i): filters.cgroup_match(int(i)) for i in np.unique(codes[known]).tolist()}
+    paths = dict(zip(codes[known].tolist(), sockets["cgroup"][known].tolist())) if "cgroup" in sockets.columns else {}
+    verdict = {i: match(i, _text(paths.get(i))) for i in np.unique(codes[known]).tolist()}
     keep = np.zeros(len(sockets), dtype=bool)
     keep[known] = [verdict[int(i)] for i in codes[known].tolist()]
     state = sockets["state"].to_numpy()
@@ -525,6 +527,10 @@ def in_cgroups(sockets: pd.DataFrame, filters) -> np.ndarray:
         # the trace, which knows only the kept connections)
         keep[i] = on if on is not None else pd.notna(owner.iat[i])
     return keep
+
+
+def _text(v) -> str | None:
+    return v if isinstance(v, str) else None
 
 
 def _listener_owners(df: pd.DataFrame) -> pd.DataFrame:

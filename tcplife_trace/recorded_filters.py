@@ -1,4 +1,5 @@
-"""-p/-L/-D/-4/-6 on a recording's connections, as the live tracer applied them.
+"""-p/-L/-D/-4/-6 and --cgroup/--container on a recording's connections, as the live tracer
+applied them (a cgroup by the path the recording resolved it to: Filters.cgroup_match_recorded).
 
 The kernel filters only where an event shows enough, so a filtered recording also holds
 connections the live session then dropped in user space (accepted sockets of other
@@ -8,6 +9,8 @@ the closing calls, reads and writes) and its listener's owner; here the same rul
 (Filters.match_columns) is given the same pids, read from the events column-wise.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -47,11 +50,16 @@ def kept(lc: pd.DataFrame, cols, filters: Filters, conns: np.ndarray | None = No
         ids = lc["conn_id"].to_numpy(dtype=np.uint64, na_value=0)
         listener_pid = lc["listener_pid"].to_numpy(dtype=np.int64, na_value=-1)
         own = np.isin(ids, owned(cols, filters.pids)) | np.isin(listener_pid, filters.pids)
-    keep = filters.match_columns(
+    keep = dataclasses.replace(filters, cgroups=()).match_columns(
         family=lc["family"].to_numpy(dtype=np.int64, na_value=0),
         lport=lc["lport"].to_numpy(dtype=np.int64, na_value=0),
         rport=lc["rport"].to_numpy(dtype=np.int64, na_value=0),
         listener=(lc["role"] == "listener").to_numpy(dtype=bool), owned=own)
+    if filters.cgroups:  # the owner's cgroup, by the id and the path the recording resolved it to
+        ids = lc["cgroup_id"].to_numpy(dtype=np.uint64, na_value=0)
+        paths = lc["cgroup"].astype(object).where(lc["cgroup"].notna(), None).tolist()
+        verdict = {key: filters.cgroup_match_recorded(*key) for key in set(zip(ids.tolist(), paths))}
+        keep &= np.array([verdict[key] for key in zip(ids.tolist(), paths)], dtype=bool)
     return keep if conns is None else keep & conns
 
 

@@ -100,7 +100,8 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     (t_first, first, first_socks), (t_last, meta, socks) = snapshots[0], snapshots[-1]
     now = pd.Timestamp(t_last, unit="ns", tz="UTC")
     lc = lifecycles.reset_index(drop=True)
-    sockets = leaks.sockets_matching(socks, filters)
+    from .recording import _sockets_kept
+    sockets = _sockets_kept(socks, filters)
     if not meta["complete"]:  # the periodic kind skips TIME_WAIT: the trace's active closes of the last minute
         tw = _time_wait(lc, now)
         if len(tw):

@@ -158,6 +158,9 @@ def header(filters, wall_offset_ns: int, extra: dict | None = None, host: str | 
     if not isinstance(filters, str):
         spec = {"pids": list(filters.pids), "lports": list(filters.lports), "rports": list(filters.rports),
                 "family": filters.family}
+        if filters.cgroups:  # (analyze applies them again by the recorded cgroup paths)
+            spec["cgroups"] = [{"path": t.path, "id": t.id, "level": t.level, "label": t.label}
+                               for t in filters.cgroups]
         filters = filters.describe()
     return {
         "schema_version": SCHEMA_VERSION, "tool": "tcplife-trace", "tool_version": __version__,
@@ -181,7 +184,7 @@ _TEXT_PARTS = {"pid": "pids", "lport": "lports", "rport": "rports"}
 
 
 def recorded_filters(head: dict, where: str):
-    """The -p/-L/-D/-4/-6 filters a recording was made with (probes.filters.Filters), from its
+    """The -p/-L/-D/-4/-6 and cgroup filters a recording was made with (probes.filters.Filters), from its
     header: `filter_spec`, or in recordings made before it the text of Filters.describe()
     ("pid 1234; lport 80; IPv4", "none"). Imported tcpstates text has none. RecordingError
     naming `where` when neither can be read."""
@@ -206,10 +209,28 @@ def recorded_filters(head: dict, where: str):
     return f
 
 
+def _sockets_kept(sockets, filters):
+    """A recorded snapshot's sockets that the recording's filters keep, as the live look kept
+    them (leaks.sockets_matching, then diagnosis.in_cgroups by the recorded cgroup paths)."""
+    from .analysis import leaks
+    kept = leaks.sockets_matching(sockets, filters)
+    if filters is not None and filters.cgroups and "cgroup_id" in kept.columns and len(kept):
+        from .diagnosis import in_cgroups
+        kept = kept[in_cgroups(kept, filters.cgroup_match_recorded)]
+    return kept
+
+
 def _filters_from_spec(spec):
-    from .probes.filters import Filters
-    if not isinstance(spec, dict) or not set(spec) <= {*_SPEC_LIMITS, "family"}:
+    from .probes.filters import CgroupTarget, Filters
+    if not isinstance(spec, dict) or not set(spec) <= {*_SPEC_LIMITS, "family", "cgroups"}:
         return None
+    targets = []
+    for t in spec.get("cgroups", []) if isinstance(spec.get("cgroups", []), list) else [None]:
+        if not (isinstance(t, dict) and set(t) == {"path", "id", "level", "label"}
+                and isinstance(t["path"], str) and t["path"].startswith("/") and isinstance(t["label"], str)
+                and all(type(t[k]) is int and t[k] >= 0 for k in ("id", "level"))):
+            return None
+        targets.append(CgroupTarget(t["path"], t["id"], t["level"], t["label"]))
     values = {}
     for name, (lo, hi) in _SPEC_LIMITS.items():
         v = spec.get(name, [])
@@ -219,7 +240,7 @@ def _filters_from_spec(spec):
     family = spec.get("family")
     if family not in (None, 4, 6) or type(family) is bool:
         return None
-    return Filters(family=family, **values)
+    return Filters(family=family, cgroups=tuple(targets), **values)
 
 
 def _filters_from_text(text: str):
@@ -866,7 +887,7 @@ class Recording:
         the sockets the detectors read (see README, "Recordings")."""
         import pandas as pd
         from .analysis import leaks
-        parts = [leaks.sockets_matching(df, self.applied_filters[i]).assign(
+        parts = [_sockets_kept(df, self.applied_filters[i]).assign(
                      time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
                  for (t, m, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True)]
         from .frame_schema import conform

@@ -312,3 +312,45 @@ def test_the_detectors_look_at_the_chosen_cgroups_sockets_only(tree):
             p.kill()
             p.wait()
     assert ports["a"] != ports["b"]
+
+
+def _pairs(lc) -> set[tuple[int, int]]:
+    return set(zip(lc["lport"].fillna(0).astype(int), lc["rport"].fillna(0).astype(int)))
+
+
+def test_analyze_applies_the_recorded_cgroup_filter_again(tree, space, tmp_path):
+    """--cgroup A --record FILE: the recording also holds sockets the live session dropped in user
+    space (those b's server accepted from a's clients: their owner is not known at SYN_RECV);
+    loaded, its frames keep a's connections only, as the live trace did, by the cgroup paths the
+    recording resolved; all_recorded=True shows what it holds."""
+    from tcplife_trace import recording
+    mount, paths = tree
+    path = str(tmp_path / "cg.arrow")
+    w = Workload(mount, paths)
+
+    def workload():
+        w.run()
+        time.sleep(1.0)
+    try:
+        rc, out, err, _ = cli_traced(["--cgroup", paths["a"], "--record", path, "--duration", "6",
+                                      "--lifecycles", "--json"], workload)
+    finally:
+        w.stop()
+    assert rc == 0, err
+    live = {(r["lport"], r["rport"]) for r in map(json.loads, out.splitlines()) if r.get("type") == "lifecycle"}
+    assert w.in_a() <= live and not live & w.not_in_a()
+    head = recording.read_header(path)
+    assert head["filter_spec"]["cgroups"][0]["path"] == paths["a"]
+    rec = recording.load(path)
+    lc = rec.lifecycles()
+    got = _pairs(lc)
+    assert w.in_a() <= got and not got & w.not_in_a(), got & w.not_in_a()
+    everything = recording.load(path, all_recorded=True).lifecycles()
+    held = _pairs(everything)
+    assert held & w.not_in_a()  # (so the filter above had something to drop)
+    snaps = rec.snapshots()
+    if len(snaps):  # the recorded looks, narrowed as the live look was
+        ids = set(snaps["cgroup_id"].dropna().astype(int))
+        assert ids <= {os.stat(mount + paths["a"]).st_ino}, ids
+    r = subprocess.run([EXE, "analyze", path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -14,7 +14,7 @@ import numpy as np
 
 from .decode import Ev, event_tuples, life_tuples
 from .event_layout import (EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, N_KINDS, STAT_DROPPED,
-                           STAT_EMITTED, STAT_MAP_FULL, STAT_SPILLED, EventKind)
+                           STAT_EMITTED, STAT_MAP_FULL, STAT_SPILLED, EventKind, Flag)
 from .program import LoadedProgram
 from .ringbuf import RingBufferReader
 
@@ -23,6 +23,8 @@ PACE_S = 0.01     # reads at most this often...
 PACE_FILL = 0.25  # ...while both rings are less full than this
 KIND_NAMES = {k.value: k.name.lower() for k in EventKind}
 _LIFE = int(EventKind.LIFE)
+_ERROR = int(EventKind.ERROR)
+_BIRTH_UNSEEN = int(Flag.BIRTH_UNSEEN)
 _NO_EVENTS = np.empty(0, dtype=EVENT_DTYPE)
 _NO_LIVES = np.empty(0, dtype=LIFE_DTYPE)
 # Records are moved (concatenated, inserted, taken) as opaque bytes: numpy copies a structured
@@ -55,6 +57,46 @@ def _split(a: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _take(a, first), _take(a, ~first)
 
 
+def _pairs(keys_e: np.ndarray, keys_l: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(event positions, record positions) of every pair with equal keys: the events of each
+    LIFE record's connection. Keys in a narrow range (generations: a counter) are looked up
+    in a table by key; others in the records' sorted keys (a batch's records are few beside
+    its events), every pair when several records share a key."""
+    if not len(keys_l) or not len(keys_e):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    low, high = int(keys_l.min()), int(keys_l.max())
+    if high - low < 4 * (len(keys_e) + len(keys_l)):
+        table = np.full(high - low + 1, -1, dtype=np.int64)
+        table[keys_l - low] = np.arange(len(keys_l))
+        if np.count_nonzero(table >= 0) == len(keys_l):  # distinct keys
+            e = np.flatnonzero((keys_e >= low) & (keys_e <= high))
+            j = table[keys_e[e] - low]
+            hit = j >= 0
+            return e[hit], j[hit]
+    order = np.argsort(keys_l, kind="stable")
+    s = keys_l[order]
+    first = np.searchsorted(s, keys_e, side="left")
+    if not (s[1:] == s[:-1]).any():  # distinct keys
+        hit = np.flatnonzero(s[np.minimum(first, len(s) - 1)] == keys_e)
+        return hit, order[first[hit]]
+    cnt = np.searchsorted(s, keys_e, side="right") - first
+    hit = np.flatnonzero(cnt)
+    c = cnt[hit]
+    start = np.repeat(first[hit] - (np.cumsum(c) - c), c)
+    return np.repeat(hit, c), order[start + np.arange(int(c.sum()))]
+
+
+def _same_gen(gens: np.ndarray, lives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_pairs of events (their `gen` column) and LIFE records of one connection: one
+    generation (unique per tracer run; never 0 on a LIFE record, 0 on an event: none)."""
+    rgen = lives["ev"]["gen"]
+    e, l_ = _pairs(gens, rgen)
+    if len(e) and not rgen.all():
+        keep = rgen[l_] != 0
+        e, l_ = e[keep], l_[keep]
+    return e, l_
+
+
 def _records(blob, dtype: np.dtype) -> np.ndarray:
     """Records of one size from the ring's bytes (or a uint8 array of its own, as
     RingBufferReader.read_array gives it): a writable array of their own."""
@@ -78,27 +120,64 @@ class Batch:
 
     def tuples(self, lives: bool = True) -> list:
         """The batch as `Ev`-ordered tuples (LIFE records as decode_life_batch's tuples), each
-        LIFE record after the events of its time (a connection's record follows its CLOSE);
-        lives=False: the events alone."""
+        LIFE record after the events of its time (a connection's record follows its CLOSE)
+        and before its own connection's later events (the errno report, a reset or a read
+        after the CLOSE), wherever another connection's older event is; lives=False: the
+        events alone."""
         evs = event_tuples(self.events)
         if not lives or not len(self.lives):
             return evs
-        lives = _take(self.lives, np.argsort(self.lives["ev"]["ts_ns"], kind="stable"))
+        recs = self.lives
+        rts = recs["ev"]["ts_ns"]
         # the events are in ring order, their times only nearly sorted (a spilled event merged
         # back, or another CPU's, may be older than the one before it): a record goes after the
         # LAST event of its time or before, found in the times' running minimum from the end
-        # (sorted, and above the record's time exactly from that event on)
-        ts = self.events["ts_ns"]
-        if len(ts):
-            ts = np.minimum.accumulate(ts[::-1])[::-1]
-        at = np.searchsorted(ts, lives["ev"]["ts_ns"], side="right").tolist()
+        # (sorted, and above the record's time exactly from that event on) ...
+        ets = self.events["ts_ns"]
+        at = np.zeros(len(recs), dtype=np.int64)
+        if len(ets):
+            at = np.searchsorted(np.minimum.accumulate(ets[::-1])[::-1], rts, side="right")
+            # ... but never after the first event of its own connection later than it, which
+            # the consumer joins to the closed lifecycle (an older event of another connection
+            # after that one would otherwise take the record past it). Only a record with an
+            # event later than it before that place (from the first whose running maximum is
+            # above its time) has one to look for: in a ring's order, few
+            start = np.searchsorted(np.maximum.accumulate(ets), rts, side="right")
+            some = np.flatnonzero(start < at)
+            if len(some):
+                lo, hi = int(start[some].min()), int(at[some].max())
+                e, l_ = _own_later(self.events, np.arange(lo, hi), _take(recs, some))
+                if len(e):
+                    first = np.full(len(some), len(ets), dtype=np.int64)
+                    np.minimum.at(first, l_, e)
+                    at[some] = np.minimum(at[some], first)
+        order = np.lexsort((rts, at))
+        at = at[order].tolist()
         out, prev = [], 0
-        for pos, rec in zip(at, life_tuples(lives)):
+        for pos, rec in zip(at, life_tuples(_take(recs, order))):
             out += evs[prev:pos]
             out.append(rec)
             prev = pos
         out += evs[prev:]
         return out
+
+
+def _own_later(events: np.ndarray, late: np.ndarray, lives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(event positions, record positions): of the events at positions `late`, those of each
+    LIFE record's own connection later than it. Its own: the same generation, or an errno
+    report the kernel could not tie to a socket (no generation) with the record's ports
+    (Tracker._error joins it by them)."""
+    gen = events["gen"][late]
+    e, l_ = _same_gen(gen, lives)
+    errs = np.flatnonzero((events["kind"][late] == _ERROR) & (gen == 0))
+    if len(errs):
+        def ports(a):
+            return a["sport"].astype(np.int64) << 16 | a["dport"].astype(np.int64)
+        pe, pl = _pairs(ports(events[late[errs]]), ports(lives["ev"]))
+        e, l_ = np.concatenate((e, errs[pe])), np.concatenate((l_, pl))
+    e = late[e]
+    later = events["ts_ns"][e] > lives["ev"]["ts_ns"][l_]
+    return e[later], l_[later]
 
 
 def split_records(blob: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +201,10 @@ class OrderedMerge:
     its connection before it have arrived), then goes just before the first held event
     of the same connection with a higher sequence number. The newest holdback_ns of
     ring events are held back so a spilled event can still find its place. LIFE records
-    are held and released by the same time cut (so a record leaves no earlier than the
-    events of its time), in any order.
+    are released by the same time cut, in any order, each no earlier than its own
+    connection's events of its time (_own_order), and no later than its connection's
+    events after it (the errno report the kernel sends after the CLOSE): another
+    connection's older event held across the cut holds back neither.
 
     Only the events ring's records move progress(): the lives ring is read separately and
     may be further on (or behind) than the events; lives_ts is how far it has been read, for
@@ -197,20 +278,71 @@ class OrderedMerge:
         else:
             cut_ts = max(progress - self.holdback_ns, 0)
             out = self._events_before(cut_ts)
-            # a LIFE record leaves with the events of its time or after them: no later than
-            # the oldest event still held (a chunk across the cut waits whole, see below)
-            held_ts = min((c[1] for c in self._held), default=cut_ts)
-            out_lives = self._lives_before(min(cut_ts, held_ts))
+            out_lives = self._lives_before(cut_ts)
+            if len(out_lives) and self._held:
+                out, out_lives = self._own_order(out, out_lives)
         if len(out):
             self.released_ts = max(self.released_ts, int(out["ts_ns"][-64:].max()))
         return Batch(out, out_lives)
+
+    def _own_order(self, out: np.ndarray, lives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The LIFE records before the cut that leave now, and the events that leave with them.
+        A record waits while an event of its own connection at or before its time is still held
+        (its CLOSE, in a chunk across the cut; the start of a socket born while the map was
+        full: no generation, the same address), not for any other connection's: waiting for
+        those held a record a batch past its own errno report. An event of a connection whose
+        record waits, later than that record, waits with it (at the head of the held events)."""
+        held_ts = min(c[1] for c in self._held)
+        rts = lives["ev"]["ts_ns"]
+        maybe = np.flatnonzero(rts >= held_ts)  # (none held at or before the others' times)
+        if not len(maybe):
+            return out, lives
+        cand = _take(lives, maybe)
+        cts = cand["ev"]["ts_ns"]
+        top = int(cts.max())
+        wait = np.zeros(len(cand), dtype=bool)
+        unseen = np.flatnonzero((cand["ev"]["flags"] & _BIRTH_UNSEEN) != 0)
+        for c in self._held:
+            if c[1] > top:
+                continue
+            recs = c[0]
+            ts = recs["ts_ns"]
+            near = np.flatnonzero(ts <= top) if c[2] > top else None  # (the events that may be)
+            gens = recs["gen"] if near is None else recs["gen"][near]
+            e, l_ = _same_gen(gens, cand)
+            if near is not None:
+                e = near[e]
+            wait[l_[ts[e] <= cts[l_]]] = True
+            if len(unseen):  # its entry-less start (Tracker._adopt: by address)
+                entryless = np.flatnonzero(recs["gen"] == 0)
+                e, l_ = _pairs(recs["skaddr"][entryless], cand["ev"]["skaddr"][unseen])
+                e, l_ = entryless[e], unseen[l_]
+                wait[l_[ts[e] <= cts[l_]]] = True
+        if not wait.any():
+            return out, lives
+        back = _take(cand, wait)
+        self._lives.append(self._chunk(back, back["ev"]["ts_ns"]))
+        keep = np.ones(len(lives), dtype=bool)
+        keep[maybe[wait]] = False
+        lives = _take(lives, keep)
+        if len(out):
+            e, l_ = _same_gen(out["gen"], back)
+            e = e[out["ts_ns"][e] > back["ev"]["ts_ns"][l_]]
+            if len(e):
+                stay = np.zeros(len(out), dtype=bool)
+                stay[e] = True
+                later = _take(out, stay)
+                self._held.insert(0, self._chunk(later, later["ts_ns"]))
+                out = _take(out, ~stay)
+        return out, lives
 
     def _events_before(self, cut_ts: int) -> np.ndarray:
         """Held events before the cut, in ring order: the whole chunks all before it; or, when
         there is none, the first chunk up to its first event at or past the cut. A chunk
         across the cut waits for the next release when whole chunks go (the held events are
-        then always a suffix of the ring, and a release most often one chunk as it was read,
-        not a copy of two joined)."""
+        then a suffix of the ring, but for the events _own_order keeps back with their
+        connection's LIFE record, and a release most often one chunk as it was read, not a
+        copy of two joined)."""
         chunks, n = self._held, 0
         parts = []
         while n < len(chunks) and chunks[n][2] < cut_ts:

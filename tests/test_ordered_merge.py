@@ -1,9 +1,15 @@
 """Events that took the overflow path are put back in their connection's order."""
+from collections import Counter
+
 import numpy as np
 
+from tcplife_trace.analysis.closes import FoldedCloses
+from tcplife_trace.analysis.lifecycle import Tracker
+from tcplife_trace.analysis.summary import StateTimes
 from tcplife_trace.probes.decode import events_array, life_tuples
-from tcplife_trace.probes.event_layout import LIFE_DTYPE, EventKind
+from tcplife_trace.probes.event_layout import LIFE_DTYPE, EventKind, Flag
 from tcplife_trace.probes.stream import Batch, OrderedMerge
+from tcplife_trace.probes.tcp_states import TcpState as S
 
 from synthetic import ev
 
@@ -139,3 +145,114 @@ def test_batch_tuples_place_a_life_after_every_event_of_its_time_even_out_of_ord
     t = Batch(events_array(evs), life(4, 3)).tuples()
     assert [(e[2], e[13]) for e in t] == [(1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (3, 1),
                                           (3, int(EventKind.LIFE)), (2, 1)]
+
+
+# A connect timeout: the kernel folds the connection (LIFE at its CLOSE) and sends the errno
+# report right after it, as an event of the same generation
+TIMED_OUT = 110  # ETIMEDOUT
+
+
+def timed_out_life(ms, gen, sport=40000, dport=80):
+    r = life(ms, gen)
+    e, a = r["ev"], r["agg"]
+    e["skaddr"], e["sport"], e["dport"], e["family"] = 0xFFFF0000 + gen, sport, dport, 2
+    e["oldstate"], e["newstate"] = int(S.SYN_SENT), int(S.CLOSE)
+    e["netns"], e["flags"] = 4026531833, int(Flag.NETNS | Flag.UID)
+    a["start_ns"], a["enter_ns"], a["last_ns"] = int((ms - 1) * 1e6), int((ms - 1) * 1e6), int(ms * 1e6)
+    a["path"][0, :3], a["path_len"] = [int(S.CLOSE), int(S.SYN_SENT), int(S.CLOSE)], 3
+    a["state_mask"], a["state_ns"][0, int(S.SYN_SENT)] = 1 << int(S.SYN_SENT), 1_000_000
+    a["owner_src"], a["owner_pid"], a["owner_comm"] = 0, 42, b"curl"
+    return r
+
+
+def errno_report(ms, gen, sport=40000, dport=80):
+    e = ev(ms, "E", gen, TIMED_OUT, sport, dport)
+    return e._replace(flags=e.flags | int(Flag.AGG))
+
+
+def ended(batches):
+    """What a Tracker makes of the batches' tuples, in order: (end_reason, detail, errno) per connection."""
+    closed = []
+    t = Tracker(on_close=closed.append)
+    for b in batches:
+        t.feed_all(b)
+    t.finish()
+    return {lc.conn_id: (lc.end_reason, lc.end_detail, lc.errno) for lc in closed}, t.counters.unmatched_errors
+
+
+def kinds(events):
+    return [(e[2], e[13]) for e in events]
+
+
+def test_an_errno_report_never_leaves_before_its_connections_life_record():
+    # conn 5 times out at 10 ms (LIFE), its errno report at 10.1 ms is read in one ring chunk;
+    # another CPU's older event (conn 7, 9 ms) reached the ring after it, in the next chunk,
+    # which is held across the cut: the LIFE of conn 5 must not wait for conn 7's event
+    m = Merge(holdback_ns=20_000_000)
+    m.add_ring([errno_report(10.1, 5)], timed_out_life(10, 5))
+    m.add_ring([rec(9, 7, 0), rec(40, 7, 1)])
+    first = m.release(progress=40_000_000)             # cut at 20 ms
+    rest = m.release(progress=40_000_000, final=True)
+    order = kinds(first + rest)
+    assert order.index((5, int(EventKind.LIFE))) < order.index((5, int(EventKind.ERROR)))
+    assert (5, int(EventKind.LIFE)) in kinds(first)    # with its errno report, not a batch later
+    ends, unmatched = ended([first, rest])
+    assert ends[5] == ("timeout", "connect timeout (SYN retries exhausted)", TIMED_OUT) and unmatched == 0
+
+
+def test_a_life_record_still_waits_for_its_own_connections_held_events():
+    # conn 5's own CLOSE (10 ms) is held in a chunk across the cut: its LIFE waits for it
+    m = Merge(holdback_ns=20_000_000)
+    m.add_ring([rec(1, 8, 0)], timed_out_life(10, 5))
+    m.add_ring([rec(10, 5, 3, "SYN_SENT", "CLOSE"), rec(40, 7, 1)])
+    assert kinds(m.release(progress=40_000_000)) == [(8, 1)]
+    out = m.release(progress=70_000_000)
+    assert kinds(out) == [(5, 1), (5, int(EventKind.LIFE)), (7, 1)]
+
+
+def test_batch_tuples_place_a_life_before_its_own_later_events_whatever_other_connections_do():
+    # the errno report of conn 5 (10.1 ms) came before conn 7's older event (9 ms) in ring order:
+    # conn 5's LIFE (10 ms) goes before its errno report, not after every event of its time
+    evs = [rec(1, 8, 0), errno_report(10.1, 5), rec(9, 7, 0), rec(12, 8, 1)]
+    t = Batch(events_array(evs), timed_out_life(10, 5)).tuples()
+    assert kinds(t) == [(8, 1), (5, int(EventKind.LIFE)), (5, int(EventKind.ERROR)), (7, 1), (8, 1)]
+    ends, unmatched = ended([t])
+    assert ends[5] == ("timeout", "connect timeout (SYN retries exhausted)", TIMED_OUT) and unmatched == 0
+
+
+def test_folded_closes_join_the_errno_report_across_a_held_back_cut():
+    # the same interleaving through the columns path (analysis/closes.py FoldedCloses): the
+    # record followed by its errno report goes to the tracker, which joins them
+    closed = []
+    t = Tracker(on_close=closed.append)
+    reasons = Counter()
+    fc = FoldedCloses(t, StateTimes(), reasons, lambda: [])
+    m = OrderedMerge(holdback_ns=20_000_000)
+    m.add_ring(events_array([errno_report(10.1, 5)]), timed_out_life(10, 5))
+    m.add_ring(events_array([rec(9, 7, 0), rec(40, 7, 1)]))
+    for b in (m.release(40_000_000), m.release(40_000_000, final=True)):
+        t.feed_all(fc.route(b.events, b.lives))
+    fc.finish()
+    t.finish()
+    assert [(lc.conn_id, lc.end_reason, lc.errno) for lc in closed if lc.conn_id == 5] == [(5, "timeout", TIMED_OUT)]
+    assert t.counters.unmatched_errors == 0
+
+
+def test_a_later_event_of_a_connection_whose_life_record_waits_waits_with_it():
+    # conn 5's errno report (11 ms) reached the ring before its own CLOSE (10 ms, another CPU),
+    # which is held across the cut with its LIFE: the report waits too, and leaves after the LIFE
+    m = Merge(holdback_ns=20_000_000)
+    m.add_ring([errno_report(11, 5)], timed_out_life(10, 5))
+    m.add_ring([rec(10, 5, 3, "SYN_SENT", "CLOSE"), rec(40, 7, 1)])
+    assert m.release(progress=40_000_000) == []
+    out = m.release(progress=70_000_000)
+    assert kinds(out)[:2] == [(5, int(EventKind.LIFE)), (5, int(EventKind.ERROR))]
+
+
+def test_an_errno_report_without_a_generation_goes_after_the_life_record_with_its_ports():
+    # the kernel could not tie the report to its socket (gen 0): the Tracker joins it by ports
+    evs = [errno_report(10.1, 0), rec(9, 7, 0)]
+    t = Batch(events_array(evs), timed_out_life(10, 5)).tuples()
+    assert kinds(t) == [(5, int(EventKind.LIFE)), (0, int(EventKind.ERROR)), (7, 1)]
+    ends, unmatched = ended([t])
+    assert ends[5] == ("timeout", "connect timeout (SYN retries exhausted)", TIMED_OUT) and unmatched == 0

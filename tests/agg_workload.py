@@ -1,12 +1,15 @@
 """A mixed TCP workload on loopback, for the kernel-aggregation tests.
 
-    agg_workload.py ROUNDS WORKERS
+    agg_workload.py ROUNDS WORKERS [PORTS_FILE]
     agg_workload.py hold N
 
 WORKERS processes, each with its own IPv4 and IPv6 listener, each run ROUNDS of: client closes first,
 server closes first, a refused connect, an abort (SO_LINGER 0) from either side, a
 half-close with data both ways, an accepted socket read by a forked child (another
-owner), and a short burst of plain connects. Prints "DONE" (or "FAILED").
+owner), and a short burst of plain connects. Prints "DONE" (or "FAILED"). With PORTS_FILE,
+writes there the endpoints every connection of its own has at one end, one "ADDR PORT" a
+line: each worker's two listeners and the port its refused connects go to (a test tells
+its workload's connections from other processes' on the same host by them).
 `hold N`: N connections to one listener held open at once (more than a small kernel
 connection map holds), then closed, the clients first for even ones, the server first for
 odd ones: the last third born first (the map still full: no entry to their end), then the
@@ -140,15 +143,27 @@ def hold(n):
     print("DONE", flush=True)
 
 
+def tell_ports(path, endpoints):
+    """Append "ADDR PORT" lines to path (one write each: the workers append at once)."""
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, "".join(f"{a} {p}\n" for a, p in endpoints).encode())
+        finally:
+            os.close(fd)
+
+
 def main():
     if sys.argv[1] == "hold":
         hold(int(sys.argv[2]))
         return
     rounds, workers = int(sys.argv[1]), int(sys.argv[2])
+    ports_file = sys.argv[3] if len(sys.argv) > 3 else None
     probe = socket.socket()                 # a port nobody listens on
     probe.bind(("127.0.0.1", 0))
     closed_port = probe.getsockname()[1]
     probe.close()
+    tell_ports(ports_file, [("127.0.0.1", closed_port), ("::1", closed_port)])
     kids = []
     for w in range(workers):
         pid = os.fork()
@@ -156,6 +171,7 @@ def main():
             code = 1
             try:
                 l4, l6 = listeners()        # its own: a shared listener would hand out others' connections
+                tell_ports(ports_file, [ls.getsockname()[:2] for ls in (l4, l6)])
                 for i in range(rounds):
                     if (w + i) % 2:
                         one_round(l6, socket.AF_INET6, "::1", closed_port)

@@ -37,8 +37,25 @@ def _run(sessions, rounds: int, workers: int) -> None:
 
 
 def test_metrics_from_columns_equal_the_per_transition_ones():
-    columns, objects = Metrics(), Metrics()
-    s = LiveSession(prog.Settings(), on_batch=columns.on_batch, on_transition=objects.on_transition)
+    """(The events read during the start-up check are tuples, without the kernel's fold: the
+    columns count their transitions but not their time in state, see LiveSession._take_early
+    and the README on --record. On a host where other processes make connections meanwhile
+    there are some: the per-transition reference leaves their durations out too.)"""
+    columns, objects, timed = Metrics(), Metrics(), Metrics()
+    early = set()  # (skaddr, ts_ns, old, new) of the start-up window's transitions
+
+    def per_transition(t):
+        objects.on_transition(t)
+        if (t.lc.skaddr, t.ts_ns, t.oldstate, t.newstate) not in early:
+            timed.on_transition(t)
+    s = LiveSession(prog.Settings(), on_batch=columns.on_batch, on_transition=per_transition)
+    take_early = s._take_early
+
+    def spy_early():
+        out = take_early()
+        early.update((e[1], e[0], e[14], e[15]) for e in out if e[13] == 1)  # (STATE)
+        return out
+    s._take_early = spy_early
     assert not s.folds_only
     try:
         _run([s], rounds=4, workers=2)
@@ -48,7 +65,7 @@ def test_metrics_from_columns_equal_the_per_transition_ones():
     assert sum(objects.transitions.values()) >= 4 * sum(ROUND.values()) * 4 * 2  # the workload's, at the least
     assert columns.transitions == objects.transitions
     assert columns.opened == objects.opened
-    assert columns.hist == objects.hist  # every bucket of every state, and the sums
+    assert columns.hist == timed.hist  # every bucket of every state, and the sums
     assert set(objects.hist) >= {1, 2, 3, 4, 5, 8, 9}  # ESTABLISHED ... LAST_ACK: durations were compared
     with pytest.raises(ValueError):
         Metrics(labels=("port",)).on_batch(np.zeros(0, EVENT_DTYPE))  # labels need the lifecycles
@@ -68,7 +85,8 @@ def test_folds_only_session_ends_connections_as_the_per_event_one():
         _run([a, b], rounds=4, workers=2)
     finally:
         ra, rb = a.stop(), b.stop()
-    if ra["events_lost"] or rb["events_lost"]:
+    lost = ra["events_lost"] + rb["events_lost"]
+    if lost:
         assert ra["recursion_misses"] or rb["recursion_misses"], (ra["events_lost"], rb["events_lost"])
     # each traces the other's start-up check connection once at most: compare by tuple; keys
     # seen twice (a port reused within the run) are left out on both sides
@@ -81,7 +99,10 @@ def test_folds_only_session_ends_connections_as_the_per_event_one():
             out[k] = lc
         return {k: v for k, v in out.items() if k not in dup and k[2] not in checks and k[4] not in checks}
     A, B = by_key(per_event), by_key(folds)
-    common = set(A) & set(B)
+    # one connection in both: the same tuple born at the same time (each program's clock
+    # reading a few us apart). Another process's tuple may come up once in each session's
+    # window (the sessions start and stop a moment apart) and be two connections
+    common = {k for k in set(A) & set(B) if abs(A[k].start_ns - B[k].start_ns) < 1_000_000}
     assert len(common) >= 0.9 * sum(ROUND.values()) * 4 * 2  # the workload's connection ends, both views
     # each program has its own generations and takes its own clock readings (a few hundred ns
     # apart): the times are compared within one program in test_kernel_aggregation (mode
@@ -98,7 +119,13 @@ def test_folds_only_session_ends_connections_as_the_per_event_one():
             d["eof seen"] = (A[k].eof_ns, B[k].eof_ns)
         if d:
             diffs[k] = d
-    assert not diffs, f"{len(diffs)} of {len(common)} differ, e.g. {next(iter(diffs.items()))}"
+    # Two programs: a probe run the kernel skips (a recursion miss: a BPF program, the other
+    # session's say, already running on that CPU when a softirq changes a socket's state) is
+    # skipped in one of them only, and the connection it belonged to differs (an errno report
+    # missed, say). Each lost event makes one connection differ at most; none lost, none may.
+    assert len(diffs) <= lost, \
+        f"{len(diffs)} of {len(common)} differ ({lost} events lost: " \
+        f"{ra['events_lost_by_kind']}, {rb['events_lost_by_kind']}), e.g. {next(iter(diffs.items()))}"
     ends = {lc.end_reason for k, lc in A.items() if k in common}
     assert ends >= {"active_close", "passive_close", "local_abort", "reset_by_peer", "refused"}
 

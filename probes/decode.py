@@ -12,14 +12,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .event_layout import (AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, HEALTH_N, LIFE_DTYPE, LIFE_SIZE, SRC_NONE, Event,
-                           EventKind, Flag, Life)
+from .event_layout import (AGG_SIZE, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, LIFE_SIZE, SRC_NONE, V1_FIELD_NAMES, Agg,
+                           Event, EventKind, Flag, Life, unpack_format)
 
 # `Ev`'s fields: struct tlt_event's first 21 (up to seq), then its last (cgroup_id: the
 # connection's home, which the Tracker keeps); the fold's other fields appended after seq
-# (dur_ns, owner_*, role, xflags: see event_layout) are skipped here, read as numpy columns
-_FMT = struct.Struct("<QQQQQIIIIiHHHBBBB16s16s16sH" + "x" * (Event.cgroup_id.offset - 120) + "Q")
-assert _FMT.size == EVENT_SIZE and Event.seq.offset == 118 and Event.cgroup_id.offset + 8 == EVENT_SIZE
+# (dur_ns, owner_*, role, xflags: see event_layout) are skipped here, read as numpy columns.
+# The format is derived from event_layout's Event, the one declaration of the bytes.
+_EV_FIELDS = V1_FIELD_NAMES + ["cgroup_id"]
+_FMT = struct.Struct(unpack_format(Event, _EV_FIELDS)[0])
+assert _FMT.size == EVENT_SIZE
 
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 _V4MAPPED = b"\0" * 10 + b"\xff\xff"
@@ -120,6 +122,8 @@ def byte_counts(ev: Ev) -> tuple[int | None, int | None]:
 
 
 N_EV_FIELDS = len(Ev._fields)
+assert N_EV_FIELDS == len(_EV_FIELDS)
+_N_V1 = len(V1_FIELD_NAMES)
 _make = Ev._make
 _unpack = _FMT.unpack_from
 _iter_unpack = _FMT.iter_unpack
@@ -145,46 +149,39 @@ def events_array(tuples) -> np.ndarray:
     without one: xflags 0, owner_src SRC_NONE, the rest past seq zero) but the cgroup id they
     carry (a tuple of the first 21 fields only: 0)."""
     pack = _FMT.pack
-    n = N_EV_FIELDS
-    out = np.frombuffer(bytearray(b"".join([pack(*t) if len(t) == n else pack(*t[:21], 0) for t in tuples])),
+    n, v1 = N_EV_FIELDS, _N_V1
+    out = np.frombuffer(bytearray(b"".join([pack(*t) if len(t) == n else pack(*t[:v1], 0) for t in tuples])),
                         dtype=EVENT_DTYPE)
     out["owner_src"] = SRC_NONE
     return out
 
 
 def as_ev(ev: tuple) -> Ev:
-    return ev if type(ev) is Ev else _make(ev) if len(ev) == N_EV_FIELDS else Ev(*ev[:21])
+    return ev if type(ev) is Ev else _make(ev) if len(ev) == N_EV_FIELDS else Ev(*ev[:_N_V1])
 
 
-# struct tlt_life: the event, then struct tlt_agg (start, eof, state_ns[16], owner_pid,
-# pids[4], rst_reason, owner_comm, state_mask, owner_src, npids, path_len, rst_state,
-# lflags, gaps, gap_had, gap_got, path, listener_pid, listener_comm, cgroup_id, retrans,
-# syn_retrans, recoveries, losses, health_mask, health[HEALTH_N])
-# (health[] stays one bytes value: most records are never asked for it, and a tuple of 18 ints
-# per record is the decode's cost; health.from_fold unpacks it)
-AGG_FMT = struct.Struct(f"<QQQQ16QI4Ii16sHBBBBBBBB32s2xI16sQIHHH2xI{HEALTH_N * 8}s")
+# struct tlt_life: the event (as `Ev`), then struct tlt_agg, field for field (event_layout's
+# Agg); arrays one slot per element (state_ns[16], pids[4]) but health[], which stays one bytes
+# value: most records are never asked for it, and a tuple of 18 ints per record is the
+# decode's cost; health.from_fold unpacks it
+_AGG_FORMAT, _AGG_SLOTS = unpack_format(Agg, whole=("health",))
+AGG_FMT = struct.Struct(_AGG_FORMAT)
 _LIFE_FMT = struct.Struct(_FMT.format + AGG_FMT.format[1:])
 assert _LIFE_FMT.size == LIFE_SIZE and Life.agg.offset == EVENT_SIZE and AGG_FMT.size == AGG_SIZE
 # position of each struct tlt_agg field in a decoded LIFE tuple (arrays take one slot per element)
-_AGG_SLOTS = [("start_ns", 1), ("eof_ns", 1), ("enter_ns", 1), ("last_ns", 1), ("state_ns", 16), ("owner_pid", 1), ("pids", 4),
-              ("rst_reason", 1), ("owner_comm", 1), ("state_mask", 1), ("owner_src", 1), ("npids", 1),
-              ("path_len", 1), ("rst_state", 1), ("lflags", 1), ("gaps", 1), ("gap_had", 1), ("gap_got", 1),
-              ("path", 1), ("listener_pid", 1), ("listener_comm", 1), ("cgroup_id", 1), ("retrans", 1),
-              ("syn_retrans", 1), ("recoveries", 1), ("losses", 1), ("health_mask", 1), ("health", 1)]
 LIFE_INDEX: dict[str, int] = {}
 _at = N_EV_FIELDS
 for _name, _n in _AGG_SLOTS:
     LIFE_INDEX[_name], _at = _at, _at + _n
-assert [n for n, _ in _AGG_SLOTS] == [f for f, _ in Life._fields_[1][1]._fields_ if not f.startswith("_")]
 assert N_EV_FIELDS + sum(n for _, n in _AGG_SLOTS) == len(_LIFE_FMT.unpack(bytes(LIFE_SIZE)))
-_KIND_LIFE = int(EventKind.LIFE)
+_KIND_LIFE, _I_KIND = int(EventKind.LIFE), _EV_FIELDS.index("kind")
 _life_iter_unpack = _LIFE_FMT.iter_unpack
 
 
 def decode_life_batch(blob: bytes) -> list[tuple]:
     """Records of LIFE_SIZE bytes: a LIFE record is the event's
     fields followed by struct tlt_agg's; any other kind is cut to the event's fields."""
-    return [t if t[13] == _KIND_LIFE else t[:N_EV_FIELDS] for t in _life_iter_unpack(blob)]
+    return [t if t[_I_KIND] == _KIND_LIFE else t[:N_EV_FIELDS] for t in _life_iter_unpack(blob)]
 
 
 def life_tuples(lives: np.ndarray) -> list[tuple]:

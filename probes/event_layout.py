@@ -191,6 +191,40 @@ LIFE_DTYPE = _dtype(Life)
 assert LIFE_DTYPE.itemsize == LIFE_SIZE and LIFE_DTYPE["ev"] == EVENT_DTYPE
 
 
+def _code(ctype) -> str:
+    """The `struct` code of a ctypes integer at its standard size ("<": c_uint64's native "L"
+    would be 4 bytes there)."""
+    code = {1: "B", 2: "H", 4: "I", 8: "Q"}[ctypes.sizeof(ctype)]
+    return code.lower() if ctype._type_.islower() else code
+
+
+def unpack_format(struct: type, fields=None, whole: tuple[str, ...] = ()) -> tuple[str, list[tuple[str, int]]]:
+    """The `struct` module's format of a ctypes struct ("<", every byte covered: padding and
+    the fields not in `fields` as "x"), and each field's slots in an unpacked tuple: a char or
+    byte array is one bytes value, any other array one slot per element unless its name is in
+    `whole` (then one bytes value too)."""
+    fmt, slots, at = "<", [], 0
+    for name, ctype in struct._fields_:
+        off = getattr(struct, name).offset
+        if name.startswith("_") or (fields is not None and name not in fields):
+            continue
+        if off > at:
+            fmt += f"{off - at}x"
+        size = ctypes.sizeof(ctype)
+        elem = getattr(ctype, "_type_", None)
+        if hasattr(ctype, "_length_") and (elem in (ctypes.c_char, ctypes.c_uint8) or name in whole):
+            fmt, n = fmt + f"{size}s", 1
+        elif hasattr(ctype, "_length_"):
+            fmt, n = fmt + f"{ctype._length_}{_code(elem)}", ctype._length_
+        else:
+            fmt, n = fmt + _code(ctype), 1
+        slots.append((name, n))
+        at = off + size
+    if ctypes.sizeof(struct) > at:
+        fmt += f"{ctypes.sizeof(struct) - at}x"
+    return fmt, slots
+
+
 def _arrow_types() -> dict:
     """Arrow type of each event column (FIELD_NAMES order): integers as they are, addresses
     and command names as fixed-size binary (the bytes of each numpy column are its values)."""

@@ -67,11 +67,13 @@ assert all(EVENT_DTYPE[n].itemsize == (t.byte_width if pa.types.is_fixed_size_bi
 
 # one row per LIFE record (analysis/lifecycle.py FOLD_EXTRAS, raw as the kernel gave them):
 # conn_id is its generation; cgroup the cgroup's path, resolved when it was recorded (None: gone)
+# (each fold column's type that of its struct tlt_agg field in probes/event_layout.py)
 _HEALTH_NAMES = [f"h_{n}" for n in TCP_SOCK_HEALTH]
-LIVES_TYPES = {"conn_id": pa.uint64(), "owner_src": pa.uint8(), "cgroup_id": pa.uint64(), "cgroup": pa.string(),
-               "lflags": pa.uint8(), "retrans": pa.uint32(), "syn_retrans": pa.uint16(),
-               "recoveries": pa.uint16(), "losses": pa.uint16(), "health_mask": pa.uint32(),
-               **{n: pa.uint64() for n in _HEALTH_NAMES}}
+_AGG_TYPE = {n: pa.from_numpy_dtype(LIFE_DTYPE["agg"][n].base) for n in LIFE_DTYPE["agg"].names}
+LIVES_TYPES = {"conn_id": ARROW_TYPES["gen"], "owner_src": _AGG_TYPE["owner_src"], "cgroup_id": _AGG_TYPE["cgroup_id"],
+               "cgroup": pa.string(),
+               **{n: _AGG_TYPE[n] for n in ("lflags", "retrans", "syn_retrans", "recoveries", "losses", "health_mask")},
+               **{n: _AGG_TYPE["health"] for n in _HEALTH_NAMES}}
 LIVES_SCHEMA = pa.schema([pa.field(n, t) for n, t in LIVES_TYPES.items()])
 
 
@@ -90,7 +92,7 @@ def lives_table(lives: np.ndarray, resolve=None) -> pa.Table:
     for k in ("lflags", "retrans", "syn_retrans", "recoveries", "losses", "health_mask"):
         arrays.append(pa.array(np.ascontiguousarray(agg[k]), type=LIVES_TYPES[k]))
     health = agg["health"]
-    arrays += [pa.array(np.ascontiguousarray(health[:, i]), type=pa.uint64()) for i in range(len(_HEALTH_NAMES))]
+    arrays += [pa.array(np.ascontiguousarray(health[:, i]), type=LIVES_TYPES[n]) for i, n in enumerate(_HEALTH_NAMES)]
     return pa.Table.from_arrays(arrays, schema=LIVES_SCHEMA)
 
 

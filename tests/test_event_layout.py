@@ -1,4 +1,5 @@
 """struct tlt_event (ebpf/event.h) and probes/event_layout.py describe the same bytes."""
+import ctypes
 import random
 import re
 import shutil
@@ -181,3 +182,26 @@ def test_recording_of_schema_1_loads_with_the_fold_columns_zero(tmp_path):
     w.add(stream(rows))
     w.close({})
     assert load(str(new)).events.column_names == list(ARROW_TYPES)
+
+
+def test_unpack_format_is_the_ctypes_layout():
+    """decode's struct formats are derived from event_layout's ctypes structs (unpack_format):
+    every field of Event and Agg, unpacked by the derived format, equals what ctypes reads."""
+    from tcplife_trace.probes.event_layout import Agg, unpack_format
+    rng = random.Random(3)
+    for struct_type in (Event, Agg):
+        fmt, slots = unpack_format(struct_type)
+        assert struct.calcsize(fmt) == ctypes.sizeof(struct_type)
+        for _ in range(50):
+            raw = bytes(rng.randrange(256) for _ in range(ctypes.sizeof(struct_type)))
+            obj, values = struct_type.from_buffer_copy(raw), struct.unpack(fmt, raw)
+            at = 0
+            for name, n in slots:
+                want = getattr(obj, name)
+                got = values[at] if n == 1 else list(values[at:at + n])
+                if isinstance(want, bytes):  # a c_char array: ctypes cuts it at the NUL
+                    got = got.split(b"\0")[0]
+                elif not isinstance(want, int):
+                    want = bytes(want) if n == 1 else list(want)
+                assert got == want, name
+                at += n

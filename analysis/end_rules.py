@@ -1,7 +1,7 @@
 """How a connection ended: the one home of the rule, for every path.
 
 The live state machine (analysis/lifecycle.py, the stream and the kernel's folds alike)
-classifies one connection at a time; the offline frames (tcplife_trace/lifecycle_frame.py)
+classifies one connection at a time; the offline frames (tcplife_trace/frames/lifecycles.py)
 classify whole columns. Both call this table: each rule's test is written with `&`, `|`
 and `==` only, so the same expression runs on plain Python values and on numpy arrays.
 

@@ -141,7 +141,7 @@ class EntrylessIds:
     recorded order. When the map has room again, such a socket gets an entry mid-life; its
     first event with a generation carries BIRTH_UNSEEN, and `adopt` hands over the id it had
     so that its events (or the kernel's fold from then on) continue the same connection.
-    The live Tracker and the offline frames (tcplife_trace/by_connection.py) both number
+    The live Tracker and the offline frames (tcplife_trace/frames/by_connection.py) both number
     connections with this class, fed the same events in the same order."""
 
     def __init__(self):

@@ -1,7 +1,7 @@
 """The TCP semantics vocabularies and small rules: the one home every path imports.
 
-The live Tracker (analysis/lifecycle.py), the offline frames (tcplife_trace/lifecycle_frame.py,
-recorded_filters.py), the tcpstates import and the views read these names from here; the
+The live Tracker (analysis/lifecycle.py), the offline frames (tcplife_trace/frames/lifecycles.py,
+frames/filters.py), the tcpstates import and the views read these names from here; the
 kernel's fold (ebpf/tcplife.bpf.c, constants in ebpf/event.h) spells the same rules in C, and
 tests/test_rules.py holds the two equal by parsing the C. How a connection ended is
 analysis/end_rules.py's (it uses TIME_WAIT_FROM and END_REASONS from here).

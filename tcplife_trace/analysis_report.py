@@ -7,7 +7,7 @@ import tempfile
 import pandas as pd
 
 from .analysis import leaks
-from .frame_schema import conform, to_arrow
+from .frames.schema import conform, to_arrow
 from .probes.filters import Filters
 from .recording import Recording
 
@@ -20,7 +20,7 @@ def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
     """(lifecycles, transitions) restricted to the filters and the time window; the
     recording's frames already hold only what each file's own recorded filters keep (unless
     loaded with all_recorded), and these filters must hold too, by the same rule."""
-    from .recorded_filters import kept
+    from .frames.filters import kept
     lc = rec.lifecycles()
     tr = rec.transitions
     keep = pd.Series(True, index=lc.index)
@@ -41,9 +41,9 @@ def filtered(rec: Recording, filters: Filters, since: pd.Timestamp | None,
 def frames(rec: Recording, filters: Filters, since=None, until=None,
            thresholds=None) -> dict[str, pd.DataFrame]:
     """Every frame analyze shows: each file's recorded filters (see Recording) and `filters`."""
-    from .connections import state_durations, summary
-    from .recorded_filters import both
-    from .recorded_leaks import findings, stopped_at
+    from .frames.connections import state_durations, summary
+    from .frames.filters import both
+    from .frames.leaks import findings, stopped_at
     lc, tr = filtered(rec, filters, since, until)
     if since is None and until is None:  # whole connections: the recording's own, no recount
         durations = rec.state_durations()
@@ -174,7 +174,7 @@ def applied(rec: Recording) -> list[str]:
 
 
 def export(frames_: dict[str, pd.DataFrame], directory: str, host: bool = False) -> list[str]:
-    """Each frame as DIR/<name>.parquet in its declared schema (frame_schema), created mode
+    """Each frame as DIR/<name>.parquet in its declared schema (frames/schema.py), created mode
     0600 like the recording (they hold the same addresses and process names), each written
     whole under a temporary name first (an earlier export of the same name is replaced only
     by a complete file). host: fleet frames, a `host` column first."""
@@ -214,7 +214,7 @@ def text(rec: Recording, f: dict[str, pd.DataFrame]) -> str:
                    + ("" if e else "  [not closed cleanly]"))
     if rec.snapshot_list:
         t, meta, socks = rec.snapshot_list[-1]
-        from .recorded_leaks import snapshot_kind
+        from .frames.leaks import snapshot_kind
         kind = snapshot_kind(meta)
         out.append(f"socket snapshots: {len(rec.snapshot_list)}; the last ({kind}) at "
                    f"{pd.Timestamp(t, unit='ns', tz='UTC').isoformat()}: "

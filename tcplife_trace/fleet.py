@@ -5,7 +5,7 @@ snapshots (and, asked for, transitions) are computed on its own (listeners, cloc
 namespaces are per host), connection ids get the file's index in their top 16 bits (as
 `load()` does for several files), and a `host` column comes from the file's header. The
 per-state summary is then computed over all hosts. Every frame has the declared schema
-of tcplife_trace.frame_schema, a `host` column first. The pandas engine runs the partitions one after the other in this
+of tcplife_trace.frames.schema, a `host` column first. The pandas engine runs the partitions one after the other in this
 process; the Dask engine runs them as a Dask DataFrame on a local cluster (or on
 `scheduler`), and its results are the same frames.
 """
@@ -17,8 +17,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from . import frame_schema
-from .connections import summary
+from .frames import schema as frame_schema
+from .frames.connections import summary
 from .recording import Recording, RecordingError
 
 ENGINES = ("pandas", "dask")

@@ -695,7 +695,7 @@ def _snapshot(custom) -> tuple:
     if EXTRA_COLUMNS[0] in df:  # health and cgroup of each socket (recordings since issue 15)
         frame = pd.concat([frame, df[list(EXTRA_COLUMNS)].set_axis(frame.index)], axis=1)
     # values each column's type can hold (a flipped byte made a port 70000): TypeError otherwise
-    from .frame_schema import conform
+    from .frames.schema import conform
     conform("snapshots", frame.assign(time=pd.Timestamp(0, tz="UTC"), complete=False))
     return meta, frame
 
@@ -707,7 +707,7 @@ class Recording:
 
     Its frames hold what the live session showed: each file's connections that pass the
     filters it was recorded with (-p/-L/-D/-4/-6, per connection, by the live rule:
-    recorded_filters.py), whatever else reached the file. all_recorded=True: every
+    frames/filters.py), whatever else reached the file. all_recorded=True: every
     connection the file holds."""
 
     def __init__(self, paths, text_import=None, all_recorded: bool = False):
@@ -802,7 +802,7 @@ class Recording:
         return int(self.headers[0].get("mono_to_wall_ns", 0))
 
     def columns(self):
-        from .frames import Columns
+        from .frames.columns import Columns
         if not hasattr(self, "_columns"):
             self._columns = Columns(self.events)
         return self._columns
@@ -810,7 +810,7 @@ class Recording:
     @property
     def transitions(self):
         """One row per state change (see README, "Recordings")."""
-        from .frames import transitions
+        from .frames.columns import transitions
         if not hasattr(self, "_transitions"):
             self._transitions = self._kept_rows(transitions(self.events, self.mono_to_wall_ns, self.columns(),
                                                             cgroup_paths=self.cgroup_paths))
@@ -823,8 +823,8 @@ class Recording:
         return self._lifecycles
 
     def _every_lifecycle(self):
-        from .frame_schema import conform
-        from .lifecycle_frame import lifecycles
+        from .frames.schema import conform
+        from .frames.lifecycles import lifecycles
         if not hasattr(self, "_all_lifecycles"):
             from .analysis.end_rules import ResetReasons
             frame = conform("lifecycles", lifecycles(
@@ -836,7 +836,7 @@ class Recording:
     def _open_health(self, frame):
         """The connections still open at the end with the health of each file's last snapshot
         (the live session's last look at exit), joined on views.OPEN_HEALTH_KEY."""
-        from .lifecycle_frame import with_open_health
+        from .frames.lifecycles import with_open_health
         last = {}
         for (_, _, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True):
             last[i] = df  # (in time order: the last one stays)
@@ -852,7 +852,7 @@ class Recording:
         if not hasattr(self, "_kept"):
             self._kept = None
             if any(f.active() for f in self.applied_filters):
-                from .recorded_filters import files_of, kept
+                from .frames.filters import files_of, kept
                 lc = self._every_lifecycle()
                 conn_file = files_of(lc, self.columns(), self._file_rows)
                 keep = np.zeros(len(lc), dtype=bool)
@@ -873,14 +873,14 @@ class Recording:
 
     def state_durations(self):
         """Long form: connection x state -> seconds spent there."""
-        from .connections import recorded_state_durations
+        from .frames.connections import recorded_state_durations
         if not hasattr(self, "_state_durations"):
             self._state_durations = self._kept_rows(recorded_state_durations(self.columns().by_connection()))
         return self._state_durations
 
     def summary(self):
         """Per state: count of connections that spent time there, p50/p90/p99/max seconds."""
-        from .connections import summary
+        from .frames.connections import summary
         return summary(self.state_durations())
 
     def snapshots(self):
@@ -892,7 +892,7 @@ class Recording:
         parts = [_sockets_kept(df, self.applied_filters[i]).assign(
                      time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
                  for (t, m, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True)]
-        from .frame_schema import conform
+        from .frames.schema import conform
         from .probes.socket_snapshot import EXTRA_COLUMNS
         cols = ["time", "complete", *leaks.SOCKET_COLUMNS]
         if not parts:  # (typed all the same: an empty frame has the full schema)
@@ -904,14 +904,14 @@ class Recording:
     def leaks(self, thresholds=None, port_range=None):
         """Leak and pile findings from what the recording shows (see README, "Findings");
         one row per finding, most severe first."""
-        from .frame_schema import conform
-        from .recorded_leaks import DEFAULT_PORT_RANGE, findings, stopped_at
+        from .frames.schema import conform
+        from .frames.leaks import DEFAULT_PORT_RANGE, findings, stopped_at
         return conform("leaks", findings(self.lifecycles(), self.transitions, thresholds,
                                          port_range or DEFAULT_PORT_RANGE, stopped_at(self.ends), self.snapshot_list,
                                          filters=self.snapshot_filters()))
 
     def _group(self, keys: list[str]):
-        from .connections import grouped
+        from .frames.connections import grouped
         return grouped(self.lifecycles(), keys)
 
     def by_peer(self):

@@ -202,7 +202,7 @@ def _prefix(host: str) -> str:
 def section(rec: Recording, frames: dict, host: str, *, filters=None, since=None, until=None,
             plots_dir: str | None = None, written: list | None = None, prefix: str = "") -> str:
     """One host's part of the page (and its plots as files into plots_dir)."""
-    from .recorded_leaks import stopped_at
+    from .frames.leaks import stopped_at
     sid = "host-" + "".join(c if c.isalnum() else "-" for c in host)
     lc, tr = frames["lifecycles"], frames["transitions"]
     out = [f'<section class="host" id="{html.escape(sid)}" data-host="{html.escape(host)}">'
@@ -450,7 +450,7 @@ def _losses_and_metadata(rec: Recording, frames: dict, filters, since, until) ->
     snaps = rec.snapshot_list
     if snaps:
         t, meta, socks = snaps[-1]
-        from .recorded_leaks import snapshot_kind
+        from .frames.leaks import snapshot_kind
         kind = snapshot_kind(meta)
         counts = socks["state"].value_counts()
         out.append(f"<p>{len(snaps)} socket snapshots; the last ({kind}) at "
@@ -477,7 +477,7 @@ def plots(rec: Recording, directory: str, frames: dict | None = None, *, filters
           thresholds=None, prefix: str = "") -> list[str]:
     """The report's plots as DIR/<name>.png and .svg; the paths written (none for a recording
     without connections)."""
-    from .recorded_leaks import stopped_at
+    from .frames.leaks import stopped_at
     if frames is None:
         frames = _frames(rec, filters, since, until, thresholds)
     figs = report_plots.figures(report_plots.aggregates(frames, stopped_at(rec.ends)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .frames import STATE_CATEGORIES
+from .frames.columns import STATE_CATEGORIES
 
 MAX_BINS = 600          # time bins of the over-time plots, whatever the recording's length
 TIMELINE_ROWS = 20      # longest connections and still-open connections, each
@@ -218,7 +218,7 @@ def _groups(a: Aggregates, lc: pd.DataFrame, durations: pd.DataFrame) -> None:
     """Per grouping, the groups (connections.grouped(): the page's tables) and, for the top
     groups (most connections), the lifetimes and the median time in each state of their
     connections, listeners aside."""
-    from .connections import grouped
+    from .frames.connections import grouped
     for name, keys in GROUPINGS:
         table = grouped(lc, keys)
         top = table.head(TOP_GROUPS)

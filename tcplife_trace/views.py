@@ -135,7 +135,7 @@ def home_columns(cgroup_id: int | None) -> dict[str, object]:
 
 # how a connection still open at the end is found among the sockets of a look at them
 # (sock_diag.Sock, Lifecycle and the frames name these alike): Session.open_health live, the
-# lifecycles frame's join on a recording's last snapshot offline (lifecycle_frame.with_open_health)
+# lifecycles frame's join on a recording's last snapshot offline (frames/lifecycles.py with_open_health)
 OPEN_HEALTH_KEY = ("netns", "laddr", "lport", "raddr", "rport")
 
 

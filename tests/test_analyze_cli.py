@@ -198,11 +198,12 @@ def test_an_export_replaces_an_earlier_one_and_is_private(tmp_path, rec_path, ca
 
 
 def test_every_frame_column_is_declared(tmp_path):
-    """frame_schema declares every column of every frame analyze gives: a column added to a
+    """frames/schema.py declares every column of every frame analyze gives: a column added to a
     frame without a declared type would export with whatever type its values suggest."""
     from test_recorded_snapshots import _write
 
-    from tcplife_trace import analysis_report, frame_schema, load
+    from tcplife_trace import analysis_report, load
+    from tcplife_trace.frames import schema as frame_schema
     from tcplife_trace.probes.filters import Filters
     for f in (analysis_report.frames(load(_write(tmp_path / "a.arrow")), Filters()),
               analysis_report.frames(load(_healthy(tmp_path / "b.arrow")), Filters())):

@@ -23,7 +23,7 @@ from tcplife_trace.diagnosis import Watch, fold_handshake_ms
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import netns as netns_mod
 from tcplife_trace.probes import program as prog
-from tcplife_trace.recorded_leaks import evidence as recorded_evidence
+from tcplife_trace.frames.leaks import evidence as recorded_evidence
 from tcplife_trace.recording import RecordingWriter
 from tcplife_trace.session import Session
 

@@ -7,8 +7,8 @@ import pandas as pd
 
 from tcplife_trace import load, recording
 from tcplife_trace.analysis.lifecycle import Tracker
-from tcplife_trace.connections import state_durations, summary
-from tcplife_trace.frames import STATE_CATEGORIES
+from tcplife_trace.frames.connections import state_durations, summary
+from tcplife_trace.frames.columns import STATE_CATEGORIES
 from tcplife_trace.recording import RecordingWriter
 
 from synthetic import stream
@@ -135,7 +135,7 @@ def test_groupings_by_peer_port_and_process(tmp_path):
 
 def test_groupings_do_not_multiply_categories():
     """Only the groups present: a crosstab over 40k peer addresses x 40k ports asked for 130 GiB."""
-    from tcplife_trace.connections import grouped
+    from tcplife_trace.frames.connections import grouped
     n = 40_000
     lc = pd.DataFrame({"raddr": pd.Categorical([f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(n)]),
                        "rport": pd.array(np.arange(n) % 60000 + 1024, dtype="UInt16"),
@@ -153,7 +153,7 @@ def test_empty_frames_have_the_dtypes_of_full_ones(tmp_path):
     has one dtype in every frame that holds it."""
     from test_recorded_snapshots import _write as with_snapshots
 
-    from tcplife_trace import frame_schema
+    from tcplife_trace.frames import schema as frame_schema
     full = load(with_snapshots(tmp_path / "full.arrow"))
     bare = load(_write(tmp_path / "bare.arrow", stream(ROWS[8:13]), 100))  # one active close: no finding
     got = {}

@@ -26,6 +26,14 @@ def test_wheel_is_namespaced_and_ships_the_bpf_sources(wheel):
     for f in ("ebpf/tcplife.bpf.c", "ebpf/event.h", "ebpf/stubs/include/linux/types.h",
               "ebpf/stubs/include/asm/page.h", "ebpf/stubs/include/uapi/linux/bpf.h"):
         assert f"tcplife_trace/{f}" in names
+    # every module of the package's own subpackages (frames/, ...) is there: one missing from
+    # pyproject's `packages` would install without them
+    for sub in sorted(os.listdir(os.path.join(ROOT, "tcplife_trace"))):
+        d = os.path.join(ROOT, "tcplife_trace", sub)
+        if os.path.isdir(d) and not os.path.islink(d) and os.path.exists(os.path.join(d, "__init__.py")):
+            for mod in os.listdir(d):
+                if mod.endswith(".py"):
+                    assert f"tcplife_trace/{sub}/{mod}" in names
     meta = [n for n in names if n.endswith("METADATA")][0]
     requires = [ln for ln in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
                 if ln.startswith("Requires-Dist:")]

@@ -94,7 +94,7 @@ def test_without_the_enum_the_fallback_table_names_reasons():
 def test_files_from_kernels_numbering_the_enum_otherwise_are_each_named_by_their_own():
     import numpy as np
 
-    from tcplife_trace.lifecycle_frame import _one_numbering
+    from tcplife_trace.frames.lifecycles import _one_numbering
     a = end_rules.ResetReasons({11: "TCP_ABORT_ON_CLOSE", 16: "TCP_DISCONNECT_WITH_DATA"}, "recording")
     b = end_rules.ResetReasons({11: "TCP_ABORT_ON_CLOSE", 16: "SOMETHING_ELSE"}, "recording")
     ids = np.array([1, 2, (1 << 48) + 1, (1 << 48) + 2], dtype=np.uint64)

@@ -3,6 +3,7 @@ spells the same rules in C. These tests hold the C equal to rules.py by parsing 
 and ebpf/tcplife.bpf.c (no kernel needed), and check that every Python path takes them from
 rules.py."""
 import itertools
+import os
 import re
 
 from tcplife_trace import ebpf
@@ -92,7 +93,9 @@ def test_bpf_time_wait_rule_is_rules():
 
 def test_every_path_takes_the_vocabularies_from_rules():
     """One object each, not copies: the Tracker, the event layout, the frames and end_rules."""
-    from tcplife_trace import frame_schema, lifecycle_frame, recorded_filters
+    from tcplife_trace.frames import filters as recorded_filters
+    from tcplife_trace.frames import lifecycles as lifecycle_frame
+    from tcplife_trace.frames import schema as frame_schema
     assert lifecycle.OWNER_SOURCES is rules.OWNER_SOURCES is event_layout.OWNER_SOURCE_NAMES
     assert event_layout.ROLE_NAMES is rules.KERNEL_ROLES
     assert lifecycle.ROLES is rules.ROLES and lifecycle.BIRTHS is rules.BIRTHS
@@ -101,8 +104,8 @@ def test_every_path_takes_the_vocabularies_from_rules():
     assert lifecycle_frame.SOURCES == list(rules.OWNER_SOURCES)
     assert lifecycle_frame.ROLE_CATEGORIES == list(rules.ROLES)
     assert frame_schema.END_REASONS is rules.END_REASONS
-    for path in ("analysis/lifecycle.py", "tcplife_trace/lifecycle_frame.py", "tcplife_trace/recorded_filters.py",
+    for path in ("analysis/lifecycle.py", "tcplife_trace/frames/lifecycles.py", "tcplife_trace/frames/filters.py",
                  "probes/event_layout.py", "analysis/end_rules.py"):
-        text = open(f"{ebpf.__file__.rsplit('/ebpf/', 1)[0]}/{path}").read()
+        text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)).read()
         assert '"connect", "listen", "io"' not in text, path
         assert "S.FIN_WAIT2), int(S.CLOSING)" not in text, path

@@ -279,7 +279,7 @@ def test_recording_holds_the_socket_snapshots(pair, tmp_path):
     assert set(last.state) == {"LISTEN", "CLOSE_WAIT"} and (last.owner_pid == srv.pid).all()
     assert sn[sn.time == sn.time.min()].complete.all()
     # the last look of a live trace takes ESTABLISHED too, and the recording says so
-    from tcplife_trace.recorded_leaks import snapshot_kind
+    from tcplife_trace.frames.leaks import snapshot_kind
     assert snapshot_kind(rec.snapshot_list[-1][1]) == "the periodic kind: no TIME_WAIT"
     assert not rec.transitions.lport.eq(7011).any()  # the trace itself saw nothing of them
     got = rec.leaks(Thresholds(**FAST))

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .analysis import leaks
-from .probes import socket_age
+from tcplife_trace.analysis import leaks
+from tcplife_trace.probes import socket_age
 
 DEFAULT_PORT_RANGE = (32768, 60999)
 

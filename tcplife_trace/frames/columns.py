@@ -6,8 +6,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .probes import decode as dec
-from .probes.tcp_states import TcpState
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes.tcp_states import TcpState
 
 STATE_CATEGORIES = [s.name for s in TcpState]  # kernel order, 1..12
 
@@ -81,7 +81,7 @@ class Columns:
         return values
 
     def by_connection(self):
-        """The state changes sorted by connection (tcplife_trace.by_connection), made once."""
+        """The state changes sorted by connection (frames/by_connection.py), made once."""
         if self._by_connection is None:
             from .by_connection import ByConnection
             self._by_connection = ByConnection(self)
@@ -246,7 +246,7 @@ def transitions(table: pa.Table, mono_to_wall_ns: int, cols: Columns | None = No
 
 def _homes(cg: np.ndarray, paths: dict) -> tuple[pd.Series, pd.Series]:
     """(cgroup path, container id) per row of cgroup ids, each distinct id classified once."""
-    from .containers import classify
+    from ..containers import classify
     ids, inv = np.unique(cg, return_inverse=True)
     path = np.empty(len(ids), dtype=object)
     container = np.empty(len(ids), dtype=object)

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .analysis.lifecycle import BIRTHS, EntrylessIds
-from .probes.event_layout import EventKind, Flag
+from tcplife_trace.analysis.lifecycle import BIRTHS, EntrylessIds
+from tcplife_trace.probes.event_layout import EventKind, Flag
 
 _STATE, _RR, _RS = int(EventKind.STATE), int(EventKind.RECV_RESET), int(EventKind.SEND_RESET)
 _ADOPTERS = (int(EventKind.STATE), int(EventKind.RECV_RESET), int(EventKind.IO_OWNER), int(EventKind.EOF))

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from .frames import STATE_CATEGORIES
+from .columns import STATE_CATEGORIES
 
 
 _BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)  # set bits per byte

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .analysis.leaks import SEVERITIES
-from .analysis.rules import END_REASONS, OWNER_SOURCES, ROLES
-from .frames import STATE_CATEGORIES
+from tcplife_trace.analysis.leaks import SEVERITIES
+from tcplife_trace.analysis.rules import END_REASONS, OWNER_SOURCES, ROLES
+from .columns import STATE_CATEGORIES
 
 
 class Vocab:

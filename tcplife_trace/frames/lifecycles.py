@@ -15,18 +15,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .analysis import end_rules
-from .analysis.lifecycle import DEFAULT_HOLD_NS
-from . import containers
-from .analysis.rules import ACTING, BIRTHS, END_REASONS, HANDSHAKE_STATE, OWNER_SOURCES, ROLE_HINTS, ROLES, SRC_NONE
+from tcplife_trace.analysis import end_rules
+from tcplife_trace.analysis.lifecycle import DEFAULT_HOLD_NS
+from .. import containers
+from tcplife_trace.analysis.rules import ACTING, BIRTHS, END_REASONS, HANDSHAKE_STATE, OWNER_SOURCES, ROLE_HINTS, ROLES, SRC_NONE
 from .by_connection import _dropped
-from .frames import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
-from .probes import decode as dec
-from .probes import health
-from .probes.btf import TCP_SOCK_HEALTH
-from .probes.event_layout import EventKind, LifeFlag
-from .probes.tcp_states import TcpState as S
-from .probes.tcp_states import state_name
+from .columns import Columns, _families, _masked, addresses, decoded, factorize, first_rows, spelled, wall_times
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes import health
+from tcplife_trace.probes.btf import TCP_SOCK_HEALTH
+from tcplife_trace.probes.event_layout import EventKind, LifeFlag
+from tcplife_trace.probes.tcp_states import TcpState as S
+from tcplife_trace.probes.tcp_states import state_name
 
 # the live state machine's vocabularies; codes below are positions in these lists
 END_CATEGORIES = [*END_REASONS, "open"]
@@ -297,7 +297,7 @@ def with_open_health(frame: pd.DataFrame, sockets: pd.DataFrame | None, rows: np
     open, and no health from the kernel's fold) taken from a snapshot's sockets (a recording's
     last look, with tcp_info: recordings since issue 15), joined on views.OPEN_HEALTH_KEY, as a
     live session does (Session.open_health). rows: only these rows may take it (a mask)."""
-    from .views import OPEN_HEALTH_KEY
+    from ..views import OPEN_HEALTH_KEY
     if sockets is None or not len(sockets) or not len(frame) or health.COLUMNS[0] not in sockets:
         return frame
     want = (frame["end_reason"] == "open").to_numpy(dtype=bool) & frame[list(health.COLUMNS)].isna().all(axis=1).to_numpy()

@@ -15,9 +15,9 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from .analysis.rules import ACTING
-from .probes.event_layout import EventKind
-from .probes.filters import Filters
+from tcplife_trace.analysis.rules import ACTING
+from tcplife_trace.probes.event_layout import EventKind
+from tcplife_trace.probes.filters import Filters
 
 # the state changes whose task the Tracker counts among a connection's pids (set_owner):
 # the acting transitions (connect, listen, the closing calls: analysis/rules.py ACTING)

@@ -15,7 +15,7 @@ from .probes import tracefs
 from .probes.bcc_import import BccMissing
 from .probes.filters import Filters
 from .stop_signals import StopRequest
-from .views import summary_text
+from .render.views import summary_text
 
 EXIT_OK, EXIT_DEGRADED, EXIT_ERROR = 0, 1, 2
 
@@ -367,7 +367,7 @@ def trace(settings: prog.Settings, *, niceness: int = 0, hms: bool, seconds: boo
         click.echo(f"tcplife-trace: notice: {text}", err=True)
 
     def say_finding(f):
-        from . import findings_view
+        from .render import findings as findings_view
         click.echo(f"tcplife-trace: {findings_view.one_line(f)}", err=True)
 
     def say_recorder_failed(text):
@@ -694,7 +694,8 @@ def doctor_cmd(ctx, duration, interval, fail_on, threshold_pairs, as_json, pid, 
 
     Exit status: 0 healthy, 1 findings at or above --fail-on, 2 could not run.
     """
-    from . import doctor, findings_view
+    from . import doctor
+    from .render import findings as findings_view
     filters = _filters(pid, localport, remoteport, ipv4, ipv6, cgroups, containers)
     thresholds = _thresholds(threshold_pairs)
     stop = StopRequest()

@@ -35,7 +35,7 @@ _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 _STATE_KIND, _CLOSE_STATE, _SYN_SENT_STATE = int(EventKind.STATE), int(S.CLOSE), int(S.SYN_SENT)
 OWN_CHECK_S = 5.0  # how long late records of the start-up check's connection are looked for
 PUMP_BACKLOG_BYTES = 256 << 20  # records read ahead while the caller is held up, without a recorder
-from .views import Clock
+from .render.views import Clock
 
 
 class LiveSession:

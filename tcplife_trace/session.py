@@ -19,7 +19,7 @@ from collections.abc import Callable
 from .live import LiveSession
 from .probes import program as prog
 from .probes.filters import Filters
-from .views import OPEN_HEALTH_KEY
+from .render.views import OPEN_HEALTH_KEY
 
 # the report keys the detectors add to the tracer's report
 DETECTOR_KEYS = ("socket_polls", "socket_poll_max_s", "sockets_at_start", "findings", "snapshot_errors")

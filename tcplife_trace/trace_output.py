@@ -5,8 +5,8 @@ JSON Lines (`--json`) or CSV (`-s`).
 `TraceOutput` picks how each is made. Without a filter that needs the tracker's verdict on
 each connection (`-p`, `-L`, `-D`, `-4`, `-6`, `--cgroup`), the per-transition views are
 formatted a batch at a time from the events' columns and the kernel's fold on each
-(`batch_views.ColumnTransitions`), and the `--lifecycles` text lines from the folded
-records' columns (`lifecycle_lines.ColumnLifecycles`); otherwise, and for `--lifecycles`
+(`render/batches.py` `ColumnTransitions`), and the `--lifecycles` text lines from the folded
+records' columns (`render/lifecycle_lines.py` `ColumnLifecycles`); otherwise, and for `--lifecycles`
 records, each line comes from the Transition or Lifecycle the tracker hands to the session's
 callbacks. `tcplife-trace` and `serve` use it as a notebook can:
 
@@ -18,7 +18,7 @@ callbacks. `tcplife-trace` and `serve` use it as a notebook can:
 """
 from __future__ import annotations
 
-from .views import TextView, dumps, lifecycle_record, transition_record
+from .render.views import TextView, dumps, lifecycle_record, transition_record
 
 VIEWS = ("text", "json", "csv")
 
@@ -37,13 +37,13 @@ class TraceOutput:
         self.encoding, self.errors = encoding, errors
         self.records = view != "text"  # records on stdout instead of the text view
         if view == "csv":
-            from .csv_view import CsvRows
+            from .render.csv_rows import CsvRows
             self._fmt = CsvRows()
         else:
             self._fmt = dumps
         self._pending: list[str] = []  # lines made one at a time since the last take()
-        self._columns = None           # batch_views.ColumnTransitions: the per-transition views
-        self._lines = None             # lifecycle_lines.ColumnLifecycles: --lifecycles' text
+        self._columns = None           # render.batches.ColumnTransitions: the per-transition views
+        self._lines = None             # render.lifecycle_lines.ColumnLifecycles: --lifecycles' text
         self._session = None
         self._text: TextView | None = None
 
@@ -52,10 +52,10 @@ class TraceOutput:
         """The Session's on_transition, on_close and on_batch for a trace under these filters."""
         exact = filters.active()  # the tracker's verdict per connection: one object per line
         if not self.lifecycles and not self.quiet and not exact:
-            from .batch_views import ColumnTransitions
+            from .render.batches import ColumnTransitions
             self._columns = ColumnTransitions()
         if self.lifecycles and not self.records and not self.quiet and not exact:
-            from .lifecycle_lines import ColumnLifecycles
+            from .render.lifecycle_lines import ColumnLifecycles
             self._lines = ColumnLifecycles(self._pending.append)
         per_transition = not self.lifecycles and not self.quiet and self._columns is None
         per_connection = self.lifecycles and not self.quiet and self._lines is None
@@ -71,7 +71,7 @@ class TraceOutput:
             self._lines.attach(session.live, wide=self.wide, hms=self.hms, seconds=self.seconds,
                                encoding=self.encoding, errors=self.errors)
         if self._columns is not None:
-            from .batch_views import BatchFormatter
+            from .render.batches import BatchFormatter
             self._columns.fmt = BatchFormatter(session.clock, self.view, wide=self.wide, hms=self.hms,
                                                seconds=self.seconds,
                                                csv_rows=self._fmt if self.view == "csv" else None,

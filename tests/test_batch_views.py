@@ -1,5 +1,5 @@
 """The per-transition views formatted a batch at a time from the columns (tcplife_trace/
-batch_views.py) against the per-event views (views.TextView.transition, transition_record +
+render/batches.py) against the per-event views (views.TextView.transition, transition_record +
 dumps, CsvRows), line for line, in order, on a real mixed workload traced by the real kernel:
 one LiveSession that follows every event (keep_events=True) gives each Transition to the
 reference views and each batch's columns to the column views, which read the kernel's fold.
@@ -23,11 +23,11 @@ import pytest
 from test_kernel_fold_events import finish_preexisting, prefork_once, preexisting_pairs
 
 from tcplife_trace.analysis.lifecycle import ENTRYLESS_BASE, ENTRYLESS_NOTE
-from tcplife_trace.batch_views import BatchFormatter, ColumnTransitions
-from tcplife_trace.csv_view import CsvRows
+from tcplife_trace.render.batches import BatchFormatter, ColumnTransitions
+from tcplife_trace.render.csv_rows import CsvRows
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import program as prog
-from tcplife_trace.views import Clock, TextView, dumps, transition_record
+from tcplife_trace.render.views import Clock, TextView, dumps, transition_record
 
 HERE = __file__.rsplit("/", 1)[0]
 WORKLOAD = f"{HERE}/agg_workload.py"

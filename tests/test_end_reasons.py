@@ -25,7 +25,7 @@ from tcplife_trace.analysis.end_rules import CONNECT_ABANDONED
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import program as prog
 from tcplife_trace.recording import RecordingWriter
-from tcplife_trace.views import errno_name
+from tcplife_trace.render.views import errno_name
 
 pytestmark = pytest.mark.privileged
 

@@ -193,7 +193,7 @@ def test_events_read_during_the_offset_check_are_recorded_first(tmp_path):
 def test_the_exit_summary_says_how_many_transitions_came_out_of_order():
     """Nothing silent: a late transition the tracker had to put back (or leave out) is in the
     summary's inconsistencies line, as the other disorders are."""
-    from tcplife_trace.views import summary_text
+    from tcplife_trace.render.views import summary_text
     report = {"duration_s": 1.0, "connections_seen": 1, "closed": 1, "still_open": 0, "filters": "none",
               "end_reasons": {}, "state_times": [], "events_lost_by_kind": {}, "events_received": 5,
               "events_emitted_by_kernel": 5, "events_lost": 0, "conn_map_full": 0, "evictions": 0,

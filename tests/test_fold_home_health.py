@@ -19,7 +19,7 @@ from netpair import B_ADDR, GHOST, NetPair
 from test_containers import ID, TOP, _workload_in, mount, space  # noqa: F401 - fixtures
 from test_health import Retransmitted, _ss
 from tracing import Traced
-from tcplife_trace import views
+from tcplife_trace.render import views
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import btf, health, tracefs
 from tcplife_trace.probes import netns as netns_mod

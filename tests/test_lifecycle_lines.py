@@ -1,4 +1,4 @@
-"""`--lifecycles`' lines from the folded records' columns (tcplife_trace/lifecycle_lines.py)
+"""`--lifecycles`' lines from the folded records' columns (tcplife_trace/render/lifecycle_lines.py)
 against TextView.lifecycle on the Lifecycle objects the Python Tracker makes of the same
 records, line for line, on a real mixed workload (IPv4 and IPv6, every end reason, TIME_WAIT,
 resets), in the plain view, with -w (RTT and retransmits) and with -T -t (the time prefixes)."""
@@ -8,12 +8,12 @@ import pytest
 from test_batch_path import _run, spy_taken
 
 from tcplife_trace.analysis.lifecycle import Tracker
-from tcplife_trace.lifecycle_lines import ColumnLifecycles, states_shape
+from tcplife_trace.render.lifecycle_lines import ColumnLifecycles, states_shape
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import program as prog
 from tcplife_trace.probes.event_layout import Flag
 from tcplife_trace.probes.stream import Batch
-from tcplife_trace.views import TextView
+from tcplife_trace.render.views import TextView
 
 FLAVOURS = {"plain": {}, "wide": {"wide": True}, "times": {"hms": True, "seconds": True}}
 
@@ -60,7 +60,7 @@ def test_column_lines_equal_the_lifecycle_objects_lines(mode):
 def test_states_shape_is_states_compact():
     """The STATES cell's shapes are views.states_compact's, on lifecycles of every kind."""
     from tcplife_trace.analysis.lifecycle import Lifecycle
-    from tcplife_trace.views import states_compact
+    from tcplife_trace.render.views import states_compact
     for path, birth_seen, tw, timed in [((7, 2, 1, 4, 5, 7), True, True, {2, 1, 4, 5}),
                                         ((10, 3, 1, 8, 9, 7), True, False, {3, 1, 8, 9}),
                                         ((1, 8, 9, 7), False, False, {8, 9}),

@@ -22,7 +22,7 @@ from tcplife_trace.metrics import Metrics
 from tcplife_trace.probes.event_layout import EventKind
 from tcplife_trace.probes.program import Settings
 from tcplife_trace.probes.stream import KIND_NAMES
-from tcplife_trace.views import summary_text
+from tcplife_trace.render.views import summary_text
 
 HERE = os.path.dirname(__file__)
 STATE = int(EventKind.STATE)

@@ -10,7 +10,7 @@ from tcplife_trace import load, recording
 from tcplife_trace.analysis.lifecycle import Tracker
 from tcplife_trace.recording import RecordingWriter
 from tcplife_trace.probes.tcp_states import TcpState as S
-from tcplife_trace.views import errno_name
+from tcplife_trace.render.views import errno_name
 
 from synthetic import stream
 from tracing import Server, client

@@ -10,7 +10,8 @@ import time
 import pandas as pd
 import pytest
 
-from tcplife_trace import load, recording, views
+from tcplife_trace import load, recording
+from tcplife_trace.render import views
 from tcplife_trace.probes import health
 from tcplife_trace.recording import RecordingWriter
 from tcplife_trace.session import Session

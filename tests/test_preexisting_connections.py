@@ -12,7 +12,7 @@ import pytest
 from tcplife_trace import load, recording
 from tcplife_trace.probes.tcp_states import state_name
 from tcplife_trace.recording import RecordingWriter
-from tcplife_trace.views import errno_name
+from tcplife_trace.render.views import errno_name
 
 # opens a loopback pair per family before the tracer starts; on "go" every socket writes and
 # reads, then the "closing" pairs close (the client first, the server on its EOF)

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tcplife_trace import load, recording, views
+from tcplife_trace import load, recording
+from tcplife_trace.render import views
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import health
 from tcplife_trace.probes.event_layout import LIFE_DTYPE

@@ -297,7 +297,7 @@ def with_open_health(frame: pd.DataFrame, sockets: pd.DataFrame | None, rows: np
     open, and no health from the kernel's fold) taken from a snapshot's sockets (a recording's
     last look, with tcp_info: recordings since issue 15), joined on views.OPEN_HEALTH_KEY, as a
     live session does (Session.open_health). rows: only these rows may take it (a mask)."""
-    from ..views import OPEN_HEALTH_KEY
+    from ..render.views import OPEN_HEALTH_KEY
     if sockets is None or not len(sockets) or not len(frame) or health.COLUMNS[0] not in sockets:
         return frame
     want = (frame["end_reason"] == "open").to_numpy(dtype=bool) & frame[list(health.COLUMNS)].isna().all(axis=1).to_numpy()

@@ -5,12 +5,12 @@ import datetime as dt
 import errno as errno_mod
 import json
 
-from . import containers, invocation
-from .analysis.lifecycle import Lifecycle, Transition
-from .analysis.rules import handshake_ns
-from .probes import health
-from .probes.tcp_states import TcpState as S
-from .probes.tcp_states import state_name
+from .. import containers, invocation
+from tcplife_trace.analysis.lifecycle import Lifecycle, Transition
+from tcplife_trace.analysis.rules import handshake_ns
+from tcplife_trace.probes import health
+from tcplife_trace.probes.tcp_states import TcpState as S
+from tcplife_trace.probes.tcp_states import state_name
 
 
 class Clock:

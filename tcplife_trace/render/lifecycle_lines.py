@@ -4,7 +4,7 @@ object per connection: byte for byte the line TextView.lifecycle gives for the L
 Tracker would make of the same record (Tracker.from_fold and _life);
 tests/test_lifecycle_lines.py holds them equal on a real mixed workload, with -w, -T and -t.
 
-The pieces are batch_views' blocks (an (n, width) uint8 array each, NUL-padded, joined and
+The pieces are batches.py's blocks (an (n, width) uint8 array each, NUL-padded, joined and
 the NULs removed): the owner, the endpoints, the byte counts, the lifetime and the end are
 taken from small tables of the release's distinct values or computed as digits from the
 columns; the STATES cell is made once per shape of connection (its path, whether its birth
@@ -20,14 +20,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .analysis.closes import NONE, ClosedRows
-from .analysis.rules import BIRTHS
-from .batch_views import BatchFormatter, _choose, _const, _digits, _joined, _pad_to, _table, ms_text
-from .probes import health as health_mod
-from .probes.event_layout import PATH_MAX, Flag, LifeFlag
-from .probes.tcp_states import TcpState as S
-from .probes.tcp_states import state_name
-from .probes.unique_rows import unique_rows
+from tcplife_trace.analysis.closes import NONE, ClosedRows
+from tcplife_trace.analysis.rules import BIRTHS
+from .batches import BatchFormatter, _choose, _const, _digits, _joined, _pad_to, _table, ms_text
+from tcplife_trace.probes import health as health_mod
+from tcplife_trace.probes.event_layout import PATH_MAX, Flag, LifeFlag
+from tcplife_trace.probes.tcp_states import TcpState as S
+from tcplife_trace.probes.tcp_states import state_name
+from tcplife_trace.probes.unique_rows import unique_rows
 from .views import Clock, TextView
 
 _F_BYTES, _F_BIRTH_UNSEEN = int(Flag.BYTES), int(Flag.BIRTH_UNSEEN)

@@ -1,7 +1,7 @@
 """The per-transition views (text, JSON, CSV) formatted a batch at a time from the events'
 numpy columns and the kernel's fold on each event (probes/event_layout.py: dur_ns, owner_*,
 role, xflags, cgroup_id), with no Python object per event: byte for byte what views.TextView.transition,
-dumps(transition_record(...)) and csv_view.CsvRows give for the same transitions
+dumps(transition_record(...)) and csv_rows.CsvRows give for the same transitions
 (tests/test_batch_views.py holds them equal on a real workload, line for line).
 
 A line is pieces side by side, each an (n, width) uint8 block: a take from a small table of
@@ -41,12 +41,12 @@ import json
 
 import numpy as np
 
-from .analysis.lifecycle import ENTRYLESS_BASE, Lifecycle, Tracker, Transition
-from .probes import decode as dec
-from .probes.stream import _take
-from .probes.event_layout import OWNER_SOURCE_NAMES, ROLE_NAMES, SRC_NONE, EventKind, Flag, XFlag
-from .probes.tcp_states import state_name
-from .probes.unique_rows import unique_rows
+from tcplife_trace.analysis.lifecycle import ENTRYLESS_BASE, Lifecycle, Tracker, Transition
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes.stream import _take
+from tcplife_trace.probes.event_layout import OWNER_SOURCE_NAMES, ROLE_NAMES, SRC_NONE, EventKind, Flag, XFlag
+from tcplife_trace.probes.tcp_states import state_name
+from tcplife_trace.probes.unique_rows import unique_rows
 from .views import Clock, TextView, dumps, transition_home, transition_record
 
 _STATE = int(EventKind.STATE)
@@ -218,9 +218,9 @@ class BatchFormatter:
         self.text = TextView(clock, wide=wide, hms=hms, seconds=seconds)
         self.encoding, self.errors = encoding, errors
         self.addr_w, self.comm_w = self.text.addr_w, self.text.comm_w
-        self.csv_rows = csv_rows  # csv_view.CsvRows: the header goes with the first line
+        self.csv_rows = csv_rows  # csv_rows.CsvRows: the header goes with the first line
         if view == "csv" and csv_rows is None:
-            from .csv_view import CsvRows
+            from .csv_rows import CsvRows
             self.csv_rows = CsvRows()
         enc = self._enc
         if view == "text":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .analysis.leaks import Finding
+from tcplife_trace.analysis.leaks import Finding
 
 
 def one_line(f: Finding) -> str:

@@ -83,7 +83,7 @@ def take(states: int = sock_diag.ALL_STATES, *, info: bool = True, owners: bool 
                     dumped_ns=dumped)
 
 
-# What a snapshot's sockets frame carries after the detectors' columns (analysis.leaks.SOCKET_COLUMNS):
+# What a snapshot's sockets frame carries after the detectors' columns (analysis.evidence.SOCKET_COLUMNS):
 # each socket's health from tcp_info (probes/health.py; NA for sockets without tcp_info: listeners,
 # request sockets, TIME_WAIT) and its home, from the cgroup id sock_diag gives (the cgroup of the
 # task that made the socket; tcplife_trace/containers.py).

@@ -6,7 +6,7 @@ import tempfile
 
 import pandas as pd
 
-from .analysis import leaks
+from .analysis import evidence, leaks
 from .frames.schema import conform, to_arrow
 from .probes.filters import Filters
 from .recording import Recording
@@ -65,7 +65,7 @@ def frames(rec: Recording, filters: Filters, since=None, until=None,
     out = {"lifecycles": lc, "transitions": tr, "state_durations": durations,
            "summary": summary(durations).reset_index(),
            "leaks": findings(lc, tr, thresholds, stopped=stopped, snapshots=snaps, filters=scope),
-           "snapshots": leaks.sockets_matching(sockets, scope).reset_index(drop=True)}
+           "snapshots": evidence.sockets_matching(sockets, scope).reset_index(drop=True)}
     return {name: conform(name, df) for name, df in out.items()}
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .analysis import leaks
+from .analysis import evidence, leaks
 from .analysis.closes import Col, group
 from .analysis.lifecycle import Lifecycle
 from .analysis.rules import HANDSHAKE_STATE, ROLES, handshake_ns
@@ -69,9 +69,9 @@ class Watch:
         # a minute of churn is a few keys, not a million rows
         self.ended: dict[int, Counter] = {}
         self.owner_at: dict[tuple, tuple] = {}  # (netns, addr, port) -> (pid, comm) of the latest ending
-        # slot -> the endings' health per peer and owner (leaks.PeerTally, issue 15); Lifecycles'
+        # slot -> the endings' health per peer and owner (evidence.PeerTally, issue 15); Lifecycles'
         # wait in _pending as tuples and are tallied as columns, by the rule the records' are
-        self.health: dict[int, leaks.PeerTally] = {}
+        self.health: dict[int, evidence.PeerTally] = {}
         self._pending: list[tuple] = []
         self.synack_seed: dict[tuple, tuple[int, int]] = {}
         self.reported: dict[tuple, str] = {}    # finding key -> severity already announced
@@ -140,7 +140,7 @@ class Watch:
                 self.owner_at[values] = (rows.owner_pid.decode(int(rows.owner_pid.codes[last])),
                                          rows.owner_comm.decode(int(rows.owner_comm.codes[last])))
 
-    # -- the endings' health (leaks.ending_values: the one rule, fed as columns) ----------
+    # -- the endings' health (evidence.ending_values: the one rule, fed as columns) ----------
     def _tally(self, slots: np.ndarray, cols: list[Col], values) -> None:
         """Add ending_values' rows to the slots' tallies, keyed by cols (netns, raddr,
         owner_pid, owner_comm as Col), one dict step per distinct key."""
@@ -159,7 +159,7 @@ class Watch:
             sel = local[inv] >= 0
             tally = self.health.get(slot)
             if tally is None:
-                tally = self.health[slot] = leaks.PeerTally(HEALTH_KEYS_PER_SLOT)
+                tally = self.health[slot] = evidence.PeerTally(HEALTH_KEYS_PER_SLOT)
             tally.add(keys, local[inv][sel], *(v[sel] for v in values))
 
     def _tally_rows(self, rows, est: np.ndarray) -> None:
@@ -170,7 +170,7 @@ class Watch:
         counted, cong = (lflags & _L_RETRANS) != 0, (lflags & _L_CONG) != 0
         h = health_mod.fold_columns(agg["health_mask"], agg["health"])
         hs = fold_handshake_ms(rows.role.codes, agg["path"], agg["path_len"], agg["state_mask"], agg["state_ns"])
-        values = leaks.ending_values(
+        values = evidence.ending_values(
             established=est, timed_out=_reason(rows, "timeout"), reset=_reason(rows, "reset_by_peer"),
             aborted=_reason(rows, "local_abort"),
             retrans=np.where(counted, agg["retrans"].astype(np.int64), -1),
@@ -200,7 +200,7 @@ class Watch:
         def ints(xs):
             return np.array([-1 if x is None else x for x in xs], dtype=np.int64)
 
-        values = leaks.ending_values(
+        values = evidence.ending_values(
             established=np.array(est, dtype=bool), timed_out=reason == "timeout",
             reset=reason == "reset_by_peer", aborted=reason == "local_abort",
             retrans=ints(retrans), syn_retrans=ints(syn_retrans), losses=ints(losses),
@@ -220,7 +220,7 @@ class Watch:
         oldest = (now_ns - ENDED_WINDOW_NS) // SLOT_NS
         for slot in [k for k in self.health if k < oldest]:
             del self.health[slot]
-        total = leaks.PeerTally()
+        total = evidence.PeerTally()
         for tally in self.health.values():
             total.merge(tally)
         return total.frames()
@@ -316,7 +316,7 @@ class Watch:
                          s.wqueue, None if s.idle_recv_ms is None else s.idle_recv_ms / 1000,
                          None if s.idle_sent_ms is None else s.idle_sent_ms / 1000, pid, comm, fd,
                          max(age, 0.0), lower, eof_age, source))
-        frame = _listener_owners(leaks.sockets_frame(rows))
+        frame = _listener_owners(evidence.sockets_frame(rows))
         extra = socket_snapshot.extra_columns(snap.sockets, self.resolver)  # health, cgroup (issue 15)
         return pd.concat([frame, extra.set_axis(frame.index)], axis=1)
 
@@ -330,18 +330,18 @@ class Watch:
         total: Counter = Counter()
         for counts in self.ended.values():
             total.update(counts)
-        df = pd.DataFrame([(*k, n) for k, n in total.items()], columns=[*leaks.ENDED_COLUMNS, "n"])
+        df = pd.DataFrame([(*k, n) for k, n in total.items()], columns=[*evidence.ENDED_COLUMNS, "n"])
         df["time_wait"] = df["time_wait"].astype(bool)
         df["n"] = df["n"].astype("int64")
         return df
 
     def _filtered(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = leaks.sockets_matching(df, self.filters)
+        df = evidence.sockets_matching(df, self.filters)
         if self.filters.cgroups and "cgroup_id" in df.columns and len(df):  # (the endings are kept ones)
             df = df[in_cgroups(df, lambda cid, _path: self.filters.cgroup_match(cid))]
         return df
 
-    def evidence(self, snap: Snapshot) -> leaks.Evidence:
+    def evidence(self, snap: Snapshot) -> evidence.Evidence:
         frame = self.sockets_frame(snap)
         self._record(snap, frame)
         sockets = self._filtered(frame)
@@ -350,7 +350,7 @@ class Watch:
             for ns, now in snap.mibs.items():
                 before = self.seed.mibs.get(ns, {})
                 deltas[ns] = {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0) > 0}
-        deltas, scope = leaks.scoped_counters(deltas, frame, sockets, self.filters)
+        deltas, scope = evidence.scoped_counters(deltas, frame, sockets, self.filters)
         new_lis = None
         if self.seed is not None and snap is not self.seed:
             seeded = {_sock_key(s) for s in self.seed.sockets if s.state == sock_diag.S.LISTEN}
@@ -363,10 +363,10 @@ class Watch:
             n0, r0 = self.synack_seed.get(key, (0, 0))
             if n > n0 and key[0] is not None:
                 synack[key] = (n - n0, reqs if not r0 else max(reqs - r0, 1))
-        synack = leaks.scoped_synack(synack, sockets, self.filters)
+        synack = evidence.scoped_synack(synack, sockets, self.filters)
         span = min(snap.taken_ns - self.started_ns, ENDED_WINDOW_NS) / 1e9
         ended_health, ended_times = self.health_frames(snap.taken_ns)
-        return leaks.Evidence(sockets, self._filtered(self.ended_frame(snap.taken_ns)), max(span, 1e-3), deltas,
+        return evidence.Evidence(sockets, self._filtered(self.ended_frame(snap.taken_ns)), max(span, 1e-3), deltas,
                               snap.sysctls, new_lis, synack=synack, complete_snapshot=snap.complete,
                               counter_scope=scope, ended_health=ended_health, ended_times=ended_times)
 

@@ -213,9 +213,9 @@ def recorded_filters(head: dict, where: str):
 
 def _sockets_kept(sockets, filters):
     """A recorded snapshot's sockets that the recording's filters keep, as the live look kept
-    them (leaks.sockets_matching, then diagnosis.in_cgroups by the recorded cgroup paths)."""
-    from .analysis import leaks
-    kept = leaks.sockets_matching(sockets, filters)
+    them (evidence.sockets_matching, then diagnosis.in_cgroups by the recorded cgroup paths)."""
+    from .analysis import evidence
+    kept = evidence.sockets_matching(sockets, filters)
     if filters is not None and filters.cgroups and "cgroup_id" in kept.columns and len(kept):
         from .diagnosis import in_cgroups
         kept = kept[in_cgroups(kept, filters.cgroup_match_recorded)]
@@ -371,7 +371,7 @@ class RecordingWriter:
                     return
 
     def add_snapshot(self, taken_ns: int, complete: bool, sockets, extra: dict | None = None) -> None:
-        """A sock_diag snapshot: its sockets frame (analysis.leaks.SOCKET_COLUMNS), when it was
+        """A sock_diag snapshot: its sockets frame (analysis.evidence.SOCKET_COLUMNS), when it was
         taken (CLOCK_MONOTONIC ns), whether it holds every state; extra: per-namespace counters,
         sysctls, names. Written and fsynced at once, after the events before it."""
         if self.closed or self.failed:
@@ -676,7 +676,7 @@ def _snapshot(custom) -> tuple:
     """(meta, sockets frame) of a snapshot batch's metadata; namespace keys back to integers."""
     import pandas as pd
 
-    from .analysis import leaks
+    from .analysis import evidence
     meta = json.loads(custom[SNAP_META_KEY.encode()])
     if not isinstance(meta, dict) or not isinstance(meta.get("taken_ns"), int):
         raise ValueError("snapshot without a time")
@@ -687,11 +687,11 @@ def _snapshot(custom) -> tuple:
     # column's offsets made to_pandas read outside the buffers (a segfault)
     table.validate(full=True)
     from .probes.socket_snapshot import EXTRA_COLUMNS
-    if table.column_names not in (list(leaks.SOCKET_COLUMNS), list(leaks.SOCKET_COLUMNS_V1),
-                                  [*leaks.SOCKET_COLUMNS, *EXTRA_COLUMNS]):
+    if table.column_names not in (list(evidence.SOCKET_COLUMNS), list(evidence.SOCKET_COLUMNS_V1),
+                                  [*evidence.SOCKET_COLUMNS, *EXTRA_COLUMNS]):
         raise ValueError("snapshot with other columns")
     df = table.to_pandas()
-    frame = leaks.sockets_frame(df)
+    frame = evidence.sockets_frame(df)
     if EXTRA_COLUMNS[0] in df:  # health and cgroup of each socket (recordings since issue 15)
         frame = pd.concat([frame, df[list(EXTRA_COLUMNS)].set_axis(frame.index)], axis=1)
     # values each column's type can hold (a flipped byte made a port 70000): TypeError otherwise
@@ -888,15 +888,15 @@ class Recording:
         socket, `time` (UTC) and `complete` (every state, or the periodic subset) first, then
         the sockets the detectors read (see README, "Recordings")."""
         import pandas as pd
-        from .analysis import leaks
+        from .analysis import evidence
         parts = [_sockets_kept(df, self.applied_filters[i]).assign(
                      time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
                  for (t, m, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True)]
         from .frames.schema import conform
         from .probes.socket_snapshot import EXTRA_COLUMNS
-        cols = ["time", "complete", *leaks.SOCKET_COLUMNS]
+        cols = ["time", "complete", *evidence.SOCKET_COLUMNS]
         if not parts:  # (typed all the same: an empty frame has the full schema)
-            parts = [leaks.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"), complete=False)]
+            parts = [evidence.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"), complete=False)]
         parts = [p.reindex(columns=[*p.columns, *(c for c in EXTRA_COLUMNS if c not in p)]) for p in parts]
         cols += EXTRA_COLUMNS  # (NA in snapshots recorded before them)
         return conform("snapshots", pd.concat(parts, ignore_index=True)[cols])

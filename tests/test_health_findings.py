@@ -18,7 +18,7 @@ from pyroute2 import NetNS
 
 from netpair import A_ADDR, B_ADDR, NetPair
 from tcplife_trace import load, recording
-from tcplife_trace.analysis import leaks
+from tcplife_trace.analysis import evidence, leaks
 from tcplife_trace.diagnosis import Watch, fold_handshake_ms
 from tcplife_trace.live import LiveSession
 from tcplife_trace.probes import netns as netns_mod
@@ -212,7 +212,7 @@ def _run(pair: NetPair, workload, path: str):
 def _tally(frame, mine: set, by=("netns", "raddr", "owner_pid", "owner_comm")):
     """The tally's rows of the test's namespaces: key -> counts (or histogram buckets)."""
     h = frame[frame["netns"].isin(mine)]
-    cols = list(leaks.TALLY_COUNTS) if "connections" in h else ["n"]
+    cols = list(evidence.TALLY_COUNTS) if "connections" in h else ["n"]
     keys = list(by) + ([] if "connections" in h else ["metric", "bucket"])
     return {k: tuple(int(x) for x in v) for k, v in h.groupby(keys)[cols].sum().iterrows()}
 
@@ -279,7 +279,7 @@ def test_a_clean_workload_gives_none_of_them(tmp_path):
         assert lk[lk["kind"].isin(KINDS) & lk["netns"].isin(mine)].empty
     per = _tally(h, mine, by=("netns", "raddr"))
     assert sum(v[0] for v in per.values()) >= 2 * (4 * 24 + 1)  # every connection, both sides, was judged
-    assert all(v[list(leaks.TALLY_COUNTS).index("died")] == 0 for v in per.values())
+    assert all(v[list(evidence.TALLY_COUNTS).index("died")] == 0 for v in per.values())
 
 
 def test_fold_handshakes_equal_the_rule_of_lifecycles():
@@ -322,21 +322,21 @@ def test_fold_handshakes_equal_the_rule_of_lifecycles():
     assert sum(w is not None for w in want) == 10  # both sides of each connection; the listener none
 
 
-def _tally_of(peers: dict) -> leaks.Evidence:
+def _tally_of(peers: dict) -> evidence.Evidence:
     """Evidence from per-peer lists of (end reason, established, retrans, total_retrans,
     data_segs_out, handshake_ms), through ending_values and PeerTally."""
-    t = leaks.PeerTally()
+    t = evidence.PeerTally()
     for peer, rows in peers.items():
         reason = np.array([r[0] for r in rows], dtype=object)
         col = lambda i: np.array([r[i] for r in rows])  # noqa: E731
-        values = leaks.ending_values(
+        values = evidence.ending_values(
             established=col(1).astype(bool), timed_out=reason == "timeout", reset=reason == "reset_by_peer",
             aborted=reason == "local_abort", retrans=col(2), syn_retrans=np.zeros(len(rows), np.int64),
             losses=np.zeros(len(rows), np.int64), total_retrans=col(3), data_segs_out=col(4),
             rtt_ms=np.full(len(rows), np.nan), handshake_ms=col(5).astype(float))
         t.add([(1, peer, 10, "app")], np.zeros(len(rows), np.int64), *values)
     health, times = t.frames()
-    return leaks.Evidence(leaks.empty_sockets(), leaks.empty_ended(), 10.0, ended_health=health, ended_times=times)
+    return evidence.Evidence(evidence.empty_sockets(), evidence.empty_ended(), 10.0, ended_health=health, ended_times=times)
 
 
 def test_thresholds_keep_jitter_and_normal_loss_quiet():
@@ -365,17 +365,17 @@ def test_thresholds_keep_jitter_and_normal_loss_quiet():
     (f,) = leaks.find(_tally_of({"10.0.0.5": died}))
     assert f.kind == "retransmit_deaths" and f.evidence["timed_out"] == f.evidence["aborted"] == 1
     # the syn retries of a handshake are not data re-sent (total_retrans counts them)
-    t = leaks.ending_values(established=np.array([True]), timed_out=np.array([False]), reset=np.array([False]),
+    t = evidence.ending_values(established=np.array([True]), timed_out=np.array([False]), reset=np.array([False]),
                             aborted=np.array([False]), retrans=np.array([0]), syn_retrans=np.array([1]),
                             losses=np.array([0]), total_retrans=np.array([1]), data_segs_out=np.array([1]),
                             rtt_ms=np.array([np.nan]), handshake_ms=np.array([1000.0]))[0]
-    assert t[0][list(leaks.TALLY_COUNTS).index("resent")] == 0
+    assert t[0][list(evidence.TALLY_COUNTS).index("resent")] == 0
 
 
 def test_a_tally_with_a_cap_counts_what_it_leaves_out():
-    t = leaks.PeerTally(max_keys=2)
+    t = evidence.PeerTally(max_keys=2)
     for peer, n in (("10.0.0.1", 3), ("10.0.0.2", 2), ("10.0.0.3", 4), ("10.0.0.1", 1)):
-        one = leaks.ending_values(
+        one = evidence.ending_values(
             established=np.ones(n, bool), timed_out=np.zeros(n, bool), reset=np.zeros(n, bool),
             aborted=np.zeros(n, bool), retrans=np.zeros(n, np.int64), syn_retrans=np.zeros(n, np.int64),
             losses=np.zeros(n, np.int64), total_retrans=np.zeros(n, np.int64), data_segs_out=np.full(n, 10),

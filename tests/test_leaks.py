@@ -4,7 +4,9 @@ import pandas as pd
 import pytest
 from synthetic import ev
 from tcplife_trace.analysis import leaks
-from tcplife_trace.analysis.leaks import Evidence, Thresholds, find
+from tcplife_trace.analysis.evidence import (ENDED_COLUMNS, Evidence, empty_ended, empty_sockets, scoped_counters,
+                                            scoped_synack, sockets_frame, sockets_matching)
+from tcplife_trace.analysis.leaks import Thresholds, find
 
 from tcplife_trace.recording import Recording, header
 
@@ -24,7 +26,7 @@ def sockets(*rows):
                    age_lower_bound=False, eof_age_s=None)
         row.update(extra)
         out.append(row)
-    return leaks.sockets_frame(out)
+    return sockets_frame(out)
 
 
 def ended(*rows):
@@ -32,12 +34,12 @@ def ended(*rows):
     out = [dict(netns=NS, role=r[0], laddr="10.0.0.1", lport=r[6] if len(r) > 6 else 40000 + i,
                 raddr=r[1], rport=r[2], owner_pid=r[4], owner_comm=f"p{r[4]}", end_reason=r[3],
                 time_wait=r[5] if len(r) > 5 else False) for i, r in enumerate(rows)]
-    return pd.DataFrame(out, columns=list(leaks.ENDED_COLUMNS))
+    return pd.DataFrame(out, columns=list(ENDED_COLUMNS))
 
 
 def evidence(socks=None, ends=None, duration=10.0, **kw):
-    return Evidence(socks if socks is not None else leaks.empty_sockets(),
-                    ends if ends is not None else leaks.empty_ended(), duration, **kw)
+    return Evidence(socks if socks is not None else empty_sockets(),
+                    ends if ends is not None else empty_ended(), duration, **kw)
 
 
 LISTENER = ("LISTEN", "0.0.0.0", 8080, "0.0.0.0", 0, 100.0, 10)
@@ -209,10 +211,10 @@ def test_counters_and_synack_obey_the_filters_and_say_what_they_cover():
     synack = {(NS, 80): (30, 20)}  # the SYN-ACKs re-sent were port 80's
 
     def judge(f, frame=everything):
-        kept = leaks.sockets_matching(frame, f)
-        d, scope = leaks.scoped_counters(deltas, frame, kept, f)
+        kept = sockets_matching(frame, f)
+        d, scope = scoped_counters(deltas, frame, kept, f)
         assert scope == {NS: ["0.0.0.0:80", "0.0.0.0:81"]}
-        return {x.kind: x for x in find(evidence(kept, counter_deltas=d, synack=leaks.scoped_synack(synack, kept, f),
+        return {x.kind: x for x in find(evidence(kept, counter_deltas=d, synack=scoped_synack(synack, kept, f),
                                                  counter_scope=scope))}
 
     for f in (None, Filters(pids=(40,)), Filters(lports=(80,))):
@@ -230,7 +232,7 @@ def test_counters_and_synack_obey_the_filters_and_say_what_they_cover():
     o = judge(Filters(pids=(41,)), full)["listen_overflow"]
     assert o.owner_pid == 41 and o.local == "0.0.0.0:81" and "shared by its 2 listeners" in o.summary
     alone = sockets(lis[0])
-    d, scope = leaks.scoped_counters(deltas, alone, alone, None)
+    d, scope = scoped_counters(deltas, alone, alone, None)
     (o,) = find(evidence(alone, counter_deltas=d, counter_scope=scope))
     assert o.kind == "listen_overflow" and o.owner_pid == 40 and "shared" not in o.summary  # the only listener
 

@@ -3,7 +3,7 @@ by the findings of the recording (sockets born before it, counters, listeners th
 import pandas as pd
 
 from tcplife_trace import load, recording
-from tcplife_trace.analysis import leaks
+from tcplife_trace.analysis import evidence
 from tcplife_trace.recording import RecordingWriter
 
 from synthetic import stream
@@ -15,7 +15,7 @@ MONO_TO_WALL = 1_800_000_000_000_000_000
 
 def socks(*rows):
     """rows: (state, lport, rport, pid, age_s)"""
-    return leaks.sockets_frame([dict(netns=NS, state=st, laddr="10.0.0.1", lport=lp, raddr="10.0.0.9" if rp else
+    return evidence.sockets_frame([dict(netns=NS, state=st, laddr="10.0.0.1", lport=lp, raddr="10.0.0.9" if rp else
                                      "0.0.0.0", rport=rp, inode=1000 + i, timer="off", rqueue=0, wqueue=0,
                                      idle_recv_s=None, idle_sent_s=None, owner_pid=pid, owner_comm=f"p{pid}",
                                      owner_fd=3 + i, age_s=age, age_lower_bound=True, eof_age_s=None)
@@ -52,13 +52,13 @@ def test_snapshots_round_trip_between_events(tmp_path):
     assert rec.end["snapshots"] == 2 and rec.events.num_rows == len(ROWS)
     sn = rec.snapshots()
     from tcplife_trace.probes.socket_snapshot import EXTRA_COLUMNS
-    assert list(sn.columns) == ["time", "complete", *leaks.SOCKET_COLUMNS, *EXTRA_COLUMNS]
+    assert list(sn.columns) == ["time", "complete", *evidence.SOCKET_COLUMNS, *EXTRA_COLUMNS]
     assert sn[list(EXTRA_COLUMNS)].isna().all().all()  # a snapshot frame without them: NA, not 0
     assert len(sn) == len(SEED) + len(LAST)
     first = sn[sn.time == sn.time.min()]
     assert first.time.iloc[0] == pd.Timestamp(MONO_TO_WALL + 1_000_000, unit="ns", tz="UTC")
     assert first.complete.all() and not sn[sn.time == sn.time.max()].complete.any()
-    pd.testing.assert_frame_equal(first[list(leaks.SOCKET_COLUMNS)].reset_index(drop=True), SEED,
+    pd.testing.assert_frame_equal(first[list(evidence.SOCKET_COLUMNS)].reset_index(drop=True), SEED,
                                   check_dtype=False, check_categorical=False)  # (keys typed as in lifecycles)
     assert sn.owner_fd.dtype == "Int64" and sn.age_s.dtype == "float64"
 

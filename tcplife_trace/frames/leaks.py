@@ -11,7 +11,7 @@ floods), no kernel counters, no sockets opened before the recording, and the eph
 range is Linux's default unless given.
 The ended connections' health (retransmits, deaths, handshake and RTT times per peer) is
 tallied from the lifecycles frame's columns (a recording of schema 3) by the rule the live
-detectors use (leaks.tally_frame, leaks.ending_values).
+detectors use (analysis/evidence.py tally_frame, ending_values).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from tcplife_trace.analysis import leaks
+from tcplife_trace.analysis.evidence import (ENDED_COLUMNS, SOCKET_COLUMNS, Evidence, empty_ended, empty_sockets,
+                                            established_paths, scoped_counters, tally_frame)
 from tcplife_trace.probes import socket_age
 
 DEFAULT_PORT_RANGE = (32768, 60999)
@@ -38,19 +40,19 @@ def _sockets(lc: pd.DataFrame, state, *, inode: int, timer: str, age, lower, eof
                          "wqueue": 0, "idle_recv_s": np.nan, "idle_sent_s": np.nan,
                          "owner_fd": pd.array([pd.NA] * len(lc), "Int64"), "age_s": age,
                          "age_lower_bound": lower, "eof_age_s": eof_age, "age_source": source},
-                        columns=list(leaks.SOCKET_COLUMNS))
+                        columns=list(SOCKET_COLUMNS))
 
 
 def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
              port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
              stopped: pd.Timestamp | None = None, snapshots: list | None = None,
-             filters=None) -> leaks.Evidence:
+             filters=None) -> Evidence:
     """stopped: when the recording ended (a clean close stores it), else its last event.
     snapshots: the recording's (wall ns, meta, sockets) in time order; the last is "now"."""
     if snapshots:
         return _from_snapshots(lifecycles, transitions, snapshots, filters)
     if transitions.empty:
-        return leaks.Evidence(leaks.empty_sockets(), leaks.empty_ended(), 1e-3)
+        return Evidence(empty_sockets(), empty_ended(), 1e-3)
     t0, now = transitions["time"].min(), transitions["time"].max()
     if stopped is not None and stopped > now:
         now = stopped
@@ -68,8 +70,8 @@ def evidence(lifecycles: pd.DataFrame, transitions: pd.DataFrame,
     new_lis = pd.DataFrame(_endpoints(open_[(open_["role"] == "listener") & open_["birth_seen"]]))
     duration = max((now - t0).total_seconds(), 1e-3)
     sysctls = {int(ns): {"ip_local_port_range": port_range} for ns in pd.unique(lc["netns"].dropna())}
-    health, times = leaks.tally_frame(lc).frames()
-    return leaks.Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True,
+    health, times = tally_frame(lc).frames()
+    return Evidence(sockets, ended, duration, {}, sysctls, new_lis, complete_snapshot=True,
                           ended_health=health, ended_times=times)
 
 
@@ -86,21 +88,21 @@ def _ended(lc: pd.DataFrame) -> pd.DataFrame:
     counts them: not an established connection that timed out, which is no failed connect)."""
     done = lc[lc["end"].notna()]
     if len(done) and "path" in done:
-        done = done[~((done["end_reason"].astype(str) == "timeout").to_numpy() & leaks.established_paths(done["path"]))]
+        done = done[~((done["end_reason"].astype(str) == "timeout").to_numpy() & established_paths(done["path"]))]
     return pd.DataFrame({**_endpoints(done), "role": done["role"].astype(str),
                          "end_reason": done["end_reason"].astype(str), "time_wait": done["time_wait"].astype(bool)},
-                        columns=list(leaks.ENDED_COLUMNS))
+                        columns=list(ENDED_COLUMNS))
 
 
 def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapshots: list,
-                    filters=None) -> leaks.Evidence:
+                    filters=None) -> Evidence:
     """The detectors' view at the last snapshot: its sockets (ages as of then), the endings
     the trace saw, the counters' change since the first snapshot, the listeners that
     appeared in between."""
     (t_first, first, first_socks), (t_last, meta, socks) = snapshots[0], snapshots[-1]
     now = pd.Timestamp(t_last, unit="ns", tz="UTC")
     lc = lifecycles.reset_index(drop=True)
-    from .recording import _sockets_kept
+    from ..recording import _sockets_kept
     sockets = _sockets_kept(socks, filters)
     if not meta["complete"]:  # the periodic kind skips TIME_WAIT: the trace's active closes of the last minute
         tw = _time_wait(lc, now)
@@ -110,7 +112,7 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     for ns, counters in meta.get("mibs", {}).items():
         before = first.get("mibs", {}).get(ns, {}) if len(snapshots) > 1 else counters
         deltas[ns] = {k: v - before.get(k, 0) for k, v in counters.items() if v - before.get(k, 0) > 0}
-    deltas, scope = leaks.scoped_counters(deltas, socks, sockets, filters)
+    deltas, scope = scoped_counters(deltas, socks, sockets, filters)
     key = ["netns", "laddr", "lport"]
     lis = sockets[sockets["state"] == "LISTEN"]
     seen = first_socks[first_socks["state"] == "LISTEN"][key].drop_duplicates() if len(snapshots) > 1 else lis[key]
@@ -118,8 +120,8 @@ def _from_snapshots(lifecycles: pd.DataFrame, transitions: pd.DataFrame, snapsho
     new_lis = new_lis[new_lis["_old"].isna()].drop(columns="_old")
     t0 = transitions["time"].min() if len(transitions) else now
     duration = max((now - min(t0, pd.Timestamp(t_first, unit="ns", tz="UTC"))).total_seconds(), 1e-3)
-    health, times = leaks.tally_frame(lc[lc["end"] <= now]).frames()
-    return leaks.Evidence(sockets, _ended(lc[lc["end"] <= now]), duration, deltas, meta.get("sysctls", {}),
+    health, times = tally_frame(lc[lc["end"] <= now]).frames()
+    return Evidence(sockets, _ended(lc[lc["end"] <= now]), duration, deltas, meta.get("sysctls", {}),
                           new_lis, complete_snapshot=bool(meta["complete"]), counter_scope=scope,
                           ended_health=health, ended_times=times)
 

@@ -26,12 +26,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..probes import decode as dec
-from ..probes.decode import life_tuples
-from ..probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
-from ..probes.stream import Batch, _cat, _split, _take
-from ..probes.unique_rows import unique_rows
-from ..probes.tcp_states import TcpState as S
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes.decode import life_tuples
+from tcplife_trace.probes.event_layout import PATH_MAX, SRC_NONE, EventKind, Flag, LifeFlag
+from tcplife_trace.probes.stream import Batch, _cat, _split, _take
+from tcplife_trace.probes.unique_rows import unique_rows
+from tcplife_trace.probes.tcp_states import TcpState as S
 from . import end_rules
 from .rules import BIRTHS, ROLES, guess_role, time_wait_from
 

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..probes.tcp_states import TcpState as S
+from tcplife_trace.probes.tcp_states import TcpState as S
 from .rules import END_REASONS, time_wait_from  # noqa: F401  (END_REASONS: importable from here too)
 
 ECONNRESET, EPIPE, ETIMEDOUT, ECONNREFUSED = 104, 32, 110, 111
@@ -91,7 +91,7 @@ def kernel_reset_reasons() -> ResetReasons:
     """This kernel's table, from its BTF (read once); FALLBACK_RST_REASONS without the enum."""
     global _kernel
     if _kernel is None:
-        from ..probes import btf
+        from tcplife_trace.probes import btf
         names, notes = btf.rst_reason_names()
         _kernel = ResetReasons(names, "btf") if names else ResetReasons(FALLBACK_RST_REASONS, "fallback", notes)
     return _kernel

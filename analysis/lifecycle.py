@@ -10,17 +10,17 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from ..probes import decode as dec
-from ..probes.decode import Ev, as_ev
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes.decode import Ev, as_ev
 from . import end_rules
 from .end_rules import ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT, RST_REASONS  # noqa: F401
 # the vocabularies and small rules live in analysis/rules.py; ROLES, OWNER_SOURCES, BIRTHS and
 # END_REASONS stay importable from here
 from .rules import (ACTING, BIRTHS, CLOSERS, END_REASONS, OWNER_RANK, OWNER_SOURCES, ROLES, SRC_NONE,  # noqa: F401
                     enters_time_wait, guess_role)
-from ..probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
-from ..probes.filters import Filters
-from ..probes.tcp_states import TcpState as S
+from tcplife_trace.probes.event_layout import PATH_MAX, PIDS_MAX, EventKind, Flag, LifeFlag
+from tcplife_trace.probes.filters import Filters
+from tcplife_trace.probes.tcp_states import TcpState as S
 
 _CLOSE = int(S.CLOSE)
 _KIND_STATE = int(EventKind.STATE)

@@ -11,7 +11,7 @@ runs on plain ints and on numpy columns.
 """
 from __future__ import annotations
 
-from ..probes.tcp_states import TcpState as S
+from tcplife_trace.probes.tcp_states import TcpState as S
 
 # Lifecycle.role; also the order of the frames' role categories
 ROLES = ("active", "passive", "listener", "unknown")

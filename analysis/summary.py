@@ -7,7 +7,7 @@ from array import array
 
 import numpy as np
 
-from ..probes.tcp_states import state_name
+from tcplife_trace.probes.tcp_states import state_name
 
 EXACT = 200_000      # samples kept exactly per state (1.6 MB each at most)
 RESERVOIR = 100_000  # beyond that, a uniform reservoir of this many (0.8 MB)

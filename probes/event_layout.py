@@ -61,9 +61,9 @@ class XFlag(enum.IntFlag):
 # struct tlt_event.role (TLT_ROLE_*): index -> Lifecycle.role; struct tlt_event.owner_src /
 # tlt_agg.owner_src (TLT_SRC_*): index -> Lifecycle.owner_source, strongest first. Their one
 # home is analysis/rules.py (tests/test_rules.py holds ebpf/event.h equal to it)
-from ..analysis.rules import KERNEL_ROLES as ROLE_NAMES  # noqa: E402
-from ..analysis.rules import OWNER_SOURCES as OWNER_SOURCE_NAMES  # noqa: E402
-from ..analysis.rules import SRC_NONE  # noqa: E402,F401
+from tcplife_trace.analysis.rules import KERNEL_ROLES as ROLE_NAMES  # noqa: E402
+from tcplife_trace.analysis.rules import OWNER_SOURCES as OWNER_SOURCE_NAMES  # noqa: E402
+from tcplife_trace.analysis.rules import SRC_NONE  # noqa: E402,F401
 
 
 PATH_MAX = 32  # TLT_PATH_MAX

@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .. import ebpf
+from tcplife_trace import ebpf
 from . import btf, compiler_pages, prog_info, tracefs
 from .bcc_import import import_bcc
 from .event_layout import EVENT_SIZE, LIFE_SIZE, STAT_NSLOTS, layout_cflags

@@ -6,9 +6,9 @@ import tempfile
 
 import pandas as pd
 
-from .analysis import evidence, leaks
+from tcplife_trace.analysis import evidence, leaks
 from .frames.schema import conform, to_arrow
-from .probes.filters import Filters
+from tcplife_trace.probes.filters import Filters
 from .recording import Recording
 
 TOP = 10

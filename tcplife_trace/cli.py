@@ -10,10 +10,10 @@ import time
 import click
 
 from . import __version__, losses
-from .probes import program as prog
-from .probes import tracefs
-from .probes.bcc_import import BccMissing
-from .probes.filters import Filters
+from tcplife_trace.probes import program as prog
+from tcplife_trace.probes import tracefs
+from tcplife_trace.probes.bcc_import import BccMissing
+from tcplife_trace.probes.filters import Filters
 from .stop_signals import StopRequest
 from .render.views import summary_text
 
@@ -649,7 +649,7 @@ def _thresholds(pairs: tuple[str, ...]):
     pandas, and the detectors' memory, out of a live trace run with --poll-interval 0."""
     if not pairs:
         return None
-    from .analysis.leaks import Thresholds
+    from tcplife_trace.analysis.leaks import Thresholds
     t = Thresholds()
     for pair in pairs:
         name, _, value = pair.partition("=")

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from .probes import cgroup_tree
+from tcplife_trace.probes import cgroup_tree
 
 PODS_LOG_DIR = "/var/log/pods"
 DEFAULT_CAP = 4096          # cgroups remembered (ids are never reused: an entry stays true)
@@ -170,7 +170,7 @@ def targets(cgroups=(), containers=(), mount: str | None = None, pods_dir: str =
     """The --cgroup PATH and --container ID arguments as probes.filters.CgroupTarget, for
     Filters(cgroups=...): a connection matches when its owner's cgroup is one of them or below
     one. ValueError (one line) for a path that is no cgroup, an id that names no container."""
-    from .probes.filters import cgroup_target
+    from tcplife_trace.probes.filters import cgroup_target
     mount = mount if mount is not None else cgroup2_mount()
     out = [cgroup_target(c, mount) for c in cgroups]
     for prefix in containers:

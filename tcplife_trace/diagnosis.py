@@ -20,16 +20,16 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .analysis import evidence, leaks
-from .analysis.closes import Col, group
-from .analysis.lifecycle import Lifecycle
-from .analysis.rules import HANDSHAKE_STATE, ROLES, handshake_ns
-from .probes import health as health_mod
-from .probes import sock_diag, socket_age, socket_snapshot
-from .probes.event_layout import HEALTH_N, PATH_MAX, LifeFlag
-from .probes.socket_snapshot import Snapshot
-from .probes.tcp_states import state_name
-from .probes.unique_rows import unique_rows
+from tcplife_trace.analysis import evidence, leaks
+from tcplife_trace.analysis.closes import Col, group
+from tcplife_trace.analysis.lifecycle import Lifecycle
+from tcplife_trace.analysis.rules import HANDSHAKE_STATE, ROLES, handshake_ns
+from tcplife_trace.probes import health as health_mod
+from tcplife_trace.probes import sock_diag, socket_age, socket_snapshot
+from tcplife_trace.probes.event_layout import HEALTH_N, PATH_MAX, LifeFlag
+from tcplife_trace.probes.socket_snapshot import Snapshot
+from tcplife_trace.probes.tcp_states import state_name
+from tcplife_trace.probes.unique_rows import unique_rows
 
 ENDED_WINDOW_NS = 60_000_000_000  # rates are over the last minute at most
 SLOT_NS = 5_000_000_000           # endings are counted in 5-second slots, per endpoint and owner

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .analysis import leaks
+from tcplife_trace.analysis import leaks
 from .diagnosis import Watch
-from .probes import program as prog
-from .probes.filters import Filters
+from tcplife_trace.probes import program as prog
+from tcplife_trace.probes.filters import Filters
 from .session import DETECTOR_KEYS, Session
 
 DEFAULT_DURATION_S = 10.0

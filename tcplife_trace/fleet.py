@@ -95,7 +95,7 @@ def host_frames(index: int, path: str, thresholds=None, filters=None, since=None
     """One host file's frames (`names`), ids tagged with the file index, a `host` column first:
     what the filters the file was recorded with keep (unless all_recorded), and `filters`."""
     from .analysis_report import applied, frames
-    from .probes.filters import Filters
+    from tcplife_trace.probes.filters import Filters
     rec = Recording(path, text_import=text_import, all_recorded=all_recorded)
     f = frames(rec, filters or Filters(), since, until, thresholds)
     host = host_label(rec.header, path)

@@ -19,17 +19,17 @@ from typing import Callable
 import numpy as np
 
 from . import heap, losses
-from .analysis.closes import FoldedCloses
-from .analysis.lifecycle import (DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition,
+from tcplife_trace.analysis.closes import FoldedCloses
+from tcplife_trace.analysis.lifecycle import (DEFAULT_HOLD_NS, DEFAULT_MAX_OPEN, Lifecycle, Tracker, Transition,
                                  take_fold_extras_batch)
-from .analysis.summary import StateTimes
-from .probes import program as prog
-from .probes import btf, conn_map, offset_check
-from .probes import transition_counts as tcounts
-from .probes.decode import events_array, lives_array
-from .probes.event_layout import EventKind, Flag
-from .probes.stream import KIND_NAMES, Batch, EventStream, _take
-from .probes.tcp_states import TcpState as S
+from tcplife_trace.analysis.summary import StateTimes
+from tcplife_trace.probes import program as prog
+from tcplife_trace.probes import btf, conn_map, offset_check
+from tcplife_trace.probes import transition_counts as tcounts
+from tcplife_trace.probes.decode import events_array, lives_array
+from tcplife_trace.probes.event_layout import EventKind, Flag
+from tcplife_trace.probes.stream import KIND_NAMES, Batch, EventStream, _take
+from tcplife_trace.probes.tcp_states import TcpState as S
 
 _LIFE, _F_AGG = int(EventKind.LIFE), int(Flag.AGG)
 _STATE_KIND, _CLOSE_STATE, _SYN_SENT_STATE = int(EventKind.STATE), int(S.CLOSE), int(S.SYN_SENT)

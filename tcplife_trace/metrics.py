@@ -22,13 +22,13 @@ from prometheus_client import GCCollector, PlatformCollector, ProcessCollector, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
-from .analysis.closes import group
-from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
-from .analysis.rules import KERNEL_ROLES
-from .probes import decode as dec
-from .probes import health as health_mod
-from .probes.event_layout import EventKind, Flag, LifeFlag, XFlag
-from .probes.tcp_states import state_name
+from tcplife_trace.analysis.closes import group
+from tcplife_trace.analysis.lifecycle import BIRTHS, Lifecycle, Transition
+from tcplife_trace.analysis.rules import KERNEL_ROLES
+from tcplife_trace.probes import decode as dec
+from tcplife_trace.probes import health as health_mod
+from tcplife_trace.probes.event_layout import EventKind, Flag, LifeFlag, XFlag
+from tcplife_trace.probes.tcp_states import state_name
 
 # time-in-state buckets, seconds: sub-millisecond handshakes up to TIME_WAIT-long and leaked states
 BUCKETS_S = (0.0001, 0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600)
@@ -293,7 +293,7 @@ class Metrics:
         self._consumer_tid = threading.get_native_id()
         if port:
             self._own_port = port
-            from .probes import transition_counts
+            from tcplife_trace.probes import transition_counts
             if session is not None:  # the kernel's counts leave it out too
                 transition_counts.own_port(session.program, port)
             self._own_addr = None if addr in (None, "", "0.0.0.0", "::") else socket.getaddrinfo(
@@ -409,7 +409,7 @@ class Metrics:
                       len(s.tracker.live))
         yield _gauge1("tcplife_conn_map_capacity", "Entries the kernel connection map can hold (--max-conns).",
                       s.settings.max_conns)
-        from .probes.map_count import count_entries
+        from tcplife_trace.probes.map_count import count_entries
         try:
             n = count_entries(s.program.bpf[b"conns"])
         except Exception:  # noqa: BLE001 - bcc raises Exception; the map may be closing

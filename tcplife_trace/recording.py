@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from . import __version__
-from .probes.decode import events_array
-from .probes.btf import TCP_SOCK_HEALTH
-from .probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, SRC_NONE, V1_FIELD_NAMES, V3_FIELD_NAMES
+from tcplife_trace.probes.decode import events_array
+from tcplife_trace.probes.btf import TCP_SOCK_HEALTH
+from tcplife_trace.probes.event_layout import ARROW_TYPES, EVENT_DTYPE, EVENT_SIZE, LIFE_DTYPE, SRC_NONE, V1_FIELD_NAMES, V3_FIELD_NAMES
 
 SCHEMA_VERSION = 4  # 2: the kernel's fold appended to each event (dur_ns, owner_*, role, xflags)
 # 3: what only the fold knows of each ended connection (its LIFE record: the owner's cgroup,
@@ -176,7 +176,7 @@ def header(filters, wall_offset_ns: int, extra: dict | None = None, host: str | 
 def _rst_reasons() -> dict:
     """This kernel's enum sk_rst_reason from BTF, so that offline frames name the recorded
     reset reasons as the kernel that sent them numbers them (analysis/end_rules.py)."""
-    from .analysis.end_rules import kernel_reset_reasons
+    from tcplife_trace.analysis.end_rules import kernel_reset_reasons
     table = kernel_reset_reasons()
     return {"rst_reasons": table.header_value()} if table.source == "btf" else {}
 
@@ -190,7 +190,7 @@ def recorded_filters(head: dict, where: str):
     header: `filter_spec`, or in recordings made before it the text of Filters.describe()
     ("pid 1234; lport 80; IPv4", "none"). Imported tcpstates text has none. RecordingError
     naming `where` when neither can be read."""
-    from .probes.filters import Filters
+    from tcplife_trace.probes.filters import Filters
     if head.get("imported_from"):
         return Filters()
     spec, text = head.get("filter_spec"), head.get("filters")
@@ -214,7 +214,7 @@ def recorded_filters(head: dict, where: str):
 def _sockets_kept(sockets, filters):
     """A recorded snapshot's sockets that the recording's filters keep, as the live look kept
     them (evidence.sockets_matching, then diagnosis.in_cgroups by the recorded cgroup paths)."""
-    from .analysis import evidence
+    from tcplife_trace.analysis import evidence
     kept = evidence.sockets_matching(sockets, filters)
     if filters is not None and filters.cgroups and "cgroup_id" in kept.columns and len(kept):
         from .diagnosis import in_cgroups
@@ -223,7 +223,7 @@ def _sockets_kept(sockets, filters):
 
 
 def _filters_from_spec(spec):
-    from .probes.filters import CgroupTarget, Filters
+    from tcplife_trace.probes.filters import CgroupTarget, Filters
     if not isinstance(spec, dict) or not set(spec) <= {*_SPEC_LIMITS, "family", "cgroups"}:
         return None
     targets = []
@@ -247,7 +247,7 @@ def _filters_from_spec(spec):
 
 def _filters_from_text(text: str):
     """Filters.describe()'s text back into Filters; None when it is not such a text."""
-    from .probes.filters import Filters
+    from tcplife_trace.probes.filters import Filters
     if text == "none":
         return Filters()
     values: dict = {}
@@ -676,7 +676,7 @@ def _snapshot(custom) -> tuple:
     """(meta, sockets frame) of a snapshot batch's metadata; namespace keys back to integers."""
     import pandas as pd
 
-    from .analysis import evidence
+    from tcplife_trace.analysis import evidence
     meta = json.loads(custom[SNAP_META_KEY.encode()])
     if not isinstance(meta, dict) or not isinstance(meta.get("taken_ns"), int):
         raise ValueError("snapshot without a time")
@@ -686,7 +686,7 @@ def _snapshot(custom) -> tuple:
     # every offset and length checked before pandas reads a byte: a flipped byte in a string
     # column's offsets made to_pandas read outside the buffers (a segfault)
     table.validate(full=True)
-    from .probes.socket_snapshot import EXTRA_COLUMNS
+    from tcplife_trace.probes.socket_snapshot import EXTRA_COLUMNS
     if table.column_names not in (list(evidence.SOCKET_COLUMNS), list(evidence.SOCKET_COLUMNS_V1),
                                   [*evidence.SOCKET_COLUMNS, *EXTRA_COLUMNS]):
         raise ValueError("snapshot with other columns")
@@ -758,7 +758,7 @@ class Recording:
                                              [_span(h, t) for h, t, _, _, _ in loaded])
         # per file: the filters it was recorded with (None: unreadable, with all_recorded only)
         # and those its frames apply
-        from .probes.filters import Filters
+        from tcplife_trace.probes.filters import Filters
         self.recorded_filters = []
         for i, h in enumerate(self.headers):
             try:
@@ -826,7 +826,7 @@ class Recording:
         from .frames.schema import conform
         from .frames.lifecycles import lifecycles
         if not hasattr(self, "_all_lifecycles"):
-            from .analysis.end_rules import ResetReasons
+            from tcplife_trace.analysis.end_rules import ResetReasons
             frame = conform("lifecycles", lifecycles(
                 self.events, self.mono_to_wall_ns, self.columns(),
                 rst_reasons=[ResetReasons.from_header(h) for h in self.headers], lives=self.lives))
@@ -888,12 +888,12 @@ class Recording:
         socket, `time` (UTC) and `complete` (every state, or the periodic subset) first, then
         the sockets the detectors read (see README, "Recordings")."""
         import pandas as pd
-        from .analysis import evidence
+        from tcplife_trace.analysis import evidence
         parts = [_sockets_kept(df, self.applied_filters[i]).assign(
                      time=pd.Timestamp(t, unit="ns", tz="UTC"), complete=bool(m["complete"]))
                  for (t, m, df), i in zip(self.snapshot_list, self._snapshot_files, strict=True)]
         from .frames.schema import conform
-        from .probes.socket_snapshot import EXTRA_COLUMNS
+        from tcplife_trace.probes.socket_snapshot import EXTRA_COLUMNS
         cols = ["time", "complete", *evidence.SOCKET_COLUMNS]
         if not parts:  # (typed all the same: an empty frame has the full schema)
             parts = [evidence.empty_sockets().assign(time=pd.Series([], dtype="datetime64[ns, UTC]"), complete=False)]

@@ -165,7 +165,7 @@ def _load(files, text_import, all_recorded: bool = False):
 
 def _frames(rec, filters, since, until, thresholds) -> dict:
     from .analysis_report import frames
-    from .probes.filters import Filters
+    from tcplife_trace.probes.filters import Filters
     return frames(rec, filters or Filters(), since, until, thresholds)
 
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 from .live import LiveSession
-from .probes import program as prog
-from .probes.filters import Filters
+from tcplife_trace.probes import program as prog
+from tcplife_trace.probes.filters import Filters
 from .render.views import OPEN_HEALTH_KEY
 
 # the report keys the detectors add to the tracer's report
@@ -139,7 +139,7 @@ class Session:
         if self.detectors:
             with self.live.pumping():
                 from .diagnosis import Watch
-                from .probes import sock_diag
+                from tcplife_trace.probes import sock_diag
                 states = sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED) if self.metrics else sock_diag.POLL_STATES
                 self.watch = Watch(self.thresholds, tracker=self.live.tracker, filters=self.filters,
                                    poll_states=states, open_lifecycles=self.live.open_lifecycles)
@@ -235,8 +235,8 @@ class Session:
         if self.watch is not None and self.watch.latest is not None:
             self.open_health = open_health(self.live.still_open, self.watch.latest.sockets)
         elif self.live.still_open:  # no detectors (--poll-interval 0): one look for their health
-            from .probes import sock_diag, socket_snapshot
-            from .probes.tcp_states import TcpState as S
+            from tcplife_trace.probes import sock_diag, socket_snapshot
+            from tcplife_trace.probes.tcp_states import TcpState as S
             full = sock_diag.ALL_STATES & ~((1 << S.TIME_WAIT) | (1 << S.LISTEN) | (1 << S.SYN_RECV))
             snap = socket_snapshot.take(full, owners=False)  # (a namespace it cannot read: not joined)
             self.open_health = open_health(self.live.still_open, snap.sockets)

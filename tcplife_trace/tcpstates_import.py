@@ -20,9 +20,9 @@ import re
 import socket
 from dataclasses import dataclass
 
-from .analysis.lifecycle import BIRTHS
-from .probes.event_layout import EventKind, Flag
-from .probes.tcp_states import TcpState
+from tcplife_trace.analysis.lifecycle import BIRTHS
+from tcplife_trace.probes.event_layout import EventKind, Flag
+from tcplife_trace.probes.tcp_states import TcpState
 
 UNKNOWN = ("owner (the PID column is the task the kernel ran)", "netns", "uid", "bytes",
            "resets", "errno", "sub-second start times")

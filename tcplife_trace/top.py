@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from .live import LiveSession
-from .probes import program as prog
-from .probes.filters import Filters
+from tcplife_trace.probes import program as prog
+from tcplife_trace.probes.filters import Filters
 from .stop_signals import StopRequest
 from .top_model import ALL_GROUPS, GROUPS, SORTS, TopModel, TopSnapshot, home_name, parse_filter
 
@@ -94,7 +94,7 @@ class TopRunner:
             if self.poll_interval > 0:
                 with s.pumping():  # the detectors' import and the first look: the recording goes on
                     from .diagnosis import Watch
-                    from .probes import sock_diag
+                    from tcplife_trace.probes import sock_diag
                     self.watch = Watch(self.thresholds, tracker=s.tracker, filters=s.settings.filters,
                                        poll_states=sock_diag.POLL_STATES | (1 << sock_diag.S.ESTABLISHED),
                                        open_lifecycles=s.open_lifecycles)
@@ -156,7 +156,7 @@ class TopRunner:
                "map_fill": None, "recording": self.recorder.path if self.recorder is not None else None,
                "looks": self.poll_interval > 0}
         try:
-            from .probes.map_count import count_entries
+            from tcplife_trace.probes.map_count import count_entries
             n = count_entries(s.program.bpf[b"conns"])
             if n is not None:
                 out["map_fill"] = n / s.settings.max_conns

@@ -17,8 +17,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from .analysis.lifecycle import BIRTHS, Lifecycle, Transition
-from .probes.filters import Filters
+from tcplife_trace.analysis.lifecycle import BIRTHS, Lifecycle, Transition
+from tcplife_trace.probes.filters import Filters
 
 WINDOW_S = 10          # churn/s and the per-second rates are over the last WINDOW_S seconds
 TREND_POINTS = 120     # points kept for the trend lines (one per snapshot: two minutes at 1/s)

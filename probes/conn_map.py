@@ -81,5 +81,5 @@ def open_folds(bpf, states: set[int] | None = None) -> list[tuple]:
     ev["kind"], ev["oldstate"], ev["newstate"] = _LIFE, v["state"], v["state"]
     ev["flags"] = v["flags"] | np.where(v["unseen"] != 0, _UNSEEN, 0).astype(np.uint8)
     ev["saddr"], ev["daddr"] = v["saddr"], v["daddr"]
-    out["agg"] = np.frombuffer(np.ascontiguousarray(v["agg"]).tobytes(), dtype=LIFE_DTYPE["agg"]) if len(v) else out["agg"]
+    out["agg"] = np.frombuffer(np.ascontiguousarray(v["agg"]).tobytes(), dtype=LIFE_DTYPE["agg"])  # (bcc's field names)
     return life_tuples(out)

@@ -514,18 +514,17 @@ def in_cgroups(sockets: pd.DataFrame, match: Callable[[int, str | None], bool]) 
     known = (ids.notna() & (ids.fillna(0) != 0)).to_numpy(dtype=bool)
     codes = ids.fillna(0).to_numpy(dtype=np.uint64)
     paths = dict(zip(codes[known].tolist(), sockets["cgroup"][known].tolist())) if "cgroup" in sockets.columns else {}
-    verdict = {i: match(i, _text(paths.get(i))) for i in np.unique(codes[known]).tolist()}
+    uniq, inv = np.unique(codes[known], return_inverse=True)
     keep = np.zeros(len(sockets), dtype=bool)
-    keep[known] = [verdict[int(i)] for i in codes[known].tolist()]
+    keep[known] = np.array([match(i, _text(paths.get(i))) for i in uniq.tolist()], dtype=bool)[inv.ravel()]
+    netns, lport = sockets["netns"].tolist(), sockets["lport"].tolist()
     state = sockets["state"].to_numpy()
-    listeners = {(n, p): bool(k) for n, p, k, st in zip(sockets["netns"], sockets["lport"], keep, state)
-                 if st == "LISTEN"}
-    netns, lport, owner = sockets["netns"], sockets["lport"], sockets["owner_pid"]
-    for i in np.flatnonzero(~known).tolist():
-        on = listeners.get((netns.iat[i], lport.iat[i]))
-        # (a server's side goes with the listener it was accepted on; a client's, its owner from
-        # the trace, which knows only the kept connections)
-        keep[i] = on if on is not None else pd.notna(owner.iat[i])
+    listeners = {(netns[i], lport[i]): bool(keep[i]) for i in np.flatnonzero(state == "LISTEN").tolist()}
+    none = np.flatnonzero(~known)
+    owned = sockets["owner_pid"].notna().to_numpy(dtype=bool)[none]
+    # (a server's side goes with the listener it was accepted on; a client's, its owner from the
+    # trace, which knows only the kept connections)
+    keep[none] = [listeners.get((netns[i], lport[i]), o) for i, o in zip(none.tolist(), owned.tolist())]
     return keep
 
 
